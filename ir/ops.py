@@ -1,0 +1,298 @@
+"""Op kinds and their registry.
+
+Every op kind is a member of ``Op``; ``REGISTRY[op]`` gives its reference
+implementation (torch), its shape rule and its cost. No op name appears as a free
+string outside this table, the text parser and the frontend's ATen table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class Op(Enum):
+    # graph structure
+    INPUT = "input"
+    # dense compute
+    EMBEDDING = "embedding"
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    # raised LLM ops
+    RMS_NORM = "rms_norm"
+    LAYER_NORM = "layer_norm"
+    ROPE = "rope"
+    SDPA = "sdpa"
+    ATTENTION = "attention"
+    CACHED_ATTENTION = "cached_attention"
+    GLU = "glu"
+    # elementwise
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    POW = "pow"
+    NEG = "neg"
+    RSQRT = "rsqrt"
+    SQRT = "sqrt"
+    EXP = "exp"
+    TANH = "tanh"
+    COS = "cos"
+    SIN = "sin"
+    SILU = "silu"
+    GELU = "gelu"
+    RELU = "relu"
+    SIGMOID = "sigmoid"
+    CAST = "cast"
+    # reductions
+    MEAN = "mean"
+    SUM = "sum"
+    SOFTMAX = "softmax"
+    # layout
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    PERMUTE = "permute"
+    UNSQUEEZE = "unsqueeze"
+    EXPAND = "expand"
+    CONCAT = "concat"
+    SLICE = "slice"
+    TAKE = "take"
+
+
+UNARY = {Op.NEG, Op.RSQRT, Op.SQRT, Op.EXP, Op.TANH, Op.COS, Op.SIN, Op.SILU, Op.GELU, Op.RELU,
+         Op.SIGMOID, Op.CAST}
+BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
+ELEMENTWISE = UNARY | BINARY
+COMMUTATIVE = {Op.ADD, Op.MUL}
+LAYOUT = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.CONCAT, Op.SLICE}
+# Ops the constant folder may evaluate at compile time on weights (cheap, exact).
+FOLDABLE = ELEMENTWISE | LAYOUT
+# Ops with an effect besides their result (they write the KV cache).
+EFFECTFUL = {Op.CACHED_ATTENTION}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Work of one op: floating-point operations, bytes moved, bytes communicated."""
+    flops: float = 0.0
+    bytes: float = 0.0
+    comm: float = 0.0
+
+    def __add__(self, other: "Estimate") -> "Estimate":
+        return Estimate(self.flops + other.flops, self.bytes + other.bytes, self.comm + other.comm)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+# ---------------------------------------------------------------- reference impls
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms_norm(x, w, *, eps):
+    # Same order of operations as the HF Llama/Qwen2/Mistral RMSNorm, so fp32 results match.
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _visible(q_pos, k_pos, causal, window):
+    """Boolean mask [Tq, Tk]: may query at q_pos see key at k_pos."""
+    m = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        m &= k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        m &= (q_pos[:, None] - k_pos[None, :]) < window
+    return m
+
+
+def _attention(q, k, v, *, causal=True, scale=None, window=None):
+    # q: [B, H, T, D]; k, v: [B, Hkv, S, D]; heads h uses kv head h // (H // Hkv).
+    gqa = q.shape[1] != k.shape[1]
+    if window is None and causal and q.shape[2] == k.shape[2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    s = k.shape[2]
+    pos = torch.arange(s, device=q.device)
+    mask = _visible(pos[s - q.shape[2]:], pos, causal, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def _cached_attention(q, k, v, positions, slots, kv_cache, *, layer, scale=None, window=None,
+                      form="prefill"):
+    """Write this step's K/V into the cache, then attend over each token's sequence.
+
+    q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; slots: [T];
+    kv_cache: [L, 2, S, Hkv, M, D]. Token t of slot s at position p attends to
+    cache[layer, :, s, :, 0:p+1] (causal by construction, across chunks and steps).
+    """
+    pos = positions[0]
+    kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]
+    kc[slots, :, pos] = k[0].transpose(0, 1).to(kc.dtype)
+    vc[slots, :, pos] = v[0].transpose(0, 1).to(vc.dtype)
+    out = torch.empty_like(q)
+    t, n = 0, slots.shape[0]
+    gqa = q.shape[1] != k.shape[1]
+    while t < n:  # runs of consecutive tokens that belong to one sequence
+        e = t + 1
+        while e < n and slots[e] == slots[t]:
+            e += 1
+        s = int(slots[t])
+        length = int(pos[t:e].max()) + 1
+        keys = kc[s, :, :length].unsqueeze(0).to(q.dtype)
+        vals = vc[s, :, :length].unsqueeze(0).to(q.dtype)
+        mask = _visible(pos[t:e], torch.arange(length, device=q.device), True, window)
+        out[:, :, t:e] = F.scaled_dot_product_attention(
+            q[:, :, t:e], keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        t = e
+    return out
+
+
+_ACTS: dict[str, Callable] = {
+    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu, "sigmoid": torch.sigmoid,
+}
+
+
+def _slice(x, *, dim, start=0, end=None, step=1):
+    return x.narrow(dim, start, (x.shape[dim] if end is None else min(end, x.shape[dim])) - start) \
+        if step == 1 else x[(slice(None),) * dim + (slice(start, end, step),)]
+
+
+# ---------------------------------------------------------------- cost rules
+
+def _bytes_of(shapes_dtypes) -> float:
+    return float(sum(_numel(s) * torch.empty((), dtype=d).element_size() for s, d in shapes_dtypes))
+
+
+def _cost_default(ins, out) -> Estimate:
+    return Estimate(flops=0.0, bytes=_bytes_of(ins + [out]))
+
+
+def _cost_elementwise(ins, out) -> Estimate:
+    return Estimate(flops=float(_numel(out[0])), bytes=_bytes_of(ins + [out]))
+
+
+def _cost_linear(ins, out) -> Estimate:
+    (x, _), (w, _) = ins[0], ins[1]
+    return Estimate(flops=2.0 * _numel(x[:-1]) * w[0] * w[1], bytes=_bytes_of(ins + [out]))
+
+
+def _cost_matmul(ins, out) -> Estimate:
+    (a, _) = ins[0]
+    return Estimate(flops=2.0 * _numel(out[0]) * a[-1], bytes=_bytes_of(ins + [out]))
+
+
+def _cost_embedding(ins, out) -> Estimate:
+    return Estimate(bytes=2.0 * _bytes_of([out]) + _bytes_of([ins[0]]))
+
+
+def _cost_norm(ins, out) -> Estimate:
+    return Estimate(flops=5.0 * _numel(out[0]), bytes=_bytes_of(ins + [out]))
+
+
+def _cost_attention(ins, out) -> Estimate:
+    (q, _), (k, _) = ins[0], ins[1]
+    b, h, t, d = q
+    return Estimate(flops=4.0 * b * h * t * k[2] * d, bytes=_bytes_of(ins[:3] + [out]))
+
+
+def _cost_cached_attention(ins, out) -> Estimate:
+    # Reads on average half of the cache line up to the longest position: bound by M/2.
+    (q, dt) = ins[0]
+    _, h, t, d = q
+    hkv, m = ins[5][0][3], ins[5][0][4]
+    kv_read = 2 * t * hkv * (m / 2) * d * torch.empty((), dtype=ins[5][1]).element_size()
+    return Estimate(flops=4.0 * h * t * (m / 2) * d, bytes=_bytes_of(ins[:3] + [out]) + kv_read)
+
+
+# ---------------------------------------------------------------- shape rules
+# A shape rule maps concrete input shapes (and attrs) to the output shape. Rules left as
+# None are derived by running the reference implementation on meta tensors.
+
+def _shape_same_as_first(in_shapes, **_):
+    return in_shapes[0]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    ref: Callable
+    cost: Callable[..., Estimate] = _cost_default
+    shape: Optional[Callable] = None
+    # Names of the attributes the op takes (keyword arguments of ``ref``).
+    attrs: tuple[str, ...] = field(default=())
+
+
+def _binary(fn):
+    return OpDef(ref=fn, cost=_cost_elementwise)
+
+
+def _unary(fn):
+    return OpDef(ref=fn, cost=_cost_elementwise)
+
+
+REGISTRY: dict[Op, OpDef] = {
+    Op.EMBEDDING: OpDef(ref=lambda ids, w: F.embedding(ids, w), cost=_cost_embedding),
+    Op.LINEAR: OpDef(ref=lambda x, w, b=None: F.linear(x, w, b), cost=_cost_linear),
+    Op.MATMUL: OpDef(ref=torch.matmul, cost=_cost_matmul),
+    Op.RMS_NORM: OpDef(ref=_rms_norm, cost=_cost_norm, attrs=("eps",)),
+    Op.LAYER_NORM: OpDef(ref=lambda x, w=None, b=None, *, eps: F.layer_norm(x, x.shape[-1:], w, b, eps),
+                         cost=_cost_norm, attrs=("eps",)),
+    Op.ROPE: OpDef(ref=lambda x, cos, sin: x * cos + _rotate_half(x) * sin, cost=_cost_norm,
+                   shape=_shape_same_as_first),
+    Op.SDPA: OpDef(ref=lambda q, k, v, *, causal, scale=None: F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale), cost=_cost_attention, attrs=("causal", "scale")),
+    Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window")),
+    Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention,
+                               shape=_shape_same_as_first,
+                               attrs=("layer", "scale", "window", "form")),
+    Op.GLU: OpDef(ref=lambda a, b, *, act: _ACTS[act](a) * b, cost=_cost_elementwise, attrs=("act",)),
+    Op.ADD: _binary(torch.add),
+    Op.SUB: _binary(torch.sub),
+    Op.MUL: _binary(torch.mul),
+    Op.DIV: _binary(torch.div),
+    Op.POW: _binary(torch.pow),
+    Op.NEG: _unary(torch.neg),
+    Op.RSQRT: _unary(torch.rsqrt),
+    Op.SQRT: _unary(torch.sqrt),
+    Op.EXP: _unary(torch.exp),
+    Op.TANH: _unary(torch.tanh),
+    Op.COS: _unary(torch.cos),
+    Op.SIN: _unary(torch.sin),
+    Op.SILU: _unary(F.silu),
+    Op.GELU: OpDef(ref=lambda x, *, approximate="none": F.gelu(x, approximate=approximate),
+                   cost=_cost_elementwise, attrs=("approximate",)),
+    Op.RELU: _unary(F.relu),
+    Op.SIGMOID: _unary(torch.sigmoid),
+    Op.CAST: OpDef(ref=lambda x, *, dtype: x.to(_dtype(dtype)), cost=_cost_elementwise, attrs=("dtype",)),
+    Op.MEAN: OpDef(ref=lambda x, *, dims, keepdim: x.mean(dim=list(dims), keepdim=keepdim),
+                   cost=_cost_elementwise, attrs=("dims", "keepdim")),
+    Op.SUM: OpDef(ref=lambda x, *, dims, keepdim: x.sum(dim=list(dims), keepdim=keepdim),
+                  cost=_cost_elementwise, attrs=("dims", "keepdim")),
+    Op.SOFTMAX: OpDef(ref=lambda x, *, dim: torch.softmax(x, dim), cost=_cost_norm, attrs=("dim",)),
+    Op.RESHAPE: OpDef(ref=lambda x, *, shape: x.reshape(shape), attrs=("shape",)),
+    Op.TRANSPOSE: OpDef(ref=lambda x, *, dim0, dim1: x.transpose(dim0, dim1), attrs=("dim0", "dim1")),
+    Op.PERMUTE: OpDef(ref=lambda x, *, dims: x.permute(dims), attrs=("dims",)),
+    Op.UNSQUEEZE: OpDef(ref=lambda x, *, dim: x.unsqueeze(dim), attrs=("dim",)),
+    Op.EXPAND: OpDef(ref=lambda x, *, shape: x.expand(shape), attrs=("shape",)),
+    Op.CONCAT: OpDef(ref=lambda *xs, dim: torch.cat(xs, dim), attrs=("dim",)),
+    Op.SLICE: OpDef(ref=_slice, attrs=("dim", "start", "end", "step")),
+    Op.TAKE: OpDef(ref=lambda x, idx, *, dim: x.index_select(dim, idx), attrs=("dim",)),
+}
+
+# Attributes whose values are shapes: symbolic dims in them are bound at run time.
+SHAPE_ATTRS = {Op.RESHAPE: "shape", Op.EXPAND: "shape"}
+
+
+def _dtype(name: str) -> torch.dtype:
+    from .types import DTYPES
+    return DTYPES[name]
+
+
+missing = [op for op in Op if op is not Op.INPUT and op not in REGISTRY]
+assert not missing, f"ops without a registry entry: {missing}"

@@ -1,0 +1,65 @@
+"""Turn the stateless ``forward`` graph into ``prefill`` and ``decode`` graphs over a
+preallocated KV cache.
+
+Tokens are packed: the graphs take ``input_ids``/``position_ids`` [1, T] for T tokens
+of any number of sequences, ``slot_ids`` [T] (which cache row each token's sequence
+owns) and ``kv_cache`` [L, 2, S, Hkv, M, D] (M = max_seq_len). Every causal
+``attention`` becomes ``cached_attention``, which writes the step's K/V at each
+token's (slot, position) and attends over that sequence's cache up to the position.
+``prefill`` serves prompts (T tokens); ``decode`` is the same graph specialised to
+one token per sequence (T renamed B, attention form "decode").
+"""
+from __future__ import annotations
+
+from ffc.ir import Graph, Module, Node, Op, TensorType
+from ffc.ir.ops import SHAPE_ATTRS
+from ffc.ir.types import rename_dim
+
+
+def _rename(g: Graph, name: str, mapping: dict, form: str) -> Graph:
+    out = g.clone()
+    out.name = name
+    for n in out.all_nodes():
+        n.type = n.type.renamed(mapping)
+        key = SHAPE_ATTRS.get(n.op)
+        if key is not None:
+            n.attrs[key] = tuple(rename_dim(d, mapping) for d in n.attrs[key])
+        if n.op is Op.CACHED_ATTENTION:
+            n.attrs["form"] = form
+    return out
+
+
+def insert_kv_cache(module: Module, ctx) -> Module:
+    """Make prefill and decode graphs over a preallocated KV cache (no-op if present)."""
+    if "forward" not in module.graphs:
+        return module
+    out = module.clone()
+    g = out.graphs.pop("forward")
+    attns = [n for n in g.nodes if n.op is Op.ATTENTION]
+    if not attns:
+        raise ValueError("no attention op to attach a KV cache to (did raise_attention run?)")
+    kv_shapes = {(n.inputs[1].type.shape[1], n.inputs[1].type.shape[3], n.inputs[1].type.dtype) for n in attns}
+    if len(kv_shapes) != 1:
+        raise ValueError(f"attention layers disagree on KV heads/head dim/dtype: {sorted(kv_shapes)}")
+    hkv, d, dtype = kv_shapes.pop()
+    try:
+        positions = g.input("position_ids")
+    except KeyError:
+        raise ValueError("the graph has no %position_ids input; the KV cache needs token positions") from None
+    tokens = positions.type.shape[1]
+    slots = Node(Op.INPUT, type=TensorType("i64", (tokens,)), name="slot_ids")
+    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, ctx.max_seq_len, d)),
+                 name="kv_cache")
+    g.inputs += [slots, cache]
+    for layer, a in enumerate(attns):
+        q, k, v = a.inputs
+        if not a.attrs["causal"] or k.type.shape[2] != q.type.shape[2]:
+            raise ValueError(f"attention at {a.origin} is not causal self-attention; no KV cache rule for it")
+        attrs = {"layer": layer, "scale": a.attrs["scale"], "window": a.attrs.get("window"), "form": "prefill"}
+        c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, slots, cache), attrs, a.type, a.origin)
+        g.insert_before(a, [c])
+        g.replace_uses(a, c)
+        g.nodes.remove(a)
+    out.graphs["prefill"] = _rename(g, "prefill", {}, "prefill")
+    out.graphs["decode"] = _rename(g, "decode", {str(tokens): "B"} if isinstance(tokens, str) else {}, "decode")
+    return out

@@ -1,0 +1,37 @@
+"""The ordered pass pipeline: this list is the compiler."""
+from .eliminate_common_subexpressions import eliminate_common_subexpressions
+from .eliminate_dead_code import eliminate_dead_code
+from .fold_constants import fold_constants
+from .fuse_gate_up import fuse_gate_up
+from .fuse_qkv import fuse_qkv
+from .insert_kv_cache import insert_kv_cache
+from .raise_attention import raise_attention
+from .raise_glu import raise_glu
+from .raise_rms_norm import raise_rms_norm
+from .raise_rope import raise_rope
+from .remove_noops import remove_noops
+from .select_logits import select_logits
+
+PIPELINE = [
+    # clean-up
+    remove_noops,
+    eliminate_dead_code,
+    fold_constants,
+    eliminate_common_subexpressions,
+    # raise ATen-level patterns to LLM ops
+    raise_rms_norm,
+    raise_rope,
+    raise_attention,
+    raise_glu,
+    eliminate_dead_code,
+    # horizontal fusion (weights concatenated at compile time)
+    fuse_qkv,
+    fuse_gate_up,
+    # KV cache: prefill and decode graphs over a preallocated cache
+    insert_kv_cache,
+    select_logits,
+]
+
+
+def pass_names() -> list[str]:
+    return [p.__name__ for p in PIPELINE]

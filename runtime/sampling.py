@@ -1,0 +1,82 @@
+"""Sampling parameters and pure sampling functions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ffc.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0       # 0 = greedy
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0             # 1 = off
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(name, value, want):
+            raise InvalidRequestError(f"invalid {name}={value!r}: {want}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            bad("temperature", self.temperature, "must be a number >= 0 (0 means greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be an integer >= 0 (0 disables it)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
+            bad("repetition_penalty", self.repetition_penalty, "must be a number > 0 (1 disables it)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            bad("seed", self.seed, "must be an integer or None")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            bad("stop", self.stop, "must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as transformers): seen tokens' positive logits / p, negative * p.
+    logits: [V]; seen: [n] token ids."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    s = logits[seen]
+    logits[seen] = torch.where(s < 0, s * penalty, s / penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask to -inf all but the top_k tokens and the smallest set whose probability >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        # drop a token when the mass before it already reaches top_p (the first one always stays)
+        drop = (torch.cumsum(probs, -1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
+                generator: Optional[torch.Generator]) -> int:
+    """One token from the last-position logits [V] of one sequence."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
