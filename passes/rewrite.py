@@ -52,8 +52,8 @@ def apply_rules(graph: Graph, module: Module, rules: dict[Op, list[Rule]], max_r
                 new = rule(node, m)
                 if new is None:
                     continue
-                new = [n for n in new]
-                added = [n for n in new if isinstance(n, Node) and n not in graph.nodes]
+                existing = set(graph.all_nodes())
+                added = [n for n in new if isinstance(n, Node) and n not in existing]
                 graph.insert_before(node, added)
                 graph.replace_uses(node, new[-1])
                 graph.nodes.remove(node)

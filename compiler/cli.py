@@ -1,0 +1,142 @@
+"""The `ffc` command line: compile, run, inspect, debug compare."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from pathlib import Path
+
+from .errors import FfcError
+
+
+def _compile(a) -> None:
+    from .api import compile_model
+    compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
+                  log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    print(a.output)
+
+
+def _sampling(a) -> dict:
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                seed=a.seed, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos)
+
+
+def _run(a) -> None:
+    import ffc
+    if (a.prompt is None) == (a.chat is None):
+        raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
+    llm = ffc.load(a.artifact)
+    prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
+    if a.no_stream:
+        print(llm.generate([prompt], a.max_new_tokens, chat=chat, **_sampling(a)).texts[0])
+        return
+    for piece in llm.stream(prompt, a.max_new_tokens, chat=chat, **_sampling(a)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def _find_dump(root: Path, key: str) -> Path:
+    dumps = sorted((root / "ir").glob("*.ir"))
+    exact = [d for d in dumps if d.stem.split("-", 1)[-1] == key or d.stem == key]
+    hits = exact or [d for d in dumps if key in d.stem]
+    if len(hits) > 1 and not exact:
+        raise FfcError(f"--ir {key!r} matches several passes ({', '.join(d.stem for d in hits)}); be more precise")
+    if not hits:
+        raise FfcError(f"no IR dump matches {key!r}; dumps: {', '.join(d.stem for d in dumps)}")
+    return hits[-1] if exact else hits[0]
+
+
+def _inspect(a) -> None:
+    from .artifact import read_manifest
+    root = Path(a.artifact)
+    m = read_manifest(root, check_hashes=False)
+    if a.ir:
+        print(_find_dump(root, a.ir).read_text(), end="")
+        return
+    if a.diff:
+        x, y = (_find_dump(root, k) for k in a.diff)
+        sys.stdout.writelines(difflib.unified_diff(x.read_text().splitlines(True), y.read_text().splitlines(True),
+                                                   str(x.relative_to(root)), str(y.relative_to(root))))
+        return
+    model = m["model"]
+    print(f"artifact   {root}  (format {m['format_version']}, ffc {m['ffc_version']}, torch {m['torch_version']}, "
+          f"transformers {m['transformers_version']})")
+    print(f"model      {model['source']}  [{model['family']}: {model['architecture']}]")
+    print(f"options    {json.dumps(m['options'], sort_keys=True)}  (hash {m['options_hash']})")
+    print(f"compiled   in {m['compile_seconds']} s{'  from edited IR' if m.get('from_ir') else ''}")
+    print(f"\n{'#':>3}  {'pass':34s} {'nodes':>6} {'ms':>8}  changed")
+    for p in m["passes"]:
+        print(f"{p['index']:>3}  {p['name']:34s} {p['nodes']:>6} {p['seconds'] * 1e3:8.1f}  "
+              f"{'yes' if p['changed'] else '-'}")
+    print(f"\nIR dumps in {root / 'ir'}; final: {m['final_ir']}")
+
+
+def _debug_compare(a) -> None:
+    from .debug import compare
+    report = compare(a.model, a.prompt, tolerance=a.tolerance)
+    print(report.format())
+    if a.fail and (report.first_bad_stage or report.first_divergence):
+        sys.exit(1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffc", description="ffc: a compiler for LLM inference")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact")
+    c.add_argument("model", help="alias (smollm2-135m), .gguf file, HF folder, or model id in the local HF cache")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
+    c.add_argument("--from-ir", default=None, help="compile this (edited) IR dump instead of tracing")
+    c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
+    c.set_defaults(fn=_compile)
+
+    r = sub.add_parser("run", help="generate text with an artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt")
+    r.add_argument("--chat", help="a user message, formatted with the tokenizer's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--repetition-penalty", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--ignore-eos", action="store_true")
+    r.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    r.set_defaults(fn=_run)
+
+    i = sub.add_parser("inspect", help="passes, node counts, times, options; IR after a pass; IR diffs")
+    i.add_argument("artifact")
+    i.add_argument("--ir", metavar="PASS", help="print the IR after PASS (name or part of it)")
+    i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")
+    i.set_defaults(fn=_inspect)
+
+    d = sub.add_parser("debug", help="debugging tools")
+    dsub = d.add_subparsers(dest="debug_cmd", required=True)
+    dc = dsub.add_parser("compare", help="find where the IR departs from transformers")
+    dc.add_argument("model", help="model (as for compile) or an artifact")
+    dc.add_argument("--prompt", required=True)
+    dc.add_argument("--tolerance", type=float, default=1e-4)
+    dc.add_argument("--fail", action="store_true", help="exit 1 when something departs")
+    dc.set_defaults(fn=_debug_compare)
+    return p
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except FfcError as e:
+        print(f"ffc: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `ffc inspect ... | head`
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

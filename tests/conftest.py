@@ -1,0 +1,78 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# One cache for converted models across test runs (CI runs twice as fast the second time).
+os.environ.setdefault("FFC_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".ffc-cache"))
+torch.manual_seed(0)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
+
+
+@pytest.fixture(scope="session")
+def smol_source():
+    from ffc import sources
+    return sources.resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_source):
+    from ffc import sources
+    return sources.load_model(smol_source)
+
+
+@pytest.fixture(scope="session")
+def smol_tok(smol_source):
+    from ffc import sources
+    return sources.load_tokenizer(smol_source)
+
+
+@pytest.fixture(scope="session")
+def smol_artifact(tmp_path_factory):
+    import ffc
+    out = tmp_path_factory.mktemp("art") / "smol.ffc"
+    return ffc.compile("smollm2-135m", str(out), max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def smol_llm(smol_artifact):
+    import ffc
+    return ffc.load(smol_artifact)
+
+
+def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
+    """A random-weight tiny model of ``family`` made by transformers, with SmolLM2's tokenizer."""
+    import transformers as tf
+    from ffc import sources
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, max_position_embeddings=256)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=49152,
+                            bos_token_id=1, eos_token_id=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)
+        if family == "llama":
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
+        elif family == "mistral":
+            model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **kw))
+        elif family == "qwen2":
+            model = tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True, **kw))
+        else:
+            raise ValueError(family)
+    # random weights big enough that errors would show
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.eval().save_pretrained(path)
+    sources.load_tokenizer(smol_source).save_pretrained(path)
+    return path
