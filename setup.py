@@ -18,6 +18,6 @@ setup(
         "jinja2",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},
 )

@@ -1,0 +1,46 @@
+"""The command line on a real artifact: inspect, run, and --from-ir with an edited dump."""
+import subprocess
+import sys
+
+import ffc
+
+
+def ffc_cli(*args):
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_inspect(smol_artifact):
+    out = ffc_cli("inspect", smol_artifact)
+    for name in ("remove_noops", "raise_rope", "fuse_qkv", "insert_kv_cache", "max_seq_len"):
+        assert name in out
+    assert "cached_attention" in ffc_cli("inspect", smol_artifact, "--ir", "kv_cache")
+    diff = ffc_cli("inspect", smol_artifact, "--diff", "raise_attention", "fuse_qkv")
+    assert "+param @model.layers.0.self_attn.q_proj+k_proj+v_proj.weight" in diff
+
+
+def test_run_prompt_and_chat(smol_artifact, smol_llm):
+    out = ffc_cli("run", smol_artifact, "--prompt", "The capital of France is", "--max-new-tokens", "12")
+    assert out.strip() == smol_llm.generate("The capital of France is", max_new_tokens=12).texts[0].strip()
+    chat = ffc_cli("run", smol_artifact, "--chat", "Give me three tips for Tokyo", "--temperature", "0.7",
+                   "--seed", "1", "--max-new-tokens", "16")
+    assert chat.strip()
+
+
+def test_compile_from_edited_ir(smol_artifact, tmp_path, smol_llm):
+    src = (smol_artifact / "ir" / "09-eliminate_dead_code.ir").read_text()
+    edited = tmp_path / "edited.ir"
+    # an edit a user might make: a different epsilon in the final norm
+    line = next(ln for ln in src.splitlines() if ln.endswith("# model.norm"))
+    assert "eps=9.999999747378752e-06" in line
+    edited.write_text(src.replace(line, line.replace("eps=9.999999747378752e-06", "eps=0.5")))
+    art = ffc.compile("smollm2-135m", str(tmp_path / "e.ffc"), from_ir=str(edited), max_seq_len=512)
+    llm = ffc.load(art)
+    assert "eps=0.5" in (art / llm.manifest["final_ir"]).read_text()
+    unedited = tmp_path / "same.ir"
+    unedited.write_text(src)
+    same = ffc.load(ffc.compile("smollm2-135m", str(tmp_path / "s.ffc"), from_ir=str(unedited), max_seq_len=512))
+    p = "The capital of France is"
+    assert same.generate(p, max_new_tokens=8).token_ids == smol_llm.generate(p, max_new_tokens=8).token_ids

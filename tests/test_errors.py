@@ -1,0 +1,120 @@
+"""Every user error: a clear FfcError naming the bad thing, no partial output."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ffc
+from conftest import tiny_model_folder
+from ffc import FfcError
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(ffc.ModelNotFoundError, match="model path './no/such/model' does not exist"):
+        ffc.compile("./no/such/model", str(tmp_path / "x.ffc"))
+    with pytest.raises(ffc.ModelNotFoundError, match="GGUF file 'missing.gguf' does not exist"):
+        ffc.compile("missing.gguf", str(tmp_path / "x.ffc"))
+    with pytest.raises(ffc.ModelNotFoundError, match="not .*in the local HuggingFace cache"):
+        ffc.compile("nobody/nothing-here", str(tmp_path / "x.ffc"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    import transformers as tf
+    cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=128)
+    tf.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    with pytest.raises(ffc.UnsupportedModelError, match=r"GPTNeoXForCausalLM.*supported families: Llama"):
+        ffc.compile(str(tmp_path / "neox"), str(tmp_path / "x.ffc"))
+    assert not (tmp_path / "x.ffc").exists()
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, smol_source):
+    folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
+    import torch
+    from safetensors.torch import load_file
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(sd, folder / "pytorch_model.bin")
+    with pytest.raises(ffc.UnsupportedModelError, match=r"pytorch_model.bin.*--allow-pickle"):
+        ffc.compile(str(folder), str(tmp_path / "x.ffc"))
+
+
+def test_unmapped_aten_op_names_op_module_and_architecture(tmp_path, smol_source, monkeypatch):
+    from ffc import frontend
+    import torch
+    folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
+    monkeypatch.delitem(frontend.ATEN, torch.ops.aten.rsqrt.default)
+    with pytest.raises(ffc.UnsupportedOpError,
+                       match=r"aten.rsqrt.default has no ffc mapping.*model.layers.0.input_layernorm.*LlamaForCausalLM"):
+        ffc.compile(str(folder), str(tmp_path / "x.ffc"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no partial artifact"
+
+
+@pytest.fixture()
+def art_copy(smol_artifact, tmp_path):
+    dst = tmp_path / "copy.ffc"
+    shutil.copytree(smol_artifact, dst)
+    return dst
+
+
+def test_corrupted_weights_name_the_file(art_copy):
+    w = art_copy / "weights" / "rank0.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ffc.ArtifactError, match=r"weights/rank0.safetensors .*corrupted"):
+        ffc.load(art_copy)
+
+
+def test_truncated_file_names_the_file(art_copy):
+    t = art_copy / "tokenizer" / "tokenizer.json"
+    t.write_bytes(t.read_bytes()[:1000])
+    with pytest.raises(ffc.ArtifactError, match=r"tokenizer/tokenizer.json"):
+        ffc.load(art_copy)
+
+
+def test_edited_ir_names_the_file(art_copy):
+    m = json.loads((art_copy / "manifest.json").read_text())
+    ir = art_copy / m["final_ir"]
+    ir.write_text(ir.read_text().replace("eps=9.999999747378752e-06", "eps=0.1", 1))
+    with pytest.raises(ffc.ArtifactError, match=m["final_ir"] + ".*edited"):
+        ffc.load(art_copy)
+
+
+def test_missing_file_and_other_format_version(art_copy):
+    man = art_copy / "manifest.json"
+    m = json.loads(man.read_text())
+    m["format_version"] = 999
+    man.write_text(json.dumps(m))
+    with pytest.raises(ffc.ArtifactError, match="format version 999.*recompile"):
+        ffc.load(art_copy)
+    with pytest.raises(ffc.ArtifactError, match="does not exist"):
+        ffc.load(art_copy.parent / "nothing.ffc")
+
+
+def test_prompt_errors(smol_llm):
+    with pytest.raises(ffc.InvalidRequestError, match="prompt 1 is empty"):
+        smol_llm.generate(["hello", ""])
+    with pytest.raises(ffc.InvalidRequestError, match=r"prompt 0 has \d+ tokens, but this artifact's max_seq_len is 512"):
+        smol_llm.generate("word " * 600)
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"temperature": -1}, "temperature"), ({"top_k": -3}, "top_k"), ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": "x"}, "seed"), ({"stop": [""]}, "stop")])
+def test_invalid_sampling_values(smol_llm, kw, field):
+    with pytest.raises(ffc.InvalidRequestError, match=f"invalid {field}="):
+        args = {"max_new_tokens": 4, **kw}
+        smol_llm.generate("hi", **args)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "run", str(tmp_path / "nope.ffc"), "--prompt", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "ffc: error: artifact" in r.stderr and "Traceback" not in r.stderr
