@@ -44,3 +44,21 @@ def test_gpt2_conv1d_is_folded_to_linear(tmp_path, smol_source):
     assert "layer_norm" in ops and "attention" not in ops and ops.count("cached_attention") == 2
     assert any(p.recipe and p.recipe.op.value == "transpose" for p in mod.params.values())
     assert "matmul" not in ops
+
+
+def test_model_id_from_the_local_hf_cache(tmp_path, smol_source, monkeypatch):
+    """An 'org/name' id resolves offline through the HF cache layout (snapshots + refs)."""
+    import shutil
+    from ffc import sources
+    hub = tmp_path / "hub"
+    snap = hub / "models--tiny-org--tiny-llama" / "snapshots" / "0123abcd"
+    tiny_model_folder(tmp_path / "src", "llama", smol_source)
+    shutil.copytree(tmp_path / "src", snap)
+    (hub / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (hub / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    src = sources.resolve("tiny-org/tiny-llama")
+    assert src.kind == "hub-cache" and src.path.endswith("0123abcd")
+    art = ffc.compile("tiny-org/tiny-llama", str(tmp_path / "t.ffc"), max_seq_len=32)
+    assert ffc.load(art).generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True).token_ids[0]
