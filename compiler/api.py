@@ -1,6 +1,7 @@
 """``ffc.compile``: model -> IR -> passes -> artifact."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -11,7 +12,9 @@ from ffc.ir import materialize_params, parse, print_module
 from ffc.ir.text import IRParseError
 from ffc.passes import PIPELINE, PassContext, run_pipeline
 
-from . import __version__, frontend, sources
+from . import __version__, build, frontend, sources
+from .codegen import render_sources
+from .lower import lower_module
 from .artifact import ArtifactWriter
 from .errors import FfcError, InvalidRequestError
 from .options import MAX_SEQ_LEN_CAP, CompileOptions
@@ -26,6 +29,29 @@ def resolve_max_seq_len(config, requested: Optional[int]) -> int:
     return requested
 
 
+def build_kernels(root: Path, module, options: CompileOptions, log) -> dict:
+    """Lower ``module`` to a plan, generate sources, build them; the manifest's ``kernels`` entry."""
+    t0 = time.perf_counter()
+    plan = lower_module(module, target=options.target, max_seq_len=options.max_seq_len,
+                        prefill_tokens=options.prefill_tokens, max_batch=options.max_batch)
+    kdir = root / "kernels"
+    (kdir / "src").mkdir(parents=True, exist_ok=True)
+    (kdir / "plan.json").write_text(json.dumps(plan, indent=1))
+    sources, spans = render_sources(plan)
+    for name, text in sources.items():
+        (kdir / "src" / name).write_text(text)
+    t1 = time.perf_counter()
+    lib = build.build(kdir, options.target, spans, log)
+    info = {"plan": "kernels/plan.json", "target": options.target, "library": str(lib.relative_to(root)),
+            "unique_kernels": len(plan["kernels"]),
+            "launches": {g: len(p["steps"]) for g, p in plan["graphs"].items()},
+            "lower_seconds": round(t1 - t0, 2), "build_seconds": round(time.perf_counter() - t1, 2),
+            "cflags": build.toolchain(options.target)["cflags"]}
+    if options.target == "cpu":
+        info["isa"] = build.load_library(lib).isa()
+    return info
+
+
 def load_ir(path: str):
     try:
         text = Path(path).read_text()
@@ -38,12 +64,16 @@ def load_ir(path: str):
 
 
 def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, from_ir: Optional[str] = None,
-                  allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None) -> Path:
+                  allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None, *,
+                  dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
+                  prefill_tokens: int = 2048, max_batch: int = 128) -> Path:
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     family = sources.check_architecture(config)
-    options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle)
+    options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
+                             dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
+                             max_batch=max_batch)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -57,7 +87,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
 
         def dump(name, mod):
             art.path(f"ir/{name}").write_text(print_module(mod))
-        ctx = PassContext(max_seq_len=options.max_seq_len, model=model)
+        ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype)
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final = result.module
         if set(final.graphs) != {"prefill", "decode"}:
@@ -74,6 +104,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         if tokenizer.eos_token_id is not None:
             eos_ids = sorted(set(eos_ids) | {int(tokenizer.eos_token_id)})
         last_dump = f"{len(result.records):02d}-{result.records[-1].name}.ir"
+        kernels = build_kernels(art.root, final, options, log) if options.codegen else None
         manifest = {
             "ffc_version": __version__,
             "torch_version": torch.__version__,
@@ -87,6 +118,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                         "changed": r.changed} for r in result.records],
             "final_ir": f"ir/{last_dump}",
             "eos_token_ids": eos_ids,
+            "kernels": kernels,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         out = art.commit(manifest)

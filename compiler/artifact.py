@@ -98,3 +98,16 @@ def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
                                     "mismatch); recompile the artifact, or edit the IR and compile it with "
                                     "`ffc compile MODEL --from-ir FILE`")
     return manifest
+
+
+def refresh_manifest(path: str | os.PathLike, updates: dict) -> dict:
+    """Apply ``updates`` to an artifact's manifest and re-hash its files (after ``ffc build``)."""
+    root = Path(path)
+    manifest = read_manifest(root, check_hashes=False)
+    manifest.update(updates)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest["files"] = {f: sha256(root / f) for f in files}
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, root / MANIFEST)
+    return manifest

@@ -17,6 +17,7 @@ class PassContext:
     """Everything a pass may read; passes read no globals and no environment."""
     max_seq_len: int = 2048
     model: str = ""  # for repro commands only
+    dtype: str = "fp32"  # storage type of weights: fp32, bf16 or fp16
 
 
 Pass = Callable[[Module, PassContext], Module]

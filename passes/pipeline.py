@@ -11,6 +11,7 @@ from .raise_rms_norm import raise_rms_norm
 from .raise_rope import raise_rope
 from .remove_noops import remove_noops
 from .select_logits import select_logits
+from .set_weight_dtype import set_weight_dtype
 
 PIPELINE = [
     # clean-up
@@ -30,6 +31,8 @@ PIPELINE = [
     # KV cache: prefill and decode graphs over a preallocated cache
     insert_kv_cache,
     select_logits,
+    # storage type of weights (--dtype); computation stays fp32
+    set_weight_dtype,
 ]
 
 

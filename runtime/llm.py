@@ -42,8 +42,10 @@ class _Seq:
 
 
 class LLM:
-    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer):
+    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None):
         self.path = path
+        self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
+        self.backend = "compiled" if compiled is not None else "interpreter"
         self.manifest = manifest
         self.module = module
         self.weights = weights
@@ -55,7 +57,11 @@ class LLM:
         self.eos_ids = set(manifest.get("eos_token_ids", []))
 
     @classmethod
-    def load(cls, path: Union[str, Path], check_hashes: bool = True) -> "LLM":
+    def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None) -> "LLM":
+        """``backend``: "compiled" (generated kernels; the default when the artifact has them) or
+        "interpreter" (the reference interpreter, for debugging)."""
+        if backend not in (None, "compiled", "interpreter"):
+            raise InvalidRequestError(f"backend {backend!r} is unknown; use 'compiled' or 'interpreter'")
         root = Path(path)
         manifest = read_manifest(root, check_hashes=check_hashes)
         final = manifest.get("final_ir", "")
@@ -81,7 +87,16 @@ class LLM:
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
-        return cls(root, manifest, module, weights, tokenizer)
+        compiled = None
+        if backend != "interpreter":
+            if not manifest.get("kernels"):
+                if backend == "compiled":
+                    raise ArtifactError(f"{root} has no generated kernels (compiled with --no-codegen); "
+                                        "recompile it, or load it with backend='interpreter'")
+            else:
+                from .compiled import open_compiled
+                compiled = open_compiled(root, manifest, weights, threads)
+        return cls(root, manifest, module, weights, tokenizer, compiled)
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -118,22 +133,59 @@ class LLM:
         return out
 
     # ------------------------------------------------------------ execution
+    def _graph(self, name: str, inputs: dict) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled.run(name, inputs)[0][0]
+        graph = self.prefill_graph if name == "prefill" else self.decode_graph
+        return run_graph(graph, self.weights, inputs)[0][0]
+
+    def _limits(self, name: str) -> tuple[int, int]:
+        if self.compiled is None:
+            return 1 << 62, 1 << 62
+        return self.compiled.max_tokens(name), self.compiled.max_rows(name)
+
     def _prefill(self, seqs: list[_Seq], cache: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor([t for s in seqs for t in s.prompt])[None]
-        pos = torch.cat([torch.arange(len(s.prompt)) for s in seqs])[None]
-        slots = torch.cat([torch.full((len(s.prompt),), s.slot) for s in seqs])
-        last = torch.cumsum(torch.tensor([len(s.prompt) for s in seqs]), 0) - 1
-        logits, = run_graph(self.prefill_graph, self.weights, {
-            "input_ids": ids, "position_ids": pos, "slot_ids": slots, "kv_cache": cache, "logits_index": last})
-        return logits[0]
+        """Prompts packed into steps of at most the plan's tokens and rows; a long prompt is split
+        across steps (its later chunks attend to the earlier ones through the cache)."""
+        max_t, max_rows = self._limits("prefill")
+        chunks: list[list[tuple[_Seq, int, int]]] = [[]]
+        used = 0
+        for s in seqs:
+            start = 0
+            while start < len(s.prompt):
+                if used == max_t or len(chunks[-1]) == max_rows:
+                    chunks.append([])
+                    used = 0
+                take = min(max_t - used, len(s.prompt) - start)
+                chunks[-1].append((s, start, take))
+                used += take
+                start += take
+        rows = {}
+        for chunk in chunks:
+            ids, pos, slots, last = [], [], [], []
+            for s, start, take in chunk:
+                ids += s.prompt[start:start + take]
+                pos += range(start, start + take)
+                slots += [s.slot] * take
+                last.append(len(ids) - 1)
+            logits = self._graph("prefill", {
+                "input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
+                "slot_ids": torch.tensor(slots), "kv_cache": cache, "logits_index": torch.tensor(last)})
+            for k, (s, start, take) in enumerate(chunk):
+                if start + take == len(s.prompt):
+                    rows[s.slot] = logits[k]
+        return torch.stack([rows[s.slot] for s in seqs])
 
     def _decode(self, seqs: list[_Seq], cache: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor([s.out[-1] for s in seqs])[None]
-        pos = torch.tensor([len(s.prompt) + len(s.out) - 1 for s in seqs])[None]
-        slots = torch.tensor([s.slot for s in seqs])
-        logits, = run_graph(self.decode_graph, self.weights, {
-            "input_ids": ids, "position_ids": pos, "slot_ids": slots, "kv_cache": cache})
-        return logits[0]
+        _, max_rows = self._limits("decode")
+        out = []
+        for k in range(0, len(seqs), max_rows):
+            part = seqs[k:k + max_rows]
+            out.append(self._graph("decode", {
+                "input_ids": torch.tensor([s.out[-1] for s in part])[None],
+                "position_ids": torch.tensor([len(s.prompt) + len(s.out) - 1 for s in part])[None],
+                "slot_ids": torch.tensor([s.slot for s in part]), "kv_cache": cache}))
+        return torch.cat(out, 0) if len(out) > 1 else out[0]
 
     def _finish(self, s: _Seq, token: int) -> None:
         p = s.params

@@ -1,0 +1,156 @@
+// ffc plan executor: runs a whole graph (every kernel of a prefill or decode step) in one call
+// from Python, inside one OpenMP parallel region with a barrier between kernels.
+// The plan (which kernel, which pointers) is bound once from Python; a step allocates nothing.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "ffc_cpu.h"
+
+extern "C" {
+extern const int ffc_num_kernels;
+extern const char* const ffc_kernel_names[];
+extern const ffc_kernel_fn ffc_kernel_table[];
+}
+
+extern "C" void ffc_barrier() {
+#pragma omp barrier
+}
+
+namespace py = pybind11;
+
+namespace {
+
+struct Step {
+  ffc_kernel_fn fn;
+  std::vector<void*> args;
+};
+
+class Executor {
+ public:
+  explicit Executor(int threads) : threads_(threads > 0 ? threads : omp_get_max_threads()) {
+    for (int i = 0; i < ffc_num_kernels; ++i) kernels_[ffc_kernel_names[i]] = ffc_kernel_table[i];
+  }
+
+  void bind(const std::string& graph, const std::vector<std::pair<std::string, std::vector<uintptr_t>>>& steps) {
+    std::vector<Step> prog;
+    prog.reserve(steps.size());
+    for (const auto& s : steps) {
+      auto it = kernels_.find(s.first);
+      if (it == kernels_.end()) throw std::runtime_error("kernel " + s.first + " is not in this library; rebuild it");
+      Step st{it->second, {}};
+      for (uintptr_t a : s.second) st.args.push_back(reinterpret_cast<void*>(a));
+      prog.push_back(std::move(st));
+    }
+    graphs_[graph] = std::move(prog);
+  }
+
+  void run(const std::string& graph, int64_t T, int64_t N, int64_t S) {
+    const std::vector<Step>& prog = get(graph);
+    const int64_t dims[3] = {T, N, S};
+    py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      for (const Step& s : prog) {
+        s.fn(s.args.data(), dims, tid, nth);
+#pragma omp barrier
+      }
+    }
+  }
+
+  // Seconds per kernel, each kernel timed between barriers (median over `reps` runs is done in Python).
+  std::vector<double> profile(const std::string& graph, int64_t T, int64_t N, int64_t S) {
+    const std::vector<Step>& prog = get(graph);
+    const int64_t dims[3] = {T, N, S};
+    std::vector<double> times(prog.size(), 0.0);
+    py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      for (size_t i = 0; i < prog.size(); ++i) {
+        auto t0 = std::chrono::steady_clock::now();
+        prog[i].fn(prog[i].args.data(), dims, tid, nth);
+#pragma omp barrier
+        if (tid == 0) times[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    }
+    return times;
+  }
+
+  int threads() const { return threads_; }
+
+ private:
+  const std::vector<Step>& get(const std::string& graph) const {
+    auto it = graphs_.find(graph);
+    if (it == graphs_.end()) throw std::runtime_error("graph " + graph + " is not bound");
+    return it->second;
+  }
+  int threads_;
+  std::unordered_map<std::string, ffc_kernel_fn> kernels_;
+  std::unordered_map<std::string, std::vector<Step>> graphs_;
+};
+
+// Streaming read bandwidth of this machine (bytes/s) over a buffer of `bytes`: the roofline's
+// denominator. Median of `reps` passes with `threads` threads.
+double read_bandwidth(int64_t bytes, int reps, int threads) {
+  if (threads <= 0) threads = omp_get_max_threads();
+  const int64_t n = bytes / sizeof(float);
+  float* a = static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) a[i] = 1.0f;
+  std::vector<double> rates;
+  volatile float sink = 0.0f;
+  py::gil_scoped_release nogil;
+  for (int r = 0; r < reps; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+      int64_t b, e;
+      ffc_split(n, omp_get_thread_num(), omp_get_num_threads(), &b, &e, 4 * FFC_VW);
+      ffc_vf s0 = ffc_vzero(), s1 = ffc_vzero(), s2 = ffc_vzero(), s3 = ffc_vzero();
+      int64_t i = b;
+      for (; i + 4 * FFC_VW <= e; i += 4 * FFC_VW) {
+        s0 = ffc_vadd(s0, ffc_vload(a + i));
+        s1 = ffc_vadd(s1, ffc_vload(a + i + FFC_VW));
+        s2 = ffc_vadd(s2, ffc_vload(a + i + 2 * FFC_VW));
+        s3 = ffc_vadd(s3, ffc_vload(a + i + 3 * FFC_VW));
+      }
+      float t = ffc_vsum(ffc_vadd(ffc_vadd(s0, s1), ffc_vadd(s2, s3)));
+      for (; i < e; ++i) t += a[i];
+      total += t;
+    }
+    sink = sink + total;
+    rates.push_back(double(n * sizeof(float)) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::free(a);
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
+
+}  // namespace
+
+PYBIND11_MODULE(FFC_MODULE, m) {
+  m.doc() = "ffc generated kernels and plan executor";
+  py::class_<Executor>(m, "Executor")
+      .def(py::init<int>(), py::arg("threads") = 0)
+      .def("bind", &Executor::bind)
+      .def("run", &Executor::run)
+      .def("profile", &Executor::profile)
+      .def_property_readonly("threads", &Executor::threads);
+  m.def("isa", [] { return std::string(FFC_ISA); });
+  m.def("kernel_names", [] {
+    std::vector<std::string> out;
+    for (int i = 0; i < ffc_num_kernels; ++i) out.push_back(ffc_kernel_names[i]);
+    return out;
+  });
+  m.def("read_bandwidth", &read_bandwidth, py::arg("bytes"), py::arg("reps") = 5, py::arg("threads") = 0);
+}

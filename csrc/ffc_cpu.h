@@ -1,0 +1,224 @@
+// ffc CPU kernel support: the kernel ABI, work partitioning, dtype conversion and a small
+// SIMD layer. Generated kernels include this header only; the ISA is whatever the compiler
+// was told at build time (-march=native), chosen here by the predefined macros.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+// Every kernel has this signature. p: argument pointers (resolved when the plan is bound);
+// d: the step's dynamic dims {T, N, S}; each of nth threads calls it with its own tid, and the
+// executor puts a barrier after it.
+typedef void (*ffc_kernel_fn)(void* const* p, const int64_t* d, int tid, int nth);
+
+extern "C" void ffc_barrier();  // all threads of the running step; defined by the executor
+
+#if defined(__AVX512F__)
+#define FFC_ISA "avx512"
+#define FFC_VW 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FFC_ISA "avx2"
+#define FFC_VW 8
+#else
+#define FFC_ISA "scalar"
+#define FFC_VW 1
+#endif
+
+struct ffc_bf16 { uint16_t x; };
+struct ffc_f16 { uint16_t x; };
+
+static inline float ffc_to_f32(float v) { return v; }
+static inline float ffc_to_f32(ffc_bf16 v) {
+  uint32_t u = uint32_t(v.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+static inline float ffc_to_f32(ffc_f16 v) {
+#if defined(__F16C__)
+  return _cvtsh_ss(v.x);
+#else
+  uint32_t h = v.x, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0) {
+    if (man == 0) { u = sign; }
+    else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; --exp; } man &= 0x3ff; u = sign | (exp << 23) | (man << 13); }
+  } else if (exp == 31) { u = sign | 0x7f800000u | (man << 13); }
+  else { u = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+  float f; std::memcpy(&f, &u, 4); return f;
+#endif
+}
+
+// [begin, end) of n items for thread tid, in chunks that are multiples of `align`.
+static inline void ffc_split(int64_t n, int tid, int nth, int64_t* b, int64_t* e, int64_t align = 1) {
+  int64_t chunks = (n + align - 1) / align;
+  int64_t per = chunks / nth, rem = chunks % nth;
+  int64_t cb = tid * per + (tid < rem ? tid : rem);
+  int64_t ce = cb + per + (tid < rem ? 1 : 0);
+  *b = cb * align < n ? cb * align : n;
+  *e = ce * align < n ? ce * align : n;
+}
+
+static inline float ffc_silu(float x) { return x / (1.0f + std::exp(-x)); }
+static inline float ffc_gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+static inline float ffc_gelu_tanh(float x) {
+  return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+static inline float ffc_sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+static inline float ffc_relu(float x) { return x > 0.0f ? x : 0.0f; }
+
+// ------------------------------------------------------------------ SIMD layer
+#if FFC_VW == 16
+typedef __m512 ffc_vf;
+static inline ffc_vf ffc_vzero() { return _mm512_setzero_ps(); }
+static inline ffc_vf ffc_vset(float v) { return _mm512_set1_ps(v); }
+static inline ffc_vf ffc_vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline ffc_vf ffc_vload(const ffc_bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline ffc_vf ffc_vload(const ffc_f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline void ffc_vstore(float* p, ffc_vf v) { _mm512_storeu_ps(p, v); }
+static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm512_add_ps(a, b); }
+static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return _mm512_mul_ps(a, b); }
+static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return _mm512_max_ps(a, b); }
+static inline float ffc_vsum(ffc_vf v) { return _mm512_reduce_add_ps(v); }
+static inline float ffc_vhmax(ffc_vf v) { return _mm512_reduce_max_ps(v); }
+#elif FFC_VW == 8
+typedef __m256 ffc_vf;
+static inline ffc_vf ffc_vzero() { return _mm256_setzero_ps(); }
+static inline ffc_vf ffc_vset(float v) { return _mm256_set1_ps(v); }
+static inline ffc_vf ffc_vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline ffc_vf ffc_vload(const ffc_bf16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline ffc_vf ffc_vload(const ffc_f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline void ffc_vstore(float* p, ffc_vf v) { _mm256_storeu_ps(p, v); }
+static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm256_add_ps(a, b); }
+static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return _mm256_mul_ps(a, b); }
+static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return _mm256_max_ps(a, b); }
+static inline float ffc_vsum(ffc_vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float ffc_vhmax(ffc_vf v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+typedef float ffc_vf;
+static inline ffc_vf ffc_vzero() { return 0.0f; }
+static inline ffc_vf ffc_vset(float v) { return v; }
+template <typename W> static inline ffc_vf ffc_vload(const W* p) { return ffc_to_f32(*p); }
+static inline void ffc_vstore(float* p, ffc_vf v) { *p = v; }
+static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return a * b + c; }
+static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return a + b; }
+static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return a * b; }
+static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return a > b ? a : b; }
+static inline float ffc_vsum(ffc_vf v) { return v; }
+static inline float ffc_vhmax(ffc_vf v) { return v; }
+#endif
+
+// Dot product of n floats of x with n weights of any storage type, fp32 accumulation.
+template <typename W>
+static inline float ffc_dot(const float* x, const W* w, int64_t n) {
+  ffc_vf a0 = ffc_vzero(), a1 = ffc_vzero();
+  int64_t k = 0;
+  for (; k + 2 * FFC_VW <= n; k += 2 * FFC_VW) {
+    a0 = ffc_vfma(ffc_vload(x + k), ffc_vload(w + k), a0);
+    a1 = ffc_vfma(ffc_vload(x + k + FFC_VW), ffc_vload(w + k + FFC_VW), a1);
+  }
+  for (; k + FFC_VW <= n; k += FFC_VW) a0 = ffc_vfma(ffc_vload(x + k), ffc_vload(w + k), a0);
+  float s = ffc_vsum(ffc_vadd(a0, a1));
+  for (; k < n; ++k) s += x[k] * ffc_to_f32(w[k]);
+  return s;
+}
+
+// y[0:n] += a * v[0:n]
+static inline void ffc_axpy(float* y, float a, const float* v, int64_t n) {
+  int64_t k = 0;
+  ffc_vf va = ffc_vset(a);
+  for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(y + k, ffc_vfma(va, ffc_vload(v + k), ffc_vload(y + k)));
+  for (; k < n; ++k) y[k] += a * v[k];
+}
+
+static inline void ffc_scale(float* y, float a, int64_t n) {
+  int64_t k = 0;
+  ffc_vf va = ffc_vset(a);
+  for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(y + k, ffc_vmul(va, ffc_vload(y + k)));
+  for (; k < n; ++k) y[k] *= a;
+}
+
+// Four dot products of x with four consecutive weight rows (row stride n), fp32 accumulation.
+template <typename W>
+static inline void ffc_dot4(const float* x, const W* w, int64_t n, float* out) {
+  const W* w0 = w; const W* w1 = w + n; const W* w2 = w + 2 * n; const W* w3 = w + 3 * n;
+  ffc_vf a0 = ffc_vzero(), a1 = ffc_vzero(), a2 = ffc_vzero(), a3 = ffc_vzero();
+  int64_t k = 0;
+  for (; k + FFC_VW <= n; k += FFC_VW) {
+    const ffc_vf xv = ffc_vload(x + k);
+    a0 = ffc_vfma(xv, ffc_vload(w0 + k), a0);
+    a1 = ffc_vfma(xv, ffc_vload(w1 + k), a1);
+    a2 = ffc_vfma(xv, ffc_vload(w2 + k), a2);
+    a3 = ffc_vfma(xv, ffc_vload(w3 + k), a3);
+  }
+  float s0 = ffc_vsum(a0), s1 = ffc_vsum(a1), s2 = ffc_vsum(a2), s3 = ffc_vsum(a3);
+  for (; k < n; ++k) {
+    const float xv = x[k];
+    s0 += xv * ffc_to_f32(w0[k]); s1 += xv * ffc_to_f32(w1[k]);
+    s2 += xv * ffc_to_f32(w2[k]); s3 += xv * ffc_to_f32(w3[k]);
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+// Per-thread scratch that grows once and is then reused: no allocation in steady state.
+static inline float* ffc_scratch(int slot, int64_t n) {
+  static thread_local float* bufs[4] = {nullptr, nullptr, nullptr, nullptr};
+  static thread_local int64_t caps[4] = {0, 0, 0, 0};
+  if (caps[slot] < n) {
+    std::free(bufs[slot]);
+    int64_t bytes = ((n * (int64_t)sizeof(float) + 63) / 64) * 64;
+    bufs[slot] = (float*)std::aligned_alloc(64, bytes);
+    caps[slot] = n;
+  }
+  return bufs[slot];
+}
+
+// BLAS (MKL's sgemm, the one torch.mm uses, found in libtorch_cpu at link time).
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+// out[M, cb] (row-major) = x[M, K] (row stride ldx) @ w[cb, K]^T. Weights stored as bf16/fp16
+// are converted tile-wise into per-thread scratch slot `slot` first.
+static inline void ffc_sgemm_nt(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
+                                int64_t cb, float* out) {
+  const int m = (int)cb, n = (int)M, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)cb;
+  const float one = 1.0f, zero = 0.0f;
+  sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, out, &ldc);
+}
+static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
+                                 int64_t cb, float* out, int) {
+  ffc_sgemm_nt(x, ldx, M, w, K, cb, out);
+}
+template <typename W>
+static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K,
+                                 int64_t cb, float* out, int slot) {
+  float* wf = ffc_scratch(slot, cb * K);
+  for (int64_t i = 0; i < cb * K; i += FFC_VW) {
+    if (i + FFC_VW <= cb * K) ffc_vstore(wf + i, ffc_vload(w + i));
+    else for (int64_t j = i; j < cb * K; ++j) wf[j] = ffc_to_f32(w[j]);
+  }
+  ffc_sgemm_nt(x, ldx, M, wf, K, cb, out);
+}
+
+// The dynamic dims as the names the plan's expressions use.
+#define FFC_DIMS                                                   \
+  const int64_t T = d[0], N = d[1], S = d[2];                      \
+  (void)T; (void)N; (void)S;

@@ -1,0 +1,40 @@
+"""Weights stored in a narrower type (``--dtype bf16|fp16``), computed in fp32.
+
+Every matrix a linear or an embedding reads becomes a derived parameter (a cast recipe, so
+the artifact stores it narrow) and is read through ``cast(@w) {dtype="f32"}``: the
+interpreter computes exactly what the generated kernels do (load narrow, accumulate fp32),
+and the lowering folds the cast into the kernel's weight loads. Norm weights, biases and
+tables stay fp32 (they are <0.1% of the bytes). No-op for fp32.
+"""
+from __future__ import annotations
+
+from ffc.ir import Module, Node, Op, Param, ParamRef, Recipe
+
+_IR_DTYPE = {"bf16": "bf16", "fp16": "f16"}
+
+
+def set_weight_dtype(module: Module, ctx) -> Module:
+    """Store linear and embedding weights as ctx.dtype (bf16/fp16); no-op for fp32."""
+    dtype = _IR_DTYPE.get(getattr(ctx, "dtype", "fp32"))
+    if dtype is None:
+        return module
+    out = module.clone()
+    for g in out.graphs.values():
+        for n in list(g.nodes):
+            if n.op not in (Op.LINEAR, Op.EMBEDDING):
+                continue
+            w = n.inputs[1]
+            if not isinstance(w, ParamRef) or out.params[w.name].type.dtype != "f32":
+                continue
+            name = f"{w.name}.{dtype}"
+            if name not in out.params:
+                p = out.params[w.name]
+                out.params[name] = Param(name, p.type.with_dtype(dtype) if hasattr(p.type, "with_dtype")
+                                         else type(p.type)(dtype, p.type.shape),
+                                         Recipe(Op.CAST, (ParamRef(w.name),), (("dtype", dtype),)))
+            cast = Node(Op.CAST, (ParamRef(name),), {"dtype": "f32"}, out.params[w.name].type, n.origin,
+                        name=f"{n.name}_w")
+            g.insert_before(n, [cast])
+            n.inputs = (n.inputs[0], cast) + n.inputs[2:]
+    out.prune_params()
+    return out

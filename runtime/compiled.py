@@ -1,0 +1,122 @@
+"""The compiled backend: a plan bound to its kernel library, weights, one arena and a KV cache.
+
+Binding resolves every kernel argument of every step to an address once (buffers are arena
+offsets, weights are tensors, the KV cache is bound per cache tensor); a step then copies its
+few input ids into the arena, runs the whole graph in one C++ call, and copies logits out.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import torch
+
+from ffc.errors import ArtifactError, InvalidRequestError
+from ffc.ir.types import DTYPES, eval_dim
+
+
+class CompiledPlan:
+    def __init__(self, plan: dict, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None):
+        self.plan = plan
+        self.lib = lib
+        self.weights = weights
+        missing = sorted(k for k in lib.kernel_names() if k not in plan["kernels"]) + \
+            sorted(k for k in plan["kernels"] if k not in set(lib.kernel_names()))
+        if missing:
+            raise ArtifactError(f"the kernel library does not match the plan (kernels {missing[:4]}); "
+                                "rebuild it with `ffc build ARTIFACT`")
+        self.exe = lib.Executor(int(threads or torch.get_num_threads()))
+        self._arena = torch.empty(plan["arena_bytes"] + 64, dtype=torch.uint8)
+        self.base = (self._arena.data_ptr() + 63) // 64 * 64
+        self._bound_cache: Optional[tuple] = None
+        self.graphs = plan["graphs"]
+
+    def max_tokens(self, graph: str) -> int:
+        return int(self.graphs[graph]["max_tokens"])
+
+    def max_rows(self, graph: str) -> int:
+        return int(self.graphs[graph]["max_rows"])
+
+    def _view(self, gp: dict, name: str, dtype: str, numel: int) -> torch.Tensor:
+        off = self.base - self._arena.data_ptr() + gp["buffers"][name]["offset"]
+        size = DTYPES[dtype].itemsize if hasattr(DTYPES[dtype], "itemsize") else \
+            torch.empty((), dtype=DTYPES[dtype]).element_size()
+        return self._arena[off:off + numel * size].view(DTYPES[dtype])
+
+    def _addr(self, gp: dict, a: dict, cache: torch.Tensor) -> int:
+        size = torch.empty((), dtype=DTYPES[a["dtype"]]).element_size()
+        if a["kind"] == "buf":
+            return self.base + gp["buffers"][a["name"]]["offset"] + a["offset"] * size
+        if a["kind"] == "param":
+            t = self.weights[a["name"]]
+            return t.data_ptr() + a["offset"] * size
+        if a["kind"] == "cache":
+            return cache.data_ptr() + a["offset"] * cache.stride(0) * cache.element_size()
+        raise ArtifactError(f"plan argument kind {a['kind']!r} is unknown; recompile the artifact")
+
+    def bind(self, cache: torch.Tensor) -> None:
+        key = (cache.data_ptr(), tuple(cache.shape))
+        if self._bound_cache == key:
+            return
+        if not cache.is_contiguous():
+            raise InvalidRequestError("the KV cache must be contiguous")
+        for name, gp in self.graphs.items():
+            steps = [(st["kernel"], [self._addr(gp, a, cache) for a in st["args"]]) for st in gp["steps"]]
+            self.exe.bind(name, steps)
+        self._bound_cache = key
+        self._cache = cache  # keep it alive while bound
+
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        gp = self.graphs[graph]
+        cache = inputs["kv_cache"]
+        self.bind(cache)
+        T = int(inputs["input_ids"].shape[-1])
+        N = int(inputs["logits_index"].numel()) if "logits_index" in inputs else T
+        if T > gp["max_tokens"] or N > gp["max_rows"]:
+            raise InvalidRequestError(f"{graph} step of {T} tokens / {N} rows exceeds the plan's "
+                                      f"{gp['max_tokens']} / {gp['max_rows']}; split the batch")
+        env = {"T": T, "N": N, "S": int(cache.shape[2])}
+        for name, spec in gp["inputs"].items():
+            if spec["buffer"] is None:
+                continue
+            src = inputs[name].reshape(-1)
+            self._view(gp, spec["buffer"], spec["dtype"], src.numel()).copy_(src)
+        self.exe.run(graph, T, N, env["S"])
+        outs = []
+        for o in gp["outputs"]:
+            shape = [eval_dim(d, env) for d in o["shape"]]
+            outs.append(self._view(gp, o["buffer"], o["dtype"], math.prod(shape)).view(shape).clone())
+        return outs
+
+    def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
+        """Seconds per step of ``graph`` for these inputs (each kernel timed between barriers)."""
+        self.run(graph, inputs)
+        T = int(inputs["input_ids"].shape[-1])
+        N = int(inputs["logits_index"].numel()) if "logits_index" in inputs else T
+        return list(self.exe.profile(graph, T, N, int(inputs["kv_cache"].shape[2])))
+
+
+def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None) -> CompiledPlan:
+    """The artifact's plan bound to its kernel library (rebuilt from its sources if the shipped
+    library does not load on this machine)."""
+    import json
+    from pathlib import Path
+
+    from ffc import build
+    info = manifest["kernels"]
+    root = Path(root)
+    if info.get("target", "cpu") != "cpu":
+        raise ArtifactError(f"{root} was compiled for target {info.get('target')!r}, which this process "
+                            "cannot run; load it with backend='interpreter' or compile with --target cpu")
+    try:
+        plan = json.loads((root / info["plan"]).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{root / info['plan']} is unreadable ({e}); recompile the artifact") from None
+    lib_path = root / info["library"]
+    try:
+        lib = build.load_library(lib_path)
+    except Exception:  # noqa: BLE001 - a library built elsewhere: rebuild from the shipped sources
+        from ffc.codegen import render_sources
+        _, spans = render_sources(plan)
+        lib = build.load_library(build.build(root / "kernels", "cpu", spans))
+    return CompiledPlan(plan, lib, weights, threads)
