@@ -110,8 +110,9 @@ def write_ninja(src_dir: Path, build_dir: Path, target: str, tc: dict, key: str)
         objs.append(obj)
         lines.append(f"build {obj}: {'nvcc' if src.suffix == '.cu' else 'cxx'} {src}")
     lines.append(f"build $builddir/{mod}{tc['ext_suffix']}: link {' '.join(objs)}")
-    if target == "cuda":
-        lines[-1] += "\n  ldflags = $ldflags -L/usr/local/cuda/lib64 -lcudart -lcublas"
+    if target == "cuda":  # device code needs nvcc's link step and the CUDA runtime, not libtorch_cpu
+        lines.append("  cxx = $nvcc")
+        lines.append("  ldflags = -shared -Xcompiler -fPIC -lcudart")
     lines.append(f"default $builddir/{mod}{tc['ext_suffix']}")
     return "\n".join(lines) + "\n"
 

@@ -13,8 +13,35 @@ from .errors import FfcError
 def _compile(a) -> None:
     from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
-                  log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+                  log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
+                  codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch)
     print(a.output)
+
+
+def _build(a) -> None:
+    """Rebuild an artifact's kernels from its (possibly edited) sources."""
+    from . import build
+    from .artifact import read_manifest, refresh_manifest
+    from .codegen import render_sources
+    root = Path(a.artifact)
+    m = read_manifest(root, check_hashes=False)
+    if not m.get("kernels"):
+        raise FfcError(f"{root} has no generated kernels (compiled with --no-codegen); recompile it")
+    plan = json.loads((root / m["kernels"]["plan"]).read_text())
+    _, spans = render_sources(plan)
+    lib = build.build(root / "kernels", m["kernels"]["target"], spans,
+                      log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    kernels = dict(m["kernels"], library=str(lib.relative_to(root)))
+    refresh_manifest(root, {"kernels": kernels})
+    print(lib)
+
+
+def _bench(a) -> None:
+    from .bench import format_bench, run_bench
+    res = run_bench(a.artifact, compare=a.compare, runs=a.runs, new_tokens=a.new_tokens,
+                    batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
+                    log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    print(format_bench(res))
 
 
 def _sampling(a) -> dict:
@@ -26,7 +53,7 @@ def _run(a) -> None:
     import ffc
     if (a.prompt is None) == (a.chat is None):
         raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
-    llm = ffc.load(a.artifact)
+    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None)
     prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
     if a.no_stream:
         print(llm.generate([prompt], a.max_new_tokens, chat=chat, **_sampling(a)).texts[0])
@@ -54,6 +81,12 @@ def _inspect(a) -> None:
     if a.ir:
         print(_find_dump(root, a.ir).read_text(), end="")
         return
+    if a.plan:
+        from .lower import describe_plan
+        if not m.get("kernels"):
+            raise FfcError(f"{root} has no plan (compiled with --no-codegen)")
+        print(describe_plan(json.loads((root / m["kernels"]["plan"]).read_text())))
+        return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)
         sys.stdout.writelines(difflib.unified_diff(x.read_text().splitlines(True), y.read_text().splitlines(True),
@@ -70,6 +103,10 @@ def _inspect(a) -> None:
         print(f"{p['index']:>3}  {p['name']:34s} {p['nodes']:>6} {p['seconds'] * 1e3:8.1f}  "
               f"{'yes' if p['changed'] else '-'}")
     print(f"\nIR dumps in {root / 'ir'}; final: {m['final_ir']}")
+    k = m.get("kernels")
+    if k:
+        print(f"kernels    {k['unique_kernels']} unique, launches per step {k['launches']}, target {k['target']}, "
+              f"ISA {k.get('isa')}, library {k['library']} (plan: ffc inspect {root} --plan)")
 
 
 def _debug_compare(a) -> None:
@@ -90,7 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
     c.add_argument("--from-ir", default=None, help="compile this (edited) IR dump instead of tracing")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
+    c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="storage type of weights (computation is fp32)")
+    c.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="generated kernels for this device")
+    c.add_argument("--no-codegen", action="store_true", help="skip kernel generation (interpreter only)")
+    c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")
+    c.add_argument("--max-batch", type=int, default=128, help="sequences per decode step")
     c.set_defaults(fn=_compile)
+
+    b = sub.add_parser("build", help="rebuild an artifact's kernels from its kernels/src")
+    b.add_argument("artifact")
+    b.set_defaults(fn=_build)
+
+    be = sub.add_parser("bench", help="benchmark an artifact against transformers eager in one run")
+    be.add_argument("artifact")
+    be.add_argument("--compare", default="transformers", choices=["transformers", "none"])
+    be.add_argument("--runs", type=int, default=5)
+    be.add_argument("--new-tokens", type=int, default=128)
+    be.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    be.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
+    be.add_argument("--threads", type=int, default=None)
+    be.set_defaults(fn=_bench)
 
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
@@ -105,11 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--ignore-eos", action="store_true")
     r.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    r.add_argument("--interpreter", action="store_true", help="run the reference interpreter, not the kernels")
     r.set_defaults(fn=_run)
 
     i = sub.add_parser("inspect", help="passes, node counts, times, options; IR after a pass; IR diffs")
     i.add_argument("artifact")
     i.add_argument("--ir", metavar="PASS", help="print the IR after PASS (name or part of it)")
+    i.add_argument("--plan", action="store_true", help="kernels, fusion groups (and rejections), arena")
     i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")
     i.set_defaults(fn=_inspect)
 

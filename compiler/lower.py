@@ -41,7 +41,7 @@ CTYPES = {"f32": "float", "bf16": "ffc_bf16", "f16": "ffc_f16", "i64": "int64_t"
 _BINDINGS = [{"T": 5, "N": 3, "S": 2}, {"T": 9, "N": 3, "S": 2}, {"T": 5, "N": 7, "S": 2},
              {"T": 13, "N": 11, "S": 2}]
 GEMV_MAX_M = 8                        # up to this many rows a linear streams weights (GEMV)
-GEMM_TILE = 128                       # weight rows per sgemm call on the GEMM path
+GEMM_TILE = 512                       # weight rows per sgemm call on the GEMM path
 
 
 class LoweringError(FfcError):
@@ -198,6 +198,8 @@ class GraphLowering:
         """Users of ``n``, looking through view ops."""
         out = []
         for u in self.users.get(n, []):
+            if u.op in VIEW_OPS and u in self.g.outputs:
+                out.append(u)
             out.extend(self.consumers(u) if u.op in VIEW_OPS else [u])
         return out
 
@@ -462,8 +464,11 @@ class GraphLowering:
             if n in self.owner or n.op not in POINTWISE_OPS:
                 continue
             cons = self.consumers(n)
-            if n in self.g.outputs or not cons or any(c.op not in POINTWISE_OPS or c in self.owner for c in cons):
+            if n in self.g.outputs or not cons or \
+                    any((c.op not in POINTWISE_OPS and c.op not in VIEW_OPS) or c in self.owner for c in cons):
                 roots.append(n)
+        # A graph output that is a view is written out contiguous by a pointwise kernel.
+        roots += [o for o in self.g.outputs if o.op in VIEW_OPS and o not in roots]
         # Roots that share inlined work and have the same shape form one kernel.
         parent = {r: r for r in roots}
 
@@ -890,8 +895,9 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, ma
         steps.append((grp, spec, args))
     env = {"T": max_tokens, "N": min(max_rows, max_tokens), "S": 1}
     buffers: dict[str, dict] = {}
+    caches = {n.inputs[5].name for n in g.nodes if n.op is Op.CACHED_ATTENTION}
     for n in g.inputs:
-        if n.type.dtype in ("i64", "i32") and n.name != "kv_cache":
+        if n.name not in caches:
             buffers[n.name] = {"dtype": n.type.dtype, "shape": list(n.type.shape), "live": [0, 0],
                                "bytes": math.prod(n.type.concrete(env)) * _elem_size(n.type.dtype)}
     for k, (grp, _, _) in enumerate(steps):
@@ -907,8 +913,7 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, ma
                 buffers[a.name]["live"][1] = max(buffers[a.name]["live"][1], k)
     outs = []
     for o in g.outputs:
-        base = low.strip_views(o)
-        if base is not o or base.name not in buffers:
+        if o.name not in buffers:
             raise LoweringError(f"graph {g.name}: output %{o.name} must be a kernel's result")
         buffers[o.name]["live"][1] = len(steps)
         outs.append({"buffer": o.name, "dtype": o.type.dtype, "shape": list(o.type.shape)})
@@ -962,7 +967,7 @@ def describe_plan(plan: dict) -> str:
     for name, k in plan["kernels"].items():
         s = k["spec"]
         extra = ", ".join(f"{f}={s[f]}" for f in ("K", "N", "wtype", "glu", "act", "residual", "rope", "kind",
-                                                   "gather") if s.get(f) not in (None, False))
+                                                   "gather", "ops") if s.get(f) not in (None, False))
         lines.append(f"  {name}: {extra}")
     for gname, gp in plan["graphs"].items():
         lines.append(f"graph {gname} (max {gp['max_tokens']} tokens, arena {gp['arena_bytes'] / 2**20:.1f} MiB, "

@@ -58,7 +58,7 @@ class CompiledPlan:
         key = (cache.data_ptr(), tuple(cache.shape))
         if self._bound_cache == key:
             return
-        if not cache.is_contiguous():
+        if cache.numel() and not cache.is_contiguous():
             raise InvalidRequestError("the KV cache must be contiguous")
         for name, gp in self.graphs.items():
             steps = [(st["kernel"], [self._addr(gp, a, cache) for a in st["args"]]) for st in gp["steps"]]
@@ -68,32 +68,53 @@ class CompiledPlan:
 
     def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         gp = self.graphs[graph]
-        cache = inputs["kv_cache"]
-        self.bind(cache)
-        T = int(inputs["input_ids"].shape[-1])
-        N = int(inputs["logits_index"].numel()) if "logits_index" in inputs else T
-        if T > gp["max_tokens"] or N > gp["max_rows"]:
-            raise InvalidRequestError(f"{graph} step of {T} tokens / {N} rows exceeds the plan's "
-                                      f"{gp['max_tokens']} / {gp['max_rows']}; split the batch")
-        env = {"T": T, "N": N, "S": int(cache.shape[2])}
-        for name, spec in gp["inputs"].items():
-            if spec["buffer"] is None:
-                continue
-            src = inputs[name].reshape(-1)
-            self._view(gp, spec["buffer"], spec["dtype"], src.numel()).copy_(src)
-        self.exe.run(graph, T, N, env["S"])
+        env = self._stage(graph, inputs)
+        self.exe.run(graph, env["T"], env["N"], env["S"])
         outs = []
         for o in gp["outputs"]:
             shape = [eval_dim(d, env) for d in o["shape"]]
             outs.append(self._view(gp, o["buffer"], o["dtype"], math.prod(shape)).view(shape).clone())
         return outs
 
+    def dims(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict:
+        """T, N, S read off the inputs' shapes (checked against the plan), and the cache bound."""
+        gp = self.graphs[graph]
+        env = {"T": 1, "N": 1, "S": 1}
+        cache = None
+        for name, spec in gp["inputs"].items():
+            if name not in inputs:
+                raise InvalidRequestError(f"graph {graph} needs input {name!r}")
+            t = inputs[name]
+            if spec["buffer"] is None:
+                cache = t
+                env["S"] = int(t.shape[2])
+                continue
+            if t.dtype != DTYPES[spec["dtype"]] or t.dim() != len(spec["shape"]):
+                raise InvalidRequestError(f"input {name} must be {spec['dtype']} of rank {len(spec['shape'])}")
+            for d, size in zip(spec["shape"], t.shape):
+                if isinstance(d, str) and d in env:
+                    env[d] = int(size)
+        if env["T"] > gp["max_tokens"] or env["N"] > gp["max_rows"]:
+            raise InvalidRequestError(f"{graph} step of {env['T']} tokens / {env['N']} rows exceeds the plan's "
+                                      f"{gp['max_tokens']} / {gp['max_rows']}; split the batch")
+        self.bind(cache if cache is not None else torch.zeros(0))
+        return env
+
+    def _stage(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict:
+        """Copy the inputs into their arena buffers (later kernels may reuse that memory)."""
+        gp = self.graphs[graph]
+        env = self.dims(graph, inputs)
+        for name, spec in gp["inputs"].items():
+            if spec["buffer"] is not None:
+                src = inputs[name].reshape(-1)
+                self._view(gp, spec["buffer"], spec["dtype"], src.numel()).copy_(src)
+        return env
+
     def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
         """Seconds per step of ``graph`` for these inputs (each kernel timed between barriers)."""
         self.run(graph, inputs)
-        T = int(inputs["input_ids"].shape[-1])
-        N = int(inputs["logits_index"].numel()) if "logits_index" in inputs else T
-        return list(self.exe.profile(graph, T, N, int(inputs["kv_cache"].shape[2])))
+        env = self._stage(graph, inputs)
+        return list(self.exe.profile(graph, env["T"], env["N"], env["S"]))
 
 
 def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None) -> CompiledPlan:

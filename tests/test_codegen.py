@@ -1,0 +1,228 @@
+"""Generated kernels against the reference interpreter on random inputs with odd sizes, the
+structure of the default model's plan, the build cache and build errors."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffc import build
+from ffc.codegen import render_sources
+from ffc.errors import FfcError
+from ffc.ir import materialize_params, parse, run_graph, verify_module
+from ffc.lower import describe_plan, lower_module
+from ffc.runtime.compiled import CompiledPlan
+
+KERNEL_IR = """# ffc ir 1
+meta {}
+param @w1 : f32[13,37]
+param @b1 : f32[13]
+param @wgu : f32[26,37]
+param @w16 : f32[19,37]
+param @w16.bf16 : bf16[19,37] = cast(@w16) {dtype="bf16"}
+param @wh : f32[21,37]
+param @wh.f16 : f16[21,37] = cast(@wh) {dtype="f16"}
+param @g : f32[37]
+param @b : f32[37]
+param @v : f32[7]
+param @inv_freq : f32[3]
+param @emb : f32[50,37]
+graph lin(%x : f32[1,T,37], %r : f32[1,T,13]) {
+  %0 = linear(%x, @w1, @b1) : f32[1,T,13]
+  %1 = gelu(%0) {approximate="tanh"} : f32[1,T,13]
+  %2 = add(%1, %r) : f32[1,T,13]
+  %3 = linear(%x, @wgu) : f32[1,T,26]
+  %4 = slice(%3) {dim=2, end=13, start=0, step=1} : f32[1,T,13]
+  %5 = slice(%3) {dim=2, end=26, start=13, step=1} : f32[1,T,13]
+  %6 = glu(%4, %5) {act="silu"} : f32[1,T,13]
+  return %2, %6
+}
+graph narrow(%x : f32[1,T,37]) {
+  %0 = cast(@w16.bf16) {dtype="f32"} : f32[19,37]
+  %1 = linear(%x, %0) : f32[1,T,19]
+  %2 = cast(@wh.f16) {dtype="f32"} : f32[21,37]
+  %3 = linear(%x, %2) : f32[1,T,21]
+  return %1, %3
+}
+graph norm(%x : f32[1,T,37], %r : f32[1,T,37], %idx : i64[N], %ids : i64[1,T]) {
+  %0 = add(%x, %r) : f32[1,T,37]
+  %1 = rms_norm(%0, @g) {eps=1e-05} : f32[1,T,37]
+  %2 = layer_norm(%0, @g, @b) {eps=1e-05} : f32[1,T,37]
+  %3 = rms_norm(%x, @g) {eps=1e-06} : f32[1,T,37]
+  %4 = take(%3, %idx) {dim=1} : f32[1,N,37]
+  %5 = embedding(%ids, @emb) : f32[1,T,37]
+  %6 = add(%1, %5) : f32[1,T,37]
+  return %6, %2, %4
+}
+graph pw(%x : f32[1,T,7]) {
+  %0 = silu(%x) : f32[1,T,7]
+  %1 = mul(%0, @v) : f32[1,T,7]
+  %2 = mul(%x, %x) : f32[1,T,7]
+  %3 = add(%2, 1.0) : f32[1,T,7]
+  %4 = rsqrt(%3) : f32[1,T,7]
+  %5 = add(%1, %4) : f32[1,T,7]
+  %6 = transpose(%5) {dim0=1, dim1=2} : f32[1,7,T]
+  %7 = exp(%6) : f32[1,7,T]
+  return %7
+}
+graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %slot_ids : i64[T], %kv_cache : f32[2,2,S,2,40,6]) {
+  %0 = unsqueeze(%position_ids) {dim=2} : i64[1,T,1]
+  %1 = cast(%0) {dtype="f32"} : f32[1,T,1]
+  %2 = mul(%1, @inv_freq) : f32[1,T,3]
+  %3 = concat(%2, %2) {dim=2} : f32[1,T,6]
+  %4 = cos(%3) : f32[1,T,6]
+  %5 = sin(%3) : f32[1,T,6]
+  %6 = slice(%qkv) {dim=2, end=24, start=0, step=1} : f32[1,T,24]
+  %7 = slice(%qkv) {dim=2, end=36, start=24, step=1} : f32[1,T,12]
+  %8 = slice(%qkv) {dim=2, end=48, start=36, step=1} : f32[1,T,12]
+  %9 = reshape(%6) {shape=[1,"T",4,6]} : f32[1,T,4,6]
+  %10 = transpose(%9) {dim0=1, dim1=2} : f32[1,4,T,6]
+  %11 = reshape(%7) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %12 = transpose(%11) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %13 = reshape(%8) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %14 = transpose(%13) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %15 = unsqueeze(%4) {dim=1} : f32[1,1,T,6]
+  %16 = unsqueeze(%5) {dim=1} : f32[1,1,T,6]
+  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
+  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
+  %19 = cached_attention(%17, %18, %14, %position_ids, %slot_ids, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
+  %20 = cached_attention(%10, %12, %14, %position_ids, %slot_ids, %kv_cache) {form="prefill", layer=0, scale=null, window=3} : f32[1,4,T,6]
+  %21 = add(%19, %20) : f32[1,4,T,6]
+  %22 = transpose(%21) {dim0=1, dim1=2} : f32[1,T,4,6]
+  %23 = reshape(%22) {shape=[1,"T",24]} : f32[1,T,24]
+  return %23
+}
+"""
+
+TOL = {"f32": dict(atol=1e-5, rtol=1.3e-6), "bf16": dict(atol=1e-3, rtol=1.6e-2)}
+
+
+@pytest.fixture(scope="module")
+def kernel_lib(tmp_path_factory):
+    module = parse(KERNEL_IR)
+    verify_module(module)
+    plan = lower_module(module, max_seq_len=40, prefill_tokens=40, max_batch=8)
+    kdir = tmp_path_factory.mktemp("kernels")
+    (kdir / "src").mkdir()
+    sources, spans = render_sources(plan)
+    for name, text in sources.items():
+        (kdir / "src" / name).write_text(text)
+    lib = build.load_library(build.build(kdir, "cpu", spans))
+    g = torch.Generator().manual_seed(0)
+    raw = {n: torch.randn(p.type.concrete({}), generator=g) * 0.5 for n, p in module.params.items()
+           if p.recipe is None}
+    raw["inv_freq"] = torch.tensor([1.0, 0.1, 0.01])
+    weights = materialize_params(module.params, raw)
+    return module, plan, CompiledPlan(plan, lib, weights, threads=2), weights, kdir, spans
+
+
+def _inputs(name, T, N=3, S=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "lin" or name == "narrow":
+        d = {"x": torch.randn(1, T, 37, generator=g)}
+        if name == "lin":
+            d["r"] = torch.randn(1, T, 13, generator=g)
+        return d
+    if name == "norm":
+        return {"x": torch.randn(1, T, 37, generator=g), "r": torch.randn(1, T, 37, generator=g),
+                "idx": torch.randint(0, T, (N,), generator=g), "ids": torch.randint(0, 50, (1, T), generator=g)}
+    if name == "pw":
+        return {"x": torch.randn(1, T, 7, generator=g)}
+    # attn: two sequences packed (slots 2 and 0), positions continuing an earlier chunk
+    a = T // 2
+    pos = torch.cat([torch.arange(3, 3 + a), torch.arange(T - a)])
+    return {"qkv": torch.randn(1, T, 48, generator=g), "position_ids": pos[None],
+            "slot_ids": torch.tensor([2] * a + [0] * (T - a)), "kv_cache": torch.randn(2, 2, S, 2, 40, 6, generator=g)}
+
+
+@pytest.mark.parametrize("graph", ["lin", "narrow", "norm", "pw", "attn"])
+@pytest.mark.parametrize("T", [1, 3, 9, 31])   # 9 and 31 take the GEMM path (M > 8) of linears
+def test_kernels_match_interpreter(kernel_lib, graph, T):
+    module, plan, cp, weights, _, _ = kernel_lib
+    inputs = _inputs(graph, T)
+    ref_inputs = {k: v.clone() for k, v in inputs.items()}
+    got = cp.run(graph, inputs)
+    ref = run_graph(module.graphs[graph], weights, ref_inputs)
+    tol = TOL["bf16"] if graph == "narrow" else TOL["f32"]
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **tol)
+    if graph == "attn":  # the cache writes (rotated K, V) match too
+        torch.testing.assert_close(inputs["kv_cache"], ref_inputs["kv_cache"], **tol)
+
+
+def test_kernel_plan_fuses_what_it_should(kernel_lib):
+    _, plan, _, _, kdir, _ = kernel_lib
+    fams = {g: [plan["kernels"][s["kernel"]]["family"] for s in gp["steps"]] for g, gp in plan["graphs"].items()}
+    assert fams["lin"] == ["linear", "linear"]            # gelu+residual and glu are epilogues
+    assert fams["attn"].count("attention") == 2 and fams["attn"].count("pointwise") == 2
+    text = describe_plan(plan)
+    assert "rope on q and k, and the KV-cache write, fused into attention" in text
+    # the add feeds two norms: one takes it as a prologue (and writes the sum), the other is refused
+    assert "not fused norm+residual" in text and "already fused into norm" in text
+    src = (kdir / "src" / "linear.cpp").read_text()
+    assert "ffc_gelu_tanh(v)" in src and "ffc_silu(v) * w" in src and "v += res[j]" in src
+
+
+def test_default_model_plan_structure(smol_artifact):
+    plan = json.loads((smol_artifact / "kernels" / "plan.json").read_text())
+    dec = plan["graphs"]["decode"]["steps"]
+    layer0 = [s for s in dec if s["origin"].startswith("model.layers.0.") or s["origin"] == "model.layers.0"]
+    fams = [plan["kernels"][s["kernel"]]["family"] for s in layer0]
+    # norm, qkv, attention(+rope+kv write), o_proj(+residual), norm, gate_up(+silu glu), down(+residual)
+    assert fams == ["norm", "linear", "attention", "linear", "norm", "linear", "linear"], fams
+    assert len(dec) == 7 * 30 + 4   # + embedding, rotary tables, final norm, lm_head
+    src = {p.name: p.read_text() for p in (smol_artifact / "kernels" / "src").iterdir()}
+    assert "_rope(kc + off" in src["attention.cpp"]       # K rotated on its way into the cache
+    assert "ffc_silu(v) * w" in src["linear.cpp"]         # SwiGLU is the gate_up epilogue
+    assert "v += res[j]" in src["linear.cpp"]             # residual add is the o_proj/down epilogue
+    rejected = [d for d in plan["graphs"]["decode"]["fusion"] if not d["accepted"]]
+    assert rejected and all("already fused into linear" in d["reason"] for d in rejected)
+    manifest = json.loads((smol_artifact / "manifest.json").read_text())
+    assert manifest["kernels"]["isa"] in ("avx512", "avx2", "scalar")
+
+
+def test_build_is_cached_by_content(kernel_lib, tmp_path):
+    _, _, _, _, kdir, spans = kernel_lib
+    copy = tmp_path / "k"
+    shutil.copytree(kdir, copy)
+    logs = []
+    build.build(copy, "cpu", spans, log=logs.append)
+    assert any("cached build" in m for m in logs), logs
+
+
+def test_compile_error_names_file_kernel_and_command(kernel_lib, tmp_path):
+    _, _, _, _, kdir, spans = kernel_lib
+    copy = tmp_path / "k"
+    shutil.copytree(kdir, copy)
+    src = copy / "src" / "norm.cpp"
+    text = src.read_text()
+    src.write_text(text.replace("float ss = ffc_dot(h, h, K);", "float ss = ffc_dot(h, h, K) +;", 1))
+    with pytest.raises(build.BuildError) as e:
+        build.build(copy, "cpu", spans)
+    msg = str(e.value)
+    assert "norm.cpp:" in msg and "in kernel k" in msg and "reproduce with:" in msg and "build.ninja" in msg
+
+
+def test_interpreter_backend_matches_compiled(smol_artifact):
+    import ffc
+    a = ffc.load(smol_artifact, backend="interpreter")
+    b = ffc.load(smol_artifact)
+    assert a.backend == "interpreter" and b.backend == "compiled"
+    prompts = ["The capital of France is", "def fib(n):"]
+    assert a.generate(prompts, 8).token_ids == b.generate(prompts, 8).token_ids
+
+
+def test_long_prompt_runs_in_chunks(smol_artifact):
+    import ffc
+    llm = ffc.load(smol_artifact)
+    ref = ffc.load(smol_artifact, backend="interpreter")
+    llm.compiled.graphs["prefill"]["max_tokens"] = 7    # force several prefill chunks
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    assert llm.generate([prompt, "hi"], 6).token_ids == ref.generate([prompt, "hi"], 6).token_ids
+
+
+def test_bad_backend_is_refused(smol_artifact):
+    import ffc
+    with pytest.raises(FfcError, match="backend"):
+        ffc.load(smol_artifact, backend="gpu")
