@@ -6,8 +6,11 @@ setup(
     description="A compiler for large-language-model inference",
     python_requires=">=3.10",
     # Everything imports under the one namespace `ffc`; no top-level `ir` or `passes`.
-    package_dir={"ffc": "compiler", "ffc.ir": "ir", "ffc.passes": "passes", "ffc.runtime": "runtime"},
-    packages=["ffc", "ffc.ir", "ffc.passes", "ffc.runtime"],
+    package_dir={"ffc": "compiler", "ffc.ir": "ir", "ffc.passes": "passes", "ffc.runtime": "runtime",
+                 "ffc.codegen_templates": "codegen_templates", "ffc.csrc": "csrc"},
+    packages=["ffc", "ffc.ir", "ffc.passes", "ffc.runtime", "ffc.codegen_templates", "ffc.csrc"],
+    # kernel templates and the C++ executor ship with the package (found next to ffc/ when installed)
+    package_data={"ffc.codegen_templates": ["cpu/*.j2", "cuda/*.j2"], "ffc.csrc": ["*.h", "*.cpp", "*.cu"]},
     install_requires=[
         "torch==2.13.0",  # the CPU build; an unpinned torch pulls gigabytes of CUDA packages
         "transformers>=5.0,<6",
@@ -17,6 +20,8 @@ setup(
         "accelerate",
         "jinja2",
         "numpy",
+        "ninja",        # builds the generated kernels
+        "pybind11",     # the kernel library is a pybind11 extension
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},

@@ -39,7 +39,7 @@ def toolchain(target: str) -> dict:
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler: {cxx!r} is not on PATH; install g++ or set CXX")
     includes = [pybind11.get_include(), sysconfig.get_paths()["include"]]
-    cflags = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno",
+    cflags = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
               "-Wall", "-Wno-unused-function", "-Wno-unused-variable", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
     tc = {"cxx": cxx, "cflags": cflags, "includes": includes,
           "ldflags": ["-shared", "-fopenmp", f"-L{_torch_lib()}", "-ltorch_cpu", f"-Wl,-rpath,{_torch_lib()}"],
@@ -49,8 +49,9 @@ def toolchain(target: str) -> dict:
         if not Path(nvcc).exists() and shutil.which(nvcc) is None:
             raise BuildError("no CUDA compiler: nvcc is not on PATH; install the CUDA toolkit or set NVCC")
         tc["nvcc"] = nvcc
-        tc["nvflags"] = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--use_fast_math", "-lineinfo",
-                         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+        tc["nvflags"] = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo"]
+        for arch in knobs.cuda_archs():
+            tc["nvflags"] += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return tc
 
 

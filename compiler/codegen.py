@@ -13,9 +13,17 @@ import jinja2
 
 from .errors import FfcError
 
-_ROOT = Path(__file__).resolve().parent
-TEMPLATE_DIR = next(p for p in (_ROOT / "codegen_templates", _ROOT.parent / "codegen_templates") if p.exists())
-CSRC_DIR = next(p for p in (_ROOT / "csrc", _ROOT.parent / "csrc") if p.exists())
+def _data_dir(name: str) -> Path:
+    """A data folder shipped as package ffc.<name> (the repository folder in an editable install)."""
+    import importlib.util
+    spec = importlib.util.find_spec(f"ffc.{name}")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / name
+
+
+TEMPLATE_DIR = _data_dir("codegen_templates")
+CSRC_DIR = _data_dir("csrc")
 TARGETS = {"cpu": {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_cpu.h", "executor.cpp"],
                    "abi": "int tid, int nth"},
            "cuda": {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_cuda.h", "executor_cuda.cu"],

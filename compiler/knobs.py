@@ -14,3 +14,8 @@ def num_threads() -> int | None:
     """FFC_NUM_THREADS: torch intra-op threads for the runtime (default: torch's choice)."""
     v = os.environ.get("FFC_NUM_THREADS")
     return int(v) if v else None
+
+
+def cuda_archs() -> list[str]:
+    """FFC_CUDA_ARCHS: comma-separated SM versions CUDA kernels are built for (default 80,90)."""
+    return [a.strip() for a in (os.environ.get("FFC_CUDA_ARCHS") or "80,90").split(",") if a.strip()]

@@ -458,6 +458,13 @@ class GraphLowering:
                 raise LoweringError(
                     f"op {n.op.value} (%{n.name}, from {n.origin or 'the model'}) has no generated kernel; "
                     "run this model with the interpreter (ffc.load(..., backend='interpreter'))")
+        # A weight read through a cast (bf16/fp16 storage) is converted inside the kernel's loads.
+        for n in self.g.nodes:
+            w = n.inputs[1] if n.op in (Op.LINEAR, Op.EMBEDDING) else None
+            if isinstance(w, Node) and w.op is Op.CAST and isinstance(w.inputs[0], ParamRef) and w not in self.owner \
+                    and all(u.op in (Op.LINEAR, Op.EMBEDDING) for u in self.users[w]):
+                self.owner[w] = self.owner[n]
+                self.owner[n].nodes.append(w)
         # Pointwise roots: values some non-pointwise kernel (or the graph output) needs.
         roots = []
         for n in self.g.nodes:

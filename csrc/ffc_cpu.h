@@ -222,3 +222,63 @@ static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const W
 #define FFC_DIMS                                                   \
   const int64_t T = d[0], N = d[1], S = d[2];                      \
   (void)T; (void)N; (void)S;
+
+// ------------------------------------------------------------------ bf16 weights, AVX-512
+// A 512-bit load holds 32 bf16 weights; as 16 32-bit lanes, lane j packs elements 2j (low
+// half) and 2j+1 (high half). Shifting left by 16 gives the even elements as fp32, masking the
+// high half gives the odd ones: 3 instructions for 32 weights. The activations are split once
+// per kernel call into even/odd halves ("prepared" rows: [x0 x2 x4 ... | x1 x3 x5 ...]).
+#if FFC_VW == 16
+static inline const float* ffc_bf16_prep(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t* ld) {
+  float* out = ffc_scratch(1, M * K);
+  const int64_t half = (K + 1) / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    float* o = out + m * K;
+    for (int64_t k = 0; k < K / 2; ++k) { o[k] = xm[2 * k]; o[half + k] = xm[2 * k + 1]; }
+    if (K & 1) o[K / 2] = xm[K - 1];
+  }
+  *ld = K;
+  return out;
+}
+static inline float ffc_bf16_tail(const float* xp, const ffc_bf16* w, int64_t k, int64_t n) {
+  const int64_t half = (n + 1) / 2;
+  float s = 0.0f;
+  for (; k < n; ++k) s += (k & 1 ? xp[half + k / 2] : xp[k / 2]) * ffc_to_f32(w[k]);
+  return s;
+}
+static inline void ffc_dot4(const float* xp, const ffc_bf16* w, int64_t n, float* out) {
+  const int64_t half = (n + 1) / 2;
+  const float* xe = xp;
+  const float* xo = xp + half;
+  const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m512 ve = _mm512_loadu_ps(xe + k / 2), vo = _mm512_loadu_ps(xo + k / 2);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i wr = _mm512_loadu_si512((const void*)(w + r * n + k));
+      a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wr, 16)), ve, a[r]);
+      a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wr, hi)), vo, a[r]);
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(a[r]) + ffc_bf16_tail(xp, w + r * n, k, n);
+}
+static inline float ffc_dot(const float* xp, const ffc_bf16* w, int64_t n) {
+  const int64_t half = (n + 1) / 2;
+  const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512 a = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    const __m512i wr = _mm512_loadu_si512((const void*)(w + k));
+    a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wr, 16)), _mm512_loadu_ps(xp + k / 2), a);
+    a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wr, hi)), _mm512_loadu_ps(xp + half + k / 2), a);
+  }
+  return _mm512_reduce_add_ps(a) + ffc_bf16_tail(xp, w, k, n);
+}
+#else
+static inline const float* ffc_bf16_prep(const float* x, int64_t ldx, int64_t, int64_t, int64_t* ld) {
+  *ld = ldx;
+  return x;
+}
+#endif

@@ -226,3 +226,24 @@ def test_bad_backend_is_refused(smol_artifact):
     import ffc
     with pytest.raises(FfcError, match="backend"):
         ffc.load(smol_artifact, backend="gpu")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
+                    reason="nvcc is not installed")
+def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
+    """The same plan emitted as .cu kernels and a CUDA executor builds with nvcc (it cannot run here)."""
+    monkeypatch.setenv("FFC_CUDA_ARCHS", "80")
+    if shutil.which("nvcc") is None:
+        monkeypatch.setenv("PATH", "/usr/local/cuda/bin:" + __import__("os").environ["PATH"])
+    module = parse(KERNEL_IR)
+    plan = lower_module(module, target="cuda", max_seq_len=40, prefill_tokens=40, max_batch=8)
+    (tmp_path / "src").mkdir()
+    sources, spans = render_sources(plan)
+    assert {"linear.cu", "norm.cu", "attention.cu", "gather.cu", "pointwise.cu", "table.cu",
+            "executor_cuda.cu", "ffc_cuda.h"} <= set(sources)
+    assert "ffc_warp_sum" in sources["linear.cu"] and "_gemm<<<" in sources["linear.cu"]
+    for name, text in sources.items():
+        (tmp_path / "src" / name).write_text(text)
+    lib = build.build(tmp_path, "cuda", spans)
+    assert lib.exists() and lib.stat().st_size > 0
+    assert "nvcc" in (tmp_path / "build.ninja").read_text()
