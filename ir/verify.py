@@ -29,16 +29,31 @@ def bind_attrs(node: Node, env: dict[str, int]) -> dict:
     return attrs
 
 
+_SHAPES: dict = {}   # (op, attrs, input shapes/dtypes/scalars) -> output shape: layers repeat
+
+
 def infer_shape(node: Node, in_types: list, env: dict[str, int]) -> tuple[int, ...]:
     """Output shape of ``node`` for concrete inputs under ``env``."""
     opdef = REGISTRY[node.op]
     attrs = bind_attrs(node, env)
     shapes = [t.concrete(env) if t is not None else None for t in in_types]
+    key = (node.op, tuple(sorted(attrs.items())), tuple(shapes),
+           tuple(t.dtype if t is not None else repr(a) for a, t in zip(node.inputs, in_types)))
+    try:
+        hit = _SHAPES.get(key)
+    except TypeError:  # an unhashable attribute value: compute without the memo
+        key, hit = None, None
+    if hit is not None:
+        return hit
     if opdef.shape is not None:
-        return tuple(opdef.shape(shapes, **attrs))
-    args = [torch.empty(s, dtype=t.torch_dtype, device="meta") if t is not None else a
-            for a, t, s in zip(node.inputs, in_types, shapes)]
-    return tuple(opdef.ref(*args, **attrs).shape)
+        out = tuple(opdef.shape(shapes, **attrs))
+    else:
+        args = [torch.empty(s, dtype=t.torch_dtype, device="meta") if t is not None else a
+                for a, t, s in zip(node.inputs, in_types, shapes)]
+        out = tuple(opdef.ref(*args, **attrs).shape)
+    if key is not None and len(_SHAPES) < 100_000:
+        _SHAPES[key] = out
+    return out
 
 
 def verify_module(module: Module) -> None:
