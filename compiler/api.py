@@ -32,8 +32,8 @@ def resolve_max_seq_len(config, requested: Optional[int]) -> int:
 def build_kernels(root: Path, module, options: CompileOptions, log) -> dict:
     """Lower ``module`` to a plan, generate sources, build them; the manifest's ``kernels`` entry."""
     t0 = time.perf_counter()
-    plan = lower_module(module, target=options.target, max_seq_len=options.max_seq_len,
-                        prefill_tokens=options.prefill_tokens, max_batch=options.max_batch)
+    plan = lower_module(module, target=options.target, prefill_tokens=options.prefill_tokens,
+                        max_batch=options.max_batch)
     kdir = root / "kernels"
     (kdir / "src").mkdir(parents=True, exist_ok=True)
     (kdir / "plan.json").write_text(json.dumps(plan, indent=1))

@@ -17,9 +17,10 @@ through the strides they imply, worked out on meta tensors.
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -143,7 +144,6 @@ class Group:
     spec: dict = field(default_factory=dict)
     args: list[Arg] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
-    inputs: list[Node] = field(default_factory=list)   # materialized values it reads
 
     @property
     def anchor(self) -> Node:
@@ -180,18 +180,15 @@ def _bytes_per_token(node: Node) -> float:
 # ------------------------------------------------------------------ the lowering of one graph
 
 class GraphLowering:
-    def __init__(self, graph: Graph, module: Module, max_tokens: int, max_seq_len: int):
+    def __init__(self, graph: Graph, module: Module):
         self.g = graph
         self.module = module
-        self.max_tokens = max_tokens
-        self.max_seq_len = max_seq_len
         self.users = graph.users()
         self.index = {n: k for k, n in enumerate(graph.all_nodes())}
         self.owner: dict[Node, Group] = {}
         self.groups: list[Group] = []
         self.decisions: list[Decision] = []
         self.layouts: dict[Node, tuple] = {}      # materialized node -> strides (Affine) override
-        self.inputs = {n.name for n in graph.inputs}
 
     # ---------------------------------------------------------------- helpers
     def consumers(self, n: Node) -> list[Node]:
@@ -377,8 +374,6 @@ class GraphLowering:
     def _fuse_linear_residual(self, n, profit):
         g = self._group_of(n, "linear")
         tail = self._tail(g)
-        if tail.op is Op.GLU:
-            return
         add = self.only_user(tail)
         if add is None or add.op is not Op.ADD or not self.free(add):
             self.decide("linear+residual", [n], profit, False, "the add is already fused elsewhere")
@@ -890,14 +885,13 @@ def _place(buffers: dict[str, dict]) -> int:
     return max((oe for _, oe, _, _ in placed), default=0)
 
 
-def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, max_seq_len: int):
+def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int):
     g = _canonical(graph)
-    low = GraphLowering(g, module, max_tokens, max_seq_len)
+    low = GraphLowering(g, module)
     low.fuse()
     low.group_rest()
-    ordered = low.order()
     steps = []
-    for k, grp in enumerate(ordered):
+    for grp in low.order():
         spec, args = getattr(low, "spec_" + grp.family)(grp)
         steps.append((grp, spec, args))
     env = {"T": max_tokens, "N": min(max_rows, max_tokens), "S": 1}
@@ -943,16 +937,15 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, ma
     }
 
 
-def lower_module(module: Module, *, target: str = "cpu", max_seq_len: int, prefill_tokens: int = 2048,
+def lower_module(module: Module, *, target: str = "cpu", prefill_tokens: int = 2048,
                  max_batch: int = 128) -> dict:
     """The plan for every graph of ``module``: steps refer to kernels by name; kernels are unique."""
     graphs = {}
     for name, g in module.graphs.items():
         tmax = max_batch if name == "decode" else prefill_tokens
-        graphs[name] = lower_graph(g, module, tmax, max_batch, max_seq_len)
+        graphs[name] = lower_graph(g, module, tmax, max_batch)
     kernels: dict[str, dict] = {}
     by_spec: dict[str, str] = {}
-    import json
     for gp in graphs.values():
         for st in gp["steps"]:
             key = json.dumps(st["spec"], sort_keys=True)

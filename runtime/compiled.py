@@ -39,12 +39,11 @@ class CompiledPlan:
 
     def _view(self, gp: dict, name: str, dtype: str, numel: int) -> torch.Tensor:
         off = self.base - self._arena.data_ptr() + gp["buffers"][name]["offset"]
-        size = DTYPES[dtype].itemsize if hasattr(DTYPES[dtype], "itemsize") else \
-            torch.empty((), dtype=DTYPES[dtype]).element_size()
+        size = DTYPES[dtype].itemsize
         return self._arena[off:off + numel * size].view(DTYPES[dtype])
 
     def _addr(self, gp: dict, a: dict, cache: torch.Tensor) -> int:
-        size = torch.empty((), dtype=DTYPES[a["dtype"]]).element_size()
+        size = DTYPES[a["dtype"]].itemsize
         if a["kind"] == "buf":
             return self.base + gp["buffers"][a["name"]]["offset"] + a["offset"] * size
         if a["kind"] == "param":

@@ -102,7 +102,7 @@ TOL = {"f32": dict(atol=1e-5, rtol=1.3e-6), "bf16": dict(atol=1e-3, rtol=1.6e-2)
 def kernel_lib(tmp_path_factory):
     module = parse(KERNEL_IR)
     verify_module(module)
-    plan = lower_module(module, max_seq_len=40, prefill_tokens=40, max_batch=8)
+    plan = lower_module(module, prefill_tokens=40, max_batch=8)
     kdir = tmp_path_factory.mktemp("kernels")
     (kdir / "src").mkdir()
     sources, spans = render_sources(plan)
@@ -236,7 +236,7 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     if shutil.which("nvcc") is None:
         monkeypatch.setenv("PATH", "/usr/local/cuda/bin:" + __import__("os").environ["PATH"])
     module = parse(KERNEL_IR)
-    plan = lower_module(module, target="cuda", max_seq_len=40, prefill_tokens=40, max_batch=8)
+    plan = lower_module(module, target="cuda", prefill_tokens=40, max_batch=8)
     (tmp_path / "src").mkdir()
     sources, spans = render_sources(plan)
     assert {"linear.cu", "norm.cu", "attention.cu", "gather.cu", "pointwise.cu", "table.cu",
