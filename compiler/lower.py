@@ -42,7 +42,7 @@ CTYPES = {"f32": "float", "bf16": "ffc_bf16", "f16": "ffc_f16", "i64": "int64_t"
 _BINDINGS = [{"T": 5, "N": 3, "S": 2}, {"T": 9, "N": 3, "S": 2}, {"T": 5, "N": 7, "S": 2},
              {"T": 13, "N": 11, "S": 2}]
 GEMV_MAX_M = 8                        # up to this many rows a linear streams weights (GEMV)
-GEMM_TILE = 512                       # weight rows per sgemm call on the GEMM path
+GEMM_TILE = 256                       # narrow weights: rows converted to fp32 per sgemm call
 
 
 class LoweringError(FfcError):
@@ -589,7 +589,7 @@ class GraphLowering:
         args = [self.out_arg(out), x, w]
         s = {"family": "linear", "wtype": CTYPES[w.dtype], "K": K, "M": M, "x_ld": x_ld,
              "out_ld": str(out.type.shape[-1]), "N": out.type.shape[-1], "gemv_max_m": GEMV_MAX_M,
-             "tile": GEMM_TILE, "bias": False, "residual": False, "glu": None, "act": None,
+             "tile": GEMM_TILE if w.dtype != "f32" else 1 << 30, "bias": False, "residual": False, "glu": None, "act": None,
              "gate_off": 0, "up_off": 0, "res_ld": "0"}
         if len(lin.inputs) > 2 and lin.inputs[2] is not None:
             args.append(self.weight(lin.inputs[2]))

@@ -198,24 +198,25 @@ extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* 
 // out[M, cb] (row-major) = x[M, K] (row stride ldx) @ w[cb, K]^T. Weights stored as bf16/fp16
 // are converted tile-wise into per-thread scratch slot `slot` first.
 static inline void ffc_sgemm_nt(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
-                                int64_t cb, float* out) {
-  const int m = (int)cb, n = (int)M, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)cb;
+                                int64_t cb, float* out, int64_t ldo) {
+  const int m = (int)cb, n = (int)M, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)ldo;
   const float one = 1.0f, zero = 0.0f;
   sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, out, &ldc);
 }
+// out[m, 0:cb] (row stride ldo) for cb weight rows starting at w.
 static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
-                                 int64_t cb, float* out, int) {
-  ffc_sgemm_nt(x, ldx, M, w, K, cb, out);
+                                 int64_t cb, float* out, int64_t ldo, int) {
+  ffc_sgemm_nt(x, ldx, M, w, K, cb, out, ldo);
 }
 template <typename W>
 static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K,
-                                 int64_t cb, float* out, int slot) {
+                                 int64_t cb, float* out, int64_t ldo, int slot) {
   float* wf = ffc_scratch(slot, cb * K);
   for (int64_t i = 0; i < cb * K; i += FFC_VW) {
     if (i + FFC_VW <= cb * K) ffc_vstore(wf + i, ffc_vload(w + i));
     else for (int64_t j = i; j < cb * K; ++j) wf[j] = ffc_to_f32(w[j]);
   }
-  ffc_sgemm_nt(x, ldx, M, wf, K, cb, out);
+  ffc_sgemm_nt(x, ldx, M, wf, K, cb, out, ldo);
 }
 
 // The dynamic dims as the names the plan's expressions use.
