@@ -93,7 +93,11 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         if set(final.graphs) != {"prefill", "decode"}:
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected prefill and decode")
         log("writing weights")
-        weights = materialize_params(final.params, frontend.raw_weights(hf))
+        # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
+        # weights) are needed at compile time only
+        used = set().union(*(g.param_names() for g in final.graphs.values()))
+        weights = {k: v for k, v in materialize_params(final.params, frontend.raw_weights(hf), used).items()
+                   if k in used}
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path("weights/rank0.safetensors")))
         tokenizer.save_pretrained(str(art.path("tokenizer")))

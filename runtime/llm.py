@@ -76,7 +76,10 @@ class LLM:
             weights = load_file(str(root / "weights" / "rank0.safetensors"))
         except (OSError, SafetensorError) as e:
             raise ArtifactError(f"artifact file weights/rank0.safetensors is unreadable ({e}); recompile") from None
+        used = set().union(*(g.param_names() for g in module.graphs.values()))
         for name, p in module.params.items():
+            if name not in used:
+                continue
             t = weights.get(name)
             if t is None or tuple(t.shape) != p.type.concrete({}) or t.dtype != p.type.torch_dtype:
                 raise ArtifactError(f"weight {name} in weights/rank0.safetensors does not match the IR "

@@ -247,3 +247,32 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
     lib = build.build(tmp_path, "cuda", spans)
     assert lib.exists() and lib.stat().st_size > 0
     assert "nvcc" in (tmp_path / "build.ninja").read_text()
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_narrow_weights_end_to_end(dtype, torch_dtype, tmp_path, smol_source):
+    """--dtype stores linear/embedding weights narrow; kernels and interpreter agree on the logits."""
+    import ffc
+    from safetensors import safe_open
+    from conftest import tiny_model_folder
+    from ffc.runtime.llm import _Seq
+    from ffc.runtime.sampling import SamplingParams
+    folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
+    art = ffc.compile(str(folder), str(tmp_path / f"{dtype}.ffc"), max_seq_len=64, dtype=dtype)
+    with safe_open(str(art / "weights" / "rank0.safetensors"), "pt") as f:
+        kinds = {f.get_slice(k).get_dtype() for k in f.keys() if "proj" in k or "lm_head" in k}
+    assert kinds == {{"bf16": "BF16", "fp16": "F16"}[dtype]}, kinds
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["options"]["dtype"] == dtype
+    got, ref = ffc.load(art), ffc.load(art, backend="interpreter")
+    prompts = [[5, 9, 200, 31, 7], [44, 3]]
+    outs = []
+    for llm in (got, ref):
+        seqs = [_Seq(k, list(p), SamplingParams(), None) for k, p in enumerate(prompts)]
+        cache = torch.zeros(llm.cache_type.concrete({"S": 2}))
+        first = llm._prefill(seqs, cache)
+        for s, t in zip(seqs, first.argmax(-1).tolist()):
+            s.out.append(t)
+        outs.append((first, llm._decode(seqs, cache)))
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, **TOL["bf16"])
