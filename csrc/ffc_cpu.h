@@ -162,6 +162,10 @@ static inline void ffc_dot4(const float* x, const W* w, int64_t n, float* out) {
   ffc_vf a0 = ffc_vzero(), a1 = ffc_vzero(), a2 = ffc_vzero(), a3 = ffc_vzero();
   int64_t k = 0;
   for (; k + FFC_VW <= n; k += FFC_VW) {
+#if FFC_VW > 1
+    if ((k * (int64_t)sizeof(W)) % 64 == 0)  // once per cache line: the next block of rows
+      for (int r = 4; r < 8; ++r) _mm_prefetch((const char*)(w + r * n + k), _MM_HINT_T0);
+#endif
     const ffc_vf xv = ffc_vload(x + k);
     a0 = ffc_vfma(xv, ffc_vload(w0 + k), a0);
     a1 = ffc_vfma(xv, ffc_vload(w1 + k), a1);
@@ -258,6 +262,7 @@ static inline void ffc_dot4(const float* xp, const ffc_bf16* w, int64_t n, float
   for (; k + 32 <= n; k += 32) {
     const __m512 ve = _mm512_loadu_ps(xe + k / 2), vo = _mm512_loadu_ps(xo + k / 2);
     for (int r = 0; r < 4; ++r) {
+      _mm_prefetch((const char*)(w + (r + 4) * n + k), _MM_HINT_T0);  // the next block of rows
       const __m512i wr = _mm512_loadu_si512((const void*)(w + r * n + k));
       a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wr, 16)), ve, a[r]);
       a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wr, hi)), vo, a[r]);
