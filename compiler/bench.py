@@ -69,16 +69,12 @@ class _FFC:
     def __init__(self, llm):
         self.llm = llm
 
-    def cache(self, batch: int) -> torch.Tensor:
-        shape = self.llm.cache_type.concrete({"S": batch})
-        return torch.zeros(shape, dtype=self.llm.cache_type.torch_dtype)
-
     def prefill(self, ids: list[list[int]]):
         from ffc.runtime.llm import _Seq
         from ffc.runtime.sampling import SamplingParams
         p = SamplingParams()
         seqs = [_Seq(k, list(x), p, None) for k, x in enumerate(ids)]
-        cache = self.cache(len(ids))
+        cache = self.llm.kv_cache(len(ids))
         logits = self.llm._prefill(seqs, cache)
         nxt = logits.argmax(-1)
         for s, t in zip(seqs, nxt.tolist()):
@@ -129,6 +125,11 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
         hf.decode(*hf.prefill(prompt(16, 1)), 2)
     r2 = _rss_mb()[0]
 
+    # warm-up of both engines (page-in, BLAS/thread start-up, the memory the GGUF load freed)
+    for _ in range(2):
+        eng.decode(*eng.prefill(prompt(max(prefill_lens), 1)), 4)
+        if hf:
+            hf.decode(*hf.prefill(prompt(max(prefill_lens), 1)), 4)
     rows: list[Row] = []
     for n in prefill_lens:
         row = Row(f"prefill {n} tokens", "tok/s")

@@ -136,6 +136,18 @@ class LLM:
         return out
 
     # ------------------------------------------------------------ execution
+    def kv_cache(self, slots: int) -> torch.Tensor:
+        """A KV cache with at least ``slots`` sequences, reused across calls (grown when more are
+        needed; a fresh one while another generation is still running). It needs no clearing: a
+        token attends only to positions its own sequence has written."""
+        kv = getattr(self, "_kv", None)
+        if getattr(self, "_kv_busy", False):
+            return torch.empty(self.cache_type.concrete({"S": slots}), dtype=self.cache_type.torch_dtype)
+        if kv is None or kv.shape[2] < slots:
+            self._kv = None  # free the old one first
+            self._kv = torch.empty(self.cache_type.concrete({"S": slots}), dtype=self.cache_type.torch_dtype)
+        return self._kv
+
     def _graph(self, name: str, inputs: dict) -> torch.Tensor:
         if self.compiled is not None:
             return self.compiled.run(name, inputs)[0][0]
@@ -213,18 +225,24 @@ class LLM:
                 gen = torch.Generator()
                 gen.manual_seed(params.seed + k if params.seed is not None else torch.seed())
             seqs.append(_Seq(k, ids, params, gen))
-        shape = self.cache_type.concrete({"S": len(seqs)})
-        cache = torch.zeros(shape, dtype=self.cache_type.torch_dtype)
-        logits = self._prefill(seqs, cache)
-        active = seqs
-        while active:
-            for s, row in zip(active, logits):
-                seen = torch.tensor(s.prompt + s.out) if params.repetition_penalty != 1.0 else torch.empty(0)
-                self._finish(s, sample_next(row, seen.long(), params, s.generator))
-            yield seqs
-            active = [s for s in active if s.finish is None]
-            if active:
-                logits = self._decode(active, cache)
+        cache = self.kv_cache(len(seqs))
+        owner = cache is getattr(self, "_kv", None)
+        if owner:
+            self._kv_busy = True
+        try:
+            logits = self._prefill(seqs, cache)
+            active = seqs
+            while active:
+                for s, row in zip(active, logits):
+                    seen = torch.tensor(s.prompt + s.out) if params.repetition_penalty != 1.0 else torch.empty(0)
+                    self._finish(s, sample_next(row, seen.long(), params, s.generator))
+                yield seqs
+                active = [s for s in active if s.finish is None]
+                if active:
+                    logits = self._decode(active, cache)
+        finally:
+            if owner:
+                self._kv_busy = False
 
     # ------------------------------------------------------------ public API
     def generate(self, prompts: Union[str, Sequence], max_new_tokens: int = 64, *, chat: bool = False,

@@ -276,3 +276,17 @@ def test_narrow_weights_end_to_end(dtype, torch_dtype, tmp_path, smol_source):
         outs.append((first, llm._decode(seqs, cache)))
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, **TOL["bf16"])
+
+
+def test_interleaved_streams_do_not_share_a_cache(smol_llm):
+    """Two generations in flight at once (interleaved streams) each get their own KV cache."""
+    a_ref = "".join(smol_llm.stream("The capital of France is", 8))
+    b_ref = "".join(smol_llm.stream("def fib(n):", 8))
+    a, b = smol_llm.stream("The capital of France is", 8), smol_llm.stream("def fib(n):", 8)
+    got_a, got_b = [], []
+    for x, y in zip(a, b):
+        got_a.append(x)
+        got_b.append(y)
+    got_a += list(a)
+    got_b += list(b)
+    assert "".join(got_a) == a_ref and "".join(got_b) == b_ref
