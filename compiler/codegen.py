@@ -24,9 +24,9 @@ def _data_dir(name: str) -> Path:
 
 TEMPLATE_DIR = _data_dir("codegen_templates")
 CSRC_DIR = _data_dir("csrc")
-TARGETS = {"cpu": {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_cpu.h", "executor.cpp"],
+TARGETS = {"cpu": {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "executor.cpp"],
                    "abi": "int tid, int nth"},
-           "cuda": {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_cuda.h", "executor_cuda.cu"],
+           "cuda": {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "executor_cuda.cu"],
                     "abi": "void* stream"}}
 
 

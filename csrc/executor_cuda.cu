@@ -11,12 +11,8 @@
 #include <vector>
 
 #include "ffc_cuda.h"
+#include "ffc_module.h"
 
-extern "C" {
-extern const int ffc_num_kernels;
-extern const char* const ffc_kernel_names[];
-extern const ffc_kernel_fn ffc_kernel_table[];
-}
 
 namespace py = pybind11;
 
@@ -132,18 +128,5 @@ double read_bandwidth(int64_t bytes, int reps, int) {
 }  // namespace
 
 PYBIND11_MODULE(FFC_MODULE, m) {
-  m.doc() = "ffc generated CUDA kernels and plan executor";
-  py::class_<Executor>(m, "Executor")
-      .def(py::init<int>(), py::arg("threads") = 0)
-      .def("bind", &Executor::bind)
-      .def("run", &Executor::run)
-      .def("profile", &Executor::profile)
-      .def_property_readonly("threads", &Executor::threads);
-  m.def("isa", [] { return std::string("cuda"); });
-  m.def("kernel_names", [] {
-    std::vector<std::string> out;
-    for (int i = 0; i < ffc_num_kernels; ++i) out.push_back(ffc_kernel_names[i]);
-    return out;
-  });
-  m.def("read_bandwidth", &read_bandwidth, py::arg("bytes"), py::arg("reps") = 5, py::arg("threads") = 0);
+  ffc_define_module<Executor>(m, "ffc generated CUDA kernels and plan executor", std::string("cuda"), &read_bandwidth);
 }

@@ -10,6 +10,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "ffc_common.h"
 
 // Every kernel has this signature. p: argument pointers (resolved when the plan is bound);
 // d: the step's dynamic dims {T, N, S}; each of nth threads calls it with its own tid, and the
@@ -29,27 +30,6 @@ extern "C" void ffc_barrier();  // all threads of the running step; defined by t
 #define FFC_VW 1
 #endif
 
-struct ffc_bf16 { uint16_t x; };
-struct ffc_f16 { uint16_t x; };
-
-static inline float ffc_to_f32(float v) { return v; }
-static inline float ffc_to_f32(ffc_bf16 v) {
-  uint32_t u = uint32_t(v.x) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-static inline float ffc_to_f32(ffc_f16 v) {
-#if defined(__F16C__)
-  return _cvtsh_ss(v.x);
-#else
-  uint32_t h = v.x, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-  if (exp == 0) {
-    if (man == 0) { u = sign; }
-    else { exp = 127 - 15 + 1; while (!(man & 0x400)) { man <<= 1; --exp; } man &= 0x3ff; u = sign | (exp << 23) | (man << 13); }
-  } else if (exp == 31) { u = sign | 0x7f800000u | (man << 13); }
-  else { u = sign | ((exp + 127 - 15) << 23) | (man << 13); }
-  float f; std::memcpy(&f, &u, 4); return f;
-#endif
-}
-
 // [begin, end) of n items for thread tid, in chunks that are multiples of `align`.
 static inline void ffc_split(int64_t n, int tid, int nth, int64_t* b, int64_t* e, int64_t align = 1) {
   int64_t chunks = (n + align - 1) / align;
@@ -59,14 +39,6 @@ static inline void ffc_split(int64_t n, int tid, int nth, int64_t* b, int64_t* e
   *b = cb * align < n ? cb * align : n;
   *e = ce * align < n ? ce * align : n;
 }
-
-static inline float ffc_silu(float x) { return x / (1.0f + std::exp(-x)); }
-static inline float ffc_gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
-static inline float ffc_gelu_tanh(float x) {
-  return 0.5f * x * (1.0f + std::tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-}
-static inline float ffc_sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-static inline float ffc_relu(float x) { return x > 0.0f ? x : 0.0f; }
 
 // ------------------------------------------------------------------ SIMD layer
 #if FFC_VW == 16
@@ -222,11 +194,6 @@ static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const W
   }
   ffc_sgemm_nt(x, ldx, M, wf, K, cb, out, ldo);
 }
-
-// The dynamic dims as the names the plan's expressions use.
-#define FFC_DIMS                                                   \
-  const int64_t T = d[0], N = d[1], S = d[2];                      \
-  (void)T; (void)N; (void)S;
 
 // ------------------------------------------------------------------ bf16 weights, AVX-512
 // A 512-bit load holds 32 bf16 weights; as 16 32-bit lanes, lane j packs elements 2j (low
