@@ -22,6 +22,10 @@ setup(
         "numpy",
         "ninja",        # builds the generated kernels
         "pybind11",     # the kernel library is a pybind11 extension
+        "fastapi",      # `ffc serve`: the OpenAI-compatible HTTP server
+        "uvicorn",
+        "prometheus-client",  # /metrics
+        "httpx",        # the serving benchmark's HTTP client
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},

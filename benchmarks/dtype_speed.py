@@ -24,7 +24,8 @@ def main():
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    engines = [_FFC(ffc.load(p)) for p in (a.base, a.other)]
+    llms = [ffc.load(p) for p in (a.base, a.other)]
+    engines = [_FFC(llm, room=a.new_tokens + 8) for llm in llms]
     ids = torch.randint(100, 30000, (a.batch, 16), generator=torch.Generator().manual_seed(0)).tolist()
     rates = [[], []]
     steps = a.new_tokens - 1
@@ -35,8 +36,8 @@ def main():
             eng.decode(seqs, cache, steps)
             rates[k].append(a.batch * steps / (time.perf_counter() - t0))
     m = [statistics.median(r) for r in rates]
-    for path, e, r in zip((a.base, a.other), engines, m):
-        print(f"{path}: weights {e.llm.manifest['options']['dtype']}, decode batch {a.batch}: {r:.1f} tok/s")
+    for path, llm, r in zip((a.base, a.other), llms, m):
+        print(f"{path}: weights {llm.manifest['options']['dtype']}, decode batch {a.batch}: {r:.1f} tok/s")
     print(f"ratio {a.other} / {a.base}: {m[1] / m[0]:.2f} (median of {a.runs} runs each, "
           f"{torch.get_num_threads()} threads)")
 

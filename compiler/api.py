@@ -66,14 +66,14 @@ def load_ir(path: str):
 def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, from_ir: Optional[str] = None,
                   allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None, *,
                   dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
-                  prefill_tokens: int = 2048, max_batch: int = 128) -> Path:
+                  prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16) -> Path:
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     family = sources.check_architecture(config)
     options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
                              dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
-                             max_batch=max_batch)
+                             max_batch=max_batch, kv_block_size=kv_block_size)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -87,7 +87,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
 
         def dump(name, mod):
             art.path(f"ir/{name}").write_text(print_module(mod))
-        ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype)
+        ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype,
+                          kv_block_size=options.kv_block_size)
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final = result.module
         if set(final.graphs) != {"prefill", "decode"}:

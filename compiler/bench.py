@@ -66,26 +66,36 @@ class _HF:
 
 
 class _FFC:
-    def __init__(self, llm):
-        self.llm = llm
+    """ffc's model runner on the engine's KV pool, greedy (no scheduler: the same work as _HF)."""
+
+    def __init__(self, llm, room: int):
+        self.runner = llm.runner
+        self.pool = llm.engine.pool
+        self.room = room            # positions to reserve beyond the prompt
+        self._held: list[list[int]] = []
 
     def prefill(self, ids: list[list[int]]):
-        from ffc.runtime.llm import _Seq
-        from ffc.runtime.sampling import SamplingParams
-        p = SamplingParams()
-        seqs = [_Seq(k, list(x), p, None) for k, x in enumerate(ids)]
-        cache = self.llm.kv_cache(len(ids))
-        logits = self.llm._prefill(seqs, cache)
-        nxt = logits.argmax(-1)
-        for s, t in zip(seqs, nxt.tolist()):
-            s.out.append(t)
-        return seqs, cache
+        from ffc.runtime.model_runner import Chunk
+        for blocks in self._held:
+            self.pool.free(blocks)
+        seqs = []
+        for x in ids:
+            blocks = self.pool.allocate(self.pool.blocks_for(len(x) + self.room))
+            if blocks is None:
+                raise RuntimeError("the KV pool is too small for this benchmark; raise kv_cache_memory")
+            seqs.append({"tokens": list(x), "blocks": blocks})
+        self._held = [s["blocks"] for s in seqs]
+        logits = self.runner.forward([Chunk(s["tokens"], 0, s["blocks"]) for s in seqs], self.pool.tensor)
+        for s, t in zip(seqs, logits.argmax(-1).tolist()):
+            s["tokens"].append(t)
+        return seqs, self.pool.tensor
 
     def decode(self, seqs, cache, steps: int):
+        from ffc.runtime.model_runner import Chunk
         for _ in range(steps):
-            nxt = self.llm._decode(seqs, cache).argmax(-1).tolist()
-            for s, t in zip(seqs, nxt):
-                s.out.append(t)
+            chunks = [Chunk(s["tokens"][-1:], len(s["tokens"]) - 1, s["blocks"]) for s in seqs]
+            for s, t in zip(seqs, self.runner.forward(chunks, cache).argmax(-1).tolist()):
+                s["tokens"].append(t)
 
 
 def _timed(fn: Callable) -> float:
@@ -108,7 +118,7 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
     llm = ffc.load(artifact)
     if llm.compiled is None:
         raise ffc.FfcError(f"{artifact} has no generated kernels; compile it without --no-codegen")
-    eng = _FFC(llm)
+    eng = _FFC(llm, room=new_tokens + 8)
     vocab = int(manifest["model"]["config"].get("vocab_size", 1000))
     g = torch.Generator().manual_seed(0)
 
@@ -188,10 +198,8 @@ def gemm_vs_torch(llm, m: int = 512, runs: int = 5) -> list[dict]:
     plan = llm.compiled.plan
     gp = plan["graphs"]["prefill"]
     T = min(m, gp["max_tokens"])
-    cache = torch.zeros(llm.cache_type.concrete({"S": 1}), dtype=llm.cache_type.torch_dtype)
-    inputs = {"input_ids": torch.randint(0, 1000, (1, T)), "position_ids": torch.arange(T)[None],
-              "slot_ids": torch.zeros(T, dtype=torch.long), "kv_cache": cache,
-              "logits_index": torch.tensor([T - 1])}
+    from ffc.runtime.model_runner import single_sequence_inputs
+    inputs = single_sequence_inputs(llm.runner.graphs["prefill"], torch.randint(0, 1000, (1, T)))
     profs = [llm.compiled.profile("prefill", inputs) for _ in range(runs)]
     out, seen = [], set()
     for k, st in enumerate(gp["steps"]):

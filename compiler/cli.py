@@ -14,7 +14,8 @@ def _compile(a) -> None:
     from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
-                  codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch)
+                  codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
+                  kv_block_size=a.kv_block_size)
     print(a.output)
 
 
@@ -44,6 +45,16 @@ def _bench(a) -> None:
     print(format_bench(res))
 
 
+def _engine(a) -> dict:
+    return dict(kv_cache_memory=a.kv_cache_memory, max_tokens_per_batch=a.max_tokens_per_batch,
+                max_requests_per_batch=a.max_requests_per_batch)
+
+
+def _serve(a) -> None:
+    from .runtime.server import serve
+    serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, log_level=a.log_level, **_engine(a))
+
+
 def _sampling(a) -> dict:
     return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                 seed=a.seed, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos)
@@ -53,7 +64,7 @@ def _run(a) -> None:
     import ffc
     if (a.prompt is None) == (a.chat is None):
         raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
-    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None)
+    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
     prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
     if a.no_stream:
         print(llm.generate([prompt], a.max_new_tokens, chat=chat, **_sampling(a)).texts[0])
@@ -133,7 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-codegen", action="store_true", help="skip kernel generation (interpreter only)")
     c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")
     c.add_argument("--max-batch", type=int, default=128, help="sequences per decode step")
+    c.add_argument("--kv-block-size", type=int, default=16, help="positions per paged-KV-cache block")
     c.set_defaults(fn=_compile)
+
+    def engine_options(x):
+        x.add_argument("--kv-cache-memory", default=None,
+                       help="KV-cache pool: a size (2GiB, 512MB) or a fraction of available memory (0.3); "
+                            "default 0.2 of it")
+        x.add_argument("--max-tokens-per-batch", type=int, default=256, help="prefill + decode tokens per step")
+        x.add_argument("--max-requests-per-batch", type=int, default=None,
+                       help="sequences per step (default: the plan's decode batch)")
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (in-flight batching, paged KV cache)")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the model's name)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    engine_options(sv)
+    sv.set_defaults(fn=_serve)
 
     b = sub.add_parser("build", help="rebuild an artifact's kernels from its kernels/src")
     b.add_argument("artifact")
@@ -163,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-eos", action="store_true")
     r.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
     r.add_argument("--interpreter", action="store_true", help="run the reference interpreter, not the kernels")
+    engine_options(r)
     r.set_defaults(fn=_run)
 
     i = sub.add_parser("inspect", help="passes, node counts, times, options; IR after a pass; IR diffs")

@@ -89,13 +89,9 @@ def _graph_inputs(module: Module, ids: torch.Tensor):
     t = ids.shape[1]
     if "forward" in module.graphs:
         return module.graphs["forward"], {"input_ids": ids, "position_ids": torch.arange(t)[None]}
+    from ffc.runtime.model_runner import single_sequence_inputs
     g = module.graphs["prefill"]
-    cache_t = g.input("kv_cache").type
-    inputs = {"input_ids": ids, "position_ids": torch.arange(t)[None], "slot_ids": torch.zeros(t, dtype=torch.long),
-              "kv_cache": torch.zeros(cache_t.concrete({"S": 1}), dtype=cache_t.torch_dtype)}
-    if any(n.name == "logits_index" for n in g.inputs):
-        inputs["logits_index"] = torch.arange(t)
-    return g, inputs
+    return g, single_sequence_inputs(g, ids, logits="all")
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

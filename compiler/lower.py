@@ -646,11 +646,13 @@ class GraphLowering:
 
     def spec_attention(self, g: Group):
         n = g.anchor
-        q, k, v, pos, slots, cache = n.inputs[:6]
+        q, k, v, pos, seqs, tables, cache = n.inputs[:7]
         H, D = q.type.shape[1], q.type.shape[3]
         ctype = cache.type
-        Hkv, M = ctype.shape[3], ctype.shape[4]
-        s = {"family": "attention", "H": H, "Hkv": Hkv, "D": D, "M": M, "ctype": CTYPES[ctype.dtype],
+        Hkv, BS, MB = ctype.shape[3], ctype.shape[4], tables.type.shape[1]
+        if tables.type.shape[0] != "N" or not isinstance(MB, int):
+            raise LoweringError(f"block tables %{tables.name} must be [N, blocks per sequence], got {tables.type}")
+        s = {"family": "attention", "H": H, "Hkv": Hkv, "D": D, "BS": BS, "MB": MB, "ctype": CTYPES[ctype.dtype],
              "scale": repr(float(n.attrs.get("scale") or 1.0 / math.sqrt(D))),
              "window": n.attrs.get("window"), "rope": bool(g.spec.get("rope"))}
         if ctype.dtype != "f32":
@@ -667,9 +669,10 @@ class GraphLowering:
             s[f"{role}_hs"], s[f"{role}_ts"] = str(vw.strides[1]), str(vw.strides[2])
             args.append(a)
         args.append(self.arg(pos, "positions")[0])
-        args.append(self.arg(slots, "slot ids")[0])
+        args.append(self.arg(seqs, "sequence ids")[0])
+        args.append(self.arg(tables, "block tables")[0])
         args.append(Arg("cache", cache.name, int(n.attrs["layer"]), ctype.dtype))
-        names = ["out", "q", "k", "v", "pos", "slot", "cache"]
+        names = ["out", "q", "k", "v", "pos", "seq", "table", "cache"]
         if s["rope"]:
             for role, val in (("cos", cos), ("sin", sin)):
                 a, vw = self.arg(val, f"rope {role}")
@@ -896,7 +899,7 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int):
         steps.append((grp, spec, args))
     env = {"T": max_tokens, "N": min(max_rows, max_tokens), "S": 1}
     buffers: dict[str, dict] = {}
-    caches = {n.inputs[5].name for n in g.nodes if n.op is Op.CACHED_ATTENTION}
+    caches = {n.inputs[6].name for n in g.nodes if n.op is Op.CACHED_ATTENTION}
     for n in g.inputs:
         if n.name not in caches:
             buffers[n.name] = {"dtype": n.type.dtype, "shape": list(n.type.shape), "live": [0, 0],

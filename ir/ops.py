@@ -123,32 +123,40 @@ def _attention(q, k, v, *, causal=True, scale=None, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def _cached_attention(q, k, v, positions, slots, kv_cache, *, layer, scale=None, window=None,
+def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, layer, scale=None, window=None,
                       form="prefill"):
-    """Write this step's K/V into the cache, then attend over each token's sequence.
+    """Write this step's K/V into the paged cache, then attend over each token's sequence.
 
-    q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; slots: [T];
-    kv_cache: [L, 2, S, Hkv, M, D]. Token t of slot s at position p attends to
-    cache[layer, :, s, :, 0:p+1] (causal by construction, across chunks and steps).
+    q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; seq_ids: [T] (row of
+    block_tables); block_tables: [N, MB]; kv_cache: [L, 2, S, Hkv, BS, D] (S blocks of BS
+    positions). Token t of sequence n at position p writes block block_tables[n, p // BS],
+    offset p % BS, and attends to that sequence's positions 0..p (causal by construction,
+    across chunks and steps).
     """
     pos = positions[0]
-    kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]
-    kc[slots, :, pos] = k[0].transpose(0, 1).to(kc.dtype)
-    vc[slots, :, pos] = v[0].transpose(0, 1).to(vc.dtype)
+    bs = kv_cache.shape[4]
+    kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]               # [S, Hkv, BS, D]
+    blocks, offs = block_tables[seq_ids, pos // bs], pos % bs     # [T], [T]
+    kc[blocks, :, offs] = k[0].transpose(0, 1).to(kc.dtype)
+    vc[blocks, :, offs] = v[0].transpose(0, 1).to(vc.dtype)
     out = torch.empty_like(q)
-    t, n = 0, slots.shape[0]
+    t, n = 0, seq_ids.shape[0]
     gqa = q.shape[1] != k.shape[1]
+
+    def gather(c, table, length):  # the sequence's first `length` positions: [1, Hkv, length, D]
+        b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, D]
+        return b.transpose(0, 1).reshape(1, c.shape[1], -1, c.shape[3])[:, :, :length].to(q.dtype)
+
     while t < n:  # runs of consecutive tokens that belong to one sequence
         e = t + 1
-        while e < n and slots[e] == slots[t]:
+        while e < n and seq_ids[e] == seq_ids[t]:
             e += 1
-        s = int(slots[t])
+        table = block_tables[int(seq_ids[t])]
         length = int(pos[t:e].max()) + 1
-        keys = kc[s, :, :length].unsqueeze(0).to(q.dtype)
-        vals = vc[s, :, :length].unsqueeze(0).to(q.dtype)
         mask = _visible(pos[t:e], torch.arange(length, device=q.device), True, window)
         out[:, :, t:e] = F.scaled_dot_product_attention(
-            q[:, :, t:e], keys, vals, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            q[:, :, t:e], gather(kc, table, length), gather(vc, table, length), attn_mask=mask, scale=scale,
+            enable_gqa=gqa)
         t = e
     return out
 
@@ -203,11 +211,12 @@ def _cost_attention(ins, out) -> Estimate:
 
 
 def _cost_cached_attention(ins, out) -> Estimate:
-    # Reads on average half of the cache line up to the longest position: bound by M/2.
+    # Reads on average half of a sequence's cache up to the longest position: MB * BS / 2.
     (q, dt) = ins[0]
     _, h, t, d = q
-    hkv, m = ins[5][0][3], ins[5][0][4]
-    kv_read = 2 * t * hkv * (m / 2) * d * torch.empty((), dtype=ins[5][1]).element_size()
+    (cache, cdt) = ins[6]
+    hkv, m = cache[3], ins[5][0][1] * cache[4]
+    kv_read = 2 * t * hkv * (m / 2) * d * torch.empty((), dtype=cdt).element_size()
     return Estimate(flops=4.0 * h * t * (m / 2) * d, bytes=_bytes_of(ins[:3] + [out]) + kv_read)
 
 

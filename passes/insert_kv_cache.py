@@ -1,13 +1,16 @@
 """Turn the stateless ``forward`` graph into ``prefill`` and ``decode`` graphs over a
-preallocated KV cache.
+paged KV cache.
 
 Tokens are packed: the graphs take ``input_ids``/``position_ids`` [1, T] for T tokens
-of any number of sequences, ``slot_ids`` [T] (which cache row each token's sequence
-owns) and ``kv_cache`` [L, 2, S, Hkv, M, D] (M = max_seq_len). Every causal
-``attention`` becomes ``cached_attention``, which writes the step's K/V at each
-token's (slot, position) and attends over that sequence's cache up to the position.
-``prefill`` serves prompts (T tokens); ``decode`` is the same graph specialised to
-one token per sequence (T renamed B, attention form "decode").
+of any number of sequences, ``seq_ids`` [T] (which row of the block table each token's
+sequence owns), ``block_tables`` [N, MB] (per sequence, the pool blocks holding its
+positions: position p lives in block ``block_tables[n, p // BS]`` at offset ``p % BS``)
+and ``kv_cache`` [L, 2, S, Hkv, BS, D], a pool of S blocks of BS positions
+(MB = ceil(max_seq_len / BS)). Every causal ``attention`` becomes ``cached_attention``,
+which writes the step's K/V at each token's position and attends over its sequence's
+blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
+tokens (T tokens); ``decode`` is the same graph specialised to one token per sequence
+(T renamed B, attention form "decode").
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _rename(g: Graph, name: str, mapping: dict, form: str) -> Graph:
 
 
 def insert_kv_cache(module: Module, ctx) -> Module:
-    """Make prefill and decode graphs over a preallocated KV cache (no-op if present)."""
+    """Make prefill and decode graphs over a paged KV cache (no-op if present)."""
     if "forward" not in module.graphs:
         return module
     out = module.clone()
@@ -47,16 +50,17 @@ def insert_kv_cache(module: Module, ctx) -> Module:
     except KeyError:
         raise ValueError("the graph has no %position_ids input; the KV cache needs token positions") from None
     tokens = positions.type.shape[1]
-    slots = Node(Op.INPUT, type=TensorType("i64", (tokens,)), name="slot_ids")
-    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, ctx.max_seq_len, d)),
-                 name="kv_cache")
-    g.inputs += [slots, cache]
+    bs = min(ctx.kv_block_size, ctx.max_seq_len)
+    seqs = Node(Op.INPUT, type=TensorType("i64", (tokens,)), name="seq_ids")
+    tables = Node(Op.INPUT, type=TensorType("i64", ("N", -(-ctx.max_seq_len // bs))), name="block_tables")
+    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, bs, d)), name="kv_cache")
+    g.inputs += [seqs, tables, cache]
     for layer, a in enumerate(attns):
         q, k, v = a.inputs
         if not a.attrs["causal"] or k.type.shape[2] != q.type.shape[2]:
             raise ValueError(f"attention at {a.origin} is not causal self-attention; no KV cache rule for it")
         attrs = {"layer": layer, "scale": a.attrs["scale"], "window": a.attrs.get("window"), "form": "prefill"}
-        c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, slots, cache), attrs, a.type, a.origin)
+        c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, seqs, tables, cache), attrs, a.type, a.origin)
         g.insert_before(a, [c])
         g.replace_uses(a, c)
         g.nodes.remove(a)

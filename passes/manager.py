@@ -18,6 +18,7 @@ class PassContext:
     max_seq_len: int = 2048
     model: str = ""  # for repro commands only
     dtype: str = "fp32"  # storage type of weights: fp32, bf16 or fp16
+    kv_block_size: int = 16  # positions per paged-KV-cache block
 
 
 Pass = Callable[[Module, PassContext], Module]

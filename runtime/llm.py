@@ -1,12 +1,12 @@
 """``ffc.load``: an artifact ready to generate text.
 
-Sequences of one ``generate`` call each own a row (slot) of one preallocated KV cache.
-Prompts are prefilled together as one packed token list; then every decode step runs
-all unfinished sequences as one batch of one token each.
+Every generation goes through one engine (engine.py): requests share a paged KV cache and
+are batched step by step (in-flight batching), whether they come from ``generate``,
+``stream`` or the HTTP server.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -14,12 +14,16 @@ import torch
 
 from ffc import knobs
 from ffc.artifact import read_manifest
-from ffc.errors import ArtifactError, InvalidRequestError
-from ffc.ir import parse, run_graph, verify_module
+from ffc.errors import ArtifactError, FfcError, InvalidRequestError
+from ffc.ir import parse, verify_module
 from ffc.ir.text import IRParseError
 from ffc.ir.verify import VerifyError
 
-from .sampling import SamplingParams, sample_next
+from .engine import Engine, releasable
+from .kv_cache import BlockPool, parse_memory
+from .model_runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Request, SchedulerConfig
 
 
 @dataclass
@@ -30,19 +34,9 @@ class GenerationResult:
     prompt_token_ids: list[list[int]]
 
 
-@dataclass
-class _Seq:
-    slot: int
-    prompt: list[int]
-    params: SamplingParams
-    generator: Optional[torch.Generator]
-    out: list[int] = field(default_factory=list)
-    text: str = ""
-    finish: Optional[str] = None
-
-
 class LLM:
-    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None):
+    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None, *,
+                 kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None):
         self.path = path
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.backend = "compiled" if compiled is not None else "interpreter"
@@ -50,16 +44,35 @@ class LLM:
         self.module = module
         self.weights = weights
         self.tokenizer = tokenizer
-        self.prefill_graph = module.graphs["prefill"]
-        self.decode_graph = module.graphs["decode"]
-        self.cache_type = self.prefill_graph.input("kv_cache").type
-        self.max_seq_len = int(self.cache_type.shape[4])
+        self.runner = ModelRunner(module, weights, compiled)
+        self.cache_type = self.runner.cache_type
+        self.max_seq_len = int(manifest.get("options", {}).get("max_seq_len")
+                               or self.runner.blocks_per_seq * self.runner.block_size)
         self.eos_ids = set(manifest.get("eos_token_ids", []))
+        rows = min(self.runner.limits("decode")[1], 256)
+        self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
+                                      max_requests_per_batch=max_requests_per_batch or rows,
+                                      max_seq_len=self.max_seq_len)
+        self._kv_budget = parse_memory(kv_cache_memory)
+        self._engine: Optional[Engine] = None
+
+    @property
+    def engine(self) -> Engine:
+        """The one engine every generation goes through (its KV pool is allocated on first use)."""
+        if self._engine is None:
+            pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
+                                        self.config.max_requests_per_batch * self.runner.blocks_per_seq)
+            self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
+        return self._engine
 
     @classmethod
-    def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None) -> "LLM":
+    def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None,
+             **engine) -> "LLM":
         """``backend``: "compiled" (generated kernels; the default when the artifact has them) or
-        "interpreter" (the reference interpreter, for debugging)."""
+        "interpreter" (the reference interpreter, for debugging). ``engine`` options:
+        ``kv_cache_memory`` (bytes, "2GiB", or a fraction of available memory; default 0.2 of it),
+        ``max_tokens_per_batch`` (prefill + decode tokens per step, default 256),
+        ``max_requests_per_batch`` (sequences per step, default the plan's decode batch)."""
         if backend not in (None, "compiled", "interpreter"):
             raise InvalidRequestError(f"backend {backend!r} is unknown; use 'compiled' or 'interpreter'")
         root = Path(path)
@@ -99,7 +112,7 @@ class LLM:
             else:
                 from .compiled import open_compiled
                 compiled = open_compiled(root, manifest, weights, threads)
-        return cls(root, manifest, module, weights, tokenizer, compiled)
+        return cls(root, manifest, module, weights, tokenizer, compiled, **engine)
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -113,170 +126,105 @@ class LLM:
             raise InvalidRequestError("this model's tokenizer has no chat template; use a plain prompt")
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
 
+    def prompt_ids(self, prompt, chat: bool = False, index: int = 0) -> list[int]:
+        """Token ids of one prompt: a string, token ids, or (``chat``) messages for the chat template."""
+        k = index
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) \
+                and not chat:
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt {k} has token id {bad[0]}, outside the vocabulary "
+                                          f"0..{self.runner.vocab_size - 1}")
+        elif isinstance(prompt, str) or chat:
+            if isinstance(prompt, str) and not prompt.strip() and not chat:
+                raise InvalidRequestError(f"prompt {k} is empty; give some text to continue")
+            ids = self.encode(self.chat_prompt(prompt), add_special_tokens=False) if chat else self.encode(prompt)
+        else:
+            raise InvalidRequestError(f"prompt {k} is a {type(prompt).__name__}; give a string or token ids")
+        if not ids:
+            raise InvalidRequestError(f"prompt {k} is empty after tokenization; give some text")
+        if len(ids) >= self.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt {k} has {len(ids)} tokens, but this artifact's max_seq_len is {self.max_seq_len}; "
+                "shorten the prompt or recompile with a larger --max-seq-len")
+        return ids
+
     def _prompt_ids(self, prompts: Sequence, chat: bool) -> list[list[int]]:
-        out = []
-        for k, p in enumerate(prompts):
-            if isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p) and not chat:
-                ids = list(p)
-            elif isinstance(p, str) or chat:
-                if isinstance(p, str) and not p.strip() and not chat:
-                    raise InvalidRequestError(f"prompt {k} is empty; give some text to continue")
-                ids = self.encode(self.chat_prompt(p), add_special_tokens=False) if chat else self.encode(p)
-            else:
-                raise InvalidRequestError(f"prompt {k} is a {type(p).__name__}; give a string")
-            if not ids:
-                raise InvalidRequestError(f"prompt {k} is empty after tokenization; give some text")
-            if len(ids) >= self.max_seq_len:
-                raise InvalidRequestError(
-                    f"prompt {k} has {len(ids)} tokens, but this artifact's max_seq_len is {self.max_seq_len}; "
-                    "shorten the prompt or recompile with a larger --max-seq-len")
-            out.append(ids)
-        if not out:
+        if not prompts:
             raise InvalidRequestError("no prompts given")
-        return out
+        return [self.prompt_ids(p, chat, k) for k, p in enumerate(prompts)]
 
     # ------------------------------------------------------------ execution
-    def kv_cache(self, slots: int) -> torch.Tensor:
-        """A KV cache with at least ``slots`` sequences, reused across calls (grown when more are
-        needed; a fresh one while another generation is still running). It needs no clearing: a
-        token attends only to positions its own sequence has written."""
-        kv = getattr(self, "_kv", None)
-        if getattr(self, "_kv_busy", False):
-            return torch.empty(self.cache_type.concrete({"S": slots}), dtype=self.cache_type.torch_dtype)
-        if kv is None or kv.shape[2] < slots:
-            self._kv = None  # free the old one first
-            self._kv = torch.empty(self.cache_type.concrete({"S": slots}), dtype=self.cache_type.torch_dtype)
-        return self._kv
+    def _params(self, n: int, max_new_tokens: int, sampling: dict,
+                sampling_params: Optional[Sequence[SamplingParams]]) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams(max_new_tokens=max_new_tokens, **sampling)] * n
+        if sampling or len(sampling_params) != n:
+            raise InvalidRequestError(f"sampling_params must be one SamplingParams per prompt ({n}), "
+                                      "without other sampling keywords")
+        return list(sampling_params)
 
-    def _graph(self, name: str, inputs: dict) -> torch.Tensor:
-        if self.compiled is not None:
-            return self.compiled.run(name, inputs)[0][0]
-        graph = self.prefill_graph if name == "prefill" else self.decode_graph
-        return run_graph(graph, self.weights, inputs)[0][0]
+    def submit(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, seed: Optional[int] = None,
+               listener=None, request_id: Optional[str] = None, **sampling) -> Request:
+        """Queue one request on the engine and return it (``engine.wait`` / ``engine.abort`` it)."""
+        ids = self._prompt_ids([prompt], chat)[0]
+        return self.engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling),
+                                  seed=seed, listener=listener, request_id=request_id)
 
-    def _limits(self, name: str) -> tuple[int, int]:
-        if self.compiled is None:
-            return 1 << 62, 1 << 62
-        return self.compiled.max_tokens(name), self.compiled.max_rows(name)
-
-    def _prefill(self, seqs: list[_Seq], cache: torch.Tensor) -> torch.Tensor:
-        """Prompts packed into steps of at most the plan's tokens and rows; a long prompt is split
-        across steps (its later chunks attend to the earlier ones through the cache)."""
-        max_t, max_rows = self._limits("prefill")
-        chunks: list[list[tuple[_Seq, int, int]]] = [[]]
-        used = 0
-        for s in seqs:
-            start = 0
-            while start < len(s.prompt):
-                if used == max_t or len(chunks[-1]) == max_rows:
-                    chunks.append([])
-                    used = 0
-                take = min(max_t - used, len(s.prompt) - start)
-                chunks[-1].append((s, start, take))
-                used += take
-                start += take
-        rows = {}
-        for chunk in chunks:
-            ids, pos, slots, last = [], [], [], []
-            for s, start, take in chunk:
-                ids += s.prompt[start:start + take]
-                pos += range(start, start + take)
-                slots += [s.slot] * take
-                last.append(len(ids) - 1)
-            logits = self._graph("prefill", {
-                "input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
-                "slot_ids": torch.tensor(slots), "kv_cache": cache, "logits_index": torch.tensor(last)})
-            for k, (s, start, take) in enumerate(chunk):
-                if start + take == len(s.prompt):
-                    rows[s.slot] = logits[k]
-        return torch.stack([rows[s.slot] for s in seqs])
-
-    def _decode(self, seqs: list[_Seq], cache: torch.Tensor) -> torch.Tensor:
-        _, max_rows = self._limits("decode")
-        out = []
-        for k in range(0, len(seqs), max_rows):
-            part = seqs[k:k + max_rows]
-            out.append(self._graph("decode", {
-                "input_ids": torch.tensor([s.out[-1] for s in part])[None],
-                "position_ids": torch.tensor([len(s.prompt) + len(s.out) - 1 for s in part])[None],
-                "slot_ids": torch.tensor([s.slot for s in part]), "kv_cache": cache}))
-        return torch.cat(out, 0) if len(out) > 1 else out[0]
-
-    def _finish(self, s: _Seq, token: int) -> None:
-        p = s.params
-        s.out.append(token)
-        s.text = self.tokenizer.decode(s.out, skip_special_tokens=True)
-        for stop in p.stop:
-            cut = s.text.find(stop)
-            if cut >= 0:
-                s.text, s.finish = s.text[:cut], "stop"
-                return
-        if token in self.eos_ids and not p.ignore_eos:
-            s.finish = "stop"
-        elif len(s.out) >= p.max_new_tokens or len(s.prompt) + len(s.out) >= self.max_seq_len:
-            s.finish = "length"
-
-    def _run(self, prompt_ids: list[list[int]], params: SamplingParams) -> Iterator[list[_Seq]]:
-        """Yield the sequences after every step until all are finished."""
-        seqs = []
-        for k, ids in enumerate(prompt_ids):
-            gen = None
-            if not params.greedy:
-                gen = torch.Generator()
-                gen.manual_seed(params.seed + k if params.seed is not None else torch.seed())
-            seqs.append(_Seq(k, ids, params, gen))
-        cache = self.kv_cache(len(seqs))
-        owner = cache is getattr(self, "_kv", None)
-        if owner:
-            self._kv_busy = True
-        try:
-            logits = self._prefill(seqs, cache)
-            active = seqs
-            while active:
-                for s, row in zip(active, logits):
-                    seen = torch.tensor(s.prompt + s.out) if params.repetition_penalty != 1.0 else torch.empty(0)
-                    self._finish(s, sample_next(row, seen.long(), params, s.generator))
-                yield seqs
-                active = [s for s in active if s.finish is None]
-                if active:
-                    logits = self._decode(active, cache)
-        finally:
-            if owner:
-                self._kv_busy = False
-
-    # ------------------------------------------------------------ public API
     def generate(self, prompts: Union[str, Sequence], max_new_tokens: int = 64, *, chat: bool = False,
-                 **sampling) -> GenerationResult:
-        """Generate for a batch of prompts (strings, token-id lists, or chat messages if ``chat``)."""
+                 sampling_params: Optional[Sequence[SamplingParams]] = None, **sampling) -> GenerationResult:
+        """Generate for a batch of prompts (strings, token-id lists, or chat messages if ``chat``).
+        One set of sampling keywords for all, or ``sampling_params`` with one per prompt; a seed
+        ``s`` gives prompt k the seed ``s + k``."""
         if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
-        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         prompt_ids = self._prompt_ids(list(prompts), chat)
-        seqs: list[_Seq] = []
-        for seqs in self._run(prompt_ids, params):
-            pass
-        return GenerationResult([s.text for s in seqs], [s.out for s in seqs], [s.finish for s in seqs],
+        params = self._params(len(prompt_ids), max_new_tokens, sampling, sampling_params)
+        engine = self.engine
+        reqs = []
+        try:
+            for k, (ids, p) in enumerate(zip(prompt_ids, params)):
+                reqs.append(engine.submit(ids, p, seed=None if p.seed is None else p.seed + k))
+            engine.wait(reqs)
+        except BaseException:
+            for r in reqs:
+                engine.abort(r)
+            raise
+        for r in reqs:
+            if r.finish == "error":
+                raise FfcError(f"generation failed: {r.error}")
+        return GenerationResult([r.text for r in reqs], [list(r.out) for r in reqs], [r.finish for r in reqs],
                                 prompt_ids)
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, **sampling) -> Iterator[str]:
-        """Yield the text of one generation piece by piece as tokens are produced."""
+        """Yield the text of one generation piece by piece as tokens are produced. Closing the
+        iterator early cancels the request."""
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
-        prompt_ids = self._prompt_ids([prompt], chat)
+        ids = self._prompt_ids([prompt], chat)[0]
+        engine = self.engine
+        req = engine.submit(ids, params)
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
-        for (s,) in self._run(prompt_ids, params):
-            text = s.text
-            if s.finish is None:  # keep back an unfinished character or a possible stop-string prefix
-                end = len(text) - hold
-                while end > sent and text[end - 1] == "\ufffd":
-                    end -= 1
-            else:
-                end = len(text)
-            if end > sent:
-                yield text[sent:end]
-                sent = end
+        try:
+            while True:
+                done = req.finished    # read before the text: a finished request's text is final
+                text = req.text
+                end = releasable(text, sent, hold, done)
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+                if done:
+                    break
+                if engine.running_loop:
+                    req.done.wait(0.05)
+                else:
+                    engine.step()
+            if req.finish == "error":
+                raise FfcError(f"generation failed: {req.error}")
+        finally:
+            if not req.finished:
+                engine.abort(req)
 
     def chat(self, messages: Union[str, Sequence[dict]], max_new_tokens: int = 256, **sampling) -> str:
         return self.generate([messages], max_new_tokens, chat=True, **sampling).texts[0]
-
-

@@ -76,3 +76,27 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
     model.eval().save_pretrained(path)
     sources.load_tokenizer(smol_source).save_pretrained(path)
     return path
+
+
+class Sequences:
+    """Sequences run straight through an LLM's model runner (no scheduler), each owning
+    scattered blocks of a private pool: for tests that compare logits step by step."""
+
+    def __init__(self, llm, prompts):
+        from ffc.runtime.model_runner import Chunk
+        self.Chunk, self.runner = Chunk, llm.runner
+        mb, n = llm.runner.blocks_per_seq, len(prompts)
+        self.cache = torch.zeros(llm.cache_type.concrete({"S": n * mb}), dtype=llm.cache_type.torch_dtype)
+        self.blocks = [list(range(n * mb))[k::n][::-1] for k in range(n)]  # interleaved, descending
+        self.tokens = [list(p) for p in prompts]
+        self.done = [0] * n
+
+    def step(self) -> torch.Tensor:
+        """Run every token not yet in the cache; the logits of each sequence's last token."""
+        chunks = [self.Chunk(t[d:], d, b) for t, d, b in zip(self.tokens, self.done, self.blocks)]
+        self.done = [len(t) for t in self.tokens]
+        return self.runner.forward(chunks, self.cache)
+
+    def append(self, tokens) -> None:
+        for t, x in zip(self.tokens, tokens):
+            t.append(int(x))

@@ -66,7 +66,7 @@ graph pw(%x : f32[1,T,7]) {
   %7 = exp(%6) : f32[1,7,T]
   return %7
 }
-graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %slot_ids : i64[T], %kv_cache : f32[2,2,S,2,40,6]) {
+graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : f32[2,2,S,2,8,6]) {
   %0 = unsqueeze(%position_ids) {dim=2} : i64[1,T,1]
   %1 = cast(%0) {dtype="f32"} : f32[1,T,1]
   %2 = mul(%1, @inv_freq) : f32[1,T,3]
@@ -86,8 +86,8 @@ graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %slot_ids : i64[T], %kv
   %16 = unsqueeze(%5) {dim=1} : f32[1,1,T,6]
   %17 = rope(%10, %15, %16) : f32[1,4,T,6]
   %18 = rope(%12, %15, %16) : f32[1,2,T,6]
-  %19 = cached_attention(%17, %18, %14, %position_ids, %slot_ids, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
-  %20 = cached_attention(%10, %12, %14, %position_ids, %slot_ids, %kv_cache) {form="prefill", layer=0, scale=null, window=3} : f32[1,4,T,6]
+  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
+  %20 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=0, scale=null, window=3} : f32[1,4,T,6]
   %21 = add(%19, %20) : f32[1,4,T,6]
   %22 = transpose(%21) {dim0=1, dim1=2} : f32[1,T,4,6]
   %23 = reshape(%22) {shape=[1,"T",24]} : f32[1,T,24]
@@ -129,11 +129,14 @@ def _inputs(name, T, N=3, S=3, seed=0):
                 "idx": torch.randint(0, T, (N,), generator=g), "ids": torch.randint(0, 50, (1, T), generator=g)}
     if name == "pw":
         return {"x": torch.randn(1, T, 7, generator=g)}
-    # attn: two sequences packed (slots 2 and 0), positions continuing an earlier chunk
+    # attn: two sequences packed (block-table rows 2 and 0, blocks scattered over a pool of 8
+    # blocks of 8 positions), positions continuing an earlier chunk
     a = T // 2
     pos = torch.cat([torch.arange(3, 3 + a), torch.arange(T - a)])
+    tables = torch.tensor([[5, 1, 7, 0, 0], [0, 0, 0, 0, 0], [2, 6, 3, 4, 0]])
     return {"qkv": torch.randn(1, T, 48, generator=g), "position_ids": pos[None],
-            "slot_ids": torch.tensor([2] * a + [0] * (T - a)), "kv_cache": torch.randn(2, 2, S, 2, 40, 6, generator=g)}
+            "seq_ids": torch.tensor([2] * a + [0] * (T - a)), "block_tables": tables,
+            "kv_cache": torch.randn(2, 2, 8, 2, 8, 6, generator=g)}
 
 
 @pytest.mark.parametrize("graph", ["lin", "narrow", "norm", "pw", "attn"])
@@ -254,9 +257,7 @@ def test_narrow_weights_end_to_end(dtype, torch_dtype, tmp_path, smol_source):
     """--dtype stores linear/embedding weights narrow; kernels and interpreter agree on the logits."""
     import ffc
     from safetensors import safe_open
-    from conftest import tiny_model_folder
-    from ffc.runtime.llm import _Seq
-    from ffc.runtime.sampling import SamplingParams
+    from conftest import Sequences, tiny_model_folder
     folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
     art = ffc.compile(str(folder), str(tmp_path / f"{dtype}.ffc"), max_seq_len=64, dtype=dtype)
     with safe_open(str(art / "weights" / "rank0.safetensors"), "pt") as f:
@@ -268,12 +269,10 @@ def test_narrow_weights_end_to_end(dtype, torch_dtype, tmp_path, smol_source):
     prompts = [[5, 9, 200, 31, 7], [44, 3]]
     outs = []
     for llm in (got, ref):
-        seqs = [_Seq(k, list(p), SamplingParams(), None) for k, p in enumerate(prompts)]
-        cache = torch.zeros(llm.cache_type.concrete({"S": 2}))
-        first = llm._prefill(seqs, cache)
-        for s, t in zip(seqs, first.argmax(-1).tolist()):
-            s.out.append(t)
-        outs.append((first, llm._decode(seqs, cache)))
+        seqs = Sequences(llm, prompts)
+        first = seqs.step()
+        seqs.append(first.argmax(-1).tolist())
+        outs.append((first, seqs.step()))
     for a, b in zip(outs[0], outs[1]):
         torch.testing.assert_close(a, b, **TOL["bf16"])
 

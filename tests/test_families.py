@@ -4,9 +4,7 @@ import pytest
 import torch
 
 import ffc
-from conftest import tiny_model_folder
-from ffc.runtime.llm import _Seq
-from ffc.runtime.sampling import SamplingParams
+from conftest import Sequences, tiny_model_folder
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
@@ -18,15 +16,13 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     torch.manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11)]
-    seqs = [_Seq(k, p, SamplingParams(), None) for k, p in enumerate(prompts)]
-    cache = torch.zeros(llm.cache_type.concrete({"S": len(seqs)}))
-    logits = llm._prefill(seqs, cache)
-    for step in range(4):
-        for s, row in zip(seqs, logits):
-            ref = hf(torch.tensor([s.prompt + s.out])).logits[0, -1]
+    seqs = Sequences(llm, prompts)
+    for step in range(5):
+        logits = seqs.step()
+        refs = [hf(torch.tensor([t])).logits[0, -1] for t in seqs.tokens]
+        for row, ref in zip(logits, refs):
             assert (row - ref).abs().max() < 1e-4, (family, step)
-            s.out.append(int(ref.argmax()))
-        logits = llm._decode(seqs, cache)
+        seqs.append(ref.argmax() for ref in refs)
     # and the whole generate loop, batched, against transformers' generate
     out = llm.generate(prompts, max_new_tokens=8, ignore_eos=True)
     for p, got in zip(prompts, out.token_ids):

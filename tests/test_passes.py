@@ -38,10 +38,10 @@ def _inputs(g, T=5):
     return out
 
 
-def check(p, before: str, after: str):
+def check(p, before: str, after: str, ctx=CTX):
     m0 = parse(full(before))
     verify_module(m0)
-    m1 = p(m0, CTX)
+    m1 = p(m0, ctx)
     assert print_module(m1) == full(after)
     assert print_module(m0) == full(before), "a pass must not mutate its input"
     verify_module(m1)
@@ -58,9 +58,9 @@ def check(p, before: str, after: str):
     return m1
 
 
-def unchanged(p, text: str):
+def unchanged(p, text: str, ctx=CTX):
     m = parse(full(text))
-    assert print_module(p(m, CTX)) == full(text)
+    assert print_module(p(m, ctx)) == full(text)
 
 
 def test_remove_noops():
@@ -361,11 +361,11 @@ graph forward(%input_ids : i64[1,T], %position_ids : i64[1,T]) {
 
 
 def _kv_graph(name, t, form):
-    return f"""graph {name}(%input_ids : i64[1,{t}], %position_ids : i64[1,{t}], %slot_ids : i64[{t}], %kv_cache : f32[1,2,S,2,16,4]) {{
+    return f"""graph {name}(%input_ids : i64[1,{t}], %position_ids : i64[1,{t}], %seq_ids : i64[{t}], %block_tables : i64[N,4], %kv_cache : f32[1,2,S,2,4,4]) {{
   %0 = embedding(%input_ids, @emb) : f32[1,{t},8]
   %1 = reshape(%0) {{shape=[1,"{t}",2,4]}} : f32[1,{t},2,4]
   %2 = transpose(%1) {{dim0=1, dim1=2}} : f32[1,2,{t},4]
-  %3 = cached_attention(%2, %2, %2, %position_ids, %slot_ids, %kv_cache) {{form="{form}", layer=0, scale=0.5, window=null}} : f32[1,2,{t},4]
+  %3 = cached_attention(%2, %2, %2, %position_ids, %seq_ids, %block_tables, %kv_cache) {{form="{form}", layer=0, scale=0.5, window=null}} : f32[1,2,{t},4]
   return %3
 }}
 """
@@ -375,20 +375,27 @@ KV_AFTER = "param @emb : f32[7,8]\n\n" + _kv_graph("prefill", "T", "prefill") + 
 
 
 def test_insert_kv_cache_and_its_numbers():
-    m = check(insert_kv_cache, KV_BEFORE, KV_AFTER)
-    unchanged(insert_kv_cache, KV_AFTER)
-    # prefill of 5 tokens then decode of 1 equals the stateless graph on 6 tokens
+    ctx = PassContext(max_seq_len=16, kv_block_size=4)
+    m = check(insert_kv_cache, KV_BEFORE, KV_AFTER, ctx)
+    unchanged(insert_kv_cache, KV_AFTER, ctx)
+    # prefill of 5 tokens then decode of 1 equals the stateless graph on 6 tokens; the
+    # sequence's blocks are scattered in the pool, and another sequence's blocks are left alone
     m0 = parse(full(KV_BEFORE))
     params = {"emb": torch.randn(7, 8)}
     ids = torch.randint(0, 7, (1, 6))
     ref, = run_graph(m0.graphs["forward"], params, {"input_ids": ids, "position_ids": torch.arange(6)[None]})
-    cache = torch.zeros(1, 2, 1, 2, 16, 4)
-    pre, = run_graph(m.graphs["prefill"], params, {"input_ids": ids[:, :5], "position_ids": torch.arange(5)[None],
-                                                   "slot_ids": torch.zeros(5, dtype=torch.long), "kv_cache": cache})
+    cache = torch.zeros(1, 2, 5, 2, 4, 4)
+    cache[:, :, 1] = 7.0  # block 1 belongs to another sequence
+    pre, = run_graph(m.graphs["prefill"], params, {
+        "input_ids": ids[:, :5], "position_ids": torch.arange(5)[None], "seq_ids": torch.full((5,), 2),
+        "block_tables": torch.tensor([[9, 9, 9, 9], [9, 9, 9, 9], [4, 0, 9, 9]]), "kv_cache": cache})
     dec, = run_graph(m.graphs["decode"], params, {"input_ids": ids[:, 5:], "position_ids": torch.tensor([[5]]),
-                                                  "slot_ids": torch.zeros(1, dtype=torch.long), "kv_cache": cache})
+                                                  "seq_ids": torch.tensor([0]),
+                                                  "block_tables": torch.tensor([[4, 0, 0, 0]]), "kv_cache": cache})
     torch.testing.assert_close(pre, ref[:, :, :5], atol=1e-5, rtol=1.3e-6)
     torch.testing.assert_close(dec, ref[:, :, 5:], atol=1e-5, rtol=1.3e-6)
+    assert (cache[:, :, 1] == 7.0).all() and (cache[:, :, 2:4] == 0).all()
+    assert (cache[0, :, 4] != 0).any() and (cache[0, :, 0, :, :2] != 0).any()
 
 
 def test_select_logits():

@@ -40,12 +40,9 @@ def test_greedy_one_by_one_equals_transformers(smol_llm, hf_tokens):
 
 
 def test_last_position_logits_within_1e4(smol_llm, smol_hf):
+    from conftest import Sequences
     seqs = [smol_llm.encode(p) for p in PROMPTS]
-    from ffc.runtime.llm import _Seq
-    from ffc.runtime.sampling import SamplingParams
-    ss = [_Seq(k, ids, SamplingParams(), None) for k, ids in enumerate(seqs)]
-    cache = torch.zeros(smol_llm.cache_type.concrete({"S": len(ss)}))
-    logits = smol_llm._prefill(ss, cache)
+    logits = Sequences(smol_llm, seqs).step()
     for row, ids in zip(logits, seqs):
         ref = smol_hf(torch.tensor([ids])).logits[0, -1]
         assert (row - ref).abs().max() < 1e-4
@@ -60,7 +57,7 @@ def test_every_dump_round_trips(smol_artifact):
 
 
 def test_structure_after_passes(smol_llm):
-    g = smol_llm.decode_graph
+    g = smol_llm.runner.graphs["decode"]
     ops = [n.op.value for n in g.nodes]
     assert ops.count("cached_attention") == 30 and ops.count("rms_norm") == 61
     assert ops.count("rope") == 60 and ops.count("glu") == 30

@@ -1,0 +1,246 @@
+"""The engine: one queue of requests, one scheduler, one KV block pool, one model.
+
+``LLM.generate`` (offline batches), ``LLM.stream`` and the HTTP server all submit requests
+here. A step schedules chunks (scheduler.py), runs them as one packed forward pass
+(model_runner.py), samples a token for every request whose known tokens are all in the
+cache, and retires finished requests, returning their blocks the same step. The engine is
+driven either by its own background thread (the server) or by whoever waits on a request
+(offline use): both go through ``step``, which one thread at a time runs.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ffc.errors import InvalidRequestError
+
+from .kv_cache import BlockPool
+from .model_runner import Chunk, ModelRunner
+from .sampling import SamplingParams, sample_next
+from .scheduler import Request, Scheduler, SchedulerConfig
+
+log = logging.getLogger("ffc.engine")
+
+
+def releasable(text: str, sent: int, hold: int, done: bool) -> int:
+    """How far a stream may send ``text`` now: all of it when done; else all but the last
+    ``hold`` characters (a possible stop-string prefix) and any unfinished character."""
+    if done:
+        return len(text)
+    end = len(text) - hold
+    while end > sent and text[end - 1] == "\ufffd":
+        end -= 1
+    return end
+
+
+class EngineStats:
+    """Counters since start, and a window of recent steps for tokens/s."""
+
+    def __init__(self):
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.steps = 0
+        self.finished = collections.Counter()
+        self.recent: collections.deque = collections.deque()   # (time, tokens generated)
+
+    def record(self, generated: int, window: float = 10.0) -> None:
+        now = time.monotonic()
+        self.recent.append((now, generated))
+        while self.recent and self.recent[0][0] < now - window:
+            self.recent.popleft()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        n = sum(g for t, g in self.recent if t >= now - window)
+        return n / window
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set, pool: BlockPool, config: SchedulerConfig):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.pool = pool
+        self.config = config
+        self.scheduler = Scheduler(config, pool)
+        self.stats = EngineStats()
+        self._lock = threading.RLock()              # scheduler state
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.Lock()          # one step at a time
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self.on_finish: list[Callable[[Request], None]] = []
+
+    # ------------------------------------------------------------ requests
+    def submit(self, prompt: list[int], params: SamplingParams, *, request_id: Optional[str] = None,
+               seed: Optional[int] = None, listener: Optional[Callable[[Request], None]] = None) -> Request:
+        """Queue a request (token ids). ``seed`` overrides ``params.seed`` for its generator."""
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        if len(prompt) >= self.config.max_seq_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt)} tokens, but max_seq_len is {self.config.max_seq_len}; "
+                "shorten it or recompile with a larger --max-seq-len")
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator()
+            s = seed if seed is not None else params.seed
+            gen.manual_seed(s if s is not None else torch.seed())
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gen, listener)
+        with self._wake:
+            if self._stopping:
+                raise InvalidRequestError("the engine is shutting down; retry on another server")
+            self.scheduler.add(req)
+            self._wake.notify()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Cancel a request; its blocks return to the pool at the next step boundary."""
+        with self._wake:
+            if not req.finished:
+                self._end(req, "abort")
+            self._wake.notify()
+
+    def _end(self, req: Request, reason: str, error: Optional[str] = None) -> None:
+        req.finish, req.error, req.finished_at = reason, error, time.monotonic()
+        self.stats.finished[reason] += 1
+
+    # ------------------------------------------------------------ stepping
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    def step(self) -> int:
+        """Run one scheduled batch; the number of tokens it processed (0 when idle)."""
+        with self._step_lock:
+            with self._lock:
+                ended = self.scheduler.retire()
+                plan = self.scheduler.schedule()
+            self._notify(ended)
+            if not plan:
+                return 0
+            chunks = [Chunk(s.req.tokens(s.start, s.n), s.start, list(s.req.blocks)) for s in plan]
+            try:
+                logits = self.runner.forward(chunks, self.pool.tensor)
+            except Exception as e:  # noqa: BLE001 - fail the step's requests, keep the engine alive
+                with self._lock:
+                    for s in plan:
+                        if not s.req.finished:
+                            self._end(s.req, "error", f"{type(e).__name__}: {e}")
+                    ended = self.scheduler.retire()
+                self._notify(ended)
+                raise
+            touched = []
+            with self._lock:
+                greedy = logits.argmax(-1).tolist()
+                generated = 0
+                for k, s in enumerate(plan):
+                    req = s.req
+                    if req.finished:                  # aborted while the step ran
+                        continue
+                    req.computed = s.start + s.n
+                    if req.computed == len(req.prompt) and not req.out:
+                        self.stats.prompt_tokens += len(req.prompt)
+                    if req.computed < req.num_tokens:  # a prompt chunk: nothing to sample yet
+                        continue
+                    p = req.params
+                    if p.greedy and p.repetition_penalty == 1.0:
+                        token = greedy[k]
+                    else:
+                        seen = torch.tensor(req.prompt + req.out, dtype=torch.long) \
+                            if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+                        token = sample_next(logits[k], seen, p, req.generator)
+                    self._append(req, token)
+                    generated += 1
+                    touched.append(req)
+                self.stats.steps += 1
+                self.stats.generated_tokens += generated
+                self.stats.record(generated)
+                ended = self.scheduler.retire()
+            self._notify(touched, ended)
+            return sum(s.n for s in plan)
+
+    def _append(self, req: Request, token: int) -> None:
+        p = req.params
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        req.out.append(token)
+        text = self.tokenizer.decode(req.out, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        req.text = text if cut < 0 else text[:cut]   # one assignment: readers on other threads
+        if cut >= 0:                                 # never see a stop string
+            self._end(req, "stop")
+            return
+        if token in self.eos_ids and not p.ignore_eos:
+            self._end(req, "stop")
+        elif len(req.out) >= p.max_new_tokens or req.num_tokens >= self.config.max_seq_len:
+            self._end(req, "length")
+
+    def _notify(self, *groups: Sequence[Request]) -> None:
+        seen = set()
+        for group in groups:
+            for req in group:
+                if id(req) in seen:
+                    continue
+                seen.add(id(req))
+                if req.listener is not None:
+                    req.listener(req)
+                if req.finished and not req.done.is_set():
+                    for hook in self.on_finish:
+                        hook(req)
+                    req.done.set()
+
+    def wait(self, reqs: Sequence[Request]) -> None:
+        """Until every request has finished: steps this thread, or waits on the loop thread."""
+        for req in reqs:
+            idle = 0
+            while not req.done.is_set():
+                if self.running_loop:
+                    req.done.wait(0.5)
+                    continue
+                idle = 0 if self.step() else idle + 1
+                if idle > 2 and not req.done.is_set():
+                    raise RuntimeError(f"request {req.id} cannot be scheduled (engine stalled); this is a bug")
+
+    # ------------------------------------------------------------ background loop
+    @property
+    def running_loop(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Step in a background thread whenever there is work (the server's mode)."""
+        if self.running_loop:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ffc-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> None:
+        """Stop the loop; with ``drain`` after every queued request has finished, else aborting them."""
+        with self._wake:
+            self._stopping = True
+            if not drain:
+                for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    if not r.finished:
+                        self._end(r, "abort")
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self.scheduler.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self.scheduler.has_work():
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the step's requests carry the error; keep serving
+                log.exception("engine step failed")

@@ -1,0 +1,110 @@
+"""The paged KV cache: one preallocated pool of fixed-size blocks, handed out to requests.
+
+The pool tensor is the graphs' ``kv_cache`` input, [L, 2, S, Hkv, BS, D]: S blocks of BS
+positions for every layer's K and V. A request owns a list of block ids (its block table
+row); position p of the request lives in block ``blocks[p // BS]`` at offset ``p % BS``.
+Blocks need no clearing: a token attends only to positions its own request has written.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Union
+
+import torch
+
+from ffc.errors import InvalidRequestError
+from ffc.ir.types import TensorType
+
+DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS could give this process now (MemAvailable), or 4 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_memory(value: Union[str, int, float, None]) -> Optional[int]:
+    """A KV-cache budget in bytes: ``"2GiB"``, ``"512MB"``, a byte count, or a fraction of the
+    available memory (``0.3``). None stays None (the default fraction)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB' or 0.3")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 0 < value < 1:
+            return int(value * available_memory_bytes())
+        if value >= 1:
+            return int(value)
+        raise InvalidRequestError(f"kv_cache_memory={value!r} must be positive")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB', '512MB' or 0.3")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return parse_memory(number if unit == "" else number * _UNITS[unit])
+
+
+class BlockPool:
+    """S blocks of one cache tensor; a free list; blocks returned the step their request ends."""
+
+    def __init__(self, cache_type: TensorType, blocks_per_seq: int, num_blocks: int, device="cpu"):
+        self.layers, _, _, self.kv_heads, self.block_size, self.head_dim = cache_type.shape
+        self.blocks_per_seq = blocks_per_seq         # block-table columns: ceil(max_seq_len / BS)
+        self.num_blocks = num_blocks
+        self.tensor = torch.empty(cache_type.concrete({"S": num_blocks}), dtype=cache_type.torch_dtype,
+                                  device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @staticmethod
+    def bytes_per_block(cache_type: TensorType) -> int:
+        return math.prod(cache_type.concrete({"S": 1})) * torch.empty((), dtype=cache_type.torch_dtype).element_size()
+
+    @classmethod
+    def for_budget(cls, cache_type: TensorType, blocks_per_seq: int, budget: Optional[int],
+                   want_blocks: int, device="cpu") -> "BlockPool":
+        """A pool within ``budget`` bytes (default: a fraction of available memory), no larger
+        than ``want_blocks``, and at least one full-length sequence."""
+        per = cls.bytes_per_block(cache_type)
+        if budget is None:
+            n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * available_memory_bytes()) // per)
+            n = max(n, blocks_per_seq)
+        else:
+            n = budget // per
+            if n < blocks_per_seq:
+                raise InvalidRequestError(
+                    f"kv_cache_memory of {budget / 2**20:.1f} MiB holds {n} blocks of {per / 2**20:.2f} MiB, but one "
+                    f"sequence of max_seq_len needs {blocks_per_seq}; give at least "
+                    f"{blocks_per_seq * per / 2**20:.0f} MiB")
+        return cls(cache_type, blocks_per_seq, int(n), device)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block_size)
+
+    def allocate(self, n: int) -> Optional[list[int]]:
+        """``n`` blocks, or None (and nothing taken) when fewer are free."""
+        if n > len(self._free):
+            return None
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+        blocks.clear()

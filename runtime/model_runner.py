@@ -1,0 +1,125 @@
+"""One forward step of the model over the paged KV cache, on the compiled plan or the interpreter.
+
+A step is a list of chunks, each a run of consecutive tokens of one sequence (a prompt
+piece, or the one new token of a decoding sequence) with that sequence's block table. The
+chunks are packed into one token list; the step returns, per chunk, the logits of its last
+token. All-single-token steps use the ``decode`` graph; the rest use ``prefill``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ffc.errors import InvalidRequestError
+from ffc.ir import run_graph
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: Sequence[int]      # token ids, at positions start .. start + len - 1
+    start: int
+    blocks: Sequence[int]      # the sequence's KV blocks, covering at least start + len positions
+
+
+class ModelRunner:
+    def __init__(self, module, weights, compiled=None):
+        self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
+        self.weights = weights
+        self.graphs = {"prefill": module.graphs["prefill"], "decode": module.graphs["decode"]}
+        self.cache_type = self.graphs["prefill"].input("kv_cache").type
+        self.blocks_per_seq = int(self.graphs["prefill"].input("block_tables").type.shape[1])
+        self.block_size = int(self.cache_type.shape[4])
+        self.vocab_size = int(self.graphs["decode"].outputs[0].type.shape[-1])
+
+    def limits(self, graph: str) -> tuple[int, int]:
+        """Most tokens and most sequences (rows) one call of ``graph`` takes."""
+        if self.compiled is None:
+            return 1 << 62, 1 << 62
+        return self.compiled.max_tokens(graph), self.compiled.max_rows(graph)
+
+    def _call(self, graph: str, inputs: dict) -> torch.Tensor:
+        if self.compiled is not None:
+            return self.compiled.run(graph, inputs)[0][0]
+        return run_graph(self.graphs[graph], self.weights, inputs)[0][0]
+
+    def _tables(self, chunks: Sequence[Chunk]) -> torch.Tensor:
+        mb = self.blocks_per_seq
+        flat = [0] * (len(chunks) * mb)
+        for r, c in enumerate(chunks):
+            if len(c.blocks) * self.block_size < c.start + len(c.tokens) or len(c.blocks) > mb:
+                raise InvalidRequestError(f"chunk at {c.start} of {len(c.tokens)} tokens has {len(c.blocks)} KV "
+                                          f"blocks of {self.block_size} positions (at most {mb})")
+            flat[r * mb:r * mb + len(c.blocks)] = c.blocks
+        return torch.tensor(flat, dtype=torch.long).view(len(chunks), mb)
+
+    def forward(self, chunks: Sequence[Chunk], cache: torch.Tensor) -> torch.Tensor:
+        """Run the chunks (writing their K/V into ``cache``); logits of each chunk's last token [n, V]."""
+        if not chunks:
+            raise InvalidRequestError("a step needs at least one chunk")
+        if all(len(c.tokens) == 1 for c in chunks):
+            _, rows = self.limits("decode")
+            out = [self._decode(chunks[k:k + rows], cache) for k in range(0, len(chunks), rows)]
+        else:
+            out = [self._prefill(part, cache) for part in self._packed(chunks)]
+        return torch.cat(out, 0) if len(out) > 1 else out[0]
+
+    def _decode(self, chunks: Sequence[Chunk], cache: torch.Tensor) -> torch.Tensor:
+        n = len(chunks)
+        return self._call("decode", {
+            "input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],
+            "position_ids": torch.tensor([c.start for c in chunks])[None],
+            "seq_ids": torch.arange(n), "block_tables": self._tables(chunks), "kv_cache": cache})
+
+    def _packed(self, chunks: Sequence[Chunk]) -> list[list[Optional[Chunk]]]:
+        """Chunks packed into calls within the plan's tokens and rows; a chunk too long for one
+        call is split (its earlier pieces' logits are dropped: None marks them)."""
+        max_t, max_rows = self.limits("prefill")
+        calls: list[list] = [[]]
+        used = 0
+        for c in chunks:
+            done = 0
+            while done < len(c.tokens):
+                if used == max_t or len(calls[-1]) == max_rows:
+                    calls.append([])
+                    used = 0
+                take = min(max_t - used, len(c.tokens) - done)
+                part = Chunk(c.tokens[done:done + take], c.start + done, c.blocks)
+                done += take
+                calls[-1].append((part, done == len(c.tokens)))
+                used += take
+        return calls
+
+    def _prefill(self, call: list, cache: torch.Tensor) -> torch.Tensor:
+        ids, pos, seqs, last = [], [], [], []
+        for r, (c, _) in enumerate(call):
+            ids += c.tokens
+            pos += range(c.start, c.start + len(c.tokens))
+            seqs += [r] * len(c.tokens)
+            last.append(len(ids) - 1)
+        logits = self._call("prefill", {
+            "input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
+            "seq_ids": torch.tensor(seqs), "block_tables": self._tables([c for c, _ in call]),
+            "kv_cache": cache, "logits_index": torch.tensor(last)})
+        keep = [r for r, (_, final) in enumerate(call) if final]
+        return logits if len(keep) == len(call) else logits[keep]
+
+
+def single_sequence_inputs(graph, ids: torch.Tensor, logits: str = "last") -> dict:
+    """Inputs of a prefill graph for one sequence ``ids`` [1, t] at positions 0..t-1, with a
+    fresh cache of just its blocks. ``logits``: "last" or "all" positions (logits_index)."""
+    t = ids.shape[1]
+    cache_t = graph.input("kv_cache").type
+    mb = int(graph.input("block_tables").type.shape[1])
+    nb = -(-t // int(cache_t.shape[4]))
+    if nb > mb:
+        raise InvalidRequestError(f"{t} tokens exceed the graph's {mb} blocks of {cache_t.shape[4]} positions")
+    index = torch.arange(t) if logits == "all" else torch.tensor([t - 1])
+    tables = torch.zeros(len(index), mb, dtype=torch.long)   # N rows (as logits_index); row 0 is used
+    tables[0, :nb] = torch.arange(nb)
+    inputs = {"input_ids": ids, "position_ids": torch.arange(t)[None], "seq_ids": torch.zeros(t, dtype=torch.long),
+              "block_tables": tables, "kv_cache": torch.zeros(cache_t.concrete({"S": nb}), dtype=cache_t.torch_dtype)}
+    if any(n.name == "logits_index" for n in graph.inputs):
+        inputs["logits_index"] = index
+    return inputs

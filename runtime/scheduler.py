@@ -1,0 +1,167 @@
+"""Requests and the step scheduler (in-flight batching over the paged KV cache).
+
+Every step the scheduler first gives each running request, oldest first, its next chunk
+(one token when decoding, the rest of its prompt up to the budget when prefilling), then
+admits waiting requests in arrival order while the per-step token budget, the request
+limit and free blocks last. Prefill chunks and decode tokens share the budget
+(``max_tokens_per_batch``), so a long prompt never stalls the running decodes for more
+than one budget's worth of tokens. When a running request needs a block and none is
+free, the newest running request is preempted: its blocks are freed and it waits to be
+recomputed (prompt plus what it generated so far) — never an out-of-memory crash.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ffc.errors import InvalidRequestError
+
+from .kv_cache import BlockPool
+from .sampling import SamplingParams
+
+_ORDER = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: Optional[torch.Generator] = None
+    listener: Optional[Callable[["Request"], None]] = None   # called (engine thread) on new tokens and at the end
+    arrival: float = field(default_factory=time.monotonic)
+    order: int = field(default_factory=lambda: next(_ORDER))  # admission priority: lower is older
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: Optional[str] = None       # "stop", "length", "abort" or "error"
+    error: Optional[str] = None
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0                  # tokens whose K/V are in the cache
+    preemptions: int = 0
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.out)
+
+    def tokens(self, start: int, n: int) -> list[int]:
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        return (self.prompt + self.out)[start:start + n]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_tokens_per_batch: int = 256    # prefill and decode tokens per step
+    max_requests_per_batch: int = 128  # sequences per step
+    max_seq_len: int = 2048            # positions per sequence (prompt + generated)
+
+    def __post_init__(self):
+        for name in ("max_tokens_per_batch", "max_requests_per_batch", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    req: Request
+    start: int
+    n: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+        # admission leaves this many blocks free, so running requests can grow a step or two
+        self.watermark = max(1, pool.num_blocks // 100)
+
+    def add(self, req: Request) -> None:
+        longest = min(len(req.prompt) + req.params.max_new_tokens, self.config.max_seq_len)
+        if self.pool.blocks_for(longest) > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"request {req.id} may grow to {longest} tokens = {self.pool.blocks_for(longest)} KV blocks, but the "
+                f"pool has {self.pool.num_blocks}; lower max_tokens or give the KV cache more memory")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def retire(self) -> list[Request]:
+        """Drop finished (and aborted) requests, freeing their blocks."""
+        done = [r for r in self.running if r.finished] + [r for r in self.waiting if r.finished]
+        if done:
+            self.running = [r for r in self.running if not r.finished]
+            self.waiting = deque(r for r in self.waiting if not r.finished)
+            for r in done:
+                self.pool.free(r.blocks)
+        return done
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.free(req.blocks)
+        req.computed = 0
+        req.preemptions += 1
+        self.preemptions += 1
+        # back to the queue in arrival order, ahead of newer waiting requests
+        k = 0
+        while k < len(self.waiting) and self.waiting[k].order < req.order:
+            k += 1
+        self.waiting.insert(k, req)
+
+    def _grow(self, req: Request, positions: int) -> bool:
+        """Give ``req`` blocks for ``positions``, preempting newer running requests if needed;
+        False when ``req`` is itself the newest and still does not fit."""
+        need = self.pool.blocks_for(positions) - len(req.blocks)
+        while need > self.pool.free_blocks:
+            victim = max(self.running, key=lambda r: r.order)
+            if victim is req:
+                return False
+            self._preempt(victim)
+        if need > 0:
+            req.blocks += self.pool.allocate(need)
+        return True
+
+    def schedule(self) -> list[Scheduled]:
+        cfg = self.config
+        budget, out = cfg.max_tokens_per_batch, []
+        for req in sorted(self.running, key=lambda r: r.order):
+            if req not in self.running:          # preempted for an older request this step
+                continue
+            if budget == 0 or len(out) == cfg.max_requests_per_batch:
+                break
+            n = min(req.num_tokens - req.computed, budget)
+            if not self._grow(req, req.computed + n):
+                self._preempt(req)
+                continue
+            out.append(Scheduled(req, req.computed, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(out) < cfg.max_requests_per_batch:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.computed, budget)
+            need = self.pool.blocks_for(req.computed + n)
+            if need + (self.watermark if self.running else 0) > self.pool.free_blocks:
+                break
+            self.waiting.popleft()
+            req.blocks = self.pool.allocate(need)
+            self.running.append(req)
+            out.append(Scheduled(req, req.computed, n))
+            budget -= n
+        return out

@@ -1,0 +1,190 @@
+"""The serving engine: paged KV blocks, the step scheduler (token budget, preemption),
+in-flight batching equal to running alone, cancellation."""
+import pytest
+import torch
+
+import ffc
+from conftest import PROMPTS
+from ffc.ir.types import TensorType
+from ffc.runtime.kv_cache import BlockPool, parse_memory
+from ffc.runtime.sampling import SamplingParams
+from ffc.runtime.scheduler import Request, Scheduler, SchedulerConfig
+
+CACHE = TensorType("f32", (1, 2, "S", 1, 4, 2))   # blocks of 4 positions
+
+
+def _sched(blocks, budget=8, rows=8, max_seq_len=64):
+    pool = BlockPool(CACHE, blocks_per_seq=16, num_blocks=blocks)
+    return Scheduler(SchedulerConfig(budget, rows, max_seq_len), pool), pool
+
+
+def _req(n, new=4, rid=None):
+    return Request(rid or f"r{n}", list(range(1, n + 1)), SamplingParams(max_new_tokens=new))
+
+
+def _run(sched, plan, token=7):
+    """What the engine does after a forward: tokens computed, one sampled where complete."""
+    for s in plan:
+        s.req.computed = s.start + s.n
+        if s.req.computed == s.req.num_tokens:
+            s.req.out.append(token)
+            if len(s.req.out) >= s.req.params.max_new_tokens:
+                s.req.finish = "length"
+    return sched.retire()
+
+
+def test_budget_chunks_prefill_and_decodes_go_first():
+    sched, pool = _sched(blocks=64, budget=8)
+    a, b = _req(10), _req(5)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert [(s.req.id, s.start, s.n) for s in plan] == [("r10", 0, 8)]      # a's prompt, chunked
+    _run(sched, plan)
+    plan = sched.schedule()
+    assert [(s.req.id, s.start, s.n) for s in plan] == [("r10", 8, 2), ("r5", 0, 5)]
+    _run(sched, plan)
+    plan = sched.schedule()                                                 # both decoding
+    assert [(s.req.id, s.start, s.n) for s in plan] == [("r10", 10, 1), ("r5", 5, 1)]
+    assert len(a.blocks) == pool.blocks_for(11) and len(b.blocks) == pool.blocks_for(6)
+
+
+def test_blocks_return_when_requests_end():
+    sched, pool = _sched(blocks=32)
+    reqs = [_req(n, new=3) for n in (3, 6, 9)]
+    for r in reqs:
+        sched.add(r)
+    while sched.has_work():
+        _run(sched, sched.schedule())
+        assert pool.used_blocks == sum(len(r.blocks) for r in sched.running)
+    assert pool.free_blocks == 32 and all(len(r.out) == 3 for r in reqs)
+    # an abort between steps frees at the next retire
+    r = _req(12)
+    sched.add(r)
+    _run(sched, sched.schedule())
+    assert pool.used_blocks == 2  # the first 8-token chunk of the 12-token prompt
+    r.finish = "abort"
+    sched.retire()
+    assert pool.free_blocks == 32
+
+
+def test_newest_is_preempted_and_recomputed():
+    # 5 blocks of 4 positions; two requests that grow past what both can hold
+    sched, pool = _sched(blocks=5, budget=64)
+    old, new = _req(7, new=8, rid="old"), _req(6, new=8, rid="new")
+    sched.add(old)
+    sched.add(new)
+    seen_preempt = False
+    while sched.has_work():
+        plan = sched.schedule()
+        assert plan, "the scheduler must always make progress"
+        if new.preemptions and not seen_preempt:
+            seen_preempt = True
+            assert old in sched.running
+        _run(sched, plan)
+        assert pool.used_blocks <= 5
+    assert seen_preempt and sched.preemptions >= 1 and old.preemptions == 0
+    assert len(old.out) == 8 and len(new.out) == 8 and pool.free_blocks == 5
+
+
+def test_request_larger_than_the_pool_is_refused():
+    sched, _ = _sched(blocks=3)
+    with pytest.raises(ffc.InvalidRequestError, match="KV blocks"):
+        sched.add(_req(10, new=10))
+
+
+@pytest.mark.parametrize("text,want", [("2GiB", 2 << 30), ("512MB", 512 * 10**6), (1000000, 1000000),
+                                       ("1.5k", 1536)])
+def test_parse_memory(text, want):
+    assert parse_memory(text) == want
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1GB", 0, True])
+def test_parse_memory_rejects(bad):
+    with pytest.raises(ffc.InvalidRequestError, match="kv_cache_memory"):
+        parse_memory(bad)
+
+
+# ---------------------------------------------------------------- the real model
+
+def _mix(llm):
+    """16 requests of different prompt and output lengths."""
+    base = [llm.encode(p) for p in PROMPTS]
+    prompts, news = [], []
+    for k in range(16):
+        ids = base[k % 5] + base[(k + 2) % 5][: k % 7]
+        prompts.append(ids)
+        news.append(20 + (k * 7) % 41)
+    return prompts, news
+
+
+@pytest.fixture(scope="module")
+def alone(smol_llm):
+    prompts, news = _mix(smol_llm)
+    return [smol_llm.generate([p], max_new_tokens=n, ignore_eos=True).token_ids[0] for p, n in zip(prompts, news)]
+
+
+def test_sixteen_in_flight_equal_alone(smol_llm, alone):
+    """Requests join between steps (staggered) and leave when done; greedy tokens equal alone."""
+    prompts, news = _mix(smol_llm)
+    eng = smol_llm.engine
+    reqs = []
+    for k, (p, n) in enumerate(zip(prompts, news)):
+        reqs.append(eng.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True)))
+        if k % 4 == 3:
+            eng.step()
+    batch_sizes = []
+    while eng.has_work():
+        batch_sizes.append(len(eng.scheduler.running))
+        eng.step()
+    assert max(batch_sizes) >= 8
+    assert [r.out for r in reqs] == alone
+    assert eng.pool.used_blocks == 0
+
+
+def test_small_pool_preempts_and_still_completes(smol_artifact, smol_llm, alone):
+    blocks = smol_llm.runner.blocks_per_seq       # the least a pool may have: one max_seq_len sequence
+    llm = ffc.load(smol_artifact, kv_cache_memory=blocks * BlockPool.bytes_per_block(smol_llm.cache_type))
+    prompts, news = _mix(llm)
+    assert llm.engine.pool.num_blocks == blocks
+    assert sum(llm.engine.pool.blocks_for(len(p) + n) for p, n in zip(prompts, news)) > 1.5 * blocks
+    out = llm.generate(prompts, sampling_params=[SamplingParams(max_new_tokens=n, ignore_eos=True) for n in news])
+    assert llm.engine.scheduler.preemptions > 0
+    assert out.token_ids == alone
+    assert llm.engine.pool.used_blocks == 0
+
+
+def test_cancel_returns_blocks_and_spares_the_rest(smol_llm):
+    eng = smol_llm.engine
+    ids = smol_llm.encode(PROMPTS[0])
+    keep = eng.submit(ids, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    drop = [eng.submit(ids, SamplingParams(max_new_tokens=40, ignore_eos=True)) for _ in range(3)]
+    for _ in range(4):
+        eng.step()
+    for r in drop:
+        eng.abort(r)
+    eng.wait([keep])
+    assert all(r.finish == "abort" for r in drop) and keep.finish == "length"
+    assert keep.out == smol_llm.generate([ids], max_new_tokens=12, ignore_eos=True).token_ids[0]
+    assert eng.pool.used_blocks == 0
+    # closing a stream early cancels its request
+    s = smol_llm.stream(PROMPTS[1], 50, ignore_eos=True)
+    next(s)
+    s.close()
+    assert not eng.has_work() or (eng.step() is not None and eng.pool.used_blocks == 0)
+    assert eng.pool.used_blocks == 0
+
+
+def test_per_request_sampling_in_one_batch(smol_llm):
+    """Different sampling settings side by side; seeded sampling repeats; stop strings cut."""
+    ps = [SamplingParams(max_new_tokens=8, temperature=0.8, top_k=40, seed=5),
+          SamplingParams(max_new_tokens=16, stop=("wizard", "dragon")),
+          SamplingParams(max_new_tokens=3, ignore_eos=True)]
+    prompts = [PROMPTS[2], PROMPTS[2], PROMPTS[0]]
+    a = smol_llm.generate(prompts, sampling_params=ps)
+    b = smol_llm.generate(prompts, sampling_params=ps)
+    assert a.token_ids == b.token_ids
+    assert a.texts[1] == " there was a wise old " and a.finish_reasons[1] == "stop"
+    assert len(a.token_ids[2]) == 3 and a.finish_reasons[2] == "length"
+    with pytest.raises(ffc.InvalidRequestError, match="sampling_params"):
+        smol_llm.generate(prompts, sampling_params=ps[:2])
