@@ -47,7 +47,7 @@ def _bench(a) -> None:
 
 def _engine(a) -> dict:
     return dict(kv_cache_memory=a.kv_cache_memory, max_tokens_per_batch=a.max_tokens_per_batch,
-                max_requests_per_batch=a.max_requests_per_batch)
+                max_requests_per_batch=a.max_requests_per_batch, prefix_caching=not a.no_prefix_caching)
 
 
 def _serve(a) -> None:
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--max-tokens-per-batch", type=int, default=256, help="prefill + decode tokens per step")
         x.add_argument("--max-requests-per-batch", type=int, default=None,
                        help="sequences per step (default: the plan's decode batch)")
+        x.add_argument("--no-prefix-caching", action="store_true",
+                       help="do not share KV blocks between requests with the same prompt prefix")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (in-flight batching, paged KV cache)")
     sv.add_argument("artifact")

@@ -144,7 +144,7 @@ class Engine:
                     req = s.req
                     if req.finished:                  # aborted while the step ran
                         continue
-                    req.computed = s.start + s.n
+                    self.scheduler.computed(req, s.start + s.n)
                     if req.computed == len(req.prompt) and not req.out:
                         self.stats.prompt_tokens += len(req.prompt)
                     if req.computed < req.num_tokens:  # a prompt chunk: nothing to sample yet

@@ -36,7 +36,8 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None, *,
-                 kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None):
+                 kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None,
+                 prefix_caching: bool = True):
         self.path = path
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.backend = "compiled" if compiled is not None else "interpreter"
@@ -54,6 +55,7 @@ class LLM:
                                       max_requests_per_batch=max_requests_per_batch or rows,
                                       max_seq_len=self.max_seq_len)
         self._kv_budget = parse_memory(kv_cache_memory)
+        self._prefix_caching = prefix_caching
         self._engine: Optional[Engine] = None
 
     @property
@@ -61,7 +63,8 @@ class LLM:
         """The one engine every generation goes through (its KV pool is allocated on first use)."""
         if self._engine is None:
             pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
-                                        self.config.max_requests_per_batch * self.runner.blocks_per_seq)
+                                        self.config.max_requests_per_batch * self.runner.blocks_per_seq,
+                                        prefix_caching=self._prefix_caching)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
         return self._engine
 
@@ -72,7 +75,8 @@ class LLM:
         "interpreter" (the reference interpreter, for debugging). ``engine`` options:
         ``kv_cache_memory`` (bytes, "2GiB", or a fraction of available memory; default 0.2 of it),
         ``max_tokens_per_batch`` (prefill + decode tokens per step, default 256),
-        ``max_requests_per_batch`` (sequences per step, default the plan's decode batch)."""
+        ``max_requests_per_batch`` (sequences per step, default the plan's decode batch),
+        ``prefix_caching`` (share KV blocks of identical prompt prefixes, default True)."""
         if backend not in (None, "compiled", "interpreter"):
             raise InvalidRequestError(f"backend {backend!r} is unknown; use 'compiled' or 'interpreter'")
         root = Path(path)

@@ -8,6 +8,8 @@ limit and free blocks last. Prefill chunks and decode tokens share the budget
 than one budget's worth of tokens. When a running request needs a block and none is
 free, the newest running request is preempted: its blocks are freed and it waits to be
 recomputed (prompt plus what it generated so far) — never an out-of-memory crash.
+A request admitted with a prompt whose leading blocks are in the prefix cache (kv_cache.py)
+takes those blocks and starts computing after them.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class Request:
     error: Optional[str] = None
     blocks: list[int] = field(default_factory=list)
     computed: int = 0                  # tokens whose K/V are in the cache
+    keys: list[int] = field(default_factory=list)   # prefix-cache keys of its full blocks (kv_cache.py)
+    registered: int = 0                # leading blocks indexed in the prefix cache
     preemptions: int = 0
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
@@ -117,7 +121,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req.blocks)
-        req.computed = 0
+        req.computed = req.registered = 0
         req.preemptions += 1
         self.preemptions += 1
         # back to the queue in arrival order, ahead of newer waiting requests
@@ -153,15 +157,30 @@ class Scheduler:
                 continue
             out.append(Scheduled(req, req.computed, n))
             budget -= n
+        bs = self.pool.block_size
         while self.waiting and budget > 0 and len(out) < cfg.max_requests_per_batch:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.computed, budget)
-            need = self.pool.blocks_for(req.computed + n)
-            if need + (self.watermark if self.running else 0) > self.pool.free_blocks:
+            tokens = req.prompt + req.out
+            # leading blocks already in the prefix cache (at least one token left to compute)
+            hits = self.pool.match(self.pool.keys(tokens, req.keys, (len(tokens) - 1) // bs))
+            start = len(hits) * bs
+            n = min(len(tokens) - start, budget)
+            need = self.pool.blocks_for(start + n) - len(hits)
+            if need + self.pool.idle_among(hits) + (self.watermark if self.running else 0) > self.pool.free_blocks:
                 break
             self.waiting.popleft()
-            req.blocks = self.pool.allocate(need)
+            req.blocks = self.pool.acquire(hits) + self.pool.allocate(need)
+            req.computed, req.registered = start, len(hits)
             self.running.append(req)
-            out.append(Scheduled(req, req.computed, n))
+            out.append(Scheduled(req, start, n))
             budget -= n
         return out
+
+    def computed(self, req: Request, upto: int) -> None:
+        """``req``'s tokens before ``upto`` are in the cache: index the blocks that became full."""
+        req.computed = upto
+        full = upto // self.pool.block_size
+        if full > req.registered:
+            keys = self.pool.keys(req.prompt + req.out, req.keys, full)
+            self.pool.register(req.blocks[req.registered:full], keys[req.registered:full])
+            req.registered = full

@@ -114,6 +114,8 @@ class Metrics:
                         ("ffc_prompt_tokens", "prompt tokens prefilled", st.prompt_tokens),
                         ("ffc_generation_tokens", "tokens generated", st.generated_tokens),
                         ("ffc_preemptions", "requests preempted for KV blocks", sch.preemptions),
+                        ("ffc_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                         pool.hit_tokens),
                         ("ffc_steps", "engine steps run", st.steps)):
                     c = CounterMetricFamily(name, doc)
                     c.add_metric([], value)

@@ -188,3 +188,42 @@ def test_per_request_sampling_in_one_batch(smol_llm):
     assert len(a.token_ids[2]) == 3 and a.finish_reasons[2] == "length"
     with pytest.raises(ffc.InvalidRequestError, match="sampling_params"):
         smol_llm.generate(prompts, sampling_params=ps[:2])
+
+
+def test_prefix_cache_pool():
+    pool = BlockPool(CACHE, blocks_per_seq=16, num_blocks=4)
+    toks = list(range(1, 11))                      # 2 full blocks of 4, and 2 tokens
+    keys = pool.keys(toks, [], 2)
+    a = pool.allocate(3)
+    held = a[:2]                                   # (free() empties the list it is given)
+    pool.register(a[:2], keys)
+    assert pool.match(pool.keys(toks[:9] + [99], [], 2)) == held
+    assert pool.match(pool.keys([1, 2, 3, 5] + toks[4:], [], 2)) == []   # first block differs
+    b = pool.acquire(pool.match(keys))             # shared: two references
+    pool.free(a)
+    assert pool.used_blocks == 2 and pool.free_blocks == 2
+    pool.free(b)                                   # cached, idle: still matchable, and allocatable
+    assert pool.free_blocks == 4 and pool.match(keys) == held
+    pool.allocate(3)                               # the 2 plain free blocks first, then 1 evicted:
+    assert pool.match(keys) == held[:1] and pool.free_blocks == 1   # a prefix's tail goes first
+    pool.allocate(1)
+    assert pool.match(keys) == [] and pool.free_blocks == 0
+
+
+def test_shared_prefix_is_computed_once(smol_artifact, smol_llm):
+    system = ("You are a helpful assistant who answers questions about geography, history and science "
+              "in short, precise sentences. You never invent facts; when you are unsure you say so, and "
+              "you give the source of every number you quote. Keep every answer under fifty words. ")
+    prompts = [system + q for q in ("What is the capital of France?", "Why is the sky blue?",
+                                    "Who built the pyramids?")]
+    plain = ffc.load(smol_artifact, prefix_caching=False).generate(prompts, max_new_tokens=12, ignore_eos=True)
+    eng = smol_llm.engine
+    before = eng.pool.hit_tokens
+    first = smol_llm.generate(prompts[:1], max_new_tokens=12, ignore_eos=True)
+    rest = smol_llm.generate(prompts[1:], max_new_tokens=12, ignore_eos=True)
+    bs = eng.pool.block_size
+    shared = (len(smol_llm.encode(system)) - 1) // bs * bs   # whole blocks inside the common prefix
+    assert shared >= 3 * bs
+    assert eng.pool.hit_tokens - before >= 2 * shared
+    assert first.token_ids + rest.token_ids == plain.token_ids
+    assert eng.pool.used_blocks == 0
