@@ -10,7 +10,8 @@ setup(
                  "ffc.codegen_templates": "codegen_templates", "ffc.csrc": "csrc"},
     packages=["ffc", "ffc.ir", "ffc.passes", "ffc.runtime", "ffc.codegen_templates", "ffc.csrc"],
     # kernel templates and the C++ executor ship with the package (found next to ffc/ when installed)
-    package_data={"ffc.codegen_templates": ["cpu/*.j2", "cuda/*.j2"], "ffc.csrc": ["*.h", "*.cpp", "*.cu"]},
+    package_data={"ffc.codegen_templates": ["cpu/*.j2", "cuda/*.j2"], "ffc.csrc": ["*.h", "*.cpp", "*.cu"],
+                  "ffc": ["profiles/*.json"]},
     install_requires=[
         "torch==2.13.0",  # the CPU build; an unpinned torch pulls gigabytes of CUDA packages
         "transformers>=5.0,<6",
@@ -26,6 +27,7 @@ setup(
         "uvicorn",
         "prometheus-client",  # /metrics
         "httpx",        # the serving benchmark's HTTP client
+        "scipy",        # the parallelization search's MILP (HiGHS)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},

@@ -10,7 +10,32 @@ from pathlib import Path
 from .errors import FfcError
 
 
+def _degree(text: str):
+    if text == "auto":
+        return "auto"
+    if not text.isdigit() or int(text) < 1:
+        raise FfcError(f"parallel degree {text!r} must be a positive integer or 'auto'")
+    return int(text)
+
+
 def _compile(a) -> None:
+    tp, pp = _degree(a.tp), _degree(a.pp)
+    if a.dry_run or tp != 1 or pp != 1:
+        from .cluster import load_profile
+        from .parallel import dry_run
+        from .runtime.kv_cache import parse_memory
+        from .search import Workload
+        if not a.dry_run:
+            raise FfcError(f"building tp={tp} pp={pp} artifacts (sharded weights, collectives, worker ranks) is not "
+                           "implemented yet; `--dry-run` prints the strategy the search finds and what each rank "
+                           "would hold")
+        print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=load_profile(a.profile),
+                      memory_limit=parse_memory(a.memory_per_device), workload=Workload.parse(a.workload),
+                      max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                      log=lambda s: print(f"[ffc] {s}", file=sys.stderr)))
+        return
+    if not a.output:
+        raise FfcError("give the artifact directory to write with -o/--output")
     from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
@@ -43,6 +68,16 @@ def _bench(a) -> None:
                     batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
                     log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
     print(format_bench(res))
+
+
+def _calibrate(a) -> None:
+    import torch
+
+    from .calibrate import calibrate, save
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    prof = calibrate(a.ranks, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    print(save(prof, a.output))
 
 
 def _engine(a) -> dict:
@@ -134,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into an artifact")
     c.add_argument("model", help="alias (smollm2-135m), .gguf file, HF folder, or model id in the local HF cache")
-    c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument("-o", "--output", help="artifact directory to write (not needed with --dry-run)")
     c.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
     c.add_argument("--from-ir", default=None, help="compile this (edited) IR dump instead of tracing")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
@@ -145,7 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")
     c.add_argument("--max-batch", type=int, default=128, help="sequences per decode step")
     c.add_argument("--kv-block-size", type=int, default=16, help="positions per paged-KV-cache block")
+    c.add_argument("--tp", default="1", help="tensor-parallel degree, or 'auto' (with --devices)")
+    c.add_argument("--pp", default="1", help="pipeline-parallel degree, or 'auto' (with --devices)")
+    c.add_argument("--devices", type=int, default=None, help="devices to plan for with --tp/--pp auto")
+    c.add_argument("--profile", default="local",
+                   help="device profile for the cost model: local (from `ffc calibrate`), a100-nvlink, a100-pcie, "
+                        "h100-nvlink, h100-pcie, h200-nvlink, or a JSON file")
+    c.add_argument("--memory-per-device", default=None, help="memory limit per rank, e.g. 24GiB (default: the "
+                                                             "profile's device memory)")
+    c.add_argument("--workload", default=None, help="what to optimise for: prompt=512,output=128,batch=8")
+    c.add_argument("--dry-run", action="store_true",
+                   help="stop before codegen: print per (tp, pp) each rank's memory and predicted latency")
     c.set_defaults(fn=_compile)
+
+    ca = sub.add_parser("calibrate", help="measure this machine (GEMM, bandwidth, gloo collectives) into a profile")
+    ca.add_argument("--ranks", type=int, default=2, help="local processes for the collectives")
+    ca.add_argument("--threads", type=int, default=None)
+    ca.add_argument("-o", "--output", default=None, help="where to write it (default $FFC_CACHE_DIR/profiles/"
+                                                         "local.json)")
+    ca.set_defaults(fn=_calibrate)
 
     def engine_options(x):
         x.add_argument("--kv-cache-memory", default=None,

@@ -1,0 +1,151 @@
+"""``ffc calibrate``: measure this machine into a device profile for the cost model.
+
+GEMM FLOP/s (torch.mm at model-like shapes), read bandwidth (a streaming reduction over a
+buffer far larger than the caches), per-kernel overhead (a tiny op), and the collectives
+between local processes over gloo (all_reduce, all_gather, all_to_all, send/recv at sizes
+from 4 KiB to 16 MiB, fitted as t = a + b * bytes). Medians throughout: the machine is
+shared and noisy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .cluster import DeviceProfile, Link, local_profile_path
+
+SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20, 16 << 20]
+
+
+def _median_time(fn: Callable, runs: int) -> float:
+    fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure_gemm(runs: int = 7) -> dict:
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for m, k, n in ((512, 576, 1536), (1024, 1024, 1024), (256, 2048, 2048)):
+            a, b = torch.randn(m, k).to(dt), torch.randn(k, n).to(dt)
+            t = _median_time(lambda: torch.mm(a, b), runs)
+            best = max(best, 2 * m * k * n / t)
+        out[name] = best
+    out["fp16"] = out["bf16"]
+    return out
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, runs: int = 7) -> float:
+    x = torch.rand(nbytes // 4)
+    return nbytes / _median_time(lambda: x.sum(), runs)
+
+
+def measure_overhead(runs: int = 200) -> float:
+    x = torch.ones(8)
+    return _median_time(lambda: x.add_(1.0), runs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = []
+    try:
+        for n in SIZES:
+            x = torch.zeros(n // 4)
+            parts = [torch.zeros(n // 4 // world) for _ in range(world)]
+            ops = {
+                "all_reduce": lambda: dist.all_reduce(x),
+                "all_gather": lambda: dist.all_gather(parts, parts[rank].clone()),
+                "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(x), x),
+                "send_recv": lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None,
+            }
+            for kind, fn in ops.items():
+                try:
+                    dist.barrier()
+                    t = _median_time(fn, runs)
+                except RuntimeError:   # this gloo build lacks the collective
+                    continue
+                results.append((kind, n, t))
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+
+
+def measure_collectives(world: int = 2, runs: int = 9) -> list:
+    """[(collective, ranks, a, b)]: t = a + b * bytes fitted over SIZES (least squares on relative
+    error, so the small sizes that fix the latency weigh as much as the large ones)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "c.json")
+        mp.start_processes(_collective_worker, args=(world, _free_port(), runs, path), nprocs=world,
+                           start_method="spawn")
+        with open(path) as f:
+            raw = json.load(f)
+    fitted = []
+    for kind in sorted({k for k, _, _ in raw}):
+        pts = [(n, t) for k, n, t in raw if k == kind]
+        n, t = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+        b, a = np.polyfit(n, t, 1, w=1 / t)
+        fitted.append((kind, world, max(float(a), 1e-7), max(float(b), 1e-13)))
+    return fitted
+
+
+def calibrate(world: int = 2, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
+    threads = torch.get_num_threads()
+    log(f"GEMM at {threads} threads")
+    flops = measure_gemm()
+    log(f"  fp32 {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.0f} GFLOP/s")
+    bw = measure_bandwidth()
+    log(f"read bandwidth {bw / 1e9:.1f} GB/s")
+    overhead = measure_overhead()
+    log(f"per-op overhead {overhead * 1e6:.1f} us")
+    log(f"gloo collectives between {world} local processes")
+    fitted = measure_collectives(world)
+    for kind, p, a, b in fitted:
+        log(f"  {kind}: {a * 1e6:.0f} us + {1 / b / 1e9:.2f} GB/s")
+    ar = next((f for f in fitted if f[0] == "all_reduce"), None)
+    latency, bandwidth = (ar[2] / 2, 1 / ar[3]) if ar else (50e-6, 1e9)
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return DeviceProfile(name="local", description=f"this machine: {os.cpu_count()} CPUs, {threads} threads, gloo",
+                         peak_flops=tuple(sorted(flops.items())), memory_bandwidth=bw, memory_bytes=float(mem),
+                         kernel_overhead=overhead,
+                         link=Link("gloo-local", latency, bandwidth, tuple(fitted)),
+                         measured=(("threads", threads), ("world", world)))
+
+
+def save(profile: DeviceProfile, path=None):
+    path = path or local_profile_path()
+    from pathlib import Path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,92 @@
+"""Planning tensor/pipeline parallelism for a model before building anything (``--dry-run``).
+
+The graph the search needs is the model's forward pass after the raise passes; it depends
+only on the config, so it is traced from a model whose weights are never materialised
+(built on the meta device, then given uninitialised storage that tracing never reads):
+planning a 70B model costs seconds and no weight memory.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .cluster import DeviceProfile
+from .errors import FfcError, InvalidRequestError
+from .search import Strategy, Workload, candidates, dry_run_table, search
+
+
+def raise_phase_end() -> int:
+    """How many pipeline passes run before the strategy is applied (through the raise phase)."""
+    from ffc.passes.pipeline import pass_names
+    return pass_names().index("fuse_qkv")
+
+
+def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle: bool = False):
+    """(forward graph after the raise passes, max_seq_len) for ``model``, from its config only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import frontend, sources
+    from .api import resolve_max_seq_len
+    from ffc.passes import PIPELINE, PassContext, run_pipeline
+    source = sources.resolve(model, allow_pickle=allow_pickle)
+    config = sources.load_config(source)
+    sources.check_architecture(config)
+    msl = resolve_max_seq_len(config, max_seq_len)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    hf = hf.to_empty(device="cpu")
+    module = frontend.trace(hf, msl)
+    return run_pipeline(module, PIPELINE[:raise_phase_end()], PassContext(max_seq_len=msl, model=model)).module, msl
+
+
+def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, devices: Optional[int],
+                    memory_limit: Optional[float]) -> list[tuple[int, int, Optional[Strategy], str]]:
+    """A strategy (or why none fits) per candidate (tp, pp): the given degrees, or with "auto"
+    every split of ``devices``."""
+    if tp == "auto" or pp == "auto":
+        if not devices:
+            raise InvalidRequestError("--tp auto / --pp auto need --devices K")
+        cands = [(t, p) for t, p in candidates(devices)
+                 if (tp == "auto" or t == tp) and (pp == "auto" or p == pp)]
+        if not cands:
+            raise InvalidRequestError(f"no split of {devices} devices has tp={tp} pp={pp}")
+    else:
+        cands = [(int(tp), int(pp))]
+    out = []
+    for t, p in cands:
+        try:
+            out.append((t, p, search(module, t, p, profile, workload, memory_limit), ""))
+        except FfcError as e:
+            out.append((t, p, None, str(e).split(";")[0]))
+    return out
+
+
+def best(results) -> Optional[tuple]:
+    """Among the candidates that fit, the highest predicted decode throughput (ties: fewer devices)."""
+    fits = [r for r in results if r[2] is not None and r[2].prediction("memory_bytes") <= r[2].prediction("memory_limit")]
+    return max(fits, key=lambda r: (round(r[2].prediction("decode_tok_s"), 6), -r[0] * r[1]), default=None)
+
+
+def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profile: DeviceProfile,
+            memory_limit: Optional[float] = None, workload: Optional[Workload] = None,
+            max_seq_len: Optional[int] = None, dtype: str = "fp32", allow_pickle: bool = False,
+            log: Callable[[str], None] = lambda s: None) -> str:
+    """The report ``ffc compile ... --dry-run`` prints."""
+    module, msl = planning_module(model, max_seq_len, allow_pickle)
+    log(f"planning {model} on {profile.name}")
+    w = workload or Workload()
+    w = Workload(w.prompt_tokens, w.output_tokens, w.batch, msl, dtype)
+    results = plan_candidates(module, profile, w, tp, pp, devices, memory_limit)
+    limit = memory_limit if memory_limit is not None else profile.memory_bytes
+    lines = [f"{model}: {sum(1 for _ in module.graphs['forward'].nodes)} ops; profile {profile.name} "
+             f"({limit / 2**30:.1f} GiB per device); workload prefill {w.prompt_tokens} x batch {w.batch}, "
+             f"{w.output_tokens} decode steps, KV for {w.max_seq_len} positions, weights {w.weight_dtype}",
+             dry_run_table(results)]
+    chosen = best(results)
+    if chosen is None:
+        lines.append("no candidate fits: raise --devices or --memory-per-device, or lower --max-seq-len / batch")
+    else:
+        lines.append(f"best: tp={chosen[0]} pp={chosen[1]}")
+        lines.append("")
+        lines.append(chosen[2].describe())
+    return "\n".join(lines)

@@ -1,0 +1,592 @@
+"""Parallelization search: a placement for every op, and a pipeline split, by cost model.
+
+Tensor parallelism (Alpa's intra-op pass, solved exactly): every node of the forward graph
+has the strategies its sharding rule allows (ir/sharding.py). Choosing one per node is an
+integer program: minimise the predicted time of a workload (one prefill of the prompt plus
+``output_tokens`` decode steps of a batch) = sum of node times under their strategies + the
+collectives that placements imply between producer and consumer, subject to each rank's
+memory (weights, KV cache). Edge variables linearise the pairwise resharding costs; scipy's
+HiGHS MILP solves a 7B Llama (750 nodes) in seconds. Pipeline parallelism then splits the
+layer sequence into stages balanced by predicted cost (dynamic programming, bottleneck
+stage plus the send/recv between stages). The result is a frozen ``Strategy``: printable,
+stored in the manifest, and applied by a separate pass.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ffc.ir import Graph, Module, Node, Op
+from ffc.ir.graph import ParamRef
+from ffc.ir.ops import LAYOUT, REGISTRY
+from ffc.ir.sharding import OpStrategy, Placement, R, local_shape, numel, strategies
+from ffc.ir.text import node_names
+from ffc.ir.types import DTYPES, eval_dim
+
+from .cluster import DeviceProfile
+from .errors import InvalidRequestError
+
+ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the plan is optimised for: per batch, one prefill then ``output_tokens`` decode steps."""
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+    batch: int = 8
+    max_seq_len: int = 2048      # the KV cache holds batch x max_seq_len positions
+    weight_dtype: str = "fp32"   # storage of weights (bytes read, memory)
+
+    @property
+    def context(self) -> int:    # mean context length during decode
+        return self.prompt_tokens + self.output_tokens // 2
+
+    def phases(self) -> list[tuple[str, dict, float]]:
+        """(phase, dims, weight): the prefill of the batch's prompts, and its decode steps."""
+        return [("prefill", {"T": self.prompt_tokens * self.batch}, 1.0),
+                ("decode", {"T": self.batch}, float(self.output_tokens))]
+
+    @staticmethod
+    def parse(text: Optional[str], **defaults) -> "Workload":
+        """``prompt=512,output=128,batch=8`` (any subset)."""
+        keys = {"prompt": "prompt_tokens", "output": "output_tokens", "batch": "batch"}
+        kw = dict(defaults)
+        for part in filter(None, (text or "").split(",")):
+            k, _, v = part.partition("=")
+            if k.strip() not in keys or not v.strip().isdigit() or int(v) < 1:
+                raise InvalidRequestError(f"--workload {text!r}: use e.g. prompt=512,output=128,batch=8")
+            kw[keys[k.strip()]] = int(v)
+        return Workload(**kw)
+
+
+def reshard_kind(src: Placement, dst: Placement) -> Optional[str]:
+    """The collective turning ``src`` into ``dst``: "" if free (same, or a local slice), None if illegal."""
+    if src == dst or (src.kind == "R" and dst.kind == "S"):
+        return ""
+    if dst.kind == "P":
+        return None
+    if src.kind == "S":
+        return "all_gather" if dst.kind == "R" else "all_to_all"
+    return "all_reduce" if dst.kind == "R" else "reduce_scatter"
+
+
+@dataclass(frozen=True)
+class Choice:
+    node: str
+    op: str
+    origin: str
+    strategy: str
+    inputs: tuple            # placement per input, as text ("-" for literals)
+    output: str
+    compute_s: float         # predicted seconds over the workload on one rank
+    memory: float            # bytes per rank (weights, and KV cache for attention)
+    alternatives: tuple = ()  # ((strategy, extra seconds or None if illegal here, why), ...)
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str
+    producer: str
+    consumer: str
+    bytes: tuple             # per phase, full tensor
+    seconds: float           # over the workload
+
+
+@dataclass(frozen=True)
+class Strategy:
+    tp: int
+    pp: int
+    profile: str
+    workload: Workload
+    choices: tuple           # Choice per node, graph order
+    collectives: tuple       # Collective per resharding edge
+    stages: tuple = ()       # ((first segment, last segment, seconds, bytes), ...) when pp > 1
+    predicted: tuple = ()    # ((name, value), ...)
+    references: tuple = ()   # ((plan, compute s, comm s, collectives), ...) for the explanation
+
+    def prediction(self, key: str) -> float:
+        return dict(self.predicted)[key]
+
+    def choice(self, node: str) -> Choice:
+        return next(c for c in self.choices if c.node == node)
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+    def describe(self, top: int = 2) -> str:
+        w = self.workload
+        p = dict(self.predicted)
+        lines = [f"strategy: tp={self.tp} pp={self.pp} on {self.profile}; workload: prefill {w.prompt_tokens} tokens "
+                 f"x batch {w.batch}, then {w.output_tokens} decode steps (KV for {w.max_seq_len} positions, "
+                 f"weights {w.weight_dtype})",
+                 f"predicted per rank: prefill {p['prefill_s'] * 1e3:.2f} ms, decode step {p['decode_s'] * 1e3:.3f} ms "
+                 f"({p['decode_tok_s']:.0f} tok/s{' with pp batches in flight' if self.pp > 1 else ''}), communication {p['comm_s'] * 1e3:.2f} ms of the workload's "
+                 f"{p['total_s'] * 1e3:.1f} ms; memory {p['memory_bytes'] / 2**30:.2f} GiB "
+                 f"(weights {p['weight_bytes'] / 2**30:.2f}, KV {p['kv_bytes'] / 2**30:.2f}, "
+                 f"activations {p['activation_bytes'] / 2**30:.2f}) of {p['memory_limit'] / 2**30:.1f} GiB",
+                 f"collectives per workload: {len(self.collectives)} edges "
+                 + ", ".join(f"{k} x{n}" for k, n in sorted(_count(c.kind for c in self.collectives).items()))]
+        if self.references:
+            lines.append("why: the same graph under other plans, on this profile:")
+            for name, comp, comm, n in self.references:
+                lines.append(f"  {name:30} compute {comp * 1e3:9.2f} ms + communication {comm * 1e3:9.2f} ms "
+                             f"= {(comp + comm) * 1e3:9.2f} ms ({n} collectives)")
+        for k, (a, b, secs, mem) in enumerate(self.stages):
+            lines.append(f"stage {k}: segments {a}..{b}, {secs * 1e3:.2f} ms, {mem / 2**30:.2f} GiB")
+        lines.append("")
+        lines.append(f"{'node':8} {'op':16} {'strategy':12} {'inputs -> output':28} {'compute':>10} {'memory':>10}  "
+                     f"rejected (extra time)")
+        for c in self.choices:
+            if c.op in {o.value for o in LAYOUT} and not c.alternatives:
+                continue
+            alts = "; ".join(f"{s} {'illegal: ' + why if t is None else f'+{t * 1e3:.3f} ms'}"
+                             for s, t, why in c.alternatives[:top])
+            lines.append(f"%{c.node:7} {c.op:16} {c.strategy:12} {', '.join(c.inputs) + ' -> ' + c.output:28} "
+                         f"{c.compute_s * 1e3:8.3f}ms {c.memory / 2**20:8.1f}Mi  {alts}  # {c.origin}")
+        return "\n".join(lines)
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+class _Problem:
+    """The graph's nodes, their strategies and costs, and the edges between them."""
+
+    def __init__(self, module: Module, graph: Graph, tp: int, profile: DeviceProfile, workload: Workload):
+        self.module, self.g, self.tp, self.profile, self.w = module, graph, tp, profile, workload
+        self.nodes = [n for n in graph.nodes]
+        self.index = {n: k for k, n in enumerate(self.nodes)}
+        self.strats = [strategies(n, tp, module.params) for n in self.nodes]
+        self.phases = workload.phases()
+        self.env = [{**dims, "B": dims["T"]} for _, dims, _ in self.phases]
+        # seconds per step of each phase, and over the workload (weighted by steps)
+        self.step_cost = [[self._node_times(n, s) for s in ss] for n, ss in zip(self.nodes, self.strats)]
+        self.cost = [[sum(w * t for (_, _, w), t in zip(self.phases, ts)) for ts in row] for row in self.step_cost]
+        self.memory = [[self._node_memory(n, s) for s in ss] for n, ss in zip(self.nodes, self.strats)]
+        # edges (producer k, consumer j, input position i); inputs from graph inputs are replicated
+        self.edges = [(self.index[i], j, pos) for j, n in enumerate(self.nodes)
+                      for pos, i in enumerate(n.inputs) if isinstance(i, Node) and i in self.index]
+        self.outputs = [self.index[o] for o in graph.outputs if o in self.index]
+        self._names = node_names(graph)   # as the IR printer numbers them
+
+    def name(self, n: Node) -> str:
+        return self._names[n]
+
+    # ------------------------------------------------------------ costs
+    def _bytes(self, v: Node, env: dict, placement: Placement = R) -> float:
+        shape = [eval_dim(d, env) for d in v.type.shape]
+        return numel(local_shape(shape, placement, self.tp)) * DTYPES[v.type.dtype].itemsize
+
+    def _node_times(self, n: Node, s: OpStrategy) -> list[float]:
+        """Seconds of one step of each phase on one rank."""
+        if n.op in LAYOUT and n.op is not Op.CONCAT:
+            return [0.0] * len(self.phases)      # views: no kernel of their own
+        out = []
+        for (phase, _, _), env in zip(self.phases, self.env):
+            ins = []
+            for v, p in zip(n.inputs, s.inputs):
+                if isinstance(v, Node):
+                    shape = local_shape([eval_dim(d, env) for d in v.type.shape], p, self.tp)
+                    ins.append((shape, DTYPES[v.type.dtype]))
+                elif isinstance(v, ParamRef):
+                    t = self.module.params[v.name].type
+                    dt = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.w.weight_dtype] \
+                        if n.op in (Op.LINEAR, Op.EMBEDDING) else t.dtype
+                    ins.append((local_shape(t.shape, p, self.tp), DTYPES[dt]))
+            out_shape = local_shape([eval_dim(d, env) for d in n.type.shape], s.output, self.tp)
+            if n.op in (Op.ATTENTION, Op.SDPA) and phase == "decode":
+                est = self._decode_attention(ins, out_shape)
+            else:
+                est = REGISTRY[n.op].cost(ins, (out_shape, DTYPES[n.type.dtype]))
+            out.append(self.profile.op_time(est.flops, est.bytes, self.w.weight_dtype))
+        return out
+
+    def _decode_attention(self, ins, out_shape):
+        from ffc.ir.ops import Estimate
+        (q, _), (k, kdt) = ins[0], ins[1]
+        b, h, t, d = q
+        ctx = self.w.context
+        kv = 2 * t * k[1] * ctx * d * 4
+        return Estimate(flops=4.0 * h * t * ctx * d, bytes=kv + 2 * numel(q) * 4)
+
+    def _node_memory(self, n: Node, s: OpStrategy) -> float:
+        mem = 0.0
+        for v, p in zip(n.inputs, s.inputs):
+            if isinstance(v, ParamRef):
+                t = self.module.params[v.name].type
+                elem = ELEM[self.w.weight_dtype] if n.op in (Op.LINEAR, Op.EMBEDDING) else t.torch_dtype.itemsize
+                mem += numel(local_shape(t.shape, p, self.tp)) * elem
+        if n.op in (Op.ATTENTION, Op.SDPA):   # this layer's KV cache (fp32) for batch x max_seq_len
+            k = n.inputs[1]
+            hkv = k.type.shape[1] // (self.tp if s.inputs[1].kind == "S" else 1)
+            mem += 2 * hkv * k.type.shape[3] * self.w.max_seq_len * self.w.batch * 4
+        return mem
+
+    def reshard_time(self, producer: Node, src: Placement, dst: Placement) -> Optional[float]:
+        kind = reshard_kind(src, dst)
+        if kind is None:
+            return None
+        if not kind:
+            return 0.0
+        return sum(weight * self.profile.collective_time(kind, self._bytes(producer, env), self.tp)
+                   for (_, _, weight), env in zip(self.phases, self.env))
+
+    def input_time(self, j: int, s: OpStrategy) -> Optional[float]:
+        """Resharding of graph inputs (replicated) into what strategy s of node j needs."""
+        n = self.nodes[j]
+        total = 0.0
+        for v, p in zip(n.inputs, s.inputs):
+            if isinstance(v, Node) and v not in self.index and p is not None:
+                t = self.reshard_time(v, R, p)
+                if t is None:
+                    return None
+                total += t
+        if j in self.outputs:   # what leaves the graph is replicated (the sampler needs all logits)
+            t = self.reshard_time(n, s.output, R)
+            if t is None:
+                return None
+            total += t
+        return total
+
+
+def _solve(pb: _Problem, memory_limit: float, comm_scale: float = 1.0) -> list[int]:
+    """Strategy index per node minimising predicted time (MILP, HiGHS)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+    base, nvar = [], 0
+    for ss in pb.strats:
+        base.append(nvar)
+        nvar += len(ss)
+    c, ub = np.zeros(nvar), np.ones(nvar)
+    for j, ss in enumerate(pb.strats):
+        for si, s in enumerate(ss):
+            t = pb.input_time(j, s)
+            c[base[j] + si] = pb.cost[j][si] + (t * comm_scale if t is not None else 0.0)
+            if t is None:
+                ub[base[j] + si] = 0.0
+    ebase = []
+    for k, j, pos in pb.edges:
+        ebase.append(nvar)
+        nvar += len(pb.strats[k]) * len(pb.strats[j])
+    c = np.concatenate([c, np.zeros(nvar - len(c))])
+    ub = np.concatenate([ub, np.ones(nvar - len(ub))])
+    rows, cols, vals, lo, hi = [], [], [], [], []
+    r = 0
+    for j, ss in enumerate(pb.strats):       # one strategy per node
+        for si in range(len(ss)):
+            rows.append(r), cols.append(base[j] + si), vals.append(1.0)
+        lo.append(1.0), hi.append(1.0)
+        r += 1
+    for e, (k, j, pos) in enumerate(pb.edges):
+        sk, sj = pb.strats[k], pb.strats[j]
+        for a, s in enumerate(sk):
+            for b, t in enumerate(sj):
+                v = ebase[e] + a * len(sj) + b
+                need = t.inputs[pos]
+                cost = pb.reshard_time(pb.nodes[k], s.output, need) if need is not None else 0.0
+                if cost is None:
+                    ub[v] = 0.0
+                else:
+                    c[v] = cost * comm_scale
+        for a in range(len(sk)):             # sum_b y[a, b] = x_k[a]
+            for b in range(len(sj)):
+                rows.append(r), cols.append(ebase[e] + a * len(sj) + b), vals.append(1.0)
+            rows.append(r), cols.append(base[k] + a), vals.append(-1.0)
+            lo.append(0.0), hi.append(0.0)
+            r += 1
+        for b in range(len(sj)):             # sum_a y[a, b] = x_j[b]
+            for a in range(len(sk)):
+                rows.append(r), cols.append(ebase[e] + a * len(sj) + b), vals.append(1.0)
+            rows.append(r), cols.append(base[j] + b), vals.append(-1.0)
+            lo.append(0.0), hi.append(0.0)
+            r += 1
+    for j, ss in enumerate(pb.strats):       # memory per rank
+        for si in range(len(ss)):
+            if pb.memory[j][si]:
+                rows.append(r), cols.append(base[j] + si), vals.append(pb.memory[j][si] / 2**20)
+    lo.append(-np.inf), hi.append(memory_limit / 2**20)
+    r += 1
+    A = coo_matrix((vals, (rows, cols)), shape=(r, nvar)).tocsr()
+    integrality = np.zeros(nvar)
+    integrality[:ebase[0] if ebase else nvar] = 1
+    res = milp(c * 1e3, constraints=LinearConstraint(A, lo, hi), integrality=integrality,
+               bounds=Bounds(np.zeros(nvar), ub), options={"time_limit": 120})
+    if res.x is None:
+        raise InvalidRequestError(
+            f"no tp={pb.tp} plan fits {memory_limit / 2**30:.1f} GiB per rank on {pb.profile.name} "
+            f"(replicated weights + KV need {sum(m[0] for m in pb.memory) / 2**30:.1f} GiB, fully sharded at least "
+            f"{sum(min(m) for m in pb.memory) / 2**30:.1f} GiB); raise --tp or --memory-per-device, or lower "
+            "--max-seq-len or the workload's batch")
+    return [int(np.argmax(res.x[base[j]:base[j] + len(ss)])) for j, ss in enumerate(pb.strats)]
+
+
+def _evaluate(pb: _Problem, pick: list[int]) -> tuple[float, float, list[Collective]]:
+    """(compute seconds, communication seconds, collectives) of a choice per node."""
+    compute = sum(pb.cost[j][s] for j, s in enumerate(pick))
+    comm, colls = 0.0, []
+    for j, s in enumerate(pick):
+        n, st = pb.nodes[j], pb.strats[j][s]
+        for v, p in zip(n.inputs, st.inputs):
+            if isinstance(v, Node) and v not in pb.index and p is not None:
+                kind = reshard_kind(R, p)
+                if kind:
+                    colls.append(_coll(pb, kind, v, n))
+        if j in pb.outputs:
+            kind = reshard_kind(st.output, R)
+            if kind:
+                colls.append(_coll(pb, kind, n, n))
+    for k, j, pos in pb.edges:
+        src = pb.strats[k][pick[k]].output
+        need = pb.strats[j][pick[j]].inputs[pos]
+        if need is None:
+            continue
+        kind = reshard_kind(src, need)
+        if kind:
+            colls.append(_coll(pb, kind, pb.nodes[k], pb.nodes[j]))
+    comm = sum(c.seconds for c in colls)
+    return compute, comm, colls
+
+
+def _coll(pb: _Problem, kind: str, producer: Node, consumer: Node) -> Collective:
+    by = tuple(pb._bytes(producer, env) for env in pb.env)
+    secs = sum(w * pb.profile.collective_time(kind, b, pb.tp) for (_, _, w), b in zip(pb.phases, by))
+    return Collective(kind, pb.name(producer), pb.name(consumer), by, secs)
+
+
+def _alternatives(pb: _Problem, pick: list[int], j: int) -> tuple:
+    """Each other strategy of node j with the rest held fixed: extra seconds, or None and why."""
+    users = [(jj, pos) for k, jj, pos in pb.edges if k == j]
+    ins = [(k, pos) for k, jj, pos in pb.edges if jj == j]
+
+    def local(si) -> tuple[Optional[float], str]:
+        s = pb.strats[j][si]
+        t = pb.input_time(j, s)
+        if t is None:
+            return None, "inputs/outputs of the graph are replicated"
+        total = pb.cost[j][si] + t
+        for k, pos in ins:
+            need = s.inputs[pos]
+            if need is None:
+                continue
+            x = pb.reshard_time(pb.nodes[k], pb.strats[k][pick[k]].output, need)
+            if x is None:
+                return None, f"%{pb.name(pb.nodes[k])} is {pb.strats[k][pick[k]].output}, cannot become {need}"
+            total += x
+        for jj, pos in users:
+            need = pb.strats[jj][pick[jj]].inputs[pos]
+            if need is None:
+                continue
+            x = pb.reshard_time(pb.nodes[j], s.output, need)
+            if x is None:
+                return None, f"%{pb.name(pb.nodes[jj])} needs {need}, {s.output} cannot become it"
+            total += x
+        return total, ""
+    mine, _ = local(pick[j])
+    out = []
+    for si, s in enumerate(pb.strats[j]):
+        if si == pick[j]:
+            continue
+        t, why = local(si)
+        out.append((s.name, None if t is None else t - mine, why))
+    out.sort(key=lambda a: (a[1] is None, a[1] if a[1] is not None else 0.0))
+    return tuple(out)
+
+
+def layer_of(origin: str) -> Optional[int]:
+    m = _LAYER.search(origin or "")
+    return int(m.group(1)) if m else None
+
+
+def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = None,
+           workload: Workload = Workload(), memory_limit: Optional[float] = None,
+           graph: str = "forward", explain: bool = True) -> Strategy:
+    """The placement of every node for tensor parallelism ``tp`` and the split into ``pp``
+    pipeline stages that minimise the workload's predicted time within ``memory_limit`` bytes
+    per rank (default: the profile's device memory)."""
+    if profile is None:
+        raise InvalidRequestError("the search needs a device profile")
+    if tp < 1 or pp < 1:
+        raise InvalidRequestError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
+    g = module.graphs.get(graph)
+    if g is None:
+        raise InvalidRequestError(f"the module has no graph {graph!r} to plan (graphs: {sorted(module.graphs)})")
+    limit = float(memory_limit if memory_limit is not None else profile.memory_bytes)
+    pb = _Problem(module, g, tp, profile, workload)
+    act = _activation_bytes(pb)
+    # with pp stages each rank holds about 1/pp of the layers: the split checks each stage exactly
+    pick = _solve(pb, (limit - act) * pp)
+    compute, comm, colls = _evaluate(pb, pick)
+    choices = []
+    for j, n in enumerate(pb.nodes):
+        s = pb.strats[j][pick[j]]
+        choices.append(Choice(pb.name(n), n.op.value, n.origin, s.name,
+                              tuple("-" if p is None else str(p) for p in s.inputs), str(s.output),
+                              pb.cost[j][pick[j]], pb.memory[j][pick[j]],
+                              _alternatives(pb, pick, j) if explain and len(pb.strats[j]) > 1 else ()))
+    is_attn = [n.op in (Op.ATTENTION, Op.SDPA) for n in pb.nodes]
+    weights = sum(pb.memory[j][pick[j]] for j in range(len(pb.nodes)) if not is_attn[j])
+    kv = sum(pb.memory[j][pick[j]] for j in range(len(pb.nodes)) if is_attn[j])
+    steps = [sum(pb.step_cost[j][pick[j]][k] for j in range(len(pb.nodes))) for k in range(len(pb.phases))]
+    for c in colls:
+        for k in range(len(pb.phases)):
+            steps[k] += pb.profile.collective_time(c.kind, c.bytes[k], tp)
+    stages, interval = (), list(steps)
+    if pp > 1:
+        stages = _split_stages(pb, pick, pp, limit - act)
+        per_stage = _stage_step_times(pb, pick, colls, stages)
+        # one step's latency runs through every stage; with pp batches in flight (in-flight
+        # batching keeps the pipeline full) a stage hands a batch on every `interval`
+        steps = [sum(st[k] for st in per_stage) for k in range(len(pb.phases))]
+        interval = [max(st[k] for st in per_stage) for k in range(len(pb.phases))]
+        # the fullest rank: its weights, and its layers' KV for the pp batches in flight
+        weights, kv = max(((w_, kv_ * pp) for w_, kv_ in _stage_memory(pb, pick, stages)), key=sum)
+    predicted = {"prefill_s": steps[0], "decode_s": steps[1], "decode_interval_s": interval[1],
+                 "decode_tok_s": workload.batch / interval[1] if interval[1] else float("inf"),
+                 "compute_s": compute, "comm_s": comm, "total_s": compute + comm,
+                 "weight_bytes": weights, "kv_bytes": kv, "activation_bytes": act, "memory_limit": limit,
+                 "memory_bytes": weights + kv + act, "collectives": float(len(colls))}
+    refs = []
+    if explain and tp > 1:
+        for name, p in (("all replicated", [0] * len(pb.nodes)),
+                        ("fastest ignoring communication", _solve(pb, (limit - act) * pp, comm_scale=1e-6))):
+            comp_r, comm_r, colls_r = _evaluate(pb, p)
+            refs.append((name, comp_r, comm_r, len(colls_r)))
+        refs.append(("chosen", compute, comm, len(colls)))
+    return Strategy(tp, pp, profile.name, workload, tuple(choices), tuple(colls), tuple(stages),
+                    tuple(sorted(predicted.items())), tuple(refs))
+
+
+def _activation_bytes(pb: _Problem) -> float:
+    """Live activations at the prefill step: about the two largest values at once."""
+    env = pb.env[0]
+    sizes = sorted((pb._bytes(n, env) for n in pb.nodes), reverse=True)
+    return float(sum(sizes[:2]))
+
+
+def _segments(pb: _Problem) -> list[list[int]]:
+    """Node indices per segment: what precedes the first layer, each layer, what follows."""
+    layers = [layer_of(n.origin) for n in pb.nodes]
+    known = [x for x in layers if x is not None]
+    if not known:
+        return [list(range(len(pb.nodes)))]
+    first, last = min(known), max(known)
+    segs: dict[int, list[int]] = {}
+    for j, x in enumerate(layers):
+        if x is None:
+            # before any layer node appears: the head; after the last layer's nodes: the tail
+            seen = [y for y in layers[:j] if y is not None]
+            x = first - 1 if not seen else (last + 1 if max(seen) == last and all(
+                y is None or y == last for y in layers[j:]) else max(seen))
+        segs.setdefault(x, []).append(j)
+    return [segs[k] for k in sorted(segs)]
+
+
+def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple:
+    """Contiguous segments into pp stages minimising the slowest stage (with its send to the
+    next), each within the memory limit: DP over (segments used, stages used)."""
+    segs = _segments(pb)
+    if pp > len(segs):
+        raise InvalidRequestError(f"pp={pp} exceeds the model's {len(segs)} pipeline segments (layers + ends)")
+    secs = [sum(pb.cost[j][pick[j]] for j in s) for s in segs]
+    mem = [sum(pb.memory[j][pick[j]] for j in s) for s in segs]
+    boundary = []
+    for s in segs:   # bytes leaving a segment: its last node's output (the residual stream)
+        n = pb.nodes[s[-1]]
+        boundary.append(sum(w * pb.profile.collective_time("send_recv", pb._bytes(n, env), 2)
+                            for (_, _, w), env in zip(pb.phases, pb.env)))
+    m = len(segs)
+    pre_t, pre_m = np.concatenate([[0], np.cumsum(secs)]), np.concatenate([[0], np.cumsum(mem)])
+    INF = float("inf")
+    best = [[INF] * (pp + 1) for _ in range(m + 1)]
+    back = [[-1] * (pp + 1) for _ in range(m + 1)]
+    best[0][0] = 0.0
+    for i in range(1, m + 1):
+        for k in range(1, pp + 1):
+            for a in range(k - 1, i):
+                if best[a][k - 1] == INF or pre_m[i] - pre_m[a] > limit:
+                    continue
+                stage = pre_t[i] - pre_t[a] + (boundary[i - 1] if i < m else 0.0)
+                v = max(best[a][k - 1], stage)
+                if v < best[i][k]:
+                    best[i][k], back[i][k] = v, a
+    if best[m][pp] == INF:
+        raise InvalidRequestError(f"no split into {pp} stages fits {limit / 2**30:.1f} GiB per rank; raise --pp, "
+                                  "--tp or --memory-per-device")
+    out, i = [], m
+    for k in range(pp, 0, -1):
+        a = back[i][k]
+        out.append((a, i - 1, float(pre_t[i] - pre_t[a]), float(pre_m[i] - pre_m[a])))
+        i = a
+    return tuple(reversed(out))
+
+
+def _stage_memory(pb: _Problem, pick: list[int], stages: tuple) -> list[tuple[float, float]]:
+    """(weight bytes, KV bytes for one batch) per stage."""
+    segs = _segments(pb)
+    out = []
+    for a, b, _, _ in stages:
+        nodes = [j for seg in segs[a:b + 1] for j in seg]
+        kv = sum(pb.memory[j][pick[j]] for j in nodes if pb.nodes[j].op in (Op.ATTENTION, Op.SDPA))
+        out.append((sum(pb.memory[j][pick[j]] for j in nodes) - kv, kv))
+    return out
+
+
+def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], stages: tuple) -> list[list[float]]:
+    """Seconds of one step of each phase in each stage: its nodes, the collectives they
+    consume, and the send of its output to the next stage."""
+    segs = _segments(pb)
+    stage_of = {}
+    for k, (a, b, _, _) in enumerate(stages):
+        for seg in segs[a:b + 1]:
+            for j in seg:
+                stage_of[pb.name(pb.nodes[j])] = k
+    out = [[0.0] * len(pb.phases) for _ in stages]
+    for j, n in enumerate(pb.nodes):
+        for k, t in enumerate(pb.step_cost[j][pick[j]]):
+            out[stage_of[pb.name(n)]][k] += t
+    for c in colls:
+        for k, nbytes in enumerate(c.bytes):
+            out[stage_of[c.consumer]][k] += pb.profile.collective_time(c.kind, nbytes, pb.tp)
+    for s, (a, b, _, _) in enumerate(stages[:-1]):
+        last = pb.nodes[segs[b][-1]]
+        for k, env in enumerate(pb.env):
+            out[s][k] += pb.profile.collective_time("send_recv", pb._bytes(last, env), 2)
+    return out
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def candidates(devices: int) -> list[tuple[int, int]]:
+    """(tp, pp) pairs using all of ``devices`` or a divisor of it."""
+    return [(t, p) for t in range(1, devices + 1) for p in range(1, devices + 1) if devices % (t * p) == 0]
+
+
+def dry_run_table(results: list) -> str:
+    lines = [f"{'tp':>3} {'pp':>3} {'weights/rank':>13} {'KV/rank':>10} {'activ.':>9} {'total':>10} {'fits':>5} "
+             f"{'prefill':>10} {'decode step':>12} {'decode tok/s':>13} {'collectives':>12}",
+             "(latencies of one step; tok/s with pp batches in flight when pp > 1; KV for the workload's "
+             "batch at max_seq_len)"]
+    for tp, pp, st, err in results:
+        if st is None:
+            lines.append(f"{tp:>3} {pp:>3}  {err}")
+            continue
+        p = dict(st.predicted)
+        lines.append(f"{tp:>3} {pp:>3} {fmt_bytes(p['weight_bytes']):>13} {fmt_bytes(p['kv_bytes']):>10} "
+                     f"{fmt_bytes(p['activation_bytes']):>9} {fmt_bytes(p['memory_bytes']):>10} "
+                     f"{'yes' if p['memory_bytes'] <= p['memory_limit'] else 'NO':>5} "
+                     f"{p['prefill_s'] * 1e3:8.2f}ms {p['decode_s'] * 1e3:10.3f}ms {p['decode_tok_s']:13.0f} "
+                     f"{int(p['collectives']):>12}")
+    return "\n".join(lines)
+
