@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .cluster import DeviceProfile, Link, local_profile_path
+from .errors import InvalidRequestError
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20, 16 << 20]
 
@@ -113,7 +114,8 @@ def measure_collectives(world: int = 2, runs: int = 9) -> list:
     return fitted
 
 
-def calibrate(world: int = 2, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
+def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
+    """This machine as a profile; with ``artifact`` also its generated kernels' cost per family."""
     threads = torch.get_num_threads()
     log(f"GEMM at {threads} threads")
     flops = measure_gemm()
@@ -133,11 +135,23 @@ def calibrate(world: int = 2, log: Callable[[str], None] = lambda s: None) -> De
         for line in f:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
+    kernels = ()
+    if artifact is not None:
+        import ffc
+        from .kernel_cost import calibration_samples, fit_families
+        log(f"generated kernels of {artifact} at 9 decode/prefill shapes")
+        llm = ffc.load(artifact)
+        if llm.compiled is None:
+            raise InvalidRequestError(f"{artifact} has no generated kernels; compile it without --no-codegen")
+        fams = fit_families(calibration_samples(llm))
+        for f, (a, c, m) in fams.items():
+            log(f"  {f}: {a * 1e6:.2f} us + {c and 1 / c / 1e9:.1f} GFLOP/s + {m and 1 / m / 1e9:.1f} GB/s")
+        kernels = tuple(sorted((f, a, c, m) for f, (a, c, m) in fams.items()))
     return DeviceProfile(name="local", description=f"this machine: {os.cpu_count()} CPUs, {threads} threads, gloo",
                          peak_flops=tuple(sorted(flops.items())), memory_bandwidth=bw, memory_bytes=float(mem),
                          kernel_overhead=overhead,
                          link=Link("gloo-local", latency, bandwidth, tuple(fitted)),
-                         measured=(("threads", threads), ("world", world)))
+                         measured=(("threads", threads), ("world", world)), kernels=kernels)
 
 
 def save(profile: DeviceProfile, path=None):

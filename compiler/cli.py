@@ -76,7 +76,7 @@ def _calibrate(a) -> None:
     from .calibrate import calibrate, save
     if a.threads:
         torch.set_num_threads(a.threads)
-    prof = calibrate(a.ranks, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    prof = calibrate(a.ranks, a.artifact, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
     print(save(prof, a.output))
 
 
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="measure this machine (GEMM, bandwidth, gloo collectives) into a profile")
     ca.add_argument("--ranks", type=int, default=2, help="local processes for the collectives")
     ca.add_argument("--threads", type=int, default=None)
+    ca.add_argument("--artifact", default=None,
+                    help="also fit the cost of this artifact's generated kernels per family (linear, attention, ...)")
     ca.add_argument("-o", "--output", default=None, help="where to write it (default $FFC_CACHE_DIR/profiles/"
                                                          "local.json)")
     ca.set_defaults(fn=_calibrate)

@@ -55,6 +55,8 @@ class DeviceProfile:
     link: Link
     description: str = ""
     measured: tuple = field(default=())   # ((what, value), ...) from calibrate, for the record
+    kernels: tuple = ()       # ((family, a, c, m), ...): t = a + c*FLOPs + m*bytes, fitted on this
+                              # machine's generated kernels (`ffc calibrate --artifact`)
 
     def flops(self, dtype: str) -> float:
         table = dict(self.peak_flops)
@@ -63,6 +65,16 @@ class DeviceProfile:
     def op_time(self, flops: float, nbytes: float, dtype: str = "fp32") -> float:
         """Roofline time of one kernel: the slower of compute and memory, plus launch overhead."""
         return max(flops / self.flops(dtype), nbytes / self.memory_bandwidth) + self.kernel_overhead
+
+    def kernel_time(self, family: str, flops: float, nbytes: float, dtype: str = "fp32") -> float:
+        """A generated kernel of ``family`` (e.g. linear_gemv, or its kind, linear): the fitted
+        model when calibrated, else the roofline."""
+        fitted = {f: (a, c, m) for f, a, c, m in self.kernels}
+        for f in (family, family.split("_")[0]):
+            if f in fitted:
+                a, c, m = fitted[f]
+                return a + c * flops + m * nbytes
+        return self.op_time(flops, nbytes, dtype)
 
     def collective_time(self, kind: str, nbytes: float, ranks: int) -> float:
         """Seconds for one collective over ``ranks`` devices; ``nbytes`` is the full tensor."""
@@ -91,7 +103,8 @@ class DeviceProfile:
                 "link": {"kind": self.link.kind, "latency": self.link.latency, "bandwidth": self.link.bandwidth,
                          "fitted": [list(f) for f in self.link.fitted],
                          "algorithms": {c: list(a) for c, a in self.link.algorithms}},
-                "measured": dict(self.measured)}
+                "measured": dict(self.measured),
+                "kernels": {f: [a, c, m] for f, a, c, m in self.kernels}}
 
     @classmethod
     def from_json(cls, d: dict) -> "DeviceProfile":
@@ -104,7 +117,9 @@ class DeviceProfile:
                        link=Link(link["kind"], float(link["latency"]), float(link["bandwidth"]),
                                  tuple((str(c), int(p), float(a), float(b)) for c, p, a, b in link.get("fitted", [])),
                                  tuple(sorted((c, tuple(a)) for c, a in link.get("algorithms", {}).items()))),
-                       measured=tuple(sorted(d.get("measured", {}).items())))
+                       measured=tuple(sorted(d.get("measured", {}).items())),
+                       kernels=tuple(sorted((f, float(a), float(c), float(m))
+                                            for f, (a, c, m) in d.get("kernels", {}).items())))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidRequestError(f"device profile {d.get('name', '?')!r} is malformed ({e!r}); "
                                       "see compiler/profiles/*.json for the format") from None

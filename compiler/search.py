@@ -28,8 +28,13 @@ from ffc.ir.types import DTYPES, eval_dim
 
 from .cluster import DeviceProfile
 from .errors import InvalidRequestError
+from .kernel_cost import linear_family
 
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
+# the generated-kernel family an op ends up in (for profiles calibrated per family)
+_FAMILY = {Op.LINEAR: "linear", Op.MATMUL: "linear", Op.ATTENTION: "attention", Op.SDPA: "attention",
+           Op.CACHED_ATTENTION: "attention", Op.RMS_NORM: "norm", Op.LAYER_NORM: "norm", Op.EMBEDDING: "gather",
+           Op.TAKE: "gather"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 
 
@@ -208,7 +213,10 @@ class _Problem:
                 est = self._decode_attention(ins, out_shape)
             else:
                 est = REGISTRY[n.op].cost(ins, (out_shape, DTYPES[n.type.dtype]))
-            out.append(self.profile.op_time(est.flops, est.bytes, self.w.weight_dtype))
+            family = _FAMILY.get(n.op, "pointwise")
+            if family == "linear":
+                family = linear_family(numel(ins[0][0][:-1]))
+            out.append(self.profile.kernel_time(family, est.flops, est.bytes, self.w.weight_dtype))
         return out
 
     def _decode_attention(self, ins, out_shape):

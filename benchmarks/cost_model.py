@@ -1,0 +1,122 @@
+"""The cost model against measurement on this machine: predicted vs measured time per kernel
+of a compiled plan's step, per step, and per collective, with the median absolute error.
+
+Predictions use the calibrated profile (``ffc calibrate``): a kernel's time is the roofline
+of its FLOPs and the bytes it reads and writes outside itself (weights, arena buffers, the
+KV cache up to the context) plus the per-kernel overhead; a collective's is the profile's
+fitted gloo time. Measurements: each kernel timed between the executor's barriers (median of
+runs), whole steps by wall clock, collectives between local gloo processes.
+
+    ffc calibrate --artifact smol.ffc && python benchmarks/cost_model.py smol.ffc --batch 1 8 --context 256
+
+Calibration fits kernel costs at other shapes (decode batch 1-16 at context 32-128, prefill
+16-96 tokens); the defaults here check batch 1 and 8 at context 256 and a 128-token prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import ffc
+from ffc.cluster import load_profile
+from ffc.kernel_cost import kernel_work, measure, step_inputs
+
+
+def _coll_worker(rank, world, port, sizes, runs, path):
+    import json
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res = []
+    for n in sizes:
+        x = torch.zeros(n // 4)
+        ts = []
+        for _ in range(runs):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            ts.append(time.perf_counter() - t0)
+        res.append((n, statistics.median(ts)))
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(res, f)
+
+
+def measure_all_reduce(sizes, runs=15, world=2):
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from ffc.calibrate import _free_port
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "r.json")
+        mp.start_processes(_coll_worker, args=(world, _free_port(), sizes, runs, path), nprocs=world,
+                           start_method="spawn")
+        with open(path) as f:
+            return json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact")
+    ap.add_argument("--profile", default="local")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=int, default=256, help="decode position")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[128], help="prefill lengths (one sequence)")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    profile = load_profile(a.profile)
+    llm = ffc.load(a.artifact)
+    errors, rows = [], []
+    shapes = [("decode", b, a.context) for b in a.batch] + [("prefill", 1, n) for n in a.prefill]
+    for graph, batch, context in shapes:
+        inputs = step_inputs(llm, graph, batch, context)
+        work = kernel_work(llm, graph, inputs)
+        pred = [profile.kernel_time(fam, f, b) for fam, _, f, b in work]
+        meas = measure(llm, graph, inputs, a.runs)
+        steps = []
+        for _ in range(a.runs):
+            t0 = time.perf_counter()
+            llm.compiled.run(graph, inputs)
+            steps.append(time.perf_counter() - t0)
+        tag = f"{graph} b{batch} ctx{context}" if graph == "decode" else f"prefill {context} tokens"
+        groups: dict = {}
+        for (fam, label, _, _), p, m in zip(work, pred, meas):
+            g = groups.setdefault(f"{fam}:{label}", [[], []])
+            g[0].append(p)
+            g[1].append(m)
+            errors.append(abs(p - m) / m)
+        for name, (ps, ms) in groups.items():
+            rows.append((f"{tag} {name} (x{len(ps)})", statistics.median(ps), statistics.median(ms)))
+        step = statistics.median(steps)
+        rows.append((f"{tag} whole step", sum(pred), step))
+        errors.append(abs(sum(pred) - step) / step)
+    cfg = llm.manifest["model"]["config"]
+    hidden = int(cfg.get("hidden_size") or cfg.get("n_embd"))   # what a tp=2 plan all-reduces per token
+    sizes = [b * hidden * 4 for b in a.batch] + [n * hidden * 4 for n in a.prefill]
+    for n, t in measure_all_reduce(sizes):
+        p = profile.collective_time("all_reduce", n, 2)
+        rows.append((f"all_reduce of {n / 1024:.0f} KiB, 2 ranks (gloo)", p, t))
+        errors.append(abs(p - t) / t)
+    print(f"profile {profile.name} ({'kernel families fitted' if profile.kernels else 'roofline only'}); "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'op':58} {'predicted':>11} {'measured':>11} {'error':>7}")
+    for name, p, m in rows:
+        print(f"{name:58} {p * 1e6:9.1f}us {m * 1e6:9.1f}us {100 * (p - m) / m:+6.0f}%")
+    print(f"median absolute error over {len(errors)} kernels, steps and collectives: "
+          f"{100 * statistics.median(errors):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The work of a compiled plan's kernels (FLOPs, bytes outside the kernel) and their measured
+times: what ``ffc calibrate --artifact`` fits the per-family cost coefficients on, and what
+benchmarks/cost_model.py checks the predictions against (on other shapes).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+import torch
+
+from ffc.ir.ops import REGISTRY, Op
+from ffc.ir.text import node_names
+from ffc.ir.types import DTYPES, eval_dim
+
+
+def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
+    """Inputs of one step: ``decode``: ``batch`` sequences at position ``context``; ``prefill``:
+    ``batch`` sequences of ``context`` new tokens each, from position 0. Caches hold noise."""
+    bs, mb = llm.runner.block_size, llm.runner.blocks_per_seq
+    per = -(-(context + 1) // bs)
+    cache = torch.randn(llm.cache_type.concrete({"S": batch * per})) * 0.1
+    tables = torch.zeros(batch, mb, dtype=torch.long)
+    for b in range(batch):
+        tables[b, :per] = torch.arange(b * per, (b + 1) * per)
+    if graph == "decode":
+        return {"input_ids": torch.randint(100, 1000, (1, batch)), "position_ids": torch.full((1, batch), context),
+                "seq_ids": torch.arange(batch), "block_tables": tables, "kv_cache": cache}
+    t = batch * context
+    return {"input_ids": torch.randint(100, 1000, (1, t)), "position_ids": torch.arange(context).repeat(batch)[None],
+            "seq_ids": torch.arange(batch).repeat_interleave(context), "block_tables": tables, "kv_cache": cache,
+            "logits_index": torch.arange(1, batch + 1) * context - 1}
+
+
+def linear_family(rows: int, gemv_max_m: int = 8) -> str:
+    """Linears run two code paths: weights streamed once per row block (GEMV, few rows) or a BLAS GEMM."""
+    return "linear_gemv" if rows <= gemv_max_m else "linear_gemm"
+
+
+def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, float]]:
+    """(family, label, FLOPs, bytes) per kernel launch of ``graph`` for these inputs. Bytes are
+    what a kernel reads and writes outside itself: its weights, arena buffers, and for
+    attention the KV cache up to each token's position; gathers read only the rows they take."""
+    plan = llm.compiled.plan
+    gp = plan["graphs"][graph]
+    g = llm.runner.graphs[graph]
+    by_name = {f"%{v}": n for n, v in node_names(g).items()}
+    T = inputs["input_ids"].shape[1]
+    env = {"T": T, "B": T, "N": inputs["block_tables"].shape[0], "S": inputs["kv_cache"].shape[2]}
+    ctx = float((inputs["position_ids"][0] + 1).sum())     # keys read, summed over tokens
+    out = []
+    for st in gp["steps"]:
+        spec = plan["kernels"][st["kernel"]]["spec"]
+        family = linear_family(eval_dim(spec["M"].strip("()"), env), spec["gemv_max_m"]) \
+            if spec["family"] == "linear" else spec["family"]
+        flops, nbytes, seen = 0.0, 0.0, set()
+        for name in st["nodes"]:
+            n = by_name.get(name)
+            if n is None:
+                continue
+            if n.op is Op.CACHED_ATTENTION:
+                q, k = n.inputs[0], n.inputs[1]
+                h, d, hkv = q.type.shape[1], q.type.shape[3], k.type.shape[1]
+                flops += 4.0 * h * ctx * d
+                nbytes += 2.0 * hkv * ctx * d * 4 / (h // hkv)   # GQA heads share one K/V read
+                continue
+            ins = []
+            for v in n.inputs:
+                if getattr(v, "type", None) is not None:
+                    ins.append(([eval_dim(x, env) for x in v.type.shape], DTYPES[v.type.dtype]))
+                elif getattr(v, "name", None) in llm.module.params:
+                    t = llm.module.params[v.name].type
+                    ins.append((list(t.shape), DTYPES[t.dtype]))
+            est = REGISTRY[n.op].cost(ins, ([eval_dim(x, env) for x in n.type.shape], DTYPES[n.type.dtype]))
+            flops += est.flops
+            if family == "gather":
+                nbytes += est.bytes
+        if family != "gather":
+            for a in st["args"]:
+                key = (a["kind"], a["name"])
+                if key in seen or a["kind"] == "cache":
+                    continue
+                seen.add(key)
+                if a["kind"] == "param":
+                    w = llm.weights[a["name"]]
+                    nbytes += w.numel() * w.element_size()
+                else:
+                    b = gp["buffers"][a["name"]]
+                    nbytes += torch.Size([eval_dim(x, env) for x in b["shape"]]).numel() * DTYPES[b["dtype"]].itemsize
+        label = st["origin"].split(".")[-1] or st["origin"]
+        out.append((family, label, flops, nbytes))
+    return out
+
+
+def measure(llm, graph: str, inputs: dict, runs: int = 7) -> list[float]:
+    """Median seconds of each kernel launch (timed between the executor's barriers)."""
+    profs = [llm.compiled.profile(graph, inputs) for _ in range(runs)]
+    return [statistics.median(p[k] for p in profs) for k in range(len(profs[0]))]
+
+
+def fit_families(samples: list[tuple[str, float, float, float]]) -> dict:
+    """Per family, non-negative (a, c, m) of t = a + c * FLOPs + m * bytes by least squares on
+    relative error: a kernel's fixed cost, seconds per FLOP and per byte as this machine's
+    generated kernels achieve them."""
+    import numpy as np
+    from scipy.optimize import nnls
+    out = {}
+    for fam in sorted({s[0] for s in samples}):
+        rows = [(f, b, t) for f_, f, b, t in samples if f_ == fam and t > 0]
+        A = np.array([[1.0, f, b] for f, b, _ in rows]) / np.array([[t] for _, _, t in rows])
+        scale = np.maximum(A.max(axis=0), 1e-30)
+        coef, _ = nnls(A / scale, np.ones(len(rows)))
+        out[fam] = tuple(float(x) for x in coef / scale)
+    return out
+
+
+def calibration_samples(llm, runs: int = 5, shapes: Optional[list] = None) -> list:
+    """(family, FLOPs, bytes, seconds) of every kernel at a few decode and prefill shapes."""
+    shapes = shapes or [("decode", 1, 32), ("decode", 2, 128), ("decode", 4, 64), ("decode", 6, 32),
+                        ("decode", 16, 32), ("decode", 2, 512), ("prefill", 1, 16), ("prefill", 1, 96),
+                        ("prefill", 2, 48)]
+    out = []
+    for graph, batch, context in shapes:
+        inputs = step_inputs(llm, graph, batch, context)
+        for (fam, _, f, b), t in zip(kernel_work(llm, graph, inputs), measure(llm, graph, inputs, runs)):
+            out.append((fam, f, b, t))
+    return out
