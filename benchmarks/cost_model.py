@@ -55,10 +55,10 @@ def measure_all_reduce(sizes, runs=15, world=2):
 
     import torch.multiprocessing as mp
 
-    from ffc.calibrate import _free_port
+    from ffc.runtime.distributed import free_port
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "r.json")
-        mp.start_processes(_coll_worker, args=(world, _free_port(), sizes, runs, path), nprocs=world,
+        mp.start_processes(_coll_worker, args=(world, free_port(), sizes, runs, path), nprocs=world,
                            start_method="spawn")
         with open(path) as f:
             return json.load(f)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -11,6 +12,7 @@ import torch
 from ffc.ir import materialize_params, parse, print_module
 from ffc.ir.text import IRParseError
 from ffc.passes import PIPELINE, PassContext, run_pipeline
+from ffc.passes.pipeline import SEARCH_POINT
 
 from . import __version__, build, frontend, sources
 from .codegen import render_sources
@@ -63,17 +65,38 @@ def load_ir(path: str):
         raise FfcError(f"{path}: {e}") from None
 
 
+def _search_strategy(module, options, profile, memory_per_device, workload, log):
+    from .calibrate import profile_for
+    from .runtime.kv_cache import parse_memory
+    from .search import Workload, search
+    prof = profile_for(profile, log)
+    w = Workload.parse(workload, max_seq_len=options.max_seq_len, weight_dtype=options.dtype)
+    log(f"searching a tp={options.tp} strategy on {prof.name}")
+    st = search(module, options.tp, 1, prof, w, parse_memory(memory_per_device))
+    log(f"strategy: {st.prediction('collectives'):.0f} collectives, predicted decode step "
+        f"{st.prediction('decode_s') * 1e3:.2f} ms")
+    return st
+
+
 def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, from_ir: Optional[str] = None,
                   allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None, *,
                   dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
-                  prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16) -> Path:
+                  prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16,
+                  tp: int = 1, profile: Optional[str] = None, memory_per_device=None,
+                  workload: Optional[str] = None) -> Path:
+    """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
+    ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
+    weights file per rank and ``ffc.load`` starts the ranks."""
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     family = sources.check_architecture(config)
     options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
                              dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
-                             max_batch=max_batch, kv_block_size=kv_block_size)
+                             max_batch=max_batch, kv_block_size=kv_block_size, tp=tp)
+    if tp > 1 and options.codegen:
+        log(f"tp={tp}: ranks run the reference interpreter (generated kernels with collectives are not built yet)")
+        options = replace(options, codegen=False)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -89,18 +112,26 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             art.path(f"ir/{name}").write_text(print_module(mod))
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype,
                           kv_block_size=options.kv_block_size)
-        result = run_pipeline(module, PIPELINE, ctx, dump)
-        final = result.module
+        strategy = None
+        result = run_pipeline(module, PIPELINE[:SEARCH_POINT], ctx, dump)
+        if tp > 1:
+            strategy = _search_strategy(result.module, options, profile, memory_per_device, workload, log)
+            ctx = replace(ctx, tp=tp, tp_plan=tuple((c.node, c.inputs, c.output) for c in strategy.choices))
+            art.path("parallel/strategy.txt").write_text(strategy.describe() + "\n")
+        rest = run_pipeline(result.module, PIPELINE[SEARCH_POINT:], ctx, dump, first=SEARCH_POINT + 1)
+        result.records += rest.records
+        result.module = final = rest.module
         if set(final.graphs) != {"prefill", "decode"}:
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected prefill and decode")
         log("writing weights")
         # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
         # weights) are needed at compile time only
         used = set().union(*(g.param_names() for g in final.graphs.values()))
-        weights = {k: v for k, v in materialize_params(final.params, frontend.raw_weights(hf), used).items()
-                   if k in used}
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path("weights/rank0.safetensors")))
+        raw = frontend.raw_weights(hf)
+        for rank in range(tp):   # each rank's file holds only its slices
+            weights = {k: v for k, v in materialize_params(final.params, raw, used, rank=rank).items() if k in used}
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path(f"weights/rank{rank}.safetensors")))
         tokenizer.save_pretrained(str(art.path("tokenizer")))
         gen = getattr(hf, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -124,6 +155,11 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             "final_ir": f"ir/{last_dump}",
             "eos_token_ids": eos_ids,
             "kernels": kernels,
+            "parallel": None if strategy is None else {
+                "tp": tp, "pp": 1, "profile": strategy.profile, "strategy": "parallel/strategy.txt",
+                "predicted": dict(strategy.predicted),
+                "collectives": {k: sum(1 for c in strategy.collectives if c.kind == k)
+                                for k in sorted({c.kind for c in strategy.collectives})}},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         out = art.commit(manifest)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import time
 from typing import Callable
 
 import numpy as np
 import torch
+
+from ffc.runtime.distributed import free_port
 
 from .cluster import DeviceProfile, Link, local_profile_path
 from .errors import InvalidRequestError
@@ -57,12 +58,6 @@ def measure_overhead(runs: int = 200) -> float:
     return _median_time(lambda: x.add_(1.0), runs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -101,7 +96,7 @@ def measure_collectives(world: int = 2, runs: int = 9) -> list:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "c.json")
-        mp.start_processes(_collective_worker, args=(world, _free_port(), runs, path), nprocs=world,
+        mp.start_processes(_collective_worker, args=(world, free_port(), runs, path), nprocs=world,
                            start_method="spawn")
         with open(path) as f:
             raw = json.load(f)
@@ -163,3 +158,13 @@ def save(profile: DeviceProfile, path=None):
     tmp.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def profile_for(name, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
+    """The named profile; ``local`` (the default) is measured once with ``calibrate`` and saved
+    when this machine has none yet."""
+    from .cluster import load_profile
+    if name in (None, "local") and not local_profile_path().exists():
+        log(f"no profile of this machine yet: measuring it once (ffc calibrate) into {local_profile_path()}")
+        save(calibrate(log=log))
+    return load_profile(name)

@@ -20,27 +20,30 @@ def _degree(text: str):
 
 def _compile(a) -> None:
     tp, pp = _degree(a.tp), _degree(a.pp)
-    if a.dry_run or tp != 1 or pp != 1:
-        from .cluster import load_profile
+    if a.dry_run or tp == "auto" or pp == "auto":
+        from .calibrate import profile_for
         from .parallel import dry_run
         from .runtime.kv_cache import parse_memory
         from .search import Workload
         if not a.dry_run:
-            raise FfcError(f"building tp={tp} pp={pp} artifacts (sharded weights, collectives, worker ranks) is not "
-                           "implemented yet; `--dry-run` prints the strategy the search finds and what each rank "
-                           "would hold")
-        print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=load_profile(a.profile),
+            raise FfcError("--tp auto / --pp auto choose degrees in a --dry-run; then compile with the degrees it "
+                           "reports")
+        log = lambda s: print(f"[ffc] {s}", file=sys.stderr)  # noqa: E731
+        print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=profile_for(a.profile, log),
                       memory_limit=parse_memory(a.memory_per_device), workload=Workload.parse(a.workload),
-                      max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle,
-                      log=lambda s: print(f"[ffc] {s}", file=sys.stderr)))
+                      max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle, log=log))
         return
+    if pp != 1:
+        raise FfcError(f"building pp={pp} artifacts (stages with send/recv) is not implemented yet; `--dry-run` "
+                       "prints the split the search finds")
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")
     from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
                   codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
-                  kv_block_size=a.kv_block_size)
+                  kv_block_size=a.kv_block_size, tp=tp, profile=a.profile, memory_per_device=a.memory_per_device,
+                  workload=a.workload)
     print(a.output)
 
 
@@ -101,12 +104,15 @@ def _run(a) -> None:
         raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
     llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
     prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
-    if a.no_stream:
-        print(llm.generate([prompt], a.max_new_tokens, chat=chat, **_sampling(a)).texts[0])
-        return
-    for piece in llm.stream(prompt, a.max_new_tokens, chat=chat, **_sampling(a)):
-        print(piece, end="", flush=True)
-    print()
+    try:
+        if a.no_stream:
+            print(llm.generate([prompt], a.max_new_tokens, chat=chat, **_sampling(a)).texts[0])
+            return
+        for piece in llm.stream(prompt, a.max_new_tokens, chat=chat, **_sampling(a)):
+            print(piece, end="", flush=True)
+        print()
+    finally:
+        llm.close()
 
 
 def _find_dump(root: Path, key: str) -> Path:
@@ -132,6 +138,13 @@ def _inspect(a) -> None:
         if not m.get("kernels"):
             raise FfcError(f"{root} has no plan (compiled with --no-codegen)")
         print(describe_plan(json.loads((root / m["kernels"]["plan"]).read_text())))
+        return
+    if a.strategy:
+        par = m.get("parallel")
+        if not par:
+            raise FfcError(f"{root} was compiled for one rank (no strategy); compile with --tp N, or see "
+                           "`ffc compile MODEL --tp N --dry-run`")
+        print((root / par["strategy"]).read_text(), end="")
         return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)
@@ -184,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pp", default="1", help="pipeline-parallel degree, or 'auto' (with --devices)")
     c.add_argument("--devices", type=int, default=None, help="devices to plan for with --tp/--pp auto")
     c.add_argument("--profile", default="local",
-                   help="device profile for the cost model: local (from `ffc calibrate`), a100-nvlink, a100-pcie, "
-                        "h100-nvlink, h100-pcie, h200-nvlink, or a JSON file")
+                   help="device profile for the cost model: local (this machine, measured by `ffc calibrate`; "
+                        "measured on first use), a100-nvlink, a100-pcie, h100-nvlink, h100-pcie, h200-nvlink, "
+                        "or a JSON file")
     c.add_argument("--memory-per-device", default=None, help="memory limit per rank, e.g. 24GiB (default: the "
                                                              "profile's device memory)")
     c.add_argument("--workload", default=None, help="what to optimise for: prompt=512,output=128,batch=8")
@@ -256,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--ir", metavar="PASS", help="print the IR after PASS (name or part of it)")
     i.add_argument("--plan", action="store_true", help="kernels, fusion groups (and rejections), arena")
+    i.add_argument("--strategy", action="store_true",
+                   help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
     i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")
     i.set_defaults(fn=_inspect)
 

@@ -16,8 +16,8 @@ from .search import Strategy, Workload, candidates, dry_run_table, search
 
 def raise_phase_end() -> int:
     """How many pipeline passes run before the strategy is applied (through the raise phase)."""
-    from ffc.passes.pipeline import pass_names
-    return pass_names().index("fuse_qkv")
+    from ffc.passes.pipeline import SEARCH_POINT
+    return SEARCH_POINT
 
 
 def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle: bool = False):

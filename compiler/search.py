@@ -182,6 +182,7 @@ class _Problem:
         self.edges = [(self.index[i], j, pos) for j, n in enumerate(self.nodes)
                       for pos, i in enumerate(n.inputs) if isinstance(i, Node) and i in self.index]
         self.outputs = [self.index[o] for o in graph.outputs if o in self.index]
+        self.graph_outputs = list(graph.outputs)
         self._names = node_names(graph)   # as the IR printer numbers them
 
     def name(self, n: Node) -> str:
@@ -475,9 +476,11 @@ def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = No
 
 
 def _activation_bytes(pb: _Problem) -> float:
-    """Live activations at the prefill step: about the two largest values at once."""
+    """Live activations at the prefill step: about the two largest values at once. The graph's
+    outputs (logits) do not count: prefill computes them only for each sequence's last token."""
     env = pb.env[0]
-    sizes = sorted((pb._bytes(n, env) for n in pb.nodes), reverse=True)
+    outs = set(pb.graph_outputs)
+    sizes = sorted((pb._bytes(n, env) for n in pb.nodes if n not in outs), reverse=True)
     return float(sum(sizes[:2]))
 
 

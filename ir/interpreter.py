@@ -9,13 +9,14 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .graph import Graph, Node, Param, ParamRef
-from .ops import REGISTRY, Op
+from .ops import RANK_DEPENDENT, REGISTRY, Op
 from .verify import bind_attrs
 
 
 def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tensor],
-                       names: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
-    """Tensors for ``names`` (default: all), computing derived params from their recipes."""
+                       names: Optional[set[str]] = None, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors for ``names`` (default: all), computing derived params from their recipes
+    (``rank``: whose slices ``local_shard`` recipes take)."""
     out: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
@@ -28,7 +29,8 @@ def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tens
             t = raw[name]
         else:
             args = [get(a.name) if isinstance(a, ParamRef) else a for a in p.recipe.args]
-            t = REGISTRY[p.recipe.op].ref(*args, **p.recipe.attr_dict).contiguous()
+            extra = {"rank": rank} if p.recipe.op in RANK_DEPENDENT else {}
+            t = REGISTRY[p.recipe.op].ref(*args, **p.recipe.attr_dict, **extra).contiguous()
         if tuple(t.shape) != p.type.concrete({}) or t.dtype != p.type.torch_dtype:
             raise ValueError(f"weight {name!r} is {t.dtype}{list(t.shape)}, the IR declares {p.type}")
         out[name] = t

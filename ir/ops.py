@@ -61,6 +61,11 @@ class Op(Enum):
     CONCAT = "concat"
     SLICE = "slice"
     TAKE = "take"
+    # tensor parallelism: collectives over the ranks of the group, and a rank's own slice
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    LOCAL_SHARD = "local_shard"
 
 
 UNARY = {Op.NEG, Op.RSQRT, Op.SQRT, Op.EXP, Op.TANH, Op.COS, Op.SIN, Op.SILU, Op.GELU, Op.RELU,
@@ -73,6 +78,11 @@ LAYOUT = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.CONC
 FOLDABLE = ELEMENTWISE | LAYOUT
 # Ops with an effect besides their result (they write the KV cache).
 EFFECTFUL = {Op.CACHED_ATTENTION}
+# Collectives: every rank runs the same graph, so removing or merging one happens on all ranks
+# alike; they stay pure for the passes.
+COLLECTIVE = {Op.ALL_REDUCE, Op.ALL_GATHER, Op.REDUCE_SCATTER}
+# Ops whose result depends on the rank (their reference takes ``rank=``, default the process's).
+RANK_DEPENDENT = COLLECTIVE | {Op.LOCAL_SHARD}
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,57 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, la
             enable_gqa=gqa)
         t = e
     return out
+
+
+def _group():
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist
+
+
+def _need_group(op: str, ranks: int):
+    d = _group()
+    if d is None or d.get_world_size() != ranks:
+        raise RuntimeError(f"{op} over {ranks} ranks needs a torch.distributed group of that size "
+                           "(run the artifact with ffc.load, which starts the ranks)")
+    return d
+
+
+def _all_reduce(x, *, ranks, rank=None):
+    y = x.contiguous().clone()
+    if ranks > 1:
+        _need_group("all_reduce", ranks).all_reduce(y)
+    return y
+
+
+def _all_gather(x, *, dim, ranks, rank=None):
+    if ranks == 1:
+        return x.clone()
+    d = _need_group("all_gather", ranks)
+    parts = [torch.empty_like(x.contiguous()) for _ in range(ranks)]
+    d.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def _local_shard(x, *, dim, ranks, rank=None):
+    """This rank's slice of ``x`` along ``dim`` (of ``ranks`` equal slices)."""
+    if rank is None:
+        d = _group()
+        rank = d.get_rank() if d is not None else 0
+    return x.chunk(ranks, dim)[rank].contiguous()
+
+
+def _reduce_scatter(x, *, dim, ranks, rank=None):
+    return _local_shard(_all_reduce(x, ranks=ranks), dim=dim, ranks=ranks, rank=rank)
+
+
+def _scaled_shape(factor_of):
+    def rule(in_shapes, *, dim, ranks, rank=None):
+        out = list(in_shapes[0])
+        out[dim] = factor_of(out[dim], ranks)
+        return tuple(out)
+    return rule
 
 
 _ACTS: dict[str, Callable] = {
@@ -261,6 +322,10 @@ REGISTRY: dict[Op, OpDef] = {
                                shape=_shape_same_as_first,
                                attrs=("layer", "scale", "window", "form")),
     Op.GLU: OpDef(ref=lambda a, b, *, act: _ACTS[act](a) * b, cost=_cost_elementwise, attrs=("act",)),
+    Op.ALL_REDUCE: OpDef(ref=_all_reduce, shape=lambda s, *, ranks, rank=None: tuple(s[0]), attrs=("ranks",)),
+    Op.ALL_GATHER: OpDef(ref=_all_gather, shape=_scaled_shape(lambda n, r: n * r), attrs=("dim", "ranks")),
+    Op.REDUCE_SCATTER: OpDef(ref=_reduce_scatter, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
+    Op.LOCAL_SHARD: OpDef(ref=_local_shard, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
     Op.ADD: _binary(torch.add),
     Op.SUB: _binary(torch.sub),
     Op.MUL: _binary(torch.mul),

@@ -114,9 +114,10 @@ def _linear(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
 def _embedding(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
     vocab, hidden = shape(node.inputs[1])
     last = len(node.type.shape) - 1
+    # (vocab-parallel lookup, rows split with a masked gather and a partial sum, is not offered
+    # yet: its local op differs from the global one; the lm_head shares rows as a column linear)
     res = [OpStrategy("replicated", (R, R), R)]
-    if _divisible(vocab, tp):   # vocab parallel: each rank looks up its rows, zeros elsewhere
-        res.append(OpStrategy("vocab", (R, S(0)), P))
+    del vocab
     if _divisible(hidden, tp):
         res.append(OpStrategy("hidden", (R, S(1)), S(last)))
     return res
@@ -236,7 +237,8 @@ RULES: dict[Op, _Rule] = {
     Op.LAYER_NORM: _norm,
     Op.ATTENTION: _attention,
     Op.SDPA: _attention,
-    Op.ROPE: lambda n, tp, sh: _broadcast(n, tp, sh),
+    # rope rotates pairs across the head dim: any dim but the last may split
+    Op.ROPE: lambda n, tp, sh: [st for st in _broadcast(n, tp, sh) if st.output.dim != len(n.type.shape) - 1],
     Op.GLU: lambda n, tp, sh: _broadcast(n, tp, sh),
     Op.ADD: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),
     Op.SUB: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),

@@ -19,6 +19,8 @@ class PassContext:
     model: str = ""  # for repro commands only
     dtype: str = "fp32"  # storage type of weights: fp32, bf16 or fp16
     kv_block_size: int = 16  # positions per paged-KV-cache block
+    tp: int = 1              # tensor-parallel ranks
+    tp_plan: tuple = ()      # ((node name, input placements, output placement), ...) from the search
 
 
 Pass = Callable[[Module, PassContext], Module]
@@ -48,19 +50,20 @@ def dump_name(index: int, name: str) -> str:
 
 
 def run_pipeline(module: Module, pipeline: list[Pass], ctx: PassContext,
-                 dump: Optional[Callable[[str, Module], None]] = None) -> PipelineResult:
+                 dump: Optional[Callable[[str, Module], None]] = None, first: int = 1) -> PipelineResult:
     """Apply ``pipeline`` in order. ``dump(file_name, module)`` sees the input (as
-    ``00-input.ir``) and the module after each pass."""
+    ``00-input.ir``) and the module after each pass. ``first``: the number of the first pass
+    (to continue a pipeline run in parts)."""
     from ffc.ir import print_module
     try:
         verify_module(module)
     except VerifyError as e:
         raise PassError(f"the input IR does not verify: {e}") from None
-    if dump:
+    if dump and first == 1:
         dump(dump_name(0, "input"), module)
     result = PipelineResult(module)
     done: list[str] = []
-    for k, p in enumerate(pipeline, 1):
+    for k, p in enumerate(pipeline, first):
         name = pass_name(p)
         before = print_module(result.module) if dump else None
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
 """The ordered pass pipeline: this list is the compiler."""
+from .apply_tensor_parallel import apply_tensor_parallel
 from .eliminate_common_subexpressions import eliminate_common_subexpressions
 from .eliminate_dead_code import eliminate_dead_code
 from .fold_constants import fold_constants
@@ -25,6 +26,8 @@ PIPELINE = [
     raise_attention,
     raise_glu,
     eliminate_dead_code,
+    # parallelization: the strategy search runs here (compiler/search.py), its plan is applied
+    apply_tensor_parallel,
     # horizontal fusion (weights concatenated at compile time)
     fuse_qkv,
     fuse_gate_up,
@@ -34,6 +37,10 @@ PIPELINE = [
     # storage type of weights (--dtype); computation stays fp32
     set_weight_dtype,
 ]
+
+
+# where compile stops to search a parallel strategy on the raised graph
+SEARCH_POINT = PIPELINE.index(apply_tensor_parallel)
 
 
 def pass_names() -> list[str]:

@@ -67,12 +67,13 @@ class BlockPool:
 
     def __init__(self, cache_type: TensorType, blocks_per_seq: int, num_blocks: int, device="cpu",
                  prefix_caching: bool = True):
+        """``device=None``: bookkeeping only (the ranks of a tensor-parallel artifact hold the tensors)."""
         self.layers, _, _, self.kv_heads, self.block_size, self.head_dim = cache_type.shape
         self.blocks_per_seq = blocks_per_seq         # block-table columns: ceil(max_seq_len / BS)
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
-        self.tensor = torch.empty(cache_type.concrete({"S": num_blocks}), dtype=cache_type.torch_dtype,
-                                  device=device)
+        self.tensor = None if device is None else torch.empty(cache_type.concrete({"S": num_blocks}),
+                                                              dtype=cache_type.torch_dtype, device=device)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
         self._index: dict[int, int] = {}             # prefix key -> block holding it

@@ -26,6 +26,28 @@ from .sampling import SamplingParams
 from .scheduler import Request, SchedulerConfig
 
 
+def _check_weights(root: Path, module, used: set, tp: int) -> dict:
+    """Every rank's weights file against the IR (shapes and dtypes, read from the headers); the
+    tensors of rank 0 when this process runs the model itself (tp == 1), else none."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+    from ffc.ir.types import DTYPES
+    names = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64"}
+    for rank in range(tp):
+        rel = f"weights/rank{rank}.safetensors"
+        try:
+            with safe_open(str(root / rel), "pt") as f:
+                have = {k: (tuple(f.get_slice(k).get_shape()), names.get(f.get_slice(k).get_dtype()))
+                        for k in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise ArtifactError(f"artifact file {rel} is unreadable ({e}); recompile") from None
+        for name, p in module.params.items():
+            if name in used and have.get(name) != (p.type.concrete({}), p.type.dtype):
+                raise ArtifactError(f"weight {name} in {rel} does not match the IR ({p.type}); recompile the artifact")
+    del DTYPES
+    return load_file(str(root / "weights" / "rank0.safetensors")) if tp == 1 else {}
+
+
 @dataclass
 class GenerationResult:
     texts: list[str]
@@ -35,7 +57,7 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None, *,
+    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None, ranks=None, *,
                  kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None,
                  prefix_caching: bool = True):
         self.path = path
@@ -45,7 +67,8 @@ class LLM:
         self.module = module
         self.weights = weights
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(module, weights, compiled)
+        self.runner = ModelRunner(module, weights, compiled, ranks)
+        self.ranks = ranks                # RankGroup of a tensor-parallel artifact
         self.cache_type = self.runner.cache_type
         self.max_seq_len = int(manifest.get("options", {}).get("max_seq_len")
                                or self.runner.blocks_per_seq * self.runner.block_size)
@@ -64,9 +87,16 @@ class LLM:
         if self._engine is None:
             pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
                                         self.config.max_requests_per_batch * self.runner.blocks_per_seq,
-                                        prefix_caching=self._prefix_caching)
+                                        device=None if self.ranks else "cpu", prefix_caching=self._prefix_caching)
+            if self.ranks is not None:
+                self.ranks.allocate_pool(pool.num_blocks)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
         return self._engine
+
+    def close(self) -> None:
+        """Stop the worker ranks of a tensor-parallel artifact (also done at exit)."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     @classmethod
     def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None,
@@ -87,28 +117,30 @@ class LLM:
             verify_module(module)
         except (OSError, IRParseError, VerifyError) as e:
             raise ArtifactError(f"artifact IR {final} is unreadable: {e}; recompile the artifact") from None
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            weights = load_file(str(root / "weights" / "rank0.safetensors"))
-        except (OSError, SafetensorError) as e:
-            raise ArtifactError(f"artifact file weights/rank0.safetensors is unreadable ({e}); recompile") from None
+        tp = int((manifest.get("parallel") or {}).get("tp", 1))
         used = set().union(*(g.param_names() for g in module.graphs.values()))
-        for name, p in module.params.items():
-            if name not in used:
-                continue
-            t = weights.get(name)
-            if t is None or tuple(t.shape) != p.type.concrete({}) or t.dtype != p.type.torch_dtype:
-                raise ArtifactError(f"weight {name} in weights/rank0.safetensors does not match the IR "
-                                    f"({p.type}); recompile the artifact")
+        weights = _check_weights(root, module, used, tp)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True,
                                                   trust_remote_code=False)
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
-        compiled = None
-        if backend != "interpreter":
+        compiled = ranks = None
+        if tp > 1:
+            if backend == "compiled":
+                raise ArtifactError(f"{root} is a tp={tp} artifact: its ranks run the reference interpreter "
+                                    "(generated kernels with collectives are not built yet)")
+            from . import distributed
+            if distributed.torchrun_env() is not None:       # started by torchrun, on one or more machines
+                rank, _ = distributed.join_torchrun_group()
+                if rank != 0:   # ranks > 0 serve rank 0's steps, then this process ends with it
+                    distributed.follow_torchrun(str(root), final)
+                    raise SystemExit(0)
+                ranks = distributed.TorchrunRanks(root, final, tp)
+            else:
+                ranks = distributed.RankGroup(root, final, tp)
+        elif backend != "interpreter":
             if not manifest.get("kernels"):
                 if backend == "compiled":
                     raise ArtifactError(f"{root} has no generated kernels (compiled with --no-codegen); "
@@ -116,7 +148,7 @@ class LLM:
             else:
                 from .compiled import open_compiled
                 compiled = open_compiled(root, manifest, weights, threads)
-        return cls(root, manifest, module, weights, tokenizer, compiled, **engine)
+        return cls(root, manifest, module, weights, tokenizer, compiled, ranks, **engine)
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

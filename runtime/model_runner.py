@@ -24,8 +24,9 @@ class Chunk:
 
 
 class ModelRunner:
-    def __init__(self, module, weights, compiled=None):
+    def __init__(self, module, weights, compiled=None, ranks=None):
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
+        self.ranks = ranks                # RankGroup running a tensor-parallel artifact, or None
         self.weights = weights
         self.graphs = {"prefill": module.graphs["prefill"], "decode": module.graphs["decode"]}
         self.cache_type = self.graphs["prefill"].input("kv_cache").type
@@ -40,6 +41,8 @@ class ModelRunner:
         return self.compiled.max_tokens(graph), self.compiled.max_rows(graph)
 
     def _call(self, graph: str, inputs: dict) -> torch.Tensor:
+        if self.ranks is not None:        # every rank holds its own slice of the KV pool
+            return self.ranks.run(graph, {k: v for k, v in inputs.items() if k != "kv_cache"})
         if self.compiled is not None:
             return self.compiled.run(graph, inputs)[0][0]
         return run_graph(self.graphs[graph], self.weights, inputs)[0][0]

@@ -420,3 +420,97 @@ graph prefill(%x : f32[1,T,8], %logits_index : i64[N]) {
     x = torch.randn(1, 5, 8)
     out, = run_graph(m.graphs["prefill"], params, {"x": x, "logits_index": torch.tensor([1, 4])})
     torch.testing.assert_close(out[0], torch.nn.functional.linear(x[0, [1, 4]], params["w"]))
+
+
+TP_BEFORE = """param @w1 : f32[8,4]
+param @w2 : f32[4,8]
+
+graph forward(%x : f32[1,T,4]) {
+  %0 = linear(%x, @w1) : f32[1,T,8]
+  %1 = silu(%0) : f32[1,T,8]
+  %2 = linear(%1, @w2) : f32[1,T,4]
+  %3 = add(%x, %2) : f32[1,T,4]
+  return %3
+}
+"""
+TP_AFTER = """param @w1 : f32[8,4]
+param @w2 : f32[4,8]
+param @w1.shard0of2 : f32[4,4] = local_shard(@w1) {dim=0, ranks=2}
+param @w2.shard1of2 : f32[4,4] = local_shard(@w2) {dim=1, ranks=2}
+
+graph forward(%x : f32[1,T,4]) {
+  %0 = linear(%x, @w1.shard0of2) : f32[1,T,4]
+  %1 = silu(%0) : f32[1,T,4]
+  %2 = linear(%1, @w2.shard1of2) : f32[1,T,4]
+  %3 = all_reduce(%2) {ranks=2} : f32[1,T,4]
+  %4 = add(%x, %3) : f32[1,T,4]
+  return %4
+}
+"""
+# Megatron's MLP: column-parallel up, row-parallel down, one all-reduce before the residual add
+TP_PLAN = (("0", ("R", "S(0)"), "S(2)"), ("1", ("S(2)",), "S(2)"), ("2", ("S(2)", "S(1)"), "P"),
+           ("3", ("R", "R"), "R"))
+
+
+class _Ranks:
+    """Ranks as threads of this process: collectives meet at a barrier (a test double of the
+    torch.distributed calls the collective ops make)."""
+
+    def __init__(self, n):
+        import threading
+        self.n, self.barrier, self.slots = n, threading.Barrier(n), [None] * n
+        self.local = threading.local()
+
+    def exchange(self, t):
+        self.slots[self.local.rank] = t.clone()
+        self.barrier.wait()
+        parts = list(self.slots)
+        self.barrier.wait()
+        return parts
+
+    def get_rank(self):
+        return self.local.rank
+
+    def get_world_size(self):
+        return self.n
+
+    def all_reduce(self, t):
+        t.copy_(sum(self.exchange(t)))
+
+    def all_gather(self, out, t):
+        for o, p in zip(out, self.exchange(t)):
+            o.copy_(p)
+
+
+def test_apply_tensor_parallel(monkeypatch):
+    import threading
+
+    from ffc.ir import ops
+    from ffc.passes.apply_tensor_parallel import apply_tensor_parallel
+    ctx = PassContext(max_seq_len=16, tp=2, tp_plan=TP_PLAN)
+    m0 = parse(full(TP_BEFORE))
+    m1 = apply_tensor_parallel(m0, ctx)
+    assert print_module(m1) == full(TP_AFTER)
+    assert print_module(m0) == full(TP_BEFORE)
+    verify_module(m1)
+    unchanged(apply_tensor_parallel, TP_BEFORE)                      # no plan: nothing to do
+    # each rank's graph on its own weights, collectives between the ranks, equals the original
+    ranks = _Ranks(2)
+    monkeypatch.setattr(ops, "_group", lambda: ranks)
+    raw = {"w1": torch.randn(8, 4), "w2": torch.randn(4, 8)}
+    x = torch.randn(1, 5, 4)
+    want, = run_graph(m0.graphs["forward"], raw, {"x": x})
+    got = [None, None]
+
+    def rank(r):
+        ranks.local.rank = r
+        got[r], = run_graph(m1.graphs["forward"], materialize_params(m1.params, raw, rank=r), {"x": x})
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for g in got:
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1.3e-6)
+    with pytest.raises(ValueError, match="no placement for %3"):
+        apply_tensor_parallel(m0, PassContext(max_seq_len=16, tp=2, tp_plan=TP_PLAN[:3]))

@@ -15,8 +15,7 @@ def _raised(model, max_seq_len):
     """The forward graph after the raise passes (where the search runs)."""
     from ffc import frontend
     from ffc.passes import PIPELINE, PassContext, run_pipeline
-    from ffc.passes.pipeline import pass_names
-    stop = pass_names().index("fuse_qkv")
+    from ffc.passes.pipeline import SEARCH_POINT as stop
     return run_pipeline(frontend.trace(model, max_seq_len), PIPELINE[:stop], PassContext(max_seq_len)).module
 
 

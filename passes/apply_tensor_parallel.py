@@ -1,0 +1,114 @@
+"""Apply a tensor-parallel strategy: the forward graph becomes what one rank runs (SPMD).
+
+Matches: a ``forward`` graph and ``ctx.tp_plan`` (node name as printed -> input placements,
+output placement), which the strategy search made on this same graph. Guarantees: every
+value gets its rank-local shape; sharded weights become ``local_shard`` recipes (each rank's
+weights file holds only its slice); between a producer's placement and what a consumer needs,
+the collective that converts it is inserted once per (value, placement): all_reduce (P->R),
+all_gather (S->R), reduce_scatter (P->S), all_gather + local_shard (S->S'), local_shard (R->S);
+graph outputs are replicated. The result equals the unsharded graph on every rank.
+"""
+from __future__ import annotations
+
+from ffc.ir import Graph, Module, Node, Op, TensorType
+from ffc.ir.graph import Param, ParamRef, Recipe
+from ffc.ir.ops import SHAPE_ATTRS
+from ffc.ir.sharding import Placement, R, local_shape
+from ffc.ir.text import node_names
+
+
+def _local_attr_shape(shape: tuple, placement: Placement, tp: int) -> tuple:
+    if placement.kind != "S":
+        return shape
+    out = list(shape)
+    out[placement.dim] = out[placement.dim] // tp
+    return tuple(out)
+
+
+def apply_tensor_parallel(module: Module, ctx) -> Module:
+    """Rewrite ``forward`` for one rank of ctx.tp (no-op without a plan or at tp=1)."""
+    plan, tp = getattr(ctx, "tp_plan", None), getattr(ctx, "tp", 1)
+    if not plan or tp == 1 or "forward" not in module.graphs:
+        return module
+    out = module.clone()
+    g = out.graphs["forward"]
+    names = node_names(g)
+    choice = {k: (tuple(None if p == "-" else Placement.parse(p) for p in ins), Placement.parse(o))
+              for k, ins, o in plan}
+    missing = [names[n] for n in g.nodes if names[n] not in choice]
+    if missing:
+        raise ValueError(f"the tensor-parallel plan has no placement for %{missing[0]} "
+                         f"({len(missing)} nodes); it was made for another graph")
+    placed: dict[Node, Placement] = {n: R for n in g.inputs}
+    converted: dict[tuple, Node] = {}
+    new_nodes: list[Node] = []
+
+    def emit(op, inputs, attrs, type_, origin) -> Node:
+        n = Node(op, inputs, attrs, type_, origin)
+        new_nodes.append(n)
+        return n
+
+    def reshard(v: Node, want: Placement) -> Node:
+        have = placed[v]
+        if have == want or (want.kind == "P" and have.kind == "P"):
+            return v
+        key = (v, want)
+        if key in converted:
+            return converted[key]
+        t = v.type
+        if want.kind == "P":
+            raise ValueError(f"%{names.get(v, v.name)} is {have}; nothing turns that into a partial sum")
+        if have.kind == "P":
+            if want.kind == "R":
+                res = emit(Op.ALL_REDUCE, (v,), {"ranks": tp}, t, v.origin)
+            else:
+                res = emit(Op.REDUCE_SCATTER, (v,), {"dim": want.dim, "ranks": tp},
+                           t.with_shape(_local_attr_shape(t.shape, want, tp)), v.origin)
+        elif have.kind == "S":
+            full = list(t.shape)
+            full[have.dim] = full[have.dim] * tp
+            res = emit(Op.ALL_GATHER, (v,), {"dim": have.dim, "ranks": tp}, t.with_shape(tuple(full)), v.origin)
+            if want.kind == "S":
+                res = emit(Op.LOCAL_SHARD, (res,), {"dim": want.dim, "ranks": tp},
+                           t.with_shape(_local_attr_shape(tuple(full), want, tp)), v.origin)
+        else:   # R -> S: this rank's slice
+            res = emit(Op.LOCAL_SHARD, (v,), {"dim": want.dim, "ranks": tp},
+                       t.with_shape(_local_attr_shape(t.shape, want, tp)), v.origin)
+        converted[key] = res
+        return res
+
+    def shard_param(ref: ParamRef, want: Placement) -> ParamRef:
+        if want is None or want.kind == "R":
+            return ref
+        if want.kind != "S":
+            raise ValueError(f"weight @{ref.name} cannot be {want}")
+        name = f"{ref.name}.shard{want.dim}of{tp}"
+        if name not in out.params:
+            p = out.params[ref.name]
+            out.params[name] = Param(name, TensorType(p.type.dtype, local_shape(p.type.shape, want, tp)),
+                                     Recipe(Op.LOCAL_SHARD, (ref,), (("dim", want.dim), ("ranks", tp))))
+        return ParamRef(name)
+
+    mapping: dict[Node, Node] = {n: n for n in g.inputs}
+    for n in g.nodes:
+        ins_want, out_place = choice[names[n]]
+        new_inputs = []
+        for v, want in zip(n.inputs, ins_want):
+            if isinstance(v, Node):
+                new_inputs.append(reshard(mapping[v], want if want is not None else R))
+            elif isinstance(v, ParamRef):
+                new_inputs.append(shard_param(v, want))
+            else:
+                new_inputs.append(v)
+        attrs = dict(n.attrs)
+        key = SHAPE_ATTRS.get(n.op)
+        if key is not None and out_place.kind == "S":
+            attrs[key] = _local_attr_shape(tuple(attrs[key]), out_place, tp)
+        nn = emit(n.op, tuple(new_inputs), attrs, n.type.with_shape(local_shape(n.type.shape, out_place, tp)),
+                  n.origin)
+        mapping[n] = nn
+        placed[nn] = out_place
+    outputs = [reshard(mapping[o], R) for o in g.outputs]
+    out.graphs["forward"] = Graph("forward", g.inputs, new_nodes, outputs)
+    out.prune_params()
+    return out

@@ -1,0 +1,326 @@
+"""Tensor-parallel ranks: local worker processes that run a sharded artifact in lockstep.
+
+The driver (the process that called ``ffc.load``) keeps the engine: scheduler, block tables,
+sampling. Each step it sends the step's inputs to every rank; every rank runs the same
+graph on its own weights (weights/rank{r}.safetensors) and its own slice of the KV pool,
+the collectives in the graph meeting over torch.distributed (gloo); rank 0 sends back the
+logits. A rank that raises or dies ends every rank and the caller gets one error naming it,
+within seconds: the driver watches the processes while it waits, collectives time out, and
+workers die with their parent (PR_SET_PDEATHSIG), so nothing hangs and nothing is orphaned.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ffc.errors import FfcError
+
+COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
+START_TIMEOUT_S = 120
+
+
+class RankError(FfcError):
+    """A worker rank failed; the message names it. All ranks have been stopped."""
+
+
+def _reap(procs: list, seconds: float) -> None:
+    import subprocess
+    for p in procs:
+        try:
+            p.wait(seconds)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Shard:
+    """What one rank holds: the graphs, its weights, its slice of the KV pool; it answers the
+    driver's messages ("pool", n) and ("run", graph, arrays)."""
+
+    def __init__(self, root: str, final_ir: str, rank: int):
+        from safetensors.torch import load_file
+
+        from ffc.ir import parse
+        self.rank = rank
+        self.module = parse((Path(root) / final_ir).read_text())
+        self.weights = load_file(str(Path(root) / "weights" / f"rank{rank}.safetensors"))
+        self.cache_type = self.module.graphs["prefill"].input("kv_cache").type
+        self.cache = None
+
+    def handle(self, msg: tuple):
+        from ffc.ir import run_graph
+        if msg[0] == "pool":
+            self.cache = None
+            self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype)
+            return None
+        _, graph, arrays = msg
+        inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        out = run_graph(self.module.graphs[graph], self.weights, dict(inputs, kv_cache=self.cache))[0][0]
+        return out.numpy() if self.rank == 0 else None
+
+
+def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn) -> None:
+    """One rank started by ``ffc.load``: join the group, then run steps until told to stop."""
+    _die_with_parent()
+    try:
+        import torch.distributed as dist
+        torch.set_num_threads(threads)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        shard = _Shard(root, final_ir, rank)
+        conn.send(("ready", rank))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            conn.send(("ok", shard.handle(msg)))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, then this rank exits
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"))
+        except (OSError, EOFError):
+            pass
+        os._exit(1)
+    finally:
+        try:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class RankGroup:
+    """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
+    each talking to this process over its own socket pair: no re-import of the caller's script)."""
+
+    def __init__(self, root: Path, final_ir: str, world: int, threads: Optional[int] = None):
+        import subprocess
+        import sys
+        from multiprocessing import Pipe
+        self.world = world
+        port = free_port()
+        threads = threads or max(1, (os.cpu_count() or world) // world)
+        self.procs, self.conns = [], []
+        for r in range(world):
+            parent, child = Pipe()
+            fd = child.fileno()
+            p = subprocess.Popen([sys.executable, "-m", "ffc.runtime.distributed", "--fd", str(fd), "--root", str(root),
+                                  "--ir", final_ir, "--rank", str(r), "--world", str(world), "--port", str(port),
+                                  "--threads", str(threads)], pass_fds=(fd,))
+            child.close()
+            self.procs.append(p)
+            self.conns.append(parent)
+        self._gather(START_TIMEOUT_S, "starting")
+
+    def _gather(self, timeout: Optional[float], what: str) -> list:
+        """One reply per rank; a rank that errors or dies stops all of them."""
+        replies: list = [None] * self.world
+        pending = set(range(self.world))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            for r in sorted(pending):
+                conn, proc = self.conns[r], self.procs[r]
+                try:
+                    ready = conn.poll(0.05)
+                except (OSError, EOFError):
+                    ready = False
+                if ready:
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        self._fail(f"rank {r} closed its connection while {what} (exit code {proc.poll()})")
+                    if msg[0] == "error":
+                        self._fail(self._cause(r, msg[1], what))
+                    replies[r] = msg[1]
+                    pending.discard(r)
+                elif proc.poll() is not None:
+                    self._fail(f"rank {r} died while {what} (exit code {proc.returncode}); all ranks stopped")
+            if deadline is not None and time.monotonic() > deadline:
+                self._fail(f"ranks {sorted(pending)} did not answer within {timeout:.0f} s while {what}")
+        return replies
+
+    def _cause(self, r: int, error: str, what: str) -> str:
+        """The root cause: a rank that died makes its peers' collectives fail, so name the dead
+        one first (waiting a moment for the OS to report it)."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            dead = [(k, p.poll()) for k, p in enumerate(self.procs) if k != r and p.poll() is not None]
+            if dead:
+                k, code = dead[0]
+                return (f"rank {k} died while {what} (exit code {code}); all ranks stopped "
+                        f"(rank {r} then failed: {error.splitlines()[0][:200]})")
+            time.sleep(0.05)
+        return f"rank {r} failed while {what}: {error}"
+
+    def _fail(self, message: str):
+        self.close(force=True)
+        raise RankError(message)
+
+    def call(self, msg: tuple, what: str) -> list:
+        if not self.procs:
+            raise RankError("the ranks have been stopped; load the artifact again")
+        for r, conn in enumerate(self.conns):
+            try:
+                conn.send(msg)
+            except (OSError, BrokenPipeError):
+                self._fail(f"rank {r} is gone (exit code {self.procs[r].poll()}); all ranks stopped")
+        return self._gather(None, what)
+
+    def run(self, graph: str, inputs: dict) -> torch.Tensor:
+        # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
+        arrays = {k: v.contiguous().numpy() for k, v in inputs.items()}
+        return torch.from_numpy(self.call(("run", graph, arrays), f"running a {graph} step")[0])
+
+    def allocate_pool(self, num_blocks: int) -> None:
+        self.call(("pool", num_blocks), "allocating the KV pool")
+
+    def close(self, force: bool = False) -> None:
+        procs, conns = self.procs, self.conns
+        self.procs, self.conns = [], []
+        if not force:
+            for c in conns:
+                try:
+                    c.send(("stop",))
+                except (OSError, BrokenPipeError):
+                    pass
+            _reap(procs, 5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        _reap(procs, 5)
+        for c in conns:
+            c.close()
+
+    def __del__(self):
+        try:
+            self.close(force=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------- torchrun
+def torchrun_env() -> Optional[tuple[int, int]]:
+    """(rank, world size) when this process was started by torchrun, else None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                  and "MASTER_ADDR" in os.environ):
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def join_torchrun_group() -> tuple[int, int]:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return dist.get_rank(), dist.get_world_size()
+
+
+class TorchrunRanks:
+    """Ranks started by torchrun (one per process, on any machines): this process is rank 0, the
+    driver, and holds shard 0 itself; every step's message reaches the others by a broadcast
+    over the same group the graph's collectives use."""
+
+    def __init__(self, root: Path, final_ir: str, world: int):
+        import torch.distributed as dist
+        if dist.get_world_size() != world or dist.get_rank() != 0:
+            raise RankError(f"the artifact has tp={world}, but torchrun started {dist.get_world_size()} processes "
+                            f"(this is rank {dist.get_rank()}); use --nnodes x --nproc-per-node = {world}")
+        self.world = world
+        self.procs: list = []
+        self.shard = _Shard(str(root), final_ir, 0)
+        self._open = True
+        import atexit
+        atexit.register(self.close)
+
+    def _send(self, msg: tuple):
+        import torch.distributed as dist
+        box = [msg]
+        try:
+            dist.broadcast_object_list(box, src=0)
+            return self.shard.handle(msg) if msg[0] != "stop" else None
+        except RuntimeError as e:
+            raise RankError(f"a torchrun rank failed ({str(e).splitlines()[0][:200]}); torchrun stops the others")
+
+    def run(self, graph: str, inputs: dict) -> torch.Tensor:
+        arrays = {k: v.contiguous().numpy() for k, v in inputs.items()}
+        return torch.from_numpy(self._send(("run", graph, arrays)))
+
+    def allocate_pool(self, num_blocks: int) -> None:
+        self._send(("pool", num_blocks))
+
+    def close(self, force: bool = False) -> None:
+        import torch.distributed as dist
+        if self._open and dist.is_initialized():
+            self._open = False
+            self._send(("stop",))
+
+
+def follow_torchrun(root: str, final_ir: str) -> None:
+    """Ranks > 0 under torchrun: hold a shard and answer rank 0's broadcasts until it stops."""
+    import torch.distributed as dist
+    shard = _Shard(root, final_ir, dist.get_rank())
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "stop":
+            break
+        shard.handle(box[0])
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="a rank of a tensor-parallel ffc artifact: started by ffc.load "
+                                             "(--fd ...), or under torchrun with --generate ARTIFACT")
+    ap.add_argument("--fd", type=int)
+    ap.add_argument("--root")
+    ap.add_argument("--ir")
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--world", type=int)
+    ap.add_argument("--port", type=int)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--generate", metavar="ARTIFACT", help="under torchrun: greedy tokens for --token-ids, "
+                                                           "printed by rank 0 as a JSON list")
+    ap.add_argument("--token-ids", default="")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    a = ap.parse_args(argv)
+    if a.generate:
+        import json
+
+        import ffc
+        llm = ffc.load(a.generate)          # ranks > 0 serve rank 0 inside load, then exit
+        try:
+            ids = [int(t) for t in a.token_ids.split(",") if t]
+            print(json.dumps(llm.generate([ids], a.max_new_tokens, ignore_eos=True).token_ids[0]), flush=True)
+        finally:
+            llm.close()
+        return
+    from multiprocessing.connection import Connection
+    _worker(a.root, a.ir, a.rank, a.world, a.port, a.threads, Connection(a.fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Tensor parallelism end to end: the searched strategy applied to the graph, weights sharded
+per rank, local worker ranks over gloo; greedy tokens equal one rank; a dead rank ends all."""
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+import ffc
+from conftest import PROMPTS, tiny_model_folder
+from ffc.cluster import PROFILE_DIR
+from ffc.runtime.distributed import RankError
+
+
+@pytest.fixture(scope="module")
+def free_link(tmp_path_factory):
+    """A100 numbers with a free interconnect: the search shards nearly everything, so the
+    plans exercise every collective the apply pass can insert."""
+    d = json.loads((PROFILE_DIR / "a100-nvlink.json").read_text())
+    d.update(name="free-link", kernel_overhead=0.0)
+    d["link"].update(latency=1e-12, bandwidth=1e18)
+    path = tmp_path_factory.mktemp("prof") / "free-link.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_source):
+    folder = tiny_model_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama", smol_source)
+    one = ffc.load(ffc.compile(str(folder), str(folder.parent / "tp1.ffc"), max_seq_len=64))
+    torch.manual_seed(3)
+    prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11, 5)]
+    return folder, prompts, one.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("tp,profile", [(2, "free"), (4, "free"), (2, "a100-nvlink")])
+def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
+    folder, prompts, want = tiny
+    prof = free_link if profile == "free" else profile
+    mem = None if profile == "free" else "20MiB"    # below the replicated weights (~26 MB): must shard
+    art = ffc.compile(str(folder), str(folder.parent / f"tp{tp}-{profile}.ffc"), max_seq_len=64, tp=tp,
+                      profile=prof, memory_per_device=mem)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["parallel"]["tp"] == tp and sum(manifest["parallel"]["collectives"].values()) > 0
+    assert sorted(p.name for p in (art / "weights").iterdir()) == [f"rank{r}.safetensors" for r in range(tp)]
+    ir = (art / manifest["final_ir"]).read_text()
+    assert "local_shard(@" in ir and ("all_reduce(" in ir or "all_gather(" in ir)
+    llm = ffc.load(art)
+    try:
+        got = llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids
+        assert got == want
+        # one at a time too (a different batch composition through the same ranks)
+        assert llm.generate([prompts[2]], max_new_tokens=8, ignore_eos=True).token_ids[0] == want[2][:8]
+    finally:
+        llm.close()
+
+
+def test_default_model_tp2_equals_one_rank(smol_llm, free_link, tmp_path):
+    art = ffc.compile("smollm2-135m", str(tmp_path / "smol-tp2.ffc"), max_seq_len=256, tp=2, profile=free_link)
+    text = (art / "parallel" / "strategy.txt").read_text()
+    assert "strategy: tp=2" in text and "rejected" in text
+    llm = ffc.load(art)
+    try:
+        got = llm.generate(PROMPTS, max_new_tokens=32)
+        want = smol_llm.generate(PROMPTS, max_new_tokens=32)
+        assert got.token_ids == want.token_ids
+    finally:
+        llm.close()
+
+
+def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny, free_link):
+    folder, prompts, _ = tiny
+    art = folder.parent / "tp2-free.ffc"
+    if not art.exists():
+        ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
+    llm = ffc.load(art)
+    procs = list(llm.ranks.procs)
+    victim = procs[1]
+    threading.Timer(1.5, victim.kill).start()
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match="rank 1"):
+        for _ in range(200):     # keep generating until the rank is gone
+            llm.generate(prompts, max_new_tokens=60, ignore_eos=True)
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 10
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
+    with pytest.raises(RankError, match="stopped"):
+        llm.generate(prompts[:1], max_new_tokens=2)
+
+
+def test_torchrun_two_nodes_on_localhost(tiny, free_link):
+    """`torchrun --nnodes 2` (two "machines" on localhost) runs the same artifact: rank 0 prints
+    what one rank generates."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    folder, prompts, want = tiny
+    art = folder.parent / "tp2-free.ffc"
+    if not art.exists():
+        ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
+    torchrun = shutil.which("torchrun") or None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ids = ",".join(map(str, prompts[0]))
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    node = [*cmd, "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+            str(port), "-m", "ffc.runtime.distributed", "--generate", str(art), "--token-ids", ids,
+            "--max-new-tokens", "12"]
+    other = subprocess.Popen(node[:len(cmd)] + ["--node-rank", "1"] + node[len(cmd):], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.run(node[:len(cmd)] + ["--node-rank", "0"] + node[len(cmd):], capture_output=True,
+                           text=True, timeout=300)
+    other.wait(60)
+    assert first.returncode == 0 and other.returncode == 0, first.stderr[-2000:] + other.stderr.read()[-2000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1]) == want[0][:12]
