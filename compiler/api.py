@@ -16,7 +16,7 @@ from ffc.passes.pipeline import SEARCH_POINT
 
 from . import __version__, build, frontend, sources
 from .codegen import render_sources
-from .lower import lower_module
+from .lower import LoweringError, lower_module
 from .artifact import ArtifactWriter
 from .errors import FfcError, InvalidRequestError
 from .options import MAX_SEQ_LEN_CAP, CompileOptions
@@ -94,9 +94,6 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
                              dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
                              max_batch=max_batch, kv_block_size=kv_block_size, tp=tp)
-    if tp > 1 and options.codegen:
-        log(f"tp={tp}: ranks run the reference interpreter (generated kernels with collectives are not built yet)")
-        options = replace(options, codegen=False)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -140,7 +137,17 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         if tokenizer.eos_token_id is not None:
             eos_ids = sorted(set(eos_ids) | {int(tokenizer.eos_token_id)})
         last_dump = f"{len(result.records):02d}-{result.records[-1].name}.ir"
-        kernels = build_kernels(art.root, final, options, log) if options.codegen else None
+        kernels = None
+        if options.codegen:
+            try:
+                kernels = build_kernels(art.root, final, options, log)
+            except LoweringError as e:
+                if tp == 1:
+                    raise
+                # a plan whose collectives read strided views: its ranks run the interpreter
+                log(f"no generated kernels for this tp plan ({e}); the ranks will run the reference interpreter")
+                import shutil
+                shutil.rmtree(art.path("kernels"), ignore_errors=True)
         manifest = {
             "ffc_version": __version__,
             "torch_version": torch.__version__,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ffc.ir import Graph, Module, Node, Op, ParamRef
-from ffc.ir.ops import BINARY, ELEMENTWISE, UNARY
+from ffc.ir.ops import BINARY, COLLECTIVE, ELEMENTWISE, UNARY
 from ffc.ir.types import DTYPES, eval_dim
 from ffc.ir.verify import bind_attrs
 
@@ -443,7 +443,8 @@ class GraphLowering:
     # ---------------------------------------------------------------- grouping the rest
     def group_rest(self) -> None:
         anchors = {Op.LINEAR: "linear", Op.RMS_NORM: "norm", Op.LAYER_NORM: "norm",
-                   Op.CACHED_ATTENTION: "attention", Op.EMBEDDING: "gather", Op.TAKE: "gather"}
+                   Op.CACHED_ATTENTION: "attention", Op.EMBEDDING: "gather", Op.TAKE: "gather",
+                   **{op: "collective" for op in COLLECTIVE | {Op.LOCAL_SHARD}}}
         for n in self.g.nodes:
             if n in self.owner or n.op in VIEW_OPS:
                 continue
@@ -580,6 +581,18 @@ class GraphLowering:
 
     def out_arg(self, node: Node) -> Arg:
         return Arg("buf", node.name, 0, node.type.dtype)
+
+    def spec_collective(self, g: Group):
+        """Not a kernel: the executor stops here and the runtime calls torch.distributed on the
+        arena (the input must be contiguous; the output is written contiguous)."""
+        n = g.anchor
+        a, v = self.arg(n.inputs[0], f"{n.op.value} input")
+        ra = v.row_access()
+        if ra is None or (ra[0] != "1" and ra[1] != str(ra[2])):
+            raise LoweringError(f"graph {self.g.name}: the input of {n.op.value} %{n.name} is not contiguous")
+        s = {"family": "collective", "op": n.op.value, "dim": n.attrs.get("dim"), "ranks": n.attrs["ranks"],
+             "in_shape": list(n.inputs[0].type.shape), "out_shape": list(n.type.shape)}
+        return s, [self.out_arg(g.outputs["out"]), a]
 
     def spec_linear(self, g: Group):
         lin = g.anchor
@@ -951,6 +964,9 @@ def lower_module(module: Module, *, target: str = "cpu", prefill_tokens: int = 2
     by_spec: dict[str, str] = {}
     for gp in graphs.values():
         for st in gp["steps"]:
+            if st["family"] == "collective":      # run by the runtime between executor segments
+                st["collective"], st["kernel"] = st.pop("spec"), None
+                continue
             key = json.dumps(st["spec"], sort_keys=True)
             if key not in by_spec:
                 by_spec[key] = f"k{len(by_spec)}_{st['family']}"
@@ -978,7 +994,8 @@ def describe_plan(plan: dict) -> str:
         for k, st in enumerate(gp["steps"]):
             args = " ".join(f"{a['kind']}:{a['name']}" + (f"+{a['offset']}" if a["offset"] else "")
                             for a in st["args"])
-            lines.append(f"  [{k:3d}] {st['kernel']:<18} {' '.join(st['nodes']):<28} <- {args}  # {st['origin']}")
+            what = st["kernel"] or f"{st['collective']['op']} (torch.distributed)"
+            lines.append(f"  [{k:3d}] {what:<18} {' '.join(st['nodes']):<28} <- {args}  # {st['origin']}")
             for w in st["why"]:
                 lines.append(f"        fused: {w}")
         acc = [d for d in gp["fusion"] if d["accepted"]]

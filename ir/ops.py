@@ -207,7 +207,7 @@ def _local_shard(x, *, dim, ranks, rank=None):
     if rank is None:
         d = _group()
         rank = d.get_rank() if d is not None else 0
-    return x.chunk(ranks, dim)[rank].contiguous()
+    return x.chunk(ranks, dim)[rank].clone()   # its own storage (a weights file cannot alias)
 
 
 def _reduce_scatter(x, *, dim, ranks, rank=None):

@@ -30,6 +30,7 @@ class CompiledPlan:
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
         self.graphs = plan["graphs"]
+        self._segments = {g: self.segments(g) for g in self.graphs}
 
     def max_tokens(self, graph: str) -> int:
         return int(self.graphs[graph]["max_tokens"])
@@ -53,6 +54,22 @@ class CompiledPlan:
             return cache.data_ptr() + a["offset"] * cache.stride(0) * cache.element_size()
         raise ArtifactError(f"plan argument kind {a['kind']!r} is unknown; recompile the artifact")
 
+    def segments(self, graph: str) -> list[tuple[str, object]]:
+        """The graph's steps as runs of kernels (one executor call each) and the collectives
+        between them: [("kernels", bound name) | ("collective", step), ...]."""
+        out, run = [], []
+        for st in self.graphs[graph]["steps"]:
+            if st["kernel"] is None:
+                if run:
+                    out.append(("kernels", (f"{graph}/{len(out)}", run)))
+                    run = []
+                out.append(("collective", st))
+            else:
+                run.append(st)
+        if run:
+            out.append(("kernels", (f"{graph}/{len(out)}", run)))
+        return out
+
     def bind(self, cache: torch.Tensor) -> None:
         key = (cache.data_ptr(), tuple(cache.shape))
         if self._bound_cache == key:
@@ -60,15 +77,35 @@ class CompiledPlan:
         if cache.numel() and not cache.is_contiguous():
             raise InvalidRequestError("the KV cache must be contiguous")
         for name, gp in self.graphs.items():
-            steps = [(st["kernel"], [self._addr(gp, a, cache) for a in st["args"]]) for st in gp["steps"]]
-            self.exe.bind(name, steps)
+            for kind, seg in self.segments(name):
+                if kind == "kernels":
+                    bound, steps = seg
+                    self.exe.bind(bound, [(st["kernel"], [self._addr(gp, a, cache) for a in st["args"]])
+                                          for st in steps])
         self._bound_cache = key
         self._cache = cache  # keep it alive while bound
+
+    def _collective(self, gp: dict, st: dict, env: dict) -> None:
+        """A collective step on arena memory, with the op's reference (torch.distributed)."""
+        from ffc.ir.ops import REGISTRY, Op
+        spec, (out_a, in_a) = st["collective"], st["args"]
+
+        def view(a, shape):
+            shape = [eval_dim(d, env) for d in shape]
+            t = self._view(gp, a["name"], a["dtype"], a["offset"] + math.prod(shape))
+            return t[a["offset"]:].view(shape)
+        x, y = view(in_a, spec["in_shape"]), view(out_a, spec["out_shape"])
+        attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
+        y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
 
     def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         gp = self.graphs[graph]
         env = self._stage(graph, inputs)
-        self.exe.run(graph, env["T"], env["N"], env["S"])
+        for kind, seg in self._segments[graph]:
+            if kind == "kernels":
+                self.exe.run(seg[0], env["T"], env["N"], env["S"])
+            else:
+                self._collective(gp, seg, env)
         outs = []
         for o in gp["outputs"]:
             shape = [eval_dim(d, env) for d in o["shape"]]
@@ -110,10 +147,20 @@ class CompiledPlan:
         return env
 
     def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
-        """Seconds per step of ``graph`` for these inputs (each kernel timed between barriers)."""
+        """Seconds of each step of ``graph`` for these inputs (kernels timed between barriers,
+        collectives by wall clock)."""
+        import time
         self.run(graph, inputs)
         env = self._stage(graph, inputs)
-        return list(self.exe.profile(graph, env["T"], env["N"], env["S"]))
+        out: list[float] = []
+        for kind, seg in self._segments[graph]:
+            if kind == "kernels":
+                out += list(self.exe.profile(seg[0], env["T"], env["N"], env["S"]))
+            else:
+                t0 = time.perf_counter()
+                self._collective(self.graphs[graph], seg, env)
+                out.append(time.perf_counter() - t0)
+        return out
 
 
 def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None) -> CompiledPlan:

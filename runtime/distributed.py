@@ -58,15 +58,21 @@ class _Shard:
     """What one rank holds: the graphs, its weights, its slice of the KV pool; it answers the
     driver's messages ("pool", n) and ("run", graph, arrays)."""
 
-    def __init__(self, root: str, final_ir: str, rank: int):
+    def __init__(self, root: str, final_ir: str, rank: int, backend: Optional[str] = None, threads: int = 1):
         from safetensors.torch import load_file
 
+        from ffc.artifact import read_manifest
         from ffc.ir import parse
         self.rank = rank
         self.module = parse((Path(root) / final_ir).read_text())
         self.weights = load_file(str(Path(root) / "weights" / f"rank{rank}.safetensors"))
         self.cache_type = self.module.graphs["prefill"].input("kv_cache").type
         self.cache = None
+        manifest = read_manifest(root, check_hashes=False)
+        self.compiled = None
+        if backend != "interpreter" and manifest.get("kernels"):   # the same kernels on every rank
+            from .compiled import open_compiled
+            self.compiled = open_compiled(root, manifest, self.weights, threads)
 
     def handle(self, msg: tuple):
         from ffc.ir import run_graph
@@ -75,12 +81,16 @@ class _Shard:
             self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype)
             return None
         _, graph, arrays = msg
-        inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        out = run_graph(self.module.graphs[graph], self.weights, dict(inputs, kv_cache=self.cache))[0][0]
+        inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
+        if self.compiled is not None:
+            out = self.compiled.run(graph, inputs)[0][0]
+        else:
+            out = run_graph(self.module.graphs[graph], self.weights, inputs)[0][0]
         return out.numpy() if self.rank == 0 else None
 
 
-def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn) -> None:
+def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn,
+            backend: Optional[str] = None) -> None:
     """One rank started by ``ffc.load``: join the group, then run steps until told to stop."""
     _die_with_parent()
     try:
@@ -89,7 +99,7 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        shard = _Shard(root, final_ir, rank)
+        shard = _Shard(root, final_ir, rank, backend, threads)
         conn.send(("ready", rank))
         while True:
             msg = conn.recv()
@@ -117,7 +127,8 @@ class RankGroup:
     """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
 
-    def __init__(self, root: Path, final_ir: str, world: int, threads: Optional[int] = None):
+    def __init__(self, root: Path, final_ir: str, world: int, threads: Optional[int] = None,
+                 backend: Optional[str] = None):
         import subprocess
         import sys
         from multiprocessing import Pipe
@@ -130,7 +141,7 @@ class RankGroup:
             fd = child.fileno()
             p = subprocess.Popen([sys.executable, "-m", "ffc.runtime.distributed", "--fd", str(fd), "--root", str(root),
                                   "--ir", final_ir, "--rank", str(r), "--world", str(world), "--port", str(port),
-                                  "--threads", str(threads)], pass_fds=(fd,))
+                                  "--threads", str(threads), "--backend", backend or "auto"], pass_fds=(fd,))
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
@@ -243,14 +254,14 @@ class TorchrunRanks:
     driver, and holds shard 0 itself; every step's message reaches the others by a broadcast
     over the same group the graph's collectives use."""
 
-    def __init__(self, root: Path, final_ir: str, world: int):
+    def __init__(self, root: Path, final_ir: str, world: int, backend: Optional[str] = None):
         import torch.distributed as dist
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise RankError(f"the artifact has tp={world}, but torchrun started {dist.get_world_size()} processes "
                             f"(this is rank {dist.get_rank()}); use --nnodes x --nproc-per-node = {world}")
         self.world = world
         self.procs: list = []
-        self.shard = _Shard(str(root), final_ir, 0)
+        self.shard = _Shard(str(root), final_ir, 0, backend, torch.get_num_threads())
         self._open = True
         import atexit
         atexit.register(self.close)
@@ -278,10 +289,10 @@ class TorchrunRanks:
             self._send(("stop",))
 
 
-def follow_torchrun(root: str, final_ir: str) -> None:
+def follow_torchrun(root: str, final_ir: str, backend: Optional[str] = None) -> None:
     """Ranks > 0 under torchrun: hold a shard and answer rank 0's broadcasts until it stops."""
     import torch.distributed as dist
-    shard = _Shard(root, final_ir, dist.get_rank())
+    shard = _Shard(root, final_ir, dist.get_rank(), backend, torch.get_num_threads())
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0)
@@ -302,6 +313,7 @@ def main(argv=None) -> None:
     ap.add_argument("--world", type=int)
     ap.add_argument("--port", type=int)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backend", default="auto", choices=["auto", "compiled", "interpreter"])
     ap.add_argument("--generate", metavar="ARTIFACT", help="under torchrun: greedy tokens for --token-ids, "
                                                            "printed by rank 0 as a JSON list")
     ap.add_argument("--token-ids", default="")
@@ -319,7 +331,8 @@ def main(argv=None) -> None:
             llm.close()
         return
     from multiprocessing.connection import Connection
-    _worker(a.root, a.ir, a.rank, a.world, a.port, a.threads, Connection(a.fd))
+    _worker(a.root, a.ir, a.rank, a.world, a.port, a.threads, Connection(a.fd),
+            None if a.backend == "auto" else a.backend)
 
 
 if __name__ == "__main__":

@@ -128,18 +128,18 @@ class LLM:
             torch.set_num_threads(threads)
         compiled = ranks = None
         if tp > 1:
-            if backend == "compiled":
-                raise ArtifactError(f"{root} is a tp={tp} artifact: its ranks run the reference interpreter "
-                                    "(generated kernels with collectives are not built yet)")
+            if backend == "compiled" and not manifest.get("kernels"):
+                raise ArtifactError(f"{root} has no generated kernels for its ranks; load it with "
+                                    "backend='interpreter' or recompile")
             from . import distributed
             if distributed.torchrun_env() is not None:       # started by torchrun, on one or more machines
                 rank, _ = distributed.join_torchrun_group()
                 if rank != 0:   # ranks > 0 serve rank 0's steps, then this process ends with it
-                    distributed.follow_torchrun(str(root), final)
+                    distributed.follow_torchrun(str(root), final, backend)
                     raise SystemExit(0)
-                ranks = distributed.TorchrunRanks(root, final, tp)
+                ranks = distributed.TorchrunRanks(root, final, tp, backend)
             else:
-                ranks = distributed.RankGroup(root, final, tp)
+                ranks = distributed.RankGroup(root, final, tp, backend=backend)
         elif backend != "interpreter":
             if not manifest.get("kernels"):
                 if backend == "compiled":

@@ -26,6 +26,17 @@ def free_link(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def fast_link(tmp_path_factory):
+    """A100 NVLink with no per-message latency: collectives cost their bytes only."""
+    d = json.loads((PROFILE_DIR / "a100-nvlink.json").read_text())
+    d["name"] = "fast-link"
+    d["link"]["latency"] = 1e-9
+    path = tmp_path_factory.mktemp("prof") / "fast-link.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smol_source):
     folder = tiny_model_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama", smol_source)
     one = ffc.load(ffc.compile(str(folder), str(folder.parent / "tp1.ffc"), max_seq_len=64))
@@ -46,6 +57,8 @@ def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
     assert sorted(p.name for p in (art / "weights").iterdir()) == [f"rank{r}.safetensors" for r in range(tp)]
     ir = (art / manifest["final_ir"]).read_text()
     assert "local_shard(@" in ir and ("all_reduce(" in ir or "all_gather(" in ir)
+    if profile != "free":   # contiguous collectives: the ranks run generated kernels
+        assert manifest["kernels"] and '"collective"' in (art / "kernels" / "plan.json").read_text()
     llm = ffc.load(art)
     try:
         got = llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids
@@ -56,10 +69,11 @@ def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
         llm.close()
 
 
-def test_default_model_tp2_equals_one_rank(smol_llm, free_link, tmp_path):
-    art = ffc.compile("smollm2-135m", str(tmp_path / "smol-tp2.ffc"), max_seq_len=256, tp=2, profile=free_link)
+def test_default_model_tp2_equals_one_rank(smol_llm, fast_link, tmp_path):
+    art = ffc.compile("smollm2-135m", str(tmp_path / "smol-tp2.ffc"), max_seq_len=256, tp=2, profile=fast_link)
     text = (art / "parallel" / "strategy.txt").read_text()
     assert "strategy: tp=2" in text and "rejected" in text
+    assert json.loads((art / "manifest.json").read_text())["kernels"]      # ranks run generated kernels
     llm = ffc.load(art)
     try:
         got = llm.generate(PROMPTS, max_new_tokens=32)
