@@ -70,6 +70,8 @@ def _search_strategy(module, options, profile, memory_per_device, workload, log)
     from .runtime.kv_cache import parse_memory
     from .search import Workload, search
     prof = profile_for(profile, log)
+    if prof.name == "local":   # the ranks are processes sharing this machine
+        prof = prof.shared_by(options.tp)
     w = Workload.parse(workload, max_seq_len=options.max_seq_len, weight_dtype=options.dtype)
     log(f"searching a tp={options.tp} strategy on {prof.name}")
     st = search(module, options.tp, 1, prof, w, parse_memory(memory_per_device))

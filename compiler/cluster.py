@@ -93,6 +93,16 @@ class DeviceProfile:
                        fitted=tuple((c, p, a * factor, b * factor) for c, p, a, b in self.link.fitted))
         return replace(self, name=f"{self.name} (link {factor:g}x slower)", link=link)
 
+    def shared_by(self, ranks: int) -> "DeviceProfile":
+        """One of ``ranks`` processes on this one machine: each gets 1/ranks of its compute, memory
+        bandwidth and memory (what local ranks of a calibrated CPU profile really have)."""
+        if ranks <= 1:
+            return self
+        return replace(self, name=f"{self.name} (1/{ranks} per rank)",
+                       peak_flops=tuple((k, v / ranks) for k, v in self.peak_flops),
+                       memory_bandwidth=self.memory_bandwidth / ranks, memory_bytes=self.memory_bytes / ranks,
+                       kernels=tuple((f, a, c * ranks, m * ranks) for f, a, c, m in self.kernels))
+
     def with_memory(self, nbytes: float) -> "DeviceProfile":
         return replace(self, memory_bytes=float(nbytes))
 
