@@ -14,6 +14,7 @@ stored in the manifest, and applied by a separate pass.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,7 +137,7 @@ class Strategy:
                  f"(weights {p['weight_bytes'] / 2**30:.2f}, KV {p['kv_bytes'] / 2**30:.2f}, "
                  f"activations {p['activation_bytes'] / 2**30:.2f}) of {p['memory_limit'] / 2**30:.1f} GiB",
                  f"collectives per workload: {len(self.collectives)} edges "
-                 + ", ".join(f"{k} x{n}" for k, n in sorted(_count(c.kind for c in self.collectives).items()))]
+                 + ", ".join(f"{k} x{n}" for k, n in sorted(Counter(c.kind for c in self.collectives).items()))]
         if self.references:
             lines.append("why: the same graph under other plans, on this profile:")
             for name, comp, comm, n in self.references:
@@ -155,13 +156,6 @@ class Strategy:
             lines.append(f"%{c.node:7} {c.op:16} {c.strategy:12} {', '.join(c.inputs) + ' -> ' + c.output:28} "
                          f"{c.compute_s * 1e3:8.3f}ms {c.memory / 2**20:8.1f}Mi  {alts}  # {c.origin}")
         return "\n".join(lines)
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for i in items:
-        out[i] = out.get(i, 0) + 1
-    return out
 
 
 class _Problem:
