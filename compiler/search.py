@@ -216,7 +216,7 @@ class _Problem:
 
     def _decode_attention(self, ins, out_shape):
         from ffc.ir.ops import Estimate
-        (q, _), (k, kdt) = ins[0], ins[1]
+        (q, _), (k, _) = ins[0], ins[1]
         b, h, t, d = q
         ctx = self.w.context
         kv = 2 * t * k[1] * ctx * d * 4

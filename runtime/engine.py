@@ -189,11 +189,15 @@ class Engine:
                 if id(req) in seen:
                     continue
                 seen.add(id(req))
-                if req.listener is not None:
-                    req.listener(req)
-                if req.finished and not req.done.is_set():
-                    for hook in self.on_finish:
-                        hook(req)
+                try:   # a listener that fails (e.g. its event loop closed) must not stall the others
+                    if req.listener is not None:
+                        req.listener(req)
+                    if req.finished and not req.done.is_set():
+                        for hook in self.on_finish:
+                            hook(req)
+                except Exception:  # noqa: BLE001
+                    log.exception("listener of request %s failed", req.id)
+                if req.finished:
                     req.done.set()
 
     def wait(self, reqs: Sequence[Request]) -> None:

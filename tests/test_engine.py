@@ -1,7 +1,6 @@
 """The serving engine: paged KV blocks, the step scheduler (token budget, preemption),
 in-flight batching equal to running alone, cancellation."""
 import pytest
-import torch
 
 import ffc
 from conftest import PROMPTS
