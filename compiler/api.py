@@ -65,16 +65,26 @@ def load_ir(path: str):
         raise FfcError(f"{path}: {e}") from None
 
 
+def stage_params(module, stage: int, pp: int) -> set:
+    """Weights the graphs of pipeline ``stage`` read (all graphs' when pp == 1)."""
+    graphs = [g for n, g in module.graphs.items() if pp == 1 or n.endswith(f"_stage{stage}")]
+    return set().union(*(g.param_names() for g in graphs))
+
+
 def _search_strategy(module, options, profile, memory_per_device, workload, log):
     from .calibrate import profile_for
     from .runtime.kv_cache import parse_memory
     from .search import Workload, search
     prof = profile_for(profile, log)
     if prof.name == "local":   # the ranks are processes sharing this machine
-        prof = prof.shared_by(options.tp)
+        prof = prof.shared_by(options.tp * options.pp)
     w = Workload.parse(workload, max_seq_len=options.max_seq_len, weight_dtype=options.dtype)
-    log(f"searching a tp={options.tp} strategy on {prof.name}")
-    st = search(module, options.tp, 1, prof, w, parse_memory(memory_per_device))
+    log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
+    st = search(module, options.tp, options.pp, prof, w, parse_memory(memory_per_device))
+    empty = [k for k, stage in enumerate(st.stages) if stage[4] < 0]
+    if empty:
+        raise InvalidRequestError(f"pipeline stage {empty[0]} would hold no transformer layer (only the embedding "
+                                  f"or the lm_head); use fewer stages than --pp {options.pp}")
     log(f"strategy: {st.prediction('collectives'):.0f} collectives, predicted decode step "
         f"{st.prediction('decode_s') * 1e3:.2f} ms")
     return st
@@ -84,7 +94,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                   allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None, *,
                   dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
                   prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16,
-                  tp: int = 1, profile: Optional[str] = None, memory_per_device=None,
+                  tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
                   workload: Optional[str] = None) -> Path:
     """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
     ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
@@ -95,7 +105,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     family = sources.check_architecture(config)
     options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
                              dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
-                             max_batch=max_batch, kv_block_size=kv_block_size, tp=tp)
+                             max_batch=max_batch, kv_block_size=kv_block_size, tp=tp, pp=pp)
+    if pp > 1 and tp > 1:
+        raise InvalidRequestError("tp and pp together are not built yet; plan them with --dry-run")
+    if pp > 1 and options.codegen:
+        log(f"pp={pp}: stage ranks run the reference interpreter (stage graphs are not lowered yet)")
+        options = replace(options, codegen=False)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -113,23 +128,27 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                           kv_block_size=options.kv_block_size)
         strategy = None
         result = run_pipeline(module, PIPELINE[:SEARCH_POINT], ctx, dump)
-        if tp > 1:
+        if tp > 1 or pp > 1:
             strategy = _search_strategy(result.module, options, profile, memory_per_device, workload, log)
-            ctx = replace(ctx, tp=tp, tp_plan=tuple((c.node, c.inputs, c.output) for c in strategy.choices))
+            ctx = replace(ctx, tp=tp, tp_plan=tuple((c.node, c.inputs, c.output) for c in strategy.choices),
+                          pp_stages=tuple((st[4], st[5]) for st in strategy.stages))
             art.path("parallel/strategy.txt").write_text(strategy.describe() + "\n")
         rest = run_pipeline(result.module, PIPELINE[SEARCH_POINT:], ctx, dump, first=SEARCH_POINT + 1)
         result.records += rest.records
         result.module = final = rest.module
-        if set(final.graphs) != {"prefill", "decode"}:
+        if pp == 1 and set(final.graphs) != {"prefill", "decode"}:
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected prefill and decode")
         log("writing weights")
         # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
         # weights) are needed at compile time only
-        used = set().union(*(g.param_names() for g in final.graphs.values()))
+        if pp > 1 and set(final.graphs) != {f"{g}_stage{k}" for g in ("prefill", "decode") for k in range(pp)}:
+            raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {pp} stages")
         from safetensors.torch import save_file
         raw = frontend.raw_weights(hf)
-        for rank in range(tp):   # each rank's file holds only its slices
-            weights = {k: v for k, v in materialize_params(final.params, raw, used, rank=rank).items() if k in used}
+        for rank in range(tp * pp):   # each rank's file holds only its slices / its stage's weights
+            mine = stage_params(final, rank // tp, pp)
+            weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp).items()
+                       if k in mine}
             save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path(f"weights/rank{rank}.safetensors")))
         tokenizer.save_pretrained(str(art.path("tokenizer")))
         gen = getattr(hf, "generation_config", None)
@@ -165,7 +184,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             "eos_token_ids": eos_ids,
             "kernels": kernels,
             "parallel": None if strategy is None else {
-                "tp": tp, "pp": 1, "profile": strategy.profile, "strategy": "parallel/strategy.txt",
+                "tp": tp, "pp": pp, "profile": strategy.profile, "strategy": "parallel/strategy.txt",
                 "predicted": dict(strategy.predicted),
                 "collectives": {k: sum(1 for c in strategy.collectives if c.kind == k)
                                 for k in sorted({c.kind for c in strategy.collectives})}},

@@ -33,16 +33,13 @@ def _compile(a) -> None:
                       memory_limit=parse_memory(a.memory_per_device), workload=Workload.parse(a.workload),
                       max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle, log=log))
         return
-    if pp != 1:
-        raise FfcError(f"building pp={pp} artifacts (stages with send/recv) is not implemented yet; `--dry-run` "
-                       "prints the split the search finds")
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")
     from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
                   codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
-                  kv_block_size=a.kv_block_size, tp=tp, profile=a.profile, memory_per_device=a.memory_per_device,
+                  kv_block_size=a.kv_block_size, tp=tp, pp=pp, profile=a.profile, memory_per_device=a.memory_per_device,
                   workload=a.workload)
     print(a.output)
 

@@ -24,6 +24,7 @@ class CompileOptions:
     max_batch: int = 128          # sequences per decode step and logit rows per prefill step
     kv_block_size: int = 16       # positions per paged-KV-cache block
     tp: int = 1                   # tensor-parallel ranks
+    pp: int = 1                   # pipeline stages
 
     def __post_init__(self):
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
@@ -35,8 +36,10 @@ class CompileOptions:
         if not isinstance(self.kv_block_size, int) or isinstance(self.kv_block_size, bool) \
                 or not 1 <= self.kv_block_size <= 1024:
             raise InvalidRequestError(f"kv_block_size must be an integer in 1..1024, got {self.kv_block_size!r}")
-        if not isinstance(self.tp, int) or isinstance(self.tp, bool) or not 1 <= self.tp <= 64:
-            raise InvalidRequestError(f"tp must be an integer in 1..64, got {self.tp!r}")
+        for name in ("tp", "pp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 64:
+                raise InvalidRequestError(f"{name} must be an integer in 1..64, got {v!r}")
         for name in ("prefill_tokens", "max_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:

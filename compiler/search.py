@@ -143,8 +143,9 @@ class Strategy:
             for name, comp, comm, n in self.references:
                 lines.append(f"  {name:30} compute {comp * 1e3:9.2f} ms + communication {comm * 1e3:9.2f} ms "
                              f"= {(comp + comm) * 1e3:9.2f} ms ({n} collectives)")
-        for k, (a, b, secs, mem) in enumerate(self.stages):
-            lines.append(f"stage {k}: segments {a}..{b}, {secs * 1e3:.2f} ms, {mem / 2**30:.2f} GiB")
+        for k, (a, b, secs, mem, la, lb) in enumerate(self.stages):
+            lines.append(f"stage {k}: segments {a}..{b} (layers {la}..{lb}), {secs * 1e3:.2f} ms, "
+                         f"{mem / 2**30:.2f} GiB")
         lines.append("")
         lines.append(f"{'node':8} {'op':16} {'strategy':12} {'inputs -> output':28} {'compute':>10} {'memory':>10}  "
                      f"rejected (extra time)")
@@ -530,7 +531,9 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
     out, i = [], m
     for k in range(pp, 0, -1):
         a = back[i][k]
-        out.append((a, i - 1, float(pre_t[i] - pre_t[a]), float(pre_m[i] - pre_m[a])))
+        layers = [x for j in range(a, i) for x in {layer_of(pb.nodes[n].origin) for n in segs[j]} if x is not None]
+        out.append((a, i - 1, float(pre_t[i] - pre_t[a]), float(pre_m[i] - pre_m[a]),
+                    min(layers, default=-1), max(layers, default=-1)))
         i = a
     return tuple(reversed(out))
 
@@ -539,7 +542,7 @@ def _stage_memory(pb: _Problem, pick: list[int], stages: tuple) -> list[tuple[fl
     """(weight bytes, KV bytes for one batch) per stage."""
     segs = _segments(pb)
     out = []
-    for a, b, _, _ in stages:
+    for a, b, *_ in stages:
         nodes = [j for seg in segs[a:b + 1] for j in seg]
         kv = sum(pb.memory[j][pick[j]] for j in nodes if pb.nodes[j].op in (Op.ATTENTION, Op.SDPA))
         out.append((sum(pb.memory[j][pick[j]] for j in nodes) - kv, kv))
@@ -551,7 +554,7 @@ def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], st
     consume, and the send of its output to the next stage."""
     segs = _segments(pb)
     stage_of = {}
-    for k, (a, b, _, _) in enumerate(stages):
+    for k, (a, b, *_) in enumerate(stages):
         for seg in segs[a:b + 1]:
             for j in seg:
                 stage_of[pb.name(pb.nodes[j])] = k
@@ -562,7 +565,7 @@ def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], st
     for c in colls:
         for k, nbytes in enumerate(c.bytes):
             out[stage_of[c.consumer]][k] += pb.profile.collective_time(c.kind, nbytes, pb.tp)
-    for s, (a, b, _, _) in enumerate(stages[:-1]):
+    for s, (a, b, *_) in enumerate(stages[:-1]):
         last = pb.nodes[segs[b][-1]]
         for k, env in enumerate(pb.env):
             out[s][k] += pb.profile.collective_time("send_recv", pb._bytes(last, env), 2)

@@ -21,6 +21,7 @@ class PassContext:
     kv_block_size: int = 16  # positions per paged-KV-cache block
     tp: int = 1              # tensor-parallel ranks
     tp_plan: tuple = ()      # ((node name, input placements, output placement), ...) from the search
+    pp_stages: tuple = ()    # ((first layer, last layer), ...) per pipeline stage, from the search
 
 
 Pass = Callable[[Module, PassContext], Module]

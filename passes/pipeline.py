@@ -13,6 +13,7 @@ from .raise_rope import raise_rope
 from .remove_noops import remove_noops
 from .select_logits import select_logits
 from .set_weight_dtype import set_weight_dtype
+from .split_pipeline_stages import split_pipeline_stages
 
 PIPELINE = [
     # clean-up
@@ -36,6 +37,8 @@ PIPELINE = [
     select_logits,
     # storage type of weights (--dtype); computation stays fp32
     set_weight_dtype,
+    # pipeline parallelism: one graph per stage (the search chose the layers of each)
+    split_pipeline_stages,
 ]
 
 

@@ -66,7 +66,10 @@ class _Shard:
         self.rank = rank
         self.module = parse((Path(root) / final_ir).read_text())
         self.weights = load_file(str(Path(root) / "weights" / f"rank{rank}.safetensors"))
-        self.cache_type = self.module.graphs["prefill"].input("kv_cache").type
+        # pipeline stages: rank s runs graphs "<graph>_stage<s>", receives its input from s-1, sends to s+1
+        self.pp = sum(1 for g in self.module.graphs if g.startswith("prefill_stage")) or 1
+        self.stage = rank if self.pp > 1 else 0
+        self.cache_type = self.module.graphs[self.graph("prefill")].input("kv_cache").type
         self.cache = None
         manifest = read_manifest(root, check_hashes=False)
         self.compiled = None
@@ -82,11 +85,26 @@ class _Shard:
             return None
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
+        g = self.module.graphs[self.graph(graph)]
+        if self.stage > 0:     # the residual stream from the previous stage
+            import torch.distributed as dist
+            t = g.input("hidden").type
+            hidden = torch.empty(t.concrete({"T": inputs["input_ids"].shape[1], "B": inputs["input_ids"].shape[1]}),
+                                 dtype=t.torch_dtype)
+            dist.recv(hidden, self.stage - 1)
+            inputs["hidden"] = hidden
         if self.compiled is not None:
-            out = self.compiled.run(graph, inputs)[0][0]
+            out = self.compiled.run(graph, inputs)[0]
         else:
-            out = run_graph(self.module.graphs[graph], self.weights, inputs)[0][0]
-        return out.numpy() if self.rank == 0 else None
+            out = run_graph(g, self.weights, inputs)[0]
+        if self.stage < self.pp - 1:
+            import torch.distributed as dist
+            dist.send(out.contiguous(), self.stage + 1)
+            return None
+        return out[0].numpy() if self.rank == 0 or self.pp > 1 else None
+
+    def graph(self, name: str) -> str:
+        return f"{name}_stage{self.stage}" if self.pp > 1 else name
 
 
 def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn,
@@ -204,7 +222,8 @@ class RankGroup:
     def run(self, graph: str, inputs: dict) -> torch.Tensor:
         # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
         arrays = {k: v.contiguous().numpy() for k, v in inputs.items()}
-        return torch.from_numpy(self.call(("run", graph, arrays), f"running a {graph} step")[0])
+        replies = self.call(("run", graph, arrays), f"running a {graph} step")
+        return torch.from_numpy(next(r for r in replies if r is not None))   # tp rank 0 or the last stage
 
     def allocate_pool(self, num_blocks: int) -> None:
         self.call(("pool", num_blocks), "allocating the KV pool")

@@ -26,15 +26,16 @@ from .sampling import SamplingParams
 from .scheduler import Request, SchedulerConfig
 
 
-def _check_weights(root: Path, module, used: set, tp: int) -> dict:
+def _check_weights(root: Path, module, tp: int, pp: int) -> dict:
     """Every rank's weights file against the IR (shapes and dtypes, read from the headers); the
-    tensors of rank 0 when this process runs the model itself (tp == 1), else none."""
+    tensors of rank 0 when this process runs the model itself (one rank), else none."""
+    from ffc.api import stage_params
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    from ffc.ir.types import DTYPES
     names = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64"}
-    for rank in range(tp):
+    for rank in range(tp * pp):
         rel = f"weights/rank{rank}.safetensors"
+        used = stage_params(module, rank // tp, pp)
         try:
             with safe_open(str(root / rel), "pt") as f:
                 have = {k: (tuple(f.get_slice(k).get_shape()), names.get(f.get_slice(k).get_dtype()))
@@ -44,8 +45,7 @@ def _check_weights(root: Path, module, used: set, tp: int) -> dict:
         for name, p in module.params.items():
             if name in used and have.get(name) != (p.type.concrete({}), p.type.dtype):
                 raise ArtifactError(f"weight {name} in {rel} does not match the IR ({p.type}); recompile the artifact")
-    del DTYPES
-    return load_file(str(root / "weights" / "rank0.safetensors")) if tp == 1 else {}
+    return load_file(str(root / "weights" / "rank0.safetensors")) if tp * pp == 1 else {}
 
 
 @dataclass
@@ -117,9 +117,9 @@ class LLM:
             verify_module(module)
         except (OSError, IRParseError, VerifyError) as e:
             raise ArtifactError(f"artifact IR {final} is unreadable: {e}; recompile the artifact") from None
-        tp = int((manifest.get("parallel") or {}).get("tp", 1))
-        used = set().union(*(g.param_names() for g in module.graphs.values()))
-        weights = _check_weights(root, module, used, tp)
+        par = manifest.get("parallel") or {}
+        tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
+        weights = _check_weights(root, module, tp, pp)
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True,
                                                   trust_remote_code=False)
@@ -127,7 +127,7 @@ class LLM:
         if threads:
             torch.set_num_threads(threads)
         compiled = ranks = None
-        if tp > 1:
+        if tp * pp > 1:
             if backend == "compiled" and not manifest.get("kernels"):
                 raise ArtifactError(f"{root} has no generated kernels for its ranks; load it with "
                                     "backend='interpreter' or recompile")
@@ -137,9 +137,9 @@ class LLM:
                 if rank != 0:   # ranks > 0 serve rank 0's steps, then this process ends with it
                     distributed.follow_torchrun(str(root), final, backend)
                     raise SystemExit(0)
-                ranks = distributed.TorchrunRanks(root, final, tp, backend)
+                ranks = distributed.TorchrunRanks(root, final, tp * pp, backend)
             else:
-                ranks = distributed.RankGroup(root, final, tp, backend=backend)
+                ranks = distributed.RankGroup(root, final, tp * pp, backend=backend)
         elif backend != "interpreter":
             if not manifest.get("kernels"):
                 if backend == "compiled":

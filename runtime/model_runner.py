@@ -28,11 +28,21 @@ class ModelRunner:
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.ranks = ranks                # RankGroup running a tensor-parallel artifact, or None
         self.weights = weights
-        self.graphs = {"prefill": module.graphs["prefill"], "decode": module.graphs["decode"]}
-        self.cache_type = self.graphs["prefill"].input("kv_cache").type
+        stages = sorted(g for g in module.graphs if g.startswith("prefill_stage"))
+        if stages:   # pipeline stages (run by the ranks): the first takes the inputs, the last gives logits
+            last = len(stages) - 1
+            self.graphs = {"prefill": module.graphs["prefill_stage0"], "decode": module.graphs["decode_stage0"]}
+            out_graph = module.graphs[f"decode_stage{last}"]
+            # the driver's pool only keeps books; size blocks by the stage with the most layers
+            self.cache_type = max((module.graphs[f"prefill_stage{k}"].input("kv_cache").type for k in range(last + 1)),
+                                  key=lambda t: t.shape[0])
+        else:
+            self.graphs = {"prefill": module.graphs["prefill"], "decode": module.graphs["decode"]}
+            out_graph = self.graphs["decode"]
+            self.cache_type = self.graphs["prefill"].input("kv_cache").type
         self.blocks_per_seq = int(self.graphs["prefill"].input("block_tables").type.shape[1])
         self.block_size = int(self.cache_type.shape[4])
-        self.vocab_size = int(self.graphs["decode"].outputs[0].type.shape[-1])
+        self.vocab_size = int(out_graph.outputs[0].type.shape[-1])
 
     def limits(self, graph: str) -> tuple[int, int]:
         """Most tokens and most sequences (rows) one call of ``graph`` takes."""

@@ -132,3 +132,33 @@ def test_torchrun_two_nodes_on_localhost(tiny, free_link):
     other.wait(60)
     assert first.returncode == 0 and other.returncode == 0, first.stderr[-2000:] + other.stderr.read()[-2000:]
     assert json.loads(first.stdout.strip().splitlines()[-1]) == want[0][:12]
+
+
+def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
+    """pp=2: one graph per stage (the second takes the residual stream as %hidden and recomputes
+    the rotary tables), each rank holds its stage's weights and KV layers; tokens equal one rank."""
+    folder, prompts, want = tiny
+    art = ffc.compile(str(folder), str(tmp_path / "pp2.ffc"), max_seq_len=64, pp=2, profile="a100-nvlink")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["parallel"]["pp"] == 2
+    ir = (art / manifest["final_ir"]).read_text()
+    assert "graph decode_stage1(" in ir and "%hidden : f32[1,B,64]" in ir and "kv_cache : f32[1,2,S," in ir
+    from safetensors import safe_open
+    names = [set(safe_open(str(art / "weights" / f"rank{r}.safetensors"), "pt").keys()) for r in range(2)]
+    assert any("layers.0." in k for k in names[0]) and not any("layers.1." in k for k in names[0])
+    assert any("layers.1." in k for k in names[1]) and not any("layers.0." in k for k in names[1])
+    llm = ffc.load(art)
+    try:
+        assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
+    finally:
+        llm.close()
+
+
+def test_default_model_pp2_equals_one_rank(smol_llm, tmp_path):
+    art = ffc.compile("smollm2-135m", str(tmp_path / "smol-pp2.ffc"), max_seq_len=256, pp=2, profile="a100-nvlink")
+    assert "stage 1: segments" in (art / "parallel" / "strategy.txt").read_text()
+    llm = ffc.load(art)
+    try:
+        assert llm.generate(PROMPTS, max_new_tokens=32).token_ids == smol_llm.generate(PROMPTS, max_new_tokens=32).token_ids
+    finally:
+        llm.close()

@@ -122,10 +122,10 @@ def test_pipeline_split_balances_cost_not_layers():
     m = _raised(model.to_empty(device="cpu"), 2048)
     st = search(m, tp=1, pp=4, profile=load_profile("a100-nvlink"), workload=Workload(max_seq_len=2048),
                 explain=False)
-    layers = [[k for k in range(a, b + 1) if 1 <= k <= 16] for a, b, _, _ in st.stages]  # segment 0: head
+    layers = [[k for k in range(a, b + 1) if 1 <= k <= 16] for a, b, *_ in st.stages]  # segment 0: head
     assert [x for part in layers for x in part] == list(range(1, 17))
     assert len(layers[-1]) < min(len(x) for x in layers[:-1])
-    secs = [s for _, _, s, _ in st.stages]
+    secs = [st_[2] for st_ in st.stages]
     # against four equal layer counts (4/4/4/4, the head with the first and the lm_head with the last)
     cost = {}
     for c in st.choices:

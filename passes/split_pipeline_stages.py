@@ -1,0 +1,124 @@
+"""Split every graph into pipeline stages: ``prefill`` -> ``prefill_stage0`` .. ``prefill_stage{pp-1}``.
+
+Matches: graphs over a KV cache and ``ctx.pp_stages`` (per stage, its first and last layer,
+from the strategy search). Guarantees: stage s holds its layers' nodes (by origin), the nodes
+before the first layer go to stage 0 and those after the last layer to the last stage; a value
+a stage needs from an earlier one is recomputed there when it depends only on graph inputs and
+weights (rotary tables), else it must be the one value that crosses the boundary (the residual
+stream): the earlier stage returns it (the runtime sends it), the next takes it as input
+``%hidden`` (received). Each stage's ``kv_cache`` holds only its layers (renumbered from 0).
+Chained, the stages compute what the whole graph did.
+"""
+from __future__ import annotations
+
+from ffc.ir import Graph, Module, Node, Op, TensorType
+
+
+def _layer(n: Node):
+    from ffc.search import layer_of
+    return layer_of(n.origin)
+
+
+def split_pipeline_stages(module: Module, ctx) -> Module:
+    """One graph per (graph, stage) for ctx.pp_stages (no-op with one stage)."""
+    stages = tuple(getattr(ctx, "pp_stages", ()) or ())
+    if len(stages) <= 1 or any("_stage" in name for name in module.graphs):
+        return module
+    out = module.clone()
+    for name in list(out.graphs):
+        g = out.graphs.pop(name)
+        for s, graph in enumerate(_split(g, stages)):
+            graph.name = f"{name}_stage{s}"
+            out.graphs[graph.name] = graph
+    out.prune_params()
+    return out
+
+
+def _split(g: Graph, stages: tuple) -> list[Graph]:
+    last = len(stages) - 1
+    order = {n: k for k, n in enumerate(g.nodes)}
+    layered = [n for n in g.nodes if _layer(n) is not None]
+    end_of_layers = max(order[n] for n in layered)
+
+    def stage_of(n: Node) -> int:
+        layer = _layer(n)
+        if layer is None:
+            return 0 if order[n] < end_of_layers else last
+        for s, (a, b) in enumerate(stages):
+            if a <= layer <= b:
+                return s
+        raise ValueError(f"layer {layer} of %{n.name} is in no pipeline stage {stages}")
+
+    pure: dict[Node, bool] = {}
+    for n in g.nodes:   # depends only on graph inputs and weights (safe to recompute anywhere)
+        pure[n] = n.op is not Op.CACHED_ATTENTION and all(
+            pure.get(i, True) for i in n.inputs if isinstance(i, Node))
+    inputs = {n: n for n in g.inputs}
+    cache = g.input("kv_cache")
+    graphs = []
+    carried = None   # (node of the previous stage that crosses, its type)
+    for s in range(len(stages)):
+        first_layer = stages[s][0]
+        mine = [n for n in g.nodes if stage_of(n) == s]
+        need = set(mine)
+        crossing = set()
+        stack = list(mine)
+        while stack:   # pull in recomputable producers from earlier stages
+            n = stack.pop()
+            for i in n.inputs:
+                if not isinstance(i, Node) or i in inputs or i in need:
+                    continue
+                if pure[i]:
+                    need.add(i)
+                    stack.append(i)
+                else:
+                    crossing.add(i)
+        if s > 0 and len(crossing) != 1:
+            raise ValueError(f"pipeline stage {s} needs {len(crossing)} values from earlier stages "
+                             f"({sorted('%' + c.name for c in crossing)}); only one (the residual stream) can cross")
+        if s == 0 and crossing:
+            raise ValueError("the first pipeline stage needs values it does not compute")
+        nlayers = stages[s][1] - stages[s][0] + 1
+        new_cache = Node(Op.INPUT, type=TensorType(cache.type.dtype, (nlayers,) + tuple(cache.type.shape[1:])),
+                         name="kv_cache")
+        new_inputs = [new_cache if n is cache else Node(Op.INPUT, type=n.type, name=n.name) for n in g.inputs]
+        mapping = {old: new for old, new in zip(g.inputs, new_inputs)}
+        if s > 0:
+            (x,) = crossing
+            if carried is None or x is not carried:
+                raise ValueError(f"stage {s} needs %{x.name}, but stage {s - 1} hands on another value")
+            hidden = Node(Op.INPUT, type=x.type, name="hidden")
+            new_inputs.append(hidden)
+            mapping[x] = hidden
+        nodes = []
+        for n in g.nodes:
+            if n not in need:
+                continue
+            attrs = dict(n.attrs)
+            if n.op is Op.CACHED_ATTENTION:
+                attrs["layer"] = n.attrs["layer"] - _first_cache_layer(g, first_layer)
+            c = Node(n.op, tuple(mapping.get(i, i) if isinstance(i, Node) else i for i in n.inputs), attrs,
+                     n.type, n.origin)
+            mapping[n] = c
+            nodes.append(c)
+        if s < len(stages) - 1:
+            # what the next stage needs: the last non-pure value this stage leaves live
+            nxt = [n for n in g.nodes if stage_of(n) == s + 1]
+            handed = {i for n in nxt for i in n.inputs if isinstance(i, Node) and i not in inputs
+                      and stage_of(i) <= s and not pure[i]}
+            if len(handed) != 1:
+                raise ValueError(f"pipeline stage {s + 1} needs {len(handed)} values from stage {s}")
+            carried = handed.pop()
+            outputs = [mapping[carried]]
+        else:
+            outputs = [mapping[o] for o in g.outputs]
+        graphs.append(Graph(g.name, new_inputs, nodes, outputs))
+    return graphs
+
+
+def _first_cache_layer(g: Graph, first_model_layer: int) -> int:
+    """The KV-cache layer index of the first attention in model layer ``first_model_layer``."""
+    for n in g.nodes:
+        if n.op is Op.CACHED_ATTENTION and (_layer(n) or 0) >= first_model_layer:
+            return n.attrs["layer"]
+    return 0
