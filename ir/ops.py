@@ -171,11 +171,41 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, la
     return out
 
 
+class _TensorParallelGroup:
+    """The ranks a collective op talks to: one pipeline stage's tensor-parallel ranks (a
+    torch.distributed subgroup), set by the runtime; the whole world when none was set."""
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def get_world_size(self) -> int:
+        return self.size
+
+    def all_reduce(self, t) -> None:
+        import torch.distributed as dist
+        dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, parts, t) -> None:
+        import torch.distributed as dist
+        dist.all_gather(parts, t, group=self.group)
+
+
+_TP_GROUP: list = []   # [the current _TensorParallelGroup] once the runtime sets one
+
+
+def set_tensor_parallel_group(group, rank: int, size: int) -> None:
+    """Collective ops of this process go to ``group`` (this rank is ``rank`` of ``size``)."""
+    _TP_GROUP[:] = [_TensorParallelGroup(group, rank, size)]
+
+
 def _group():
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    return dist
+    return _TP_GROUP[0] if _TP_GROUP else dist
 
 
 def _need_group(op: str, ranks: int):

@@ -4,9 +4,9 @@ Matches: graphs over a KV cache and ``ctx.pp_stages`` (per stage, its first and 
 from the strategy search). Guarantees: stage s holds its layers' nodes (by origin), the nodes
 before the first layer go to stage 0 and those after the last layer to the last stage; a value
 a stage needs from an earlier one is recomputed there when it depends only on graph inputs and
-weights (rotary tables), else it must be the one value that crosses the boundary (the residual
-stream): the earlier stage returns it (the runtime sends it), the next takes it as input
-``%hidden`` (received). Each stage's ``kv_cache`` holds only its layers (renumbered from 0).
+weights (rotary tables), else it crosses the boundary (the residual stream, and with tensor
+parallelism its shards): the earlier stage returns it (the runtime sends it), the next takes it
+as input ``%hidden``, ``%hidden1``, ... (received, in that order). Each stage's ``kv_cache`` holds only its layers (renumbered from 0).
 Chained, the stages compute what the whole graph did.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
     inputs = {n: n for n in g.inputs}
     cache = g.input("kv_cache")
     graphs = []
-    carried = None   # (node of the previous stage that crosses, its type)
+    carried: list = []   # the values the previous stage hands on, in graph order
     for s in range(len(stages)):
         first_layer = stages[s][0]
         mine = [n for n in g.nodes if stage_of(n) == s]
@@ -73,21 +73,18 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
                     stack.append(i)
                 else:
                     crossing.add(i)
-        if s > 0 and len(crossing) != 1:
-            raise ValueError(f"pipeline stage {s} needs {len(crossing)} values from earlier stages "
-                             f"({sorted('%' + c.name for c in crossing)}); only one (the residual stream) can cross")
         if s == 0 and crossing:
             raise ValueError("the first pipeline stage needs values it does not compute")
+        if s > 0 and not crossing <= set(carried):
+            raise ValueError(f"pipeline stage {s} needs {sorted('%' + c.name for c in crossing - set(carried))} from "
+                             f"before stage {s - 1}; only values the previous stage hands on can cross")
         nlayers = stages[s][1] - stages[s][0] + 1
         new_cache = Node(Op.INPUT, type=TensorType(cache.type.dtype, (nlayers,) + tuple(cache.type.shape[1:])),
                          name="kv_cache")
         new_inputs = [new_cache if n is cache else Node(Op.INPUT, type=n.type, name=n.name) for n in g.inputs]
         mapping = {old: new for old, new in zip(g.inputs, new_inputs)}
-        if s > 0:
-            (x,) = crossing
-            if carried is None or x is not carried:
-                raise ValueError(f"stage {s} needs %{x.name}, but stage {s - 1} hands on another value")
-            hidden = Node(Op.INPUT, type=x.type, name="hidden")
+        for k, x in enumerate(carried if s > 0 else ()):
+            hidden = Node(Op.INPUT, type=x.type, name="hidden" if k == 0 else f"hidden{k}")
             new_inputs.append(hidden)
             mapping[x] = hidden
         nodes = []
@@ -102,14 +99,18 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
             mapping[n] = c
             nodes.append(c)
         if s < len(stages) - 1:
-            # what the next stage needs: the last non-pure value this stage leaves live
+            # what the next stage needs from this one and before (in graph order): it is sent on
             nxt = [n for n in g.nodes if stage_of(n) == s + 1]
             handed = {i for n in nxt for i in n.inputs if isinstance(i, Node) and i not in inputs
                       and stage_of(i) <= s and not pure[i]}
-            if len(handed) != 1:
-                raise ValueError(f"pipeline stage {s + 1} needs {len(handed)} values from stage {s}")
-            carried = handed.pop()
-            outputs = [mapping[carried]]
+            if not handed:
+                raise ValueError(f"pipeline stage {s + 1} takes nothing from stage {s}")
+            missing = [x for x in handed if x not in mapping]
+            if missing:
+                raise ValueError(f"stage {s + 1} needs %{missing[0].name}, which stage {s} neither computes nor "
+                                 "receives")
+            carried = sorted(handed, key=lambda x: order[x])
+            outputs = [mapping[x] for x in carried]
         else:
             outputs = [mapping[o] for o in g.outputs]
         graphs.append(Graph(g.name, new_inputs, nodes, outputs))

@@ -66,12 +66,20 @@ class _Shard:
         self.rank = rank
         self.module = parse((Path(root) / final_ir).read_text())
         self.weights = load_file(str(Path(root) / "weights" / f"rank{rank}.safetensors"))
-        # pipeline stages: rank s runs graphs "<graph>_stage<s>", receives its input from s-1, sends to s+1
-        self.pp = sum(1 for g in self.module.graphs if g.startswith("prefill_stage")) or 1
-        self.stage = rank if self.pp > 1 else 0
+        manifest = read_manifest(root, check_hashes=False)
+        par = manifest.get("parallel") or {}
+        self.tp, self.pp = int(par.get("tp", 1)), int(par.get("pp", 1))
+        # rank = stage * tp + tp rank; stage s runs graphs "<graph>_stage<s>", receives its input
+        # from the same tp rank of stage s-1 and sends to that of stage s+1
+        self.stage, self.tp_rank = divmod(rank, self.tp)
+        if self.tp > 1 and self.pp > 1:
+            import torch.distributed as dist
+
+            from ffc.ir.ops import set_tensor_parallel_group
+            groups = [dist.new_group(list(range(s * self.tp, (s + 1) * self.tp))) for s in range(self.pp)]
+            set_tensor_parallel_group(groups[self.stage], self.tp_rank, self.tp)
         self.cache_type = self.module.graphs[self.graph("prefill")].input("kv_cache").type
         self.cache = None
-        manifest = read_manifest(root, check_hashes=False)
         self.compiled = None
         if backend != "interpreter" and manifest.get("kernels"):   # the same kernels on every rank
             from .compiled import open_compiled
@@ -86,22 +94,24 @@ class _Shard:
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
         g = self.module.graphs[self.graph(graph)]
-        if self.stage > 0:     # the residual stream from the previous stage
+        T = inputs["input_ids"].shape[1]
+        if self.stage > 0:     # the residual stream (and its shards) from the previous stage
             import torch.distributed as dist
-            t = g.input("hidden").type
-            hidden = torch.empty(t.concrete({"T": inputs["input_ids"].shape[1], "B": inputs["input_ids"].shape[1]}),
-                                 dtype=t.torch_dtype)
-            dist.recv(hidden, self.stage - 1)
-            inputs["hidden"] = hidden
+            for n in g.inputs:
+                if n.name.startswith("hidden"):
+                    t = torch.empty(n.type.concrete({"T": T, "B": T}), dtype=n.type.torch_dtype)
+                    dist.recv(t, self.rank - self.tp)
+                    inputs[n.name] = t
         if self.compiled is not None:
-            out = self.compiled.run(graph, inputs)[0]
+            outs = self.compiled.run(graph, inputs)
         else:
-            out = run_graph(g, self.weights, inputs)[0]
+            outs = run_graph(g, self.weights, inputs)
         if self.stage < self.pp - 1:
             import torch.distributed as dist
-            dist.send(out.contiguous(), self.stage + 1)
+            for o in outs:
+                dist.send(o.contiguous(), self.rank + self.tp)
             return None
-        return out[0].numpy() if self.rank == 0 or self.pp > 1 else None
+        return outs[0][0].numpy() if self.tp_rank == 0 else None   # the last stage's first tp rank
 
     def graph(self, name: str) -> str:
         return f"{name}_stage{self.stage}" if self.pp > 1 else name

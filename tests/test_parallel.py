@@ -162,3 +162,20 @@ def test_default_model_pp2_equals_one_rank(smol_llm, tmp_path):
         assert llm.generate(PROMPTS, max_new_tokens=32).token_ids == smol_llm.generate(PROMPTS, max_new_tokens=32).token_ids
     finally:
         llm.close()
+
+
+def test_tp2_by_pp2_equals_one_rank(tiny, fast_link, tmp_path):
+    """Four ranks: two stages of two tensor-parallel ranks each (collectives inside a stage's
+    group; each tp rank sends its part of the residual stream to the same tp rank of the next)."""
+    folder, prompts, want = tiny
+    art = ffc.compile(str(folder), str(tmp_path / "tp2pp2.ffc"), max_seq_len=64, tp=2, pp=2, profile=fast_link)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert (manifest["parallel"]["tp"], manifest["parallel"]["pp"]) == (2, 2)
+    assert sum(manifest["parallel"]["collectives"].values()) > 0
+    assert len(list((art / "weights").iterdir())) == 4
+    llm = ffc.load(art)
+    try:
+        assert len(llm.ranks.procs) == 4
+        assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
+    finally:
+        llm.close()
