@@ -156,11 +156,11 @@ class RankGroup:
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
 
     def __init__(self, root: Path, final_ir: str, world: int, threads: Optional[int] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, stages: int = 1):
         import subprocess
         import sys
         from multiprocessing import Pipe
-        self.world = world
+        self.world, self.stages = world, stages
         port = free_port()
         threads = threads or max(1, (os.cpu_count() or world) // world)
         self.procs, self.conns = [], []
@@ -219,7 +219,7 @@ class RankGroup:
         self.close(force=True)
         raise RankError(message)
 
-    def call(self, msg: tuple, what: str) -> list:
+    def _send_all(self, msg: tuple) -> None:
         if not self.procs:
             raise RankError("the ranks have been stopped; load the artifact again")
         for r, conn in enumerate(self.conns):
@@ -227,13 +227,24 @@ class RankGroup:
                 conn.send(msg)
             except (OSError, BrokenPipeError):
                 self._fail(f"rank {r} is gone (exit code {self.procs[r].poll()}); all ranks stopped")
+
+    def call(self, msg: tuple, what: str) -> list:
+        self._send_all(msg)
         return self._gather(None, what)
 
     def run(self, graph: str, inputs: dict) -> torch.Tensor:
-        # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
-        arrays = {k: v.contiguous().numpy() for k, v in inputs.items()}
-        replies = self.call(("run", graph, arrays), f"running a {graph} step")
-        return torch.from_numpy(next(r for r in replies if r is not None))   # tp rank 0 or the last stage
+        return self.run_many(graph, [inputs])[0]
+
+    def run_many(self, graph: str, batches: list) -> list:
+        """Several steps sent before any answer is awaited: pipeline stages overlap them."""
+        for inputs in batches:
+            # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
+            self._send_all(("run", graph, {k: v.contiguous().numpy() for k, v in inputs.items()}))
+        outs = []
+        for _ in batches:
+            replies = self._gather(None, f"running a {graph} step")
+            outs.append(torch.from_numpy(next(r for r in replies if r is not None)))  # tp rank 0 of the last stage
+        return outs
 
     def allocate_pool(self, num_blocks: int) -> None:
         self.call(("pool", num_blocks), "allocating the KV pool")
@@ -285,6 +296,7 @@ class TorchrunRanks:
 
     def __init__(self, root: Path, final_ir: str, world: int, backend: Optional[str] = None):
         import torch.distributed as dist
+        self.stages = 1   # steps go one at a time through the broadcast
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise RankError(f"the artifact has tp={world}, but torchrun started {dist.get_world_size()} processes "
                             f"(this is rank {dist.get_rank()}); use --nnodes x --nproc-per-node = {world}")

@@ -139,7 +139,7 @@ class LLM:
                     raise SystemExit(0)
                 ranks = distributed.TorchrunRanks(root, final, tp * pp, backend)
             else:
-                ranks = distributed.RankGroup(root, final, tp * pp, backend=backend)
+                ranks = distributed.RankGroup(root, final, tp * pp, backend=backend, stages=pp)
         elif backend != "interpreter":
             if not manifest.get("kernels"):
                 if backend == "compiled":

@@ -16,6 +16,9 @@ from ffc.errors import InvalidRequestError
 from ffc.ir import run_graph
 
 
+MICROBATCH_MIN_ROWS = 16   # sequences per pipeline micro-batch at least
+
+
 @dataclass(frozen=True)
 class Chunk:
     tokens: Sequence[int]      # token ids, at positions start .. start + len - 1
@@ -78,12 +81,23 @@ class ModelRunner:
             out = [self._prefill(part, cache) for part in self._packed(chunks)]
         return torch.cat(out, 0) if len(out) > 1 else out[0]
 
+    def _decode_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
+        return {"input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],
+                "position_ids": torch.tensor([c.start for c in chunks])[None],
+                "seq_ids": torch.arange(len(chunks)), "block_tables": self._tables(chunks), "kv_cache": cache}
+
     def _decode(self, chunks: Sequence[Chunk], cache: torch.Tensor) -> torch.Tensor:
-        n = len(chunks)
-        return self._call("decode", {
-            "input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],
-            "position_ids": torch.tensor([c.start for c in chunks])[None],
-            "seq_ids": torch.arange(n), "block_tables": self._tables(chunks), "kv_cache": cache})
+        stages = getattr(self.ranks, "stages", 1)
+        if stages > 1 and len(chunks) >= 2 * MICROBATCH_MIN_ROWS:
+            # pipeline stages: the batch as micro-batches in flight together, so stage s works
+            # on one while stage s+1 works on the one before (small batches stay whole: each
+            # micro-batch pays the step's fixed cost again)
+            m = min(stages, len(chunks) // MICROBATCH_MIN_ROWS)
+            parts = [chunks[k * len(chunks) // m:(k + 1) * len(chunks) // m] for k in range(m)]
+            outs = self.ranks.run_many("decode", [{k: v for k, v in self._decode_inputs(p, None).items()
+                                                   if k != "kv_cache"} for p in parts])
+            return torch.cat(outs, 0)
+        return self._call("decode", self._decode_inputs(chunks, cache))
 
     def _packed(self, chunks: Sequence[Chunk]) -> list[list[Optional[Chunk]]]:
         """Chunks packed into calls within the plan's tokens and rows; a chunk too long for one

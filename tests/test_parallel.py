@@ -150,6 +150,14 @@ def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
     llm = ffc.load(art)
     try:
         assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
+        # 32 sequences decode as two micro-batches in flight through the stages
+        many = [p[: 2 + k % 5] for k in range(32) for p in prompts[:1]]
+        one = ffc.load(folder.parent / "tp1.ffc").generate(many, max_new_tokens=6, ignore_eos=True).token_ids
+        sent = []
+        run_many = llm.ranks.run_many
+        llm.ranks.run_many = lambda g, batches: sent.append(len(batches)) or run_many(g, batches)
+        assert llm.generate(many, max_new_tokens=6, ignore_eos=True).token_ids == one
+        assert 2 in sent
     finally:
         llm.close()
 
