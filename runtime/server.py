@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -326,4 +327,8 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, model_name: 
     from .llm import LLM
     llm = LLM.load(artifact, **engine)
     app = create_app(llm, model_name)
+    # The engine thread gives up the GIL around every kernel call and torch op; with many streams
+    # the HTTP thread is always runnable, and at the default 5 ms switch interval each re-acquire
+    # can stall a step that long. A short interval keeps the engine's steps near their kernel time.
+    sys.setswitchinterval(0.0005)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=120)
