@@ -15,7 +15,6 @@ Calibration fits kernel costs at other shapes (decode batch 1-16 at context 32-1
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -23,45 +22,8 @@ import torch
 
 import ffc
 from ffc.cluster import load_profile
+from ffc.calibrate import time_collectives
 from ffc.kernel_cost import kernel_work, measure, step_inputs
-
-
-def _coll_worker(rank, world, port, sizes, runs, path):
-    import json
-
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    res = []
-    for n in sizes:
-        x = torch.zeros(n // 4)
-        ts = []
-        for _ in range(runs):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            ts.append(time.perf_counter() - t0)
-        res.append((n, statistics.median(ts)))
-    dist.destroy_process_group()
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(res, f)
-
-
-def measure_all_reduce(sizes, runs=15, world=2):
-    import json
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from ffc.runtime.distributed import free_port
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "r.json")
-        mp.start_processes(_coll_worker, args=(world, free_port(), sizes, runs, path), nprocs=world,
-                           start_method="spawn")
-        with open(path) as f:
-            return json.load(f)
 
 
 def main():
@@ -105,7 +67,7 @@ def main():
     cfg = llm.manifest["model"]["config"]
     hidden = int(cfg.get("hidden_size") or cfg.get("n_embd"))   # what a tp=2 plan all-reduces per token
     sizes = [b * hidden * 4 for b in a.batch] + [n * hidden * 4 for n in a.prefill]
-    for n, t in measure_all_reduce(sizes):
+    for _, n, t in time_collectives(2, runs=15, sizes=sizes, kinds=("all_reduce",)):
         p = profile.collective_time("all_reduce", n, 2)
         rows.append((f"all_reduce of {n / 1024:.0f} KiB, 2 ranks (gloo)", p, t))
         errors.append(abs(p - t) / t)

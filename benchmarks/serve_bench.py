@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -170,9 +169,8 @@ def main():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(f"{a.artifact}/tokenizer")
     reqs = make_requests(tok, a.requests, a.seed)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ffc.runtime.distributed import free_port
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "ffc.cli", "serve", a.artifact, "--port", str(port),
                              "--log-level", "warning", *a.server_args.split()])

@@ -75,9 +75,7 @@ def _search_strategy(module, options, profile, memory_per_device, workload, log)
     from .calibrate import profile_for
     from .runtime.kv_cache import parse_memory
     from .search import Workload, search
-    prof = profile_for(profile, log)
-    if prof.name == "local":   # the ranks are processes sharing this machine
-        prof = prof.shared_by(options.tp * options.pp)
+    prof = profile_for(profile, log).per_rank(options.tp * options.pp)
     w = Workload.parse(workload, max_seq_len=options.max_seq_len, weight_dtype=options.dtype)
     log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
     st = search(module, options.tp, options.pp, prof, w, parse_memory(memory_per_device))

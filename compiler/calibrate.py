@@ -58,14 +58,15 @@ def measure_overhead(runs: int = 200) -> float:
     return _median_time(lambda: x.add_(1.0), runs)
 
 
-def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str) -> None:
+def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str, sizes: list,
+                       kinds: tuple) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = []
     try:
-        for n in SIZES:
+        for n in sizes:
             x = torch.zeros(n // 4)
             parts = [torch.zeros(n // 4 // world) for _ in range(world)]
             ops = {
@@ -75,6 +76,8 @@ def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: st
                 "send_recv": lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None,
             }
             for kind, fn in ops.items():
+                if kind not in kinds:
+                    continue
                 try:
                     dist.barrier()
                     t = _median_time(fn, runs)
@@ -88,18 +91,24 @@ def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: st
             json.dump(results, f)
 
 
-def measure_collectives(world: int = 2, runs: int = 9) -> list:
-    """[(collective, ranks, a, b)]: t = a + b * bytes fitted over SIZES (least squares on relative
-    error, so the small sizes that fix the latency weigh as much as the large ones)."""
+def time_collectives(world: int = 2, runs: int = 9, sizes=SIZES,
+                      kinds=("all_reduce", "all_gather", "all_to_all", "send_recv")) -> list:
+    """[(collective, bytes, median seconds)] between ``world`` local gloo processes."""
     import tempfile
 
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "c.json")
-        mp.start_processes(_collective_worker, args=(world, free_port(), runs, path), nprocs=world,
-                           start_method="spawn")
+        mp.start_processes(_collective_worker, args=(world, free_port(), runs, path, list(sizes), tuple(kinds)),
+                           nprocs=world, start_method="spawn")
         with open(path) as f:
-            raw = json.load(f)
+            return [tuple(r) for r in json.load(f)]
+
+
+def measure_collectives(world: int = 2, runs: int = 9) -> list:
+    """[(collective, ranks, a, b)]: t = a + b * bytes fitted over SIZES (least squares on relative
+    error, so the small sizes that fix the latency weigh as much as the large ones)."""
+    raw = time_collectives(world, runs)
     fitted = []
     for kind in sorted({k for k, _, _ in raw}):
         pts = [(n, t) for k, n, t in raw if k == kind]
@@ -146,7 +155,7 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
                          peak_flops=tuple(sorted(flops.items())), memory_bandwidth=bw, memory_bytes=float(mem),
                          kernel_overhead=overhead,
                          link=Link("gloo-local", latency, bandwidth, tuple(fitted)),
-                         measured=(("threads", threads), ("world", world)), kernels=kernels)
+                         measured=(("threads", threads), ("world", world)), kernels=kernels, shared=True)
 
 
 def save(profile: DeviceProfile, path=None):

@@ -57,6 +57,7 @@ class DeviceProfile:
     measured: tuple = field(default=())   # ((what, value), ...) from calibrate, for the record
     kernels: tuple = ()       # ((family, a, c, m), ...): t = a + c*FLOPs + m*bytes, fitted on this
                               # machine's generated kernels (`ffc calibrate --artifact`)
+    shared: bool = False      # the whole machine, whose ranks are local processes sharing it (calibrated)
 
     def flops(self, dtype: str) -> float:
         table = dict(self.peak_flops)
@@ -93,15 +94,15 @@ class DeviceProfile:
                        fitted=tuple((c, p, a * factor, b * factor) for c, p, a, b in self.link.fitted))
         return replace(self, name=f"{self.name} (link {factor:g}x slower)", link=link)
 
-    def shared_by(self, ranks: int) -> "DeviceProfile":
-        """One of ``ranks`` processes on this one machine: each gets 1/ranks of its compute, memory
-        bandwidth and memory (what local ranks of a calibrated CPU profile really have)."""
-        if ranks <= 1:
+    def per_rank(self, ranks: int) -> "DeviceProfile":
+        """What one of ``ranks`` ranks has: a device of its own, or for a shared (calibrated)
+        machine 1/ranks of its compute, memory bandwidth and memory."""
+        if ranks <= 1 or not self.shared:
             return self
         return replace(self, name=f"{self.name} (1/{ranks} per rank)",
                        peak_flops=tuple((k, v / ranks) for k, v in self.peak_flops),
                        memory_bandwidth=self.memory_bandwidth / ranks, memory_bytes=self.memory_bytes / ranks,
-                       kernels=tuple((f, a, c * ranks, m * ranks) for f, a, c, m in self.kernels))
+                       kernels=tuple((f, a, c * ranks, m * ranks) for f, a, c, m in self.kernels), shared=False)
 
     def with_memory(self, nbytes: float) -> "DeviceProfile":
         return replace(self, memory_bytes=float(nbytes))
@@ -114,7 +115,7 @@ class DeviceProfile:
                          "fitted": [list(f) for f in self.link.fitted],
                          "algorithms": {c: list(a) for c, a in self.link.algorithms}},
                 "measured": dict(self.measured),
-                "kernels": {f: [a, c, m] for f, a, c, m in self.kernels}}
+                "kernels": {f: [a, c, m] for f, a, c, m in self.kernels}, "shared": self.shared}
 
     @classmethod
     def from_json(cls, d: dict) -> "DeviceProfile":
@@ -129,7 +130,8 @@ class DeviceProfile:
                                  tuple(sorted((c, tuple(a)) for c, a in link.get("algorithms", {}).items()))),
                        measured=tuple(sorted(d.get("measured", {}).items())),
                        kernels=tuple(sorted((f, float(a), float(c), float(m))
-                                            for f, (a, c, m) in d.get("kernels", {}).items())))
+                                            for f, (a, c, m) in d.get("kernels", {}).items())),
+                       shared=bool(d.get("shared", False)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidRequestError(f"device profile {d.get('name', '?')!r} is malformed ({e!r}); "
                                       "see compiler/profiles/*.json for the format") from None

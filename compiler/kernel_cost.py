@@ -17,19 +17,14 @@ from ffc.ir.types import DTYPES, eval_dim
 def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
     """Inputs of one step: ``decode``: ``batch`` sequences at position ``context``; ``prefill``:
     ``batch`` sequences of ``context`` new tokens each, from position 0. Caches hold noise."""
-    bs, mb = llm.runner.block_size, llm.runner.blocks_per_seq
-    per = -(-(context + 1) // bs)
+    from ffc.runtime.model_runner import Chunk
+    runner = llm.runner
+    per = -(-(context + 1) // runner.block_size)
     cache = torch.randn(llm.cache_type.concrete({"S": batch * per})) * 0.1
-    tables = torch.zeros(batch, mb, dtype=torch.long)
-    for b in range(batch):
-        tables[b, :per] = torch.arange(b * per, (b + 1) * per)
-    if graph == "decode":
-        return {"input_ids": torch.randint(100, 1000, (1, batch)), "position_ids": torch.full((1, batch), context),
-                "seq_ids": torch.arange(batch), "block_tables": tables, "kv_cache": cache}
-    t = batch * context
-    return {"input_ids": torch.randint(100, 1000, (1, t)), "position_ids": torch.arange(context).repeat(batch)[None],
-            "seq_ids": torch.arange(batch).repeat_interleave(context), "block_tables": tables, "kv_cache": cache,
-            "logits_index": torch.arange(1, batch + 1) * context - 1}
+    tokens = torch.randint(100, 1000, (batch, context)).tolist()
+    chunks = [Chunk(t[-1:], context, range(b * per, (b + 1) * per)) if graph == "decode" else
+              Chunk(t, 0, range(b * per, (b + 1) * per)) for b, t in enumerate(tokens)]
+    return (runner.decode_inputs if graph == "decode" else runner.prefill_inputs)(chunks, cache)
 
 
 def linear_family(rows: int, gemv_max_m: int = 8) -> str:
@@ -38,7 +33,7 @@ def linear_family(rows: int, gemv_max_m: int = 8) -> str:
 
 
 def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, float]]:
-    """(family, label, FLOPs, bytes) per kernel launch of ``graph`` for these inputs. Bytes are
+    """(family, label, FLOPs, bytes) per kernel launch (or collective) of ``graph`` for these inputs. Bytes are
     what a kernel reads and writes outside itself: its weights, arena buffers, and for
     attention the KV cache up to each token's position; gathers read only the rows they take."""
     plan = llm.compiled.plan
@@ -49,7 +44,14 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
     env = {"T": T, "B": T, "N": inputs["block_tables"].shape[0], "S": inputs["kv_cache"].shape[2]}
     ctx = float((inputs["position_ids"][0] + 1).sum())     # keys read, summed over tokens
     out = []
+    def buffer_bytes(a) -> float:
+        b = gp["buffers"][a["name"]]
+        return torch.Size([eval_dim(x, env) for x in b["shape"]]).numel() * DTYPES[b["dtype"]].itemsize
+
     for st in gp["steps"]:
+        if st["kernel"] is None:   # a collective between kernel segments: its op and the bytes it moves
+            out.append(("collective", st["collective"]["op"], 0.0, buffer_bytes(st["args"][1])))
+            continue
         spec = plan["kernels"][st["kernel"]]["spec"]
         family = linear_family(eval_dim(spec["M"].strip("()"), env), spec["gemv_max_m"]) \
             if spec["family"] == "linear" else spec["family"]
@@ -85,8 +87,7 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
                     w = llm.weights[a["name"]]
                     nbytes += w.numel() * w.element_size()
                 else:
-                    b = gp["buffers"][a["name"]]
-                    nbytes += torch.Size([eval_dim(x, env) for x in b["shape"]]).numel() * DTYPES[b["dtype"]].itemsize
+                    nbytes += buffer_bytes(a)
         label = st["origin"].split(".")[-1] or st["origin"]
         out.append((family, label, flops, nbytes))
     return out
@@ -105,7 +106,7 @@ def fit_families(samples: list[tuple[str, float, float, float]]) -> dict:
     import numpy as np
     from scipy.optimize import nnls
     out = {}
-    for fam in sorted({s[0] for s in samples}):
+    for fam in sorted({s[0] for s in samples} - {"collective"}):   # collectives: the link model
         rows = [(f, b, t) for f_, f, b, t in samples if f_ == fam and t > 0]
         A = np.array([[1.0, f, b] for f, b, _ in rows]) / np.array([[t] for _, _, t in rows])
         scale = np.maximum(A.max(axis=0), 1e-30)

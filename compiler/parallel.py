@@ -54,10 +54,8 @@ def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, 
         cands = [(int(tp), int(pp))]
     out = []
     for t, p in cands:
-        # a calibrated machine profile describes the whole machine: local ranks share it
-        prof = profile.shared_by(t * p) if profile.name == "local" else profile
         try:
-            out.append((t, p, search(module, t, p, prof, workload, memory_limit), ""))
+            out.append((t, p, search(module, t, p, profile.per_rank(t * p), workload, memory_limit), ""))
         except FfcError as e:
             out.append((t, p, None, str(e).split(";")[0]))
     return out

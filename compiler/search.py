@@ -302,16 +302,14 @@ def _solve(pb: _Problem, memory_limit: float, comm_scale: float = 1.0) -> list[i
                     ub[v] = 0.0
                 else:
                     c[v] = cost * comm_scale
-        for a in range(len(sk)):             # sum_b y[a, b] = x_k[a]
-            for b in range(len(sj)):
-                rows.append(r), cols.append(ebase[e] + a * len(sj) + b), vals.append(1.0)
-            rows.append(r), cols.append(base[k] + a), vals.append(-1.0)
-            lo.append(0.0), hi.append(0.0)
-            r += 1
-        for b in range(len(sj)):             # sum_a y[a, b] = x_j[b]
-            for a in range(len(sk)):
-                rows.append(r), cols.append(ebase[e] + a * len(sj) + b), vals.append(1.0)
-            rows.append(r), cols.append(base[j] + b), vals.append(-1.0)
+        # the edge's pair choice agrees with both ends: sum_b y[a, b] = x_k[a], sum_a y[a, b] = x_j[b]
+        ys = [[ebase[e] + a * len(sj) + b for b in range(len(sj))] for a in range(len(sk))]
+        marginals = [(ys[a], base[k] + a) for a in range(len(sk))] + \
+                    [([row[b] for row in ys], base[j] + b) for b in range(len(sj))]
+        for pair_vars, x in marginals:
+            rows += [r] * (len(pair_vars) + 1)
+            cols += pair_vars + [x]
+            vals += [1.0] * len(pair_vars) + [-1.0]
             lo.append(0.0), hi.append(0.0)
             r += 1
     for j, ss in enumerate(pb.strats):       # memory per rank
@@ -538,12 +536,16 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
     return tuple(reversed(out))
 
 
+def _stage_nodes(pb: _Problem, stages: tuple) -> list[list[int]]:
+    """Node indices of each stage (its segments' nodes)."""
+    segs = _segments(pb)
+    return [[j for seg in segs[a:b + 1] for j in seg] for a, b, *_ in stages]
+
+
 def _stage_memory(pb: _Problem, pick: list[int], stages: tuple) -> list[tuple[float, float]]:
     """(weight bytes, KV bytes for one batch) per stage."""
-    segs = _segments(pb)
     out = []
-    for a, b, *_ in stages:
-        nodes = [j for seg in segs[a:b + 1] for j in seg]
+    for nodes in _stage_nodes(pb, stages):
         kv = sum(pb.memory[j][pick[j]] for j in nodes if pb.nodes[j].op in (Op.ATTENTION, Op.SDPA))
         out.append((sum(pb.memory[j][pick[j]] for j in nodes) - kv, kv))
     return out
@@ -551,22 +553,15 @@ def _stage_memory(pb: _Problem, pick: list[int], stages: tuple) -> list[tuple[fl
 
 def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], stages: tuple) -> list[list[float]]:
     """Seconds of one step of each phase in each stage: its nodes, the collectives they
-    consume, and the send of its output to the next stage."""
-    segs = _segments(pb)
-    stage_of = {}
-    for k, (a, b, *_) in enumerate(stages):
-        for seg in segs[a:b + 1]:
-            for j in seg:
-                stage_of[pb.name(pb.nodes[j])] = k
-    out = [[0.0] * len(pb.phases) for _ in stages]
-    for j, n in enumerate(pb.nodes):
-        for k, t in enumerate(pb.step_cost[j][pick[j]]):
-            out[stage_of[pb.name(n)]][k] += t
+    consume, and the send of its last value to the next stage."""
+    members = _stage_nodes(pb, stages)
+    stage_of = {pb.name(pb.nodes[j]): k for k, nodes in enumerate(members) for j in nodes}
+    out = [[sum(pb.step_cost[j][pick[j]][k] for j in nodes) for k in range(len(pb.phases))] for nodes in members]
     for c in colls:
         for k, nbytes in enumerate(c.bytes):
             out[stage_of[c.consumer]][k] += pb.profile.collective_time(c.kind, nbytes, pb.tp)
-    for s, (a, b, *_) in enumerate(stages[:-1]):
-        last = pb.nodes[segs[b][-1]]
+    for s, nodes in enumerate(members[:-1]):
+        last = pb.nodes[nodes[-1]]
         for k, env in enumerate(pb.env):
             out[s][k] += pb.profile.collective_time("send_recv", pb._bytes(last, env), 2)
     return out

@@ -239,7 +239,8 @@ class RankGroup:
         """Several steps sent before any answer is awaited: pipeline stages overlap them."""
         for inputs in batches:
             # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
-            self._send_all(("run", graph, {k: v.contiguous().numpy() for k, v in inputs.items()}))
+            # (every rank holds its own slice of the KV pool: the driver's is not sent)
+            self._send_all(("run", graph, {k: v.contiguous().numpy() for k, v in inputs.items() if k != "kv_cache"}))
         outs = []
         for _ in batches:
             replies = self._gather(None, f"running a {graph} step")

@@ -54,8 +54,8 @@ class ModelRunner:
         return self.compiled.max_tokens(graph), self.compiled.max_rows(graph)
 
     def _call(self, graph: str, inputs: dict) -> torch.Tensor:
-        if self.ranks is not None:        # every rank holds its own slice of the KV pool
-            return self.ranks.run(graph, {k: v for k, v in inputs.items() if k != "kv_cache"})
+        if self.ranks is not None:
+            return self.ranks.run(graph, inputs)
         if self.compiled is not None:
             return self.compiled.run(graph, inputs)[0][0]
         return run_graph(self.graphs[graph], self.weights, inputs)[0][0]
@@ -81,7 +81,8 @@ class ModelRunner:
             out = [self._prefill(part, cache) for part in self._packed(chunks)]
         return torch.cat(out, 0) if len(out) > 1 else out[0]
 
-    def _decode_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
+    def decode_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
+        """The decode graph's inputs for single-token chunks (one row each)."""
         return {"input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],
                 "position_ids": torch.tensor([c.start for c in chunks])[None],
                 "seq_ids": torch.arange(len(chunks)), "block_tables": self._tables(chunks), "kv_cache": cache}
@@ -94,10 +95,8 @@ class ModelRunner:
             # micro-batch pays the step's fixed cost again)
             m = min(stages, len(chunks) // MICROBATCH_MIN_ROWS)
             parts = [chunks[k * len(chunks) // m:(k + 1) * len(chunks) // m] for k in range(m)]
-            outs = self.ranks.run_many("decode", [{k: v for k, v in self._decode_inputs(p, None).items()
-                                                   if k != "kv_cache"} for p in parts])
-            return torch.cat(outs, 0)
-        return self._call("decode", self._decode_inputs(chunks, cache))
+            return torch.cat(self.ranks.run_many("decode", [self.decode_inputs(p, None) for p in parts]), 0)
+        return self._call("decode", self.decode_inputs(chunks, cache))
 
     def _packed(self, chunks: Sequence[Chunk]) -> list[list[Optional[Chunk]]]:
         """Chunks packed into calls within the plan's tokens and rows; a chunk too long for one
@@ -118,17 +117,20 @@ class ModelRunner:
                 used += take
         return calls
 
-    def _prefill(self, call: list, cache: torch.Tensor) -> torch.Tensor:
+    def prefill_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
+        """The prefill graph's inputs for chunks packed into one token list (a row and a logit each)."""
         ids, pos, seqs, last = [], [], [], []
-        for r, (c, _) in enumerate(call):
+        for r, c in enumerate(chunks):
             ids += c.tokens
             pos += range(c.start, c.start + len(c.tokens))
             seqs += [r] * len(c.tokens)
             last.append(len(ids) - 1)
-        logits = self._call("prefill", {
-            "input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
-            "seq_ids": torch.tensor(seqs), "block_tables": self._tables([c for c, _ in call]),
-            "kv_cache": cache, "logits_index": torch.tensor(last)})
+        return {"input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
+                "seq_ids": torch.tensor(seqs), "block_tables": self._tables(chunks), "kv_cache": cache,
+                "logits_index": torch.tensor(last)}
+
+    def _prefill(self, call: list, cache: torch.Tensor) -> torch.Tensor:
+        logits = self._call("prefill", self.prefill_inputs([c for c, _ in call], cache))
         keep = [r for r, (_, final) in enumerate(call) if final]
         return logits if len(keep) == len(call) else logits[keep]
 

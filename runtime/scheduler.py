@@ -57,10 +57,9 @@ class Request:
         return len(self.prompt) + len(self.out)
 
     def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens start .. start+n-1 of prompt + output (no copy of the whole sequence per step)."""
         p = len(self.prompt)
-        if start + n <= p:
-            return self.prompt[start:start + n]
-        return (self.prompt + self.out)[start:start + n]
+        return self.prompt[start:start + n] + self.out[max(start - p, 0):max(start + n - p, 0)]
 
     @property
     def finished(self) -> bool:

@@ -109,17 +109,16 @@ def test_torchrun_two_nodes_on_localhost(tiny, free_link):
     """`torchrun --nnodes 2` (two "machines" on localhost) runs the same artifact: rank 0 prints
     what one rank generates."""
     import shutil
-    import socket
     import subprocess
     import sys
+
+    from ffc.runtime.distributed import free_port
     folder, prompts, want = tiny
     art = folder.parent / "tp2-free.ffc"
     if not art.exists():
         ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
     torchrun = shutil.which("torchrun") or None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ids = ",".join(map(str, prompts[0]))
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     node = [*cmd, "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
