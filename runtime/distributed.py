@@ -151,6 +151,12 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
             pass
 
 
+def _arrays(inputs: dict) -> dict:
+    """A step's inputs as sent to the ranks: numpy arrays (torch's pickler would share tensors
+    through a resource server), without the KV pool (every rank holds its own slice)."""
+    return {k: v.contiguous().numpy() for k, v in inputs.items() if k != "kv_cache"}
+
+
 class RankGroup:
     """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
@@ -238,9 +244,7 @@ class RankGroup:
     def run_many(self, graph: str, batches: list) -> list:
         """Several steps sent before any answer is awaited: pipeline stages overlap them."""
         for inputs in batches:
-            # numpy arrays, not tensors: torch's pickler would share tensors through a resource server
-            # (every rank holds its own slice of the KV pool: the driver's is not sent)
-            self._send_all(("run", graph, {k: v.contiguous().numpy() for k, v in inputs.items() if k != "kv_cache"}))
+            self._send_all(("run", graph, _arrays(inputs)))
         outs = []
         for _ in batches:
             replies = self._gather(None, f"running a {graph} step")
@@ -318,8 +322,7 @@ class TorchrunRanks:
             raise RankError(f"a torchrun rank failed ({str(e).splitlines()[0][:200]}); torchrun stops the others")
 
     def run(self, graph: str, inputs: dict) -> torch.Tensor:
-        arrays = {k: v.contiguous().numpy() for k, v in inputs.items()}
-        return torch.from_numpy(self._send(("run", graph, arrays)))
+        return torch.from_numpy(self._send(("run", graph, _arrays(inputs))))
 
     def allocate_pool(self, num_blocks: int) -> None:
         self._send(("pool", num_blocks))
