@@ -104,9 +104,6 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
                              dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
                              max_batch=max_batch, kv_block_size=kv_block_size, tp=tp, pp=pp)
-    if pp > 1 and options.codegen:
-        log(f"pp={pp}: stage ranks run the reference interpreter (stage graphs are not lowered yet)")
-        options = replace(options, codegen=False)
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)

@@ -180,9 +180,10 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
         if plan["kernels"][st["kernel"]]["family"] != "linear":
             continue
         for a in st["args"]:
-            if a["kind"] == "param" and a["name"] not in seen:
+            if a["kind"] in ("param", "packed") and a["name"] not in seen:
                 seen.add(a["name"])
-                wbytes += llm.weights[a["name"]].numel() * llm.weights[a["name"]].element_size()
+                w = llm.compiled.arg_tensor(a)
+                wbytes += w.numel() * w.element_size()
     bw = llm.compiled.lib.read_bandwidth(1 << 30, 7, llm.compiled.exe.threads)
     roof = bw / wbytes
     dec1 = next((statistics.median(r.ffc) for r in rows if r.name.startswith("decode batch 1 ")), float("nan"))

@@ -39,7 +39,7 @@ def toolchain(target: str) -> dict:
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler: {cxx!r} is not on PATH; install g++ or set CXX")
     includes = [pybind11.get_include(), sysconfig.get_paths()["include"]]
-    cflags = ["-O3", "-march=native", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
+    cflags = ["-O3", f"-march={knobs.cpu_arch()}", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden",
               "-Wall", "-Wno-unused-function", "-Wno-unused-variable", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
     tc = {"cxx": cxx, "cflags": cflags, "includes": includes,
           "ldflags": ["-shared", "-fopenmp", f"-L{_torch_lib()}", "-ltorch_cpu", f"-Wl,-rpath,{_torch_lib()}"],
@@ -176,7 +176,7 @@ def build(kernels_dir: Path, target: str, spans: Optional[list[KernelSpan]] = No
 
 def load_library(path: Path):
     """Import a built kernel library (the module name is the file's stem up to the suffix)."""
-    import torch  # noqa: F401 - the library links libtorch_cpu (MKL sgemm) and its OpenMP
+    import torch  # noqa: F401 - the library links libtorch_cpu for torch's OpenMP runtime (one thread pool)
     name = path.name.split(".")[0]
     if name in sys.modules:
         return sys.modules[name]

@@ -28,7 +28,7 @@ def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
 
 
 def linear_family(rows: int, gemv_max_m: int = 8) -> str:
-    """Linears run two code paths: weights streamed once per row block (GEMV, few rows) or a BLAS GEMM."""
+    """Linears are bound by weight reads for few rows (GEMV) and by FMAs for many (GEMM): two cost fits."""
     return "linear_gemv" if rows <= gemv_max_m else "linear_gemm"
 
 
@@ -83,8 +83,8 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
                 if key in seen or a["kind"] == "cache":
                     continue
                 seen.add(key)
-                if a["kind"] == "param":
-                    w = llm.weights[a["name"]]
+                if a["kind"] in ("param", "packed"):
+                    w = llm.compiled.arg_tensor(a)
                     nbytes += w.numel() * w.element_size()
                 else:
                     nbytes += buffer_bytes(a)

@@ -19,3 +19,9 @@ def num_threads() -> int | None:
 def cuda_archs() -> list[str]:
     """FFC_CUDA_ARCHS: comma-separated SM versions CUDA kernels are built for (default 80,90)."""
     return [a.strip() for a in (os.environ.get("FFC_CUDA_ARCHS") or "80,90").split(",") if a.strip()]
+
+
+def cpu_arch() -> str:
+    """FFC_CPU_ARCH: the -march CPU kernels are built for (default native: the building machine's
+    ISA; e.g. haswell for AVX2, x86-64 for no SIMD, or the oldest machine an artifact must run on)."""
+    return os.environ.get("FFC_CPU_ARCH") or "native"

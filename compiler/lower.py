@@ -31,7 +31,7 @@ from ffc.ir.verify import bind_attrs
 
 from .errors import FfcError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2                      # 2: CPU linear weights packed in panels
 DIMS = ("T", "N", "S")                # the dynamic dims every kernel receives, in this order
 VIEW_OPS = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.SLICE}
 POINTWISE_OPS = ELEMENTWISE | {Op.GLU, Op.CONCAT, Op.ROPE}
@@ -41,8 +41,8 @@ CTYPES = {"f32": "float", "bf16": "ffc_bf16", "f16": "ffc_f16", "i64": "int64_t"
 # Symbol bindings at which views are evaluated; strides and offsets are fitted as c + a*T + b*N.
 _BINDINGS = [{"T": 5, "N": 3, "S": 2}, {"T": 9, "N": 3, "S": 2}, {"T": 5, "N": 7, "S": 2},
              {"T": 13, "N": 11, "S": 2}]
-GEMV_MAX_M = 8                        # up to this many rows a linear streams weights (GEMV)
-GEMM_TILE = 256                       # narrow weights: rows converted to fp32 per sgemm call
+GEMV_MAX_M = 8                        # up to this many rows a linear is bound by weight reads (GEMV)
+PANEL_ROWS = 48                       # CPU linear weights are packed in panels of this many rows
 
 
 class LoweringError(FfcError):
@@ -127,7 +127,7 @@ class View:
 
 @dataclass
 class Arg:
-    kind: str                  # buf | param | input | cache
+    kind: str                  # buf | param | packed | input | cache
     name: str
     offset: int = 0            # elements
     dtype: str = "f32"
@@ -180,9 +180,11 @@ def _bytes_per_token(node: Node) -> float:
 # ------------------------------------------------------------------ the lowering of one graph
 
 class GraphLowering:
-    def __init__(self, graph: Graph, module: Module):
+    def __init__(self, graph: Graph, module: Module, target: str = "cpu"):
         self.g = graph
         self.module = module
+        self.target = target
+        self.packed: dict[str, dict] = {}         # packed weight key -> {param, nr, rows: [[first, count]...]}
         self.users = graph.users()
         self.index = {n: k for k, n in enumerate(graph.all_nodes())}
         self.owner: dict[Node, Group] = {}
@@ -584,33 +586,45 @@ class GraphLowering:
 
     def spec_collective(self, g: Group):
         """Not a kernel: the executor stops here and the runtime calls torch.distributed on the
-        arena (the input must be contiguous; the output is written contiguous)."""
+        arena. The input may be any view (its strides, affine in T and N, are in the spec: the
+        runtime reads it with as_strided); the output is written contiguous."""
         n = g.anchor
         a, v = self.arg(n.inputs[0], f"{n.op.value} input")
-        ra = v.row_access()
-        if ra is None or (ra[0] != "1" and ra[1] != str(ra[2])):
-            raise LoweringError(f"graph {self.g.name}: the input of {n.op.value} %{n.name} is not contiguous")
         s = {"family": "collective", "op": n.op.value, "dim": n.attrs.get("dim"), "ranks": n.attrs["ranks"],
-             "in_shape": list(n.inputs[0].type.shape), "out_shape": list(n.type.shape)}
+             "in_shape": list(n.inputs[0].type.shape), "out_shape": list(n.type.shape),
+             "in_strides": [[st.c, st.t, st.n] for st in v.strides]}
         return s, [self.out_arg(g.outputs["out"]), a]
+
+    def pack(self, w: Arg, rows: list[tuple[int, int]]) -> Arg:
+        """The CPU kernels' view of weight ``w``: its row ranges ``rows`` packed in panels of
+        PANEL_ROWS rows (csrc/ffc_cpu.h), made once when the plan is bound."""
+        key = w.name if rows == [(0, self.module.params[w.name].type.shape[0])] else \
+            w.name + "#" + ",".join(f"{a}:{n}" for a, n in rows)
+        self.packed[key] = {"param": w.name, "nr": PANEL_ROWS, "rows": [list(r) for r in rows]}
+        return Arg("packed", key, 0, w.dtype)
 
     def spec_linear(self, g: Group):
         lin = g.anchor
         out = g.outputs["out"]
         x, (M, x_ld, K) = self.rows(lin.inputs[0], "the linear's input")
         w = self.weight(lin.inputs[1])
-        args = [self.out_arg(out), x, w]
+        N = out.type.shape[-1]
         s = {"family": "linear", "wtype": CTYPES[w.dtype], "K": K, "M": M, "x_ld": x_ld,
-             "out_ld": str(out.type.shape[-1]), "N": out.type.shape[-1], "gemv_max_m": GEMV_MAX_M,
-             "tile": GEMM_TILE if w.dtype != "f32" else 1 << 30, "bias": False, "residual": False, "glu": None, "act": None,
-             "gate_off": 0, "up_off": 0, "res_ld": "0"}
-        if len(lin.inputs) > 2 and lin.inputs[2] is not None:
-            args.append(self.weight(lin.inputs[2]))
-            s["bias"] = True
+             "out_ld": str(N), "N": N, "gemv_max_m": GEMV_MAX_M, "bias": False, "residual": False, "glu": None,
+             "act": None, "gate_off": 0, "up_off": 0, "res_ld": "0"}
         if g.spec.get("glu"):
             act, s["gate_off"], s["up_off"] = g.spec["glu"]
             s["glu"] = act
             s["glu_expr"] = _act_expr(act, "v")
+        if self.target == "cpu":
+            panels = -(-N // PANEL_ROWS)
+            segs = [(s["gate_off"], N), (s["up_off"], N)] if s["glu"] else [(0, N)]
+            w = self.pack(w, segs)
+            s.update(nr=PANEL_ROWS, panels=panels, up_panel=panels)
+        args = [self.out_arg(out), x, w]
+        if len(lin.inputs) > 2 and lin.inputs[2] is not None:
+            args.append(self.weight(lin.inputs[2]))
+            s["bias"] = True
         for n in g.nodes:
             if n.op in ACTIVATIONS:
                 s["act"] = ACTIVATIONS[n.op]
@@ -676,10 +690,11 @@ class GraphLowering:
         args = [Arg("buf", n.name, 0, "f32")]
         for role, val in (("q", q), ("k", k), ("v", v)):
             a, vw = self.arg(val, f"attention {role}")
-            if vw.strides[3] != Affine(1) or vw.shape[0] != 1 or not vw.strides[1].is_const() \
-                    or not vw.strides[2].is_const():
+            # strides may depend on T (an all_gather's output over heads); one head: its stride is unused
+            hs = Affine(0) if vw.shape[1] == 1 else vw.strides[1]
+            if vw.strides[3] != Affine(1) or vw.shape[0] != 1:
                 raise LoweringError(f"attention {role} (%{val.name}) is not [1, heads, tokens, D] with unit D stride")
-            s[f"{role}_hs"], s[f"{role}_ts"] = str(vw.strides[1]), str(vw.strides[2])
+            s[f"{role}_hs"], s[f"{role}_ts"] = str(hs), str(vw.strides[2])
             args.append(a)
         args.append(self.arg(pos, "positions")[0])
         args.append(self.arg(seqs, "sequence ids")[0])
@@ -698,6 +713,16 @@ class GraphLowering:
         self.layouts[n] = (Affine(0, H * D), Affine(D), Affine(H * D), Affine(1))
         return s, args
 
+    def tied(self, param: str) -> bool:
+        """Whether ``param`` is also the weight of a plain linear (an lm_head tied to the embedding)."""
+        for grp in self.groups:
+            if grp.family == "linear" and not grp.spec.get("glu"):
+                w = grp.anchor.inputs[1]
+                w = w.inputs[0] if isinstance(w, Node) and w.op is Op.CAST else w
+                if isinstance(w, ParamRef) and w.name == param:
+                    return True
+        return False
+
     def spec_gather(self, g: Group):
         n = g.anchor
         out = g.outputs["out"]
@@ -708,9 +733,12 @@ class GraphLowering:
             rows, K = p.type.shape
             idx, iv = self.arg(ids, "token ids")
             M = "*".join(cdim(d) for d in ids.type.shape if d != 1) or "1"
-            args = [self.out_arg(out), tab, idx]
             s = {"family": "gather", "wtype": CTYPES[tab.dtype], "rows": rows, "K": K, "M": M,
-                 "tab_ld": str(K), "out_ld": str(K)}
+                 "tab_ld": str(K), "out_ld": str(K), "nr": 0}
+            if self.target == "cpu" and self.tied(tab.name):   # read the lm_head's panels: no second copy
+                tab = self.pack(tab, [(0, rows)])
+                s["nr"] = PANEL_ROWS
+            args = [self.out_arg(out), tab, idx]
         else:  # take rows along the token dim
             x, idxv = n.inputs
             if n.attrs["dim"] % n.type.rank != n.type.rank - 2:
@@ -718,7 +746,7 @@ class GraphLowering:
             a, (rows, ld, K) = self.rows(x, "the take input")
             args = [self.out_arg(out), a, self.arg(idxv, "indices")[0]]
             s = {"family": "gather", "wtype": "float", "rows": rows, "K": K, "M": cdim(out.type.shape[-2]),
-                 "tab_ld": ld, "out_ld": str(K)}
+                 "tab_ld": ld, "out_ld": str(K), "nr": 0}
         s["arg"] = {"out": 0, "table": 1, "idx": 2}
         return s, args
 
@@ -901,9 +929,9 @@ def _place(buffers: dict[str, dict]) -> int:
     return max((oe for _, oe, _, _ in placed), default=0)
 
 
-def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int):
+def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, target: str = "cpu"):
     g = _canonical(graph)
-    low = GraphLowering(g, module)
+    low = GraphLowering(g, module, target)
     low.fuse()
     low.group_rest()
     steps = []
@@ -950,6 +978,7 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int):
         "arena_bytes": arena,
         "steps": plan_steps,
         "fusion": [d.to_json() for d in low.decisions],
+        "packed": low.packed,
     }
 
 
@@ -958,8 +987,8 @@ def lower_module(module: Module, *, target: str = "cpu", prefill_tokens: int = 2
     """The plan for every graph of ``module``: steps refer to kernels by name; kernels are unique."""
     graphs = {}
     for name, g in module.graphs.items():
-        tmax = max_batch if name == "decode" else prefill_tokens
-        graphs[name] = lower_graph(g, module, tmax, max_batch)
+        tmax = max_batch if name.startswith("decode") else prefill_tokens   # decode, decode_stage1, ...
+        graphs[name] = lower_graph(g, module, tmax, max_batch, target)
     kernels: dict[str, dict] = {}
     by_spec: dict[str, str] = {}
     for gp in graphs.values():
@@ -974,7 +1003,9 @@ def lower_module(module: Module, *, target: str = "cpu", prefill_tokens: int = 2
             else:
                 st.pop("spec")
             st["kernel"] = by_spec[key]
+    packed = {k: v for gp in graphs.values() for k, v in gp.pop("packed").items()}
     return {"version": PLAN_VERSION, "target": target, "dims": list(DIMS), "kernels": kernels, "graphs": graphs,
+            "packed": packed,
             "arena_bytes": max(gp["arena_bytes"] for gp in graphs.values()),
             "params": {n: {"dtype": p.type.dtype, "shape": list(p.type.shape)} for n, p in module.params.items()}}
 

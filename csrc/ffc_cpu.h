@@ -127,32 +127,6 @@ static inline void ffc_scale(float* y, float a, int64_t n) {
   for (; k < n; ++k) y[k] *= a;
 }
 
-// Four dot products of x with four consecutive weight rows (row stride n), fp32 accumulation.
-template <typename W>
-static inline void ffc_dot4(const float* x, const W* w, int64_t n, float* out) {
-  const W* w0 = w; const W* w1 = w + n; const W* w2 = w + 2 * n; const W* w3 = w + 3 * n;
-  ffc_vf a0 = ffc_vzero(), a1 = ffc_vzero(), a2 = ffc_vzero(), a3 = ffc_vzero();
-  int64_t k = 0;
-  for (; k + FFC_VW <= n; k += FFC_VW) {
-#if FFC_VW > 1
-    if ((k * (int64_t)sizeof(W)) % 64 == 0)  // once per cache line: the next block of rows
-      for (int r = 4; r < 8; ++r) _mm_prefetch((const char*)(w + r * n + k), _MM_HINT_T0);
-#endif
-    const ffc_vf xv = ffc_vload(x + k);
-    a0 = ffc_vfma(xv, ffc_vload(w0 + k), a0);
-    a1 = ffc_vfma(xv, ffc_vload(w1 + k), a1);
-    a2 = ffc_vfma(xv, ffc_vload(w2 + k), a2);
-    a3 = ffc_vfma(xv, ffc_vload(w3 + k), a3);
-  }
-  float s0 = ffc_vsum(a0), s1 = ffc_vsum(a1), s2 = ffc_vsum(a2), s3 = ffc_vsum(a3);
-  for (; k < n; ++k) {
-    const float xv = x[k];
-    s0 += xv * ffc_to_f32(w0[k]); s1 += xv * ffc_to_f32(w1[k]);
-    s2 += xv * ffc_to_f32(w2[k]); s3 += xv * ffc_to_f32(w3[k]);
-  }
-  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
-}
-
 // Per-thread scratch that grows once and is then reused: no allocation in steady state.
 static inline float* ffc_scratch(int slot, int64_t n) {
   static thread_local float* bufs[4] = {nullptr, nullptr, nullptr, nullptr};
@@ -166,92 +140,62 @@ static inline float* ffc_scratch(int slot, int64_t n) {
   return bufs[slot];
 }
 
-// BLAS (MKL's sgemm, the one torch.mm uses, found in libtorch_cpu at link time).
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
-
-// out[M, cb] (row-major) = x[M, K] (row stride ldx) @ w[cb, K]^T. Weights stored as bf16/fp16
-// are converted tile-wise into per-thread scratch slot `slot` first.
-static inline void ffc_sgemm_nt(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
-                                int64_t cb, float* out, int64_t ldo) {
-  const int m = (int)cb, n = (int)M, k = (int)K, lda = (int)K, ldb = (int)ldx, ldc = (int)ldo;
-  const float one = 1.0f, zero = 0.0f;
-  sgemm_("T", "N", &m, &n, &k, &one, w, &lda, x, &ldb, &zero, out, &ldc);
-}
-// out[m, 0:cb] (row stride ldo) for cb weight rows starting at w.
-static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
-                                 int64_t cb, float* out, int64_t ldo, int) {
-  ffc_sgemm_nt(x, ldx, M, w, K, cb, out, ldo);
-}
-template <typename W>
-static inline void ffc_gemm_rows(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K,
-                                 int64_t cb, float* out, int64_t ldo, int slot) {
-  float* wf = ffc_scratch(slot, cb * K);
-  for (int64_t i = 0; i < cb * K; i += FFC_VW) {
-    if (i + FFC_VW <= cb * K) ffc_vstore(wf + i, ffc_vload(w + i));
-    else for (int64_t j = i; j < cb * K; ++j) wf[j] = ffc_to_f32(w[j]);
-  }
-  ffc_sgemm_nt(x, ldx, M, wf, K, cb, out, ldo);
-}
-
-// ------------------------------------------------------------------ bf16 weights, AVX-512
-// A 512-bit load holds 32 bf16 weights; as 16 32-bit lanes, lane j packs elements 2j (low
-// half) and 2j+1 (high half). Shifting left by 16 gives the even elements as fp32, masking the
-// high half gives the odd ones: 3 instructions for 32 weights. The activations are split once
-// per kernel call into even/odd halves ("prepared" rows: [x0 x2 x4 ... | x1 x3 x5 ...]).
+// ------------------------------------------------------------------ packed linear
+// A linear's weights are repacked once, when the plan is bound, into panels of FFC_NR output
+// rows: panel p holds W[p*NR + j, k] at [p][k][j] (rows past the end are zero). One k step of
+// a panel is then NR contiguous weights, so a micro-tile of MR activation rows x NS columns
+// keeps MR*NS/VW accumulators in registers, broadcasts one activation per row and reads each
+// weight vector once for all MR rows: an outer-product GEMM that needs no horizontal sums and
+// streams the weights front to back (the same code is the decode GEMV when M is 1).
+// NR is part of the layout (lower.py PANEL_ROWS); MR and NS are the ISA's register blocking.
+#define FFC_NR 48
 #if FFC_VW == 16
-static inline const float* ffc_bf16_prep(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t* ld) {
-  float* out = ffc_scratch(1, M * K);
-  const int64_t half = (K + 1) / 2;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * ldx;
-    float* o = out + m * K;
-    for (int64_t k = 0; k < K / 2; ++k) { o[k] = xm[2 * k]; o[half + k] = xm[2 * k + 1]; }
-    if (K & 1) o[K / 2] = xm[K - 1];
+#define FFC_MR 8
+#define FFC_NS 48
+#elif FFC_VW == 8
+#define FFC_MR 6
+#define FFC_NS 16
+#else
+#define FFC_MR 4
+#define FFC_NS 16
+#endif
+
+// t[i][0:NR] = sum_k x[i, k] * panel[k][0:NR] for i < MR.
+template <int MR, typename W>
+static inline void ffc_panel_tile(const float* __restrict x, int64_t ldx, const W* __restrict panel, int64_t K,
+                                  float* __restrict t) {
+  constexpr int NV = FFC_NS / FFC_VW;
+  for (int s = 0; s < FFC_NR; s += FFC_NS) {
+    ffc_vf acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) acc[i][j] = ffc_vzero();
+    const W* wp = panel + s;
+    for (int64_t k = 0; k < K; ++k, wp += FFC_NR) {
+#if FFC_VW > 1
+      if (s == 0)  // the panel streams front to back: ask for the lines 16 k-steps ahead
+        for (int64_t b = 0; b < (int64_t)(FFC_NR * sizeof(W)); b += 64)
+          _mm_prefetch((const char*)(wp + 16 * FFC_NR) + b, _MM_HINT_T0);
+#endif
+      ffc_vf w[NV];
+      for (int j = 0; j < NV; ++j) w[j] = ffc_vload(wp + j * FFC_VW);
+      for (int i = 0; i < MR; ++i) {
+        const ffc_vf xv = ffc_vset(x[i * ldx + k]);
+        for (int j = 0; j < NV; ++j) acc[i][j] = ffc_vfma(xv, w[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) ffc_vstore(t + i * FFC_NR + s + j * FFC_VW, acc[i][j]);
   }
-  *ld = K;
-  return out;
 }
-static inline float ffc_bf16_tail(const float* xp, const ffc_bf16* w, int64_t k, int64_t n) {
-  const int64_t half = (n + 1) / 2;
-  float s = 0.0f;
-  for (; k < n; ++k) s += (k & 1 ? xp[half + k / 2] : xp[k / 2]) * ffc_to_f32(w[k]);
-  return s;
-}
-static inline void ffc_dot4(const float* xp, const ffc_bf16* w, int64_t n, float* out) {
-  const int64_t half = (n + 1) / 2;
-  const float* xe = xp;
-  const float* xo = xp + half;
-  const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    const __m512 ve = _mm512_loadu_ps(xe + k / 2), vo = _mm512_loadu_ps(xo + k / 2);
-    for (int r = 0; r < 4; ++r) {
-      _mm_prefetch((const char*)(w + (r + 4) * n + k), _MM_HINT_T0);  // the next block of rows
-      const __m512i wr = _mm512_loadu_si512((const void*)(w + r * n + k));
-      a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wr, 16)), ve, a[r]);
-      a[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wr, hi)), vo, a[r]);
+
+// The same for mr <= R rows (R = FFC_MR at the call): one instantiation per row count.
+template <int R, typename W>
+static inline void ffc_panel_rows(int mr, const float* x, int64_t ldx, const W* panel, int64_t K, float* t) {
+  if constexpr (R > 1) {
+    if (mr < R) {
+      ffc_panel_rows<R - 1>(mr, x, ldx, panel, K, t);
+      return;
     }
   }
-  for (int r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(a[r]) + ffc_bf16_tail(xp, w + r * n, k, n);
+  ffc_panel_tile<R>(x, ldx, panel, K, t);
 }
-static inline float ffc_dot(const float* xp, const ffc_bf16* w, int64_t n) {
-  const int64_t half = (n + 1) / 2;
-  const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512 a = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    const __m512i wr = _mm512_loadu_si512((const void*)(w + k));
-    a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wr, 16)), _mm512_loadu_ps(xp + k / 2), a);
-    a = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wr, hi)), _mm512_loadu_ps(xp + half + k / 2), a);
-  }
-  return _mm512_reduce_add_ps(a) + ffc_bf16_tail(xp, w, k, n);
-}
-#else
-static inline const float* ffc_bf16_prep(const float* x, int64_t ldx, int64_t, int64_t, int64_t* ld) {
-  *ld = ldx;
-  return x;
-}
-#endif

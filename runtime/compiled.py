@@ -3,6 +3,8 @@
 Binding resolves every kernel argument of every step to an address once (buffers are arena
 offsets, weights are tensors, the KV cache is bound per cache tensor); a step then copies its
 few input ids into the arena, runs the whole graph in one C++ call, and copies logits out.
+Linear weights are repacked in the plan's panel layout when the plan is opened; the plan keeps
+only the weights its kernels read, so the unpacked originals can be freed.
 """
 from __future__ import annotations
 
@@ -15,21 +17,57 @@ from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.ir.types import DTYPES, eval_dim
 
 
+def pack_panels(w: torch.Tensor, rows: list, nr: int) -> torch.Tensor:
+    """Row ranges of a [R, K] weight as panels [P, K, nr]: panel p holds rows p*nr.. of a range,
+    transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded."""
+    parts = []
+    for first, count in rows:
+        seg = w[first:first + count]
+        pad = -count % nr
+        if pad:
+            seg = torch.cat([seg, seg.new_zeros(pad, w.shape[1])])
+        parts.append(seg.reshape(-1, nr, w.shape[1]).transpose(1, 2))
+    return torch.cat(parts).contiguous()
+
+
+def plan_limits(plan: dict) -> dict[str, tuple[int, int]]:
+    """Most tokens and rows one prefill / decode call takes (over a pipeline's stage graphs)."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        gps = [gp for g, gp in plan["graphs"].items() if g == kind or g.startswith(kind + "_stage")]
+        out[kind] = (min(int(gp["max_tokens"]) for gp in gps), min(int(gp["max_rows"]) for gp in gps))
+    return out
+
+
 class CompiledPlan:
-    def __init__(self, plan: dict, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None):
+    def __init__(self, plan: dict, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None,
+                 graphs: Optional[list[str]] = None):
+        """``graphs``: the ones this process runs (a pipeline stage's), bound and given weights;
+        default all."""
+        from ffc.lower import PLAN_VERSION
+        if plan.get("version") != PLAN_VERSION:
+            raise ArtifactError(f"the artifact's plan is version {plan.get('version')}, this ffc runs version "
+                                f"{PLAN_VERSION}; recompile the artifact")
         self.plan = plan
         self.lib = lib
-        self.weights = weights
+        self.graphs = {g: plan["graphs"][g] for g in (graphs or plan["graphs"])}
+        args = [a for gp in self.graphs.values() for st in gp["steps"] for a in st["args"]]
+        # copies: a view would keep the whole weights file mapped after the originals are dropped
+        self.weights = {a["name"]: weights[a["name"]].clone() for a in args if a["kind"] == "param"}
+        self.packed = {}
+        for a in args:
+            if a["kind"] == "packed" and a["name"] not in self.packed:
+                p = plan["packed"][a["name"]]
+                self.packed[a["name"]] = pack_panels(weights[p["param"]], p["rows"], p["nr"])
         missing = sorted(k for k in lib.kernel_names() if k not in plan["kernels"]) + \
             sorted(k for k in plan["kernels"] if k not in set(lib.kernel_names()))
         if missing:
             raise ArtifactError(f"the kernel library does not match the plan (kernels {missing[:4]}); "
                                 "rebuild it with `ffc build ARTIFACT`")
         self.exe = lib.Executor(int(threads or torch.get_num_threads()))
-        self._arena = torch.empty(plan["arena_bytes"] + 64, dtype=torch.uint8)
+        self._arena = torch.empty(max(gp["arena_bytes"] for gp in self.graphs.values()) + 64, dtype=torch.uint8)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
-        self.graphs = plan["graphs"]
         self._segments = {g: self.segments(g) for g in self.graphs}
 
     def max_tokens(self, graph: str) -> int:
@@ -43,13 +81,16 @@ class CompiledPlan:
         size = DTYPES[dtype].itemsize
         return self._arena[off:off + numel * size].view(DTYPES[dtype])
 
+    def arg_tensor(self, a: dict) -> torch.Tensor:
+        """The weight tensor a param or packed argument reads."""
+        return self.packed[a["name"]] if a["kind"] == "packed" else self.weights[a["name"]]
+
     def _addr(self, gp: dict, a: dict, cache: torch.Tensor) -> int:
         size = DTYPES[a["dtype"]].itemsize
         if a["kind"] == "buf":
             return self.base + gp["buffers"][a["name"]]["offset"] + a["offset"] * size
-        if a["kind"] == "param":
-            t = self.weights[a["name"]]
-            return t.data_ptr() + a["offset"] * size
+        if a["kind"] in ("param", "packed"):
+            return self.arg_tensor(a).data_ptr() + a["offset"] * size
         if a["kind"] == "cache":
             return cache.data_ptr() + a["offset"] * cache.stride(0) * cache.element_size()
         raise ArtifactError(f"plan argument kind {a['kind']!r} is unknown; recompile the artifact")
@@ -90,11 +131,17 @@ class CompiledPlan:
         from ffc.ir.ops import REGISTRY, Op
         spec, (out_a, in_a) = st["collective"], st["args"]
 
-        def view(a, shape):
+        def view(a, shape, strides=None):
             shape = [eval_dim(d, env) for d in shape]
-            t = self._view(gp, a["name"], a["dtype"], a["offset"] + math.prod(shape))
-            return t[a["offset"]:].view(shape)
-        x, y = view(in_a, spec["in_shape"]), view(out_a, spec["out_shape"])
+            if strides is None:
+                t = self._view(gp, a["name"], a["dtype"], a["offset"] + math.prod(shape))
+                return t[a["offset"]:].view(shape)
+            st = [c + t_ * env["T"] + n * env["N"] for c, t_, n in strides]
+            extent = a["offset"] + sum((d - 1) * s for d, s in zip(shape, st)) + 1
+            base = self.arg_tensor(a).reshape(-1) if a["kind"] == "param" else \
+                self._view(gp, a["name"], a["dtype"], extent)
+            return base.as_strided(shape, st, base.storage_offset() + a["offset"])
+        x, y = view(in_a, spec["in_shape"], spec["in_strides"]), view(out_a, spec["out_shape"])
         attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
         y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
 
@@ -163,7 +210,8 @@ class CompiledPlan:
         return out
 
 
-def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None) -> CompiledPlan:
+def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None,
+                  graphs: Optional[list[str]] = None) -> CompiledPlan:
     """The artifact's plan bound to its kernel library (rebuilt from its sources if the shipped
     library does not load on this machine)."""
     import json
@@ -186,4 +234,4 @@ def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None) 
         from ffc.codegen import render_sources
         _, spans = render_sources(plan)
         lib = build.load_library(build.build(root / "kernels", "cpu", spans))
-    return CompiledPlan(plan, lib, weights, threads)
+    return CompiledPlan(plan, lib, weights, threads, graphs)

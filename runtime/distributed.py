@@ -83,7 +83,9 @@ class _Shard:
         self.compiled = None
         if backend != "interpreter" and manifest.get("kernels"):   # the same kernels on every rank
             from .compiled import open_compiled
-            self.compiled = open_compiled(root, manifest, self.weights, threads)
+            self.compiled = open_compiled(root, manifest, self.weights, threads,
+                                          [self.graph("prefill"), self.graph("decode")])
+            self.weights = self.compiled.weights   # packed originals are freed
 
     def handle(self, msg: tuple):
         from ffc.ir import run_graph
@@ -103,7 +105,7 @@ class _Shard:
                     dist.recv(t, self.rank - self.tp)
                     inputs[n.name] = t
         if self.compiled is not None:
-            outs = self.compiled.run(graph, inputs)
+            outs = self.compiled.run(self.graph(graph), inputs)
         else:
             outs = run_graph(g, self.weights, inputs)
         if self.stage < self.pp - 1:
@@ -157,6 +159,19 @@ def _arrays(inputs: dict) -> dict:
     return {k: v.contiguous().numpy() for k, v in inputs.items() if k != "kv_cache"}
 
 
+def _plan_limits(root, backend: Optional[str]) -> Optional[dict]:
+    """Tokens and rows per call of the plan the ranks run (None: they run the interpreter)."""
+    import json
+
+    from ffc.artifact import read_manifest
+
+    from .compiled import plan_limits
+    info = read_manifest(root, check_hashes=False).get("kernels")
+    if backend == "interpreter" or not info:
+        return None
+    return plan_limits(json.loads((Path(root) / info["plan"]).read_text()))
+
+
 class RankGroup:
     """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
@@ -167,6 +182,7 @@ class RankGroup:
         import sys
         from multiprocessing import Pipe
         self.world, self.stages = world, stages
+        self.limits = _plan_limits(root, backend)
         port = free_port()
         threads = threads or max(1, (os.cpu_count() or world) // world)
         self.procs, self.conns = [], []
@@ -306,6 +322,7 @@ class TorchrunRanks:
             raise RankError(f"the artifact has tp={world}, but torchrun started {dist.get_world_size()} processes "
                             f"(this is rank {dist.get_rank()}); use --nnodes x --nproc-per-node = {world}")
         self.world = world
+        self.limits = _plan_limits(root, backend)
         self.procs: list = []
         self.shard = _Shard(str(root), final_ir, 0, backend, torch.get_num_threads())
         self._open = True

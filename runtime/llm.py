@@ -148,6 +148,7 @@ class LLM:
             else:
                 from .compiled import open_compiled
                 compiled = open_compiled(root, manifest, weights, threads)
+                weights = compiled.weights   # what the kernels read; packed originals are freed
         return cls(root, manifest, module, weights, tokenizer, compiled, ranks, **engine)
 
     # ------------------------------------------------------------ prompts

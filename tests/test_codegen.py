@@ -28,6 +28,7 @@ param @b : f32[37]
 param @v : f32[7]
 param @inv_freq : f32[3]
 param @emb : f32[50,37]
+param @tok : f32[100,37]
 graph lin(%x : f32[1,T,37], %r : f32[1,T,13]) {
   %0 = linear(%x, @w1, @b1) : f32[1,T,13]
   %1 = gelu(%0) {approximate="tanh"} : f32[1,T,13]
@@ -44,6 +45,11 @@ graph narrow(%x : f32[1,T,37]) {
   %2 = cast(@wh.f16) {dtype="f32"} : f32[21,37]
   %3 = linear(%x, %2) : f32[1,T,21]
   return %1, %3
+}
+graph tied(%ids : i64[1,T]) {
+  %0 = embedding(%ids, @tok) : f32[1,T,37]
+  %1 = linear(%0, @tok) : f32[1,T,100]
+  return %1
 }
 graph norm(%x : f32[1,T,37], %r : f32[1,T,37], %idx : i64[N], %ids : i64[1,T]) {
   %0 = add(%x, %r) : f32[1,T,37]
@@ -127,6 +133,8 @@ def _inputs(name, T, N=3, S=3, seed=0):
     if name == "norm":
         return {"x": torch.randn(1, T, 37, generator=g), "r": torch.randn(1, T, 37, generator=g),
                 "idx": torch.randint(0, T, (N,), generator=g), "ids": torch.randint(0, 50, (1, T), generator=g)}
+    if name == "tied":
+        return {"ids": torch.randint(0, 100, (1, T), generator=g)}
     if name == "pw":
         return {"x": torch.randn(1, T, 7, generator=g)}
     # attn: two sequences packed (block-table rows 2 and 0, blocks scattered over a pool of 8
@@ -139,8 +147,8 @@ def _inputs(name, T, N=3, S=3, seed=0):
             "kv_cache": torch.randn(2, 2, 8, 2, 8, 6, generator=g)}
 
 
-@pytest.mark.parametrize("graph", ["lin", "narrow", "norm", "pw", "attn"])
-@pytest.mark.parametrize("T", [1, 3, 9, 31])   # 9 and 31 take the GEMM path (M > 8) of linears
+@pytest.mark.parametrize("graph", ["lin", "narrow", "tied", "norm", "pw", "attn"])
+@pytest.mark.parametrize("T", [1, 3, 9, 31])   # 9 and 31: full 8-row micro-tiles of linears plus a tail
 def test_kernels_match_interpreter(kernel_lib, graph, T):
     module, plan, cp, weights, _, _ = kernel_lib
     inputs = _inputs(graph, T)
@@ -154,6 +162,26 @@ def test_kernels_match_interpreter(kernel_lib, graph, T):
         torch.testing.assert_close(inputs["kv_cache"], ref_inputs["kv_cache"], **tol)
 
 
+@pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar")])
+def test_kernels_built_for_other_isas_match(kernel_lib, arch, isa, tmp_path, monkeypatch):
+    """The AVX2 (6x16 micro-tiles) and plain C++ paths, built with FFC_CPU_ARCH on this machine."""
+    module, plan, _, weights, _, _ = kernel_lib
+    monkeypatch.setenv("FFC_CPU_ARCH", arch)
+    (tmp_path / "src").mkdir()
+    sources, spans = render_sources(plan)
+    for name, text in sources.items():
+        (tmp_path / "src" / name).write_text(text)
+    lib = build.load_library(build.build(tmp_path, "cpu", spans))
+    assert lib.isa() == isa
+    cp = CompiledPlan(plan, lib, weights, threads=2)
+    for graph in ("lin", "narrow", "tied", "norm", "attn"):
+        for T in (1, 9, 31):
+            inputs = _inputs(graph, T)
+            ref = run_graph(module.graphs[graph], weights, {k: v.clone() for k, v in inputs.items()})
+            for g, r in zip(cp.run(graph, inputs), ref):
+                torch.testing.assert_close(g, r, **(TOL["bf16"] if graph == "narrow" else TOL["f32"]))
+
+
 def test_kernel_plan_fuses_what_it_should(kernel_lib):
     _, plan, _, _, kdir, _ = kernel_lib
     fams = {g: [plan["kernels"][s["kernel"]]["family"] for s in gp["steps"]] for g, gp in plan["graphs"].items()}
@@ -165,6 +193,12 @@ def test_kernel_plan_fuses_what_it_should(kernel_lib):
     assert "not fused norm+residual" in text and "already fused into norm" in text
     src = (kdir / "src" / "linear.cpp").read_text()
     assert "ffc_gelu_tanh(v)" in src and "ffc_silu(v) * w" in src and "v += res[j]" in src
+    # linear weights are read as packed panels; the GLU's gate and up halves are packed apart;
+    # the tied table is gathered from the lm_head's panels, so no unpacked copy is kept
+    assert plan["packed"]["wgu#0:13,13:13"] == {"param": "wgu", "nr": 48, "rows": [[0, 13], [13, 13]]}
+    tied = [a for st in plan["graphs"]["tied"]["steps"] for a in st["args"] if a["name"].startswith("tok")]
+    assert [a["kind"] for a in tied] == ["packed", "packed"]
+    assert "ffc_panel_rows<FFC_MR>" in src and "packed in panels of 48" in (kdir / "src" / "gather.cpp").read_text()
 
 
 def test_default_model_plan_structure(smol_artifact):
