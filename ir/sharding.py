@@ -140,6 +140,17 @@ def _attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
     return res
 
 
+def _cached_attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
+    """Attention over the KV cache (after insert_kv_cache): heads split as for attention, the
+    cache [L, 2, S, Hkv, BS, D] then holding each rank's KV heads; bookkeeping replicated."""
+    books = (R, R, R)
+    res = [OpStrategy("replicated", (R, R, R) + books + (R,), R)]
+    q, k = node.inputs[0], node.inputs[1]
+    if _divisible(q.type.shape[1], tp) and _divisible(k.type.shape[1], tp):
+        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + books + (S(3),), S(1)))
+    return res
+
+
 def _dim_groups(a: Sequence, b: Sequence) -> Optional[list[tuple[list[int], list[int]]]]:
     """A reshape's factorization: groups of dims of ``a`` and ``b`` with equal products (size-1
     dims skipped, symbolic dims matched one to one); None if they do not line up."""
@@ -237,6 +248,7 @@ RULES: dict[Op, _Rule] = {
     Op.LAYER_NORM: _norm,
     Op.ATTENTION: _attention,
     Op.SDPA: _attention,
+    Op.CACHED_ATTENTION: _cached_attention,
     # rope rotates pairs across the head dim: any dim but the last may split
     Op.ROPE: lambda n, tp, sh: [st for st in _broadcast(n, tp, sh) if st.output.dim != len(n.type.shape) - 1],
     Op.GLU: lambda n, tp, sh: _broadcast(n, tp, sh),
@@ -284,3 +296,108 @@ def local_shape(shape: Sequence, placement: Placement, tp: int) -> tuple:
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(shape) if shape else 1
+
+
+# collective -> (input placement, output placement) given its dim attribute
+_COLLECTIVES = {
+    Op.ALL_REDUCE: lambda d: (P, R),
+    Op.ALL_GATHER: lambda d: (S(d), R),
+    Op.REDUCE_SCATTER: lambda d: (P, S(d)),
+    Op.LOCAL_SHARD: lambda d: (R, S(d)),
+}
+
+
+def _stacked_part(n: Node, params: Mapping) -> bool:
+    """A slice taking one part of a horizontally fused column-parallel linear (fuse_qkv,
+    fuse_gate_up after tensor parallelism): the fused weight is the concat of the parts' S(0)
+    shards, so each rank's output is its shards side by side and the slice, at the part's
+    rank-local rows, is that part's S(last) shard. No global op says this; it is checked here."""
+    if n.op is not Op.SLICE or not isinstance(n.inputs[0], Node) or n.inputs[0].op is not Op.LINEAR:
+        return False
+    lin = n.inputs[0]
+    w = lin.inputs[1]
+    w = w.inputs[0] if isinstance(w, Node) and w.op is Op.CAST else w
+    p = params.get(w.name) if isinstance(w, ParamRef) else None
+    while p is not None and p.recipe is not None and p.recipe.op is Op.CAST:   # narrow copies of it
+        p = params.get(p.recipe.args[0].name)
+    if p is None or p.recipe is None or p.recipe.op is not Op.CONCAT:
+        return False
+    parts = [params[a.name] for a in p.recipe.args]
+    last = lin.type.rank - 1
+    if any(q.type.placement != "S(0)" for q in parts) or lin.type.placement != f"S({last})" \
+            or n.type.placement != f"S({last})" or n.attrs["dim"] % lin.type.rank != last or n.attrs["step"] != 1:
+        return False
+    bounds, start = [], 0
+    for q in parts:
+        bounds.append((start, start + q.type.shape[0]))
+        start += q.type.shape[0]
+    return (n.attrs["start"], n.attrs["end"]) in bounds
+
+
+def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool = True
+                     ) -> Optional[tuple[Node, str]]:
+    """The first node of a tensor-parallel ``graph`` whose placements break its op's rule, and
+    why; None if all hold. A value's placement is its type's (unplaced: R); shapes are
+    rank-local, so each node is checked as its global counterpart (sharded dims times tp)
+    against ``strategies``; collectives must convert what they claim; outputs are R (except
+    an inner pipeline stage's, which the next stage's ranks take as they are)."""
+    from .graph import Node as _Node
+    from .ops import SHAPE_ATTRS
+
+    def place_of(t) -> Placement:
+        return Placement.parse(t.placement) if t.placement else R
+
+    def global_type(t):
+        p = place_of(t)
+        if p.kind != "S":
+            return t
+        shape = list(t.shape)
+        shape[p.dim] = shape[p.dim] * tp if isinstance(shape[p.dim], int) else shape[p.dim]
+        return t.with_shape(shape)
+
+    class _Global:      # a parameter as strategies() sees it: its whole shape
+        def __init__(self, p):
+            self.type = global_type(p.type)
+
+    gparams = {k: _Global(p) for k, p in params.items()}
+    shadow: dict = {n: _Node(n.op, type=global_type(n.type), name=n.name) for n in graph.inputs}
+
+    def placement(v) -> Optional[Placement]:
+        if isinstance(v, _Node):
+            return place_of(v.type)
+        if isinstance(v, ParamRef):
+            return place_of(params[v.name].type)
+        return None
+
+    for n in graph.nodes:
+        ins = tuple(placement(v) for v in n.inputs)
+        out = place_of(n.type)
+        if _stacked_part(n, params):
+            shadow[n] = _Node(n.op, type=global_type(n.type), name=n.name)
+            continue
+        if n.op in _COLLECTIVES:
+            if n.attrs.get("ranks") != tp:
+                return n, f"{n.op.value} over {n.attrs.get('ranks')} ranks in a tp={tp} graph"
+            want = _COLLECTIVES[n.op](n.attrs.get("dim"))
+            if (ins[0], out) != want:
+                return n, f"{n.op.value} turns {want[0]} into {want[1]}, but its input is {ins[0]} and its type says {out}"
+        else:
+            attrs = dict(n.attrs)
+            key = SHAPE_ATTRS.get(n.op)
+            if key is not None and out.kind == "S" and isinstance(attrs[key][out.dim], int):
+                sizes = list(attrs[key])
+                sizes[out.dim] *= tp
+                attrs[key] = tuple(sizes)
+            g = _Node(n.op, tuple(shadow.get(v, v) if isinstance(v, _Node) else v for v in n.inputs), attrs,
+                      global_type(n.type), n.origin)
+            legal = strategies(g, tp, gparams)
+            if not any(st.inputs == ins and st.output == out for st in legal):
+                have = ", ".join("-" if p is None else str(p) for p in ins)
+                options = "; ".join(f"{st.name}: ({', '.join('-' if p is None else str(p) for p in st.inputs)})"
+                                    f" -> {st.output}" for st in legal)
+                return n, f"placements ({have}) -> {out} are not a legal {n.op.value} strategy (legal: {options})"
+        shadow[n] = g if n.op not in _COLLECTIVES else _Node(n.op, type=global_type(n.type), name=n.name)
+    for o in graph.outputs if outputs_replicated else ():
+        if place_of(o.type) != R:
+            return o, f"graph output is {place_of(o.type)}; outputs must be replicated"
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -64,14 +64,22 @@ def rename_dim(d: Dim, mapping: Mapping[str, str]) -> Dim:
     return normalize_dim(_SYMBOL.sub(lambda m: mapping.get(m.group(0), m.group(0)), d))
 
 
+_PLACEMENT = re.compile(r"^(R|P|S\(\d+\))$")
+
+
 @dataclass(frozen=True)
 class TensorType:
     dtype: str
     shape: tuple[Dim, ...]
+    # on a tensor-parallel graph: how the ranks hold the value, R | P | S(dim) (ir/sharding.py);
+    # the shape is then what one rank holds. None: not placed (a single-rank graph, or R)
+    placement: Optional[str] = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; known: {sorted(DTYPES)}")
+        if self.placement is not None and not _PLACEMENT.match(self.placement):
+            raise ValueError(f"bad placement {self.placement!r}; expected R, P or S(dim)")
         object.__setattr__(self, "shape", tuple(normalize_dim(d) for d in self.shape))
 
     @property
@@ -92,21 +100,28 @@ class TensorType:
         return tuple(eval_dim(d, env) for d in self.shape)
 
     def renamed(self, mapping: Mapping[str, str]) -> "TensorType":
-        return TensorType(self.dtype, tuple(rename_dim(d, mapping) for d in self.shape))
+        return TensorType(self.dtype, tuple(rename_dim(d, mapping) for d in self.shape), self.placement)
 
     def with_shape(self, shape) -> "TensorType":
-        return TensorType(self.dtype, tuple(shape))
+        return TensorType(self.dtype, tuple(shape), self.placement)
+
+    def with_dtype(self, dtype: str) -> "TensorType":
+        return TensorType(dtype, self.shape, self.placement)
+
+    def placed(self, placement) -> "TensorType":
+        return TensorType(self.dtype, self.shape, None if placement is None else str(placement))
 
     def __str__(self) -> str:
-        return f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        text = f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"
+        return text + (f"<{self.placement}>" if self.placement else "")
 
 
-_TYPE_RE = re.compile(r"^(\w+)\[(.*)\]$")
+_TYPE_RE = re.compile(r"^(\w+)\[(.*)\](?:<(.*)>)?$")
 
 
 def parse_type(text: str) -> TensorType:
     m = _TYPE_RE.match(text.strip())
     if not m:
-        raise ValueError(f"bad type {text!r}; expected e.g. f32[T,576]")
+        raise ValueError(f"bad type {text!r}; expected e.g. f32[T,576] or, placed on tensor-parallel ranks, f32[T,288]<S(1)>")
     dims = [p.strip() for p in m.group(2).split(",")] if m.group(2).strip() else []
-    return TensorType(m.group(1), tuple(int(p) if re.fullmatch(r"-?\d+", p) else p for p in dims))
+    return TensorType(m.group(1), tuple(int(p) if re.fullmatch(r"-?\d+", p) else p for p in dims), m.group(3))

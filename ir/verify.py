@@ -117,3 +117,12 @@ def verify_graph(g: Graph, module: Module) -> None:
     for o in g.outputs:
         if id(o) not in defined:
             raise VerifyError(f"graph {g.name}: output %{o.name} is not defined")
+    tp = int(module.meta.get("tp", 1))
+    if tp > 1:
+        from .sharding import check_placements
+        stage = g.name.rpartition("_stage")[2]
+        inner = stage.isdigit() and int(stage) < int(module.meta.get("pp", 1)) - 1
+        bad = check_placements(g, module.params, tp, outputs_replicated=not inner)
+        if bad is not None:
+            n, why = bad
+            raise VerifyError(f"graph {g.name}: {why}", format_node(n, names) if n in names else f"%{n.name}")

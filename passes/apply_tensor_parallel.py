@@ -6,9 +6,13 @@ value gets its rank-local shape; sharded weights become ``local_shard`` recipes 
 weights file holds only its slice); between a producer's placement and what a consumer needs,
 the collective that converts it is inserted once per (value, placement): all_reduce (P->R),
 all_gather (S->R), reduce_scatter (P->S), all_gather + local_shard (S->S'), local_shard (R->S);
-graph outputs are replicated. The result equals the unsharded graph on every rank.
+graph outputs are replicated. Every value's type carries its placement (``f32[1,T,288]<S(2)>``,
+sharded weights too) and ``meta.tp`` the degree, so the verifier checks each node's placements
+against its op's sharding rule. The result equals the unsharded graph on every rank.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from ffc.ir import Graph, Module, Node, Op, TensorType
 from ffc.ir.graph import Param, ParamRef, Recipe
@@ -60,20 +64,21 @@ def apply_tensor_parallel(module: Module, ctx) -> Module:
             raise ValueError(f"%{names.get(v, v.name)} is {have}; nothing turns that into a partial sum")
         if have.kind == "P":
             if want.kind == "R":
-                res = emit(Op.ALL_REDUCE, (v,), {"ranks": tp}, t, v.origin)
+                res = emit(Op.ALL_REDUCE, (v,), {"ranks": tp}, t.placed(R), v.origin)
             else:
                 res = emit(Op.REDUCE_SCATTER, (v,), {"dim": want.dim, "ranks": tp},
-                           t.with_shape(_local_attr_shape(t.shape, want, tp)), v.origin)
+                           t.with_shape(_local_attr_shape(t.shape, want, tp)).placed(want), v.origin)
         elif have.kind == "S":
             full = list(t.shape)
             full[have.dim] = full[have.dim] * tp
-            res = emit(Op.ALL_GATHER, (v,), {"dim": have.dim, "ranks": tp}, t.with_shape(tuple(full)), v.origin)
+            res = emit(Op.ALL_GATHER, (v,), {"dim": have.dim, "ranks": tp}, t.with_shape(tuple(full)).placed(R),
+                       v.origin)
             if want.kind == "S":
                 res = emit(Op.LOCAL_SHARD, (res,), {"dim": want.dim, "ranks": tp},
-                           t.with_shape(_local_attr_shape(tuple(full), want, tp)), v.origin)
+                           t.with_shape(_local_attr_shape(tuple(full), want, tp)).placed(want), v.origin)
         else:   # R -> S: this rank's slice
             res = emit(Op.LOCAL_SHARD, (v,), {"dim": want.dim, "ranks": tp},
-                       t.with_shape(_local_attr_shape(t.shape, want, tp)), v.origin)
+                       t.with_shape(_local_attr_shape(t.shape, want, tp)).placed(want), v.origin)
         converted[key] = res
         return res
 
@@ -85,7 +90,7 @@ def apply_tensor_parallel(module: Module, ctx) -> Module:
         name = f"{ref.name}.shard{want.dim}of{tp}"
         if name not in out.params:
             p = out.params[ref.name]
-            out.params[name] = Param(name, TensorType(p.type.dtype, local_shape(p.type.shape, want, tp)),
+            out.params[name] = Param(name, TensorType(p.type.dtype, local_shape(p.type.shape, want, tp), str(want)),
                                      Recipe(Op.LOCAL_SHARD, (ref,), (("dim", want.dim), ("ranks", tp))))
         return ParamRef(name)
 
@@ -104,11 +109,16 @@ def apply_tensor_parallel(module: Module, ctx) -> Module:
         key = SHAPE_ATTRS.get(n.op)
         if key is not None and out_place.kind == "S":
             attrs[key] = _local_attr_shape(tuple(attrs[key]), out_place, tp)
-        nn = emit(n.op, tuple(new_inputs), attrs, n.type.with_shape(local_shape(n.type.shape, out_place, tp)),
-                  n.origin)
+        nn = emit(n.op, tuple(new_inputs), attrs,
+                  n.type.with_shape(local_shape(n.type.shape, out_place, tp)).placed(out_place), n.origin)
         mapping[n] = nn
         placed[nn] = out_place
     outputs = [reshard(mapping[o], R) for o in g.outputs]
+    for n in g.inputs:
+        n.type = n.type.placed(R)
     out.graphs["forward"] = Graph("forward", g.inputs, new_nodes, outputs)
+    out.meta = dict(out.meta, tp=tp)
     out.prune_params()
+    out.params = {k: p if p.type.placement else replace(p, type=p.type.placed(R))   # every weight placed
+                  for k, p in out.params.items()}
     return out

@@ -70,11 +70,13 @@ def fuse_group(graph: Graph, module: Module, group: list[Node]) -> None:
 
 
 def fuse_siblings(graph: Graph, module: Module, choose: Callable[[list[Node], dict], list[list[Node]]]):
-    """Group fusable linears by their input; ``choose(siblings, users)`` picks the groups to fuse."""
-    by_input: dict[Node, list[Node]] = {}
+    """Group fusable linears by their input; ``choose(siblings, users)`` picks the groups to fuse.
+    On a tensor-parallel graph only linears with the same placement are siblings: column-parallel
+    parts fuse into one rank-local stack of their shards, replicated ones into one replicated."""
+    by_input: dict[tuple, list[Node]] = {}
     for n in graph.nodes:
         if _fusable(n) and isinstance(n.inputs[0], Node):
-            by_input.setdefault(n.inputs[0], []).append(n)
+            by_input.setdefault((n.inputs[0], n.type.placement), []).append(n)
     users = graph.users()
     for siblings in by_input.values():
         if len(siblings) < 2:

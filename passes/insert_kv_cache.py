@@ -51,9 +51,14 @@ def insert_kv_cache(module: Module, ctx) -> Module:
         raise ValueError("the graph has no %position_ids input; the KV cache needs token positions") from None
     tokens = positions.type.shape[1]
     bs = min(ctx.kv_block_size, ctx.max_seq_len)
-    seqs = Node(Op.INPUT, type=TensorType("i64", (tokens,)), name="seq_ids")
-    tables = Node(Op.INPUT, type=TensorType("i64", ("N", -(-ctx.max_seq_len // bs))), name="block_tables")
-    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, bs, d)), name="kv_cache")
+    # on tensor-parallel ranks: bookkeeping is replicated; the cache holds this rank's KV heads
+    tp = int(out.meta.get("tp", 1)) > 1
+    heads = {n.inputs[1].type.placement for n in attns}
+    cache_place = ("S(3)" if heads == {"S(1)"} else "R") if tp else None
+    seqs = Node(Op.INPUT, type=TensorType("i64", (tokens,), "R" if tp else None), name="seq_ids")
+    tables = Node(Op.INPUT, type=TensorType("i64", ("N", -(-ctx.max_seq_len // bs)), "R" if tp else None),
+                  name="block_tables")
+    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, bs, d), cache_place), name="kv_cache")
     g.inputs += [seqs, tables, cache]
     for layer, a in enumerate(attns):
         q, k, v = a.inputs

@@ -14,7 +14,8 @@ def select_logits(module: Module, ctx) -> Module:
     out = module.clone()
     g = out.graphs["prefill"]
     logits = g.outputs[0]
-    index = Node(Op.INPUT, type=TensorType("i64", ("N",)), name="logits_index")
+    index = Node(Op.INPUT, type=TensorType("i64", ("N",), "R" if int(out.meta.get("tp", 1)) > 1 else None),
+                 name="logits_index")
     g.inputs.append(index)
     target = logits if logits.op is not Op.LINEAR else logits.inputs[0]
     if not isinstance(target, Node) or target.type.rank != 3:

@@ -29,8 +29,7 @@ def set_weight_dtype(module: Module, ctx) -> Module:
             name = f"{w.name}.{dtype}"
             if name not in out.params:
                 p = out.params[w.name]
-                out.params[name] = Param(name, p.type.with_dtype(dtype) if hasattr(p.type, "with_dtype")
-                                         else type(p.type)(dtype, p.type.shape),
+                out.params[name] = Param(name, p.type.with_dtype(dtype),
                                          Recipe(Op.CAST, (ParamRef(w.name),), (("dtype", dtype),)))
             cast = Node(Op.CAST, (ParamRef(name),), {"dtype": "f32"}, out.params[w.name].type, n.origin,
                         name=f"{n.name}_w")

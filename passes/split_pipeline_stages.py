@@ -11,7 +11,7 @@ Chained, the stages compute what the whole graph did.
 """
 from __future__ import annotations
 
-from ffc.ir import Graph, Module, Node, Op, TensorType
+from ffc.ir import Graph, Module, Node, Op
 
 
 def _layer(n: Node):
@@ -30,6 +30,7 @@ def split_pipeline_stages(module: Module, ctx) -> Module:
         for s, graph in enumerate(_split(g, stages)):
             graph.name = f"{name}_stage{s}"
             out.graphs[graph.name] = graph
+    out.meta = dict(out.meta, pp=len(stages))
     out.prune_params()
     return out
 
@@ -79,7 +80,7 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
             raise ValueError(f"pipeline stage {s} needs {sorted('%' + c.name for c in crossing - set(carried))} from "
                              f"before stage {s - 1}; only values the previous stage hands on can cross")
         nlayers = stages[s][1] - stages[s][0] + 1
-        new_cache = Node(Op.INPUT, type=TensorType(cache.type.dtype, (nlayers,) + tuple(cache.type.shape[1:])),
+        new_cache = Node(Op.INPUT, type=cache.type.with_shape((nlayers,) + tuple(cache.type.shape[1:])),
                          name="kv_cache")
         new_inputs = [new_cache if n is cache else Node(Op.INPUT, type=n.type, name=n.name) for n in g.inputs]
         mapping = {old: new for old, new in zip(g.inputs, new_inputs)}

@@ -1,6 +1,7 @@
 """Tensor parallelism end to end: the searched strategy applied to the graph, weights sharded
 per rank, local worker ranks over gloo; greedy tokens equal one rank; a dead rank ends all."""
 import json
+import re
 import threading
 import time
 
@@ -67,6 +68,35 @@ def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
         assert llm.generate([prompts[2]], max_new_tokens=8, ignore_eos=True).token_ids[0] == want[2][:8]
     finally:
         llm.close()
+
+
+def test_placements_are_in_the_ir_and_verified(tiny, fast_link, tmp_path):
+    """Every value of a tensor-parallel graph says how the ranks hold it (R, P, S(d)) in its type;
+    the verifier checks each node's placements against its op's sharding rule."""
+    from ffc.ir import Op, parse, print_module, verify_module
+    from ffc.ir.verify import VerifyError
+    folder, _, _ = tiny
+    art = ffc.compile(str(folder), str(tmp_path / "placed.ffc"), max_seq_len=64, tp=2, profile=fast_link,
+                      codegen=False)
+    text = (art / json.loads((art / "manifest.json").read_text())["final_ir"]).read_text()
+    assert "<S(" in text and "<P>" in text and "<R>" in text
+    module = parse(text)
+    assert print_module(module) == text and module.meta["tp"] == 2
+    verify_module(module)
+    g = module.graphs["prefill"]
+    assert all(n.type.placement for n in g.inputs + g.nodes)
+    assert g.input("kv_cache").type.placement in ("R", "S(3)")
+    reduce = next(n for n in g.nodes if n.op in (Op.ALL_REDUCE, Op.REDUCE_SCATTER))
+    good = reduce.type
+    reduce.type = good.placed("P")                                 # a collective whose type lies
+    with pytest.raises(VerifyError, match=re.escape(f"{reduce.op.value} turns P into {good.placement}, but its "
+                                                    "input is P and its type says P")):
+        verify_module(module)
+    reduce.type = good
+    column = next(n for n in g.nodes if n.op is Op.LINEAR and n.type.placement == "S(2)")
+    column.type = column.type.placed("R")                          # a sharded weight cannot give all of it
+    with pytest.raises(VerifyError, match=r"placements \(R, S\(0\)\) -> R are not a legal linear strategy"):
+        verify_module(module)
 
 
 def test_default_model_tp2_equals_one_rank(smol_llm, fast_link, tmp_path):

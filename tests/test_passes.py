@@ -433,17 +433,17 @@ graph forward(%x : f32[1,T,4]) {
   return %3
 }
 """
-TP_AFTER = """param @w1 : f32[8,4]
-param @w2 : f32[4,8]
-param @w1.shard0of2 : f32[4,4] = local_shard(@w1) {dim=0, ranks=2}
-param @w2.shard1of2 : f32[4,4] = local_shard(@w2) {dim=1, ranks=2}
+TP_AFTER = """param @w1 : f32[8,4]<R>
+param @w2 : f32[4,8]<R>
+param @w1.shard0of2 : f32[4,4]<S(0)> = local_shard(@w1) {dim=0, ranks=2}
+param @w2.shard1of2 : f32[4,4]<S(1)> = local_shard(@w2) {dim=1, ranks=2}
 
-graph forward(%x : f32[1,T,4]) {
-  %0 = linear(%x, @w1.shard0of2) : f32[1,T,4]
-  %1 = silu(%0) : f32[1,T,4]
-  %2 = linear(%1, @w2.shard1of2) : f32[1,T,4]
-  %3 = all_reduce(%2) {ranks=2} : f32[1,T,4]
-  %4 = add(%x, %3) : f32[1,T,4]
+graph forward(%x : f32[1,T,4]<R>) {
+  %0 = linear(%x, @w1.shard0of2) : f32[1,T,4]<S(2)>
+  %1 = silu(%0) : f32[1,T,4]<S(2)>
+  %2 = linear(%1, @w2.shard1of2) : f32[1,T,4]<P>
+  %3 = all_reduce(%2) {ranks=2} : f32[1,T,4]<R>
+  %4 = add(%x, %3) : f32[1,T,4]<R>
   return %4
 }
 """
@@ -490,7 +490,7 @@ def test_apply_tensor_parallel(monkeypatch):
     ctx = PassContext(max_seq_len=16, tp=2, tp_plan=TP_PLAN)
     m0 = parse(full(TP_BEFORE))
     m1 = apply_tensor_parallel(m0, ctx)
-    assert print_module(m1) == full(TP_AFTER)
+    assert print_module(m1) == H + 'meta {"tp": 2}\n' + TP_AFTER      # placements in the types
     assert print_module(m0) == full(TP_BEFORE)
     verify_module(m1)
     unchanged(apply_tensor_parallel, TP_BEFORE)                      # no plan: nothing to do
