@@ -5,6 +5,9 @@ offsets, weights are tensors, the KV cache is bound per cache tensor); a step th
 few input ids into the arena, runs the whole graph in one C++ call, and copies logits out.
 Linear weights are repacked in the plan's panel layout when the plan is opened; the plan keeps
 only the weights its kernels read, so the unpacked originals can be freed.
+A CUDA plan holds its weights, arena and KV cache on the GPU (torch CUDA tensors; the kernel
+library's executor launches on its own stream, so every hand-over between torch's stream and
+the executor's is synchronized); inputs are copied in and logits copied back to the host.
 """
 from __future__ import annotations
 
@@ -50,10 +53,15 @@ class CompiledPlan:
                                 f"{PLAN_VERSION}; recompile the artifact")
         self.plan = plan
         self.lib = lib
+        self.device = torch.device("cuda" if plan["target"] == "cuda" else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ArtifactError(f"the plan is for CUDA, but this process sees no CUDA device (torch "
+                                f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
         self.graphs = {g: plan["graphs"][g] for g in (graphs or plan["graphs"])}
         args = [a for gp in self.graphs.values() for st in gp["steps"] for a in st["args"]]
         # copies: a view would keep the whole weights file mapped after the originals are dropped
-        self.weights = {a["name"]: weights[a["name"]].clone() for a in args if a["kind"] == "param"}
+        self.weights = {a["name"]: weights[a["name"]].to(self.device, copy=True) for a in args
+                        if a["kind"] == "param"}
         self.packed = {}
         for a in args:
             if a["kind"] == "packed" and a["name"] not in self.packed:
@@ -65,7 +73,8 @@ class CompiledPlan:
             raise ArtifactError(f"the kernel library does not match the plan (kernels {missing[:4]}); "
                                 "rebuild it with `ffc build ARTIFACT`")
         self.exe = lib.Executor(int(threads or torch.get_num_threads()))
-        self._arena = torch.empty(max(gp["arena_bytes"] for gp in self.graphs.values()) + 64, dtype=torch.uint8)
+        self._arena = torch.empty(max(gp["arena_bytes"] for gp in self.graphs.values()) + 64, dtype=torch.uint8,
+                                  device=self.device)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
         self._segments = {g: self.segments(g) for g in self.graphs}
@@ -117,6 +126,8 @@ class CompiledPlan:
             return
         if cache.numel() and not cache.is_contiguous():
             raise InvalidRequestError("the KV cache must be contiguous")
+        if cache.numel() and cache.device.type != self.device.type:
+            raise InvalidRequestError(f"the KV cache is on {cache.device}, the plan runs on {self.device}")
         for name, gp in self.graphs.items():
             for kind, seg in self.segments(name):
                 if kind == "kernels":
@@ -144,8 +155,14 @@ class CompiledPlan:
         x, y = view(in_a, spec["in_shape"], spec["in_strides"]), view(out_a, spec["out_shape"])
         attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
         y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
+        self._sync()       # the executor's stream reads y next
 
-    def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor], to_host: bool = True) -> list[torch.Tensor]:
+        """The graph's outputs (on the host; ``to_host=False``: on the plan's device)."""
         gp = self.graphs[graph]
         env = self._stage(graph, inputs)
         for kind, seg in self._segments[graph]:
@@ -156,7 +173,8 @@ class CompiledPlan:
         outs = []
         for o in gp["outputs"]:
             shape = [eval_dim(d, env) for d in o["shape"]]
-            outs.append(self._view(gp, o["buffer"], o["dtype"], math.prod(shape)).view(shape).clone())
+            t = self._view(gp, o["buffer"], o["dtype"], math.prod(shape)).view(shape)
+            outs.append(t.to("cpu", copy=True) if to_host else t.clone())
         return outs
 
     def dims(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict:
@@ -191,6 +209,7 @@ class CompiledPlan:
             if spec["buffer"] is not None:
                 src = inputs[name].reshape(-1)
                 self._view(gp, spec["buffer"], spec["dtype"], src.numel()).copy_(src)
+        self._sync()       # host-to-device copies land before the executor's stream reads them
         return env
 
     def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
@@ -220,9 +239,10 @@ def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None,
     from ffc import build
     info = manifest["kernels"]
     root = Path(root)
-    if info.get("target", "cpu") != "cpu":
-        raise ArtifactError(f"{root} was compiled for target {info.get('target')!r}, which this process "
-                            "cannot run; load it with backend='interpreter' or compile with --target cpu")
+    target = info.get("target", "cpu")
+    if target == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{root} was compiled for CUDA, but this process sees no CUDA device (torch "
+                            f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
     try:
         plan = json.loads((root / info["plan"]).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -233,5 +253,5 @@ def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None,
     except Exception:  # noqa: BLE001 - a library built elsewhere: rebuild from the shipped sources
         from ffc.codegen import render_sources
         _, spans = render_sources(plan)
-        lib = build.load_library(build.build(root / "kernels", "cpu", spans))
+        lib = build.load_library(build.build(root / "kernels", target, spans))
     return CompiledPlan(plan, lib, weights, threads, graphs)

@@ -81,17 +81,20 @@ class _Shard:
         self.cache_type = self.module.graphs[self.graph("prefill")].input("kv_cache").type
         self.cache = None
         self.compiled = None
+        self.device = torch.device("cpu")
         if backend != "interpreter" and manifest.get("kernels"):   # the same kernels on every rank
             from .compiled import open_compiled
             self.compiled = open_compiled(root, manifest, self.weights, threads,
                                           [self.graph("prefill"), self.graph("decode")])
             self.weights = self.compiled.weights   # packed originals are freed
+            self.device = self.compiled.device
 
     def handle(self, msg: tuple):
         from ffc.ir import run_graph
         if msg[0] == "pool":
             self.cache = None
-            self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype)
+            self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype,
+                                     device=self.device)
             return None
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
@@ -101,11 +104,12 @@ class _Shard:
             import torch.distributed as dist
             for n in g.inputs:
                 if n.name.startswith("hidden"):
-                    t = torch.empty(n.type.concrete({"T": T, "B": T}), dtype=n.type.torch_dtype)
+                    t = torch.empty(n.type.concrete({"T": T, "B": T}), dtype=n.type.torch_dtype, device=self.device)
                     dist.recv(t, self.rank - self.tp)
                     inputs[n.name] = t
         if self.compiled is not None:
-            outs = self.compiled.run(self.graph(graph), inputs)
+            # an inner stage's outputs stay on the device for the send (NCCL sends GPU tensors)
+            outs = self.compiled.run(self.graph(graph), inputs, to_host=self.stage == self.pp - 1)
         else:
             outs = run_graph(g, self.weights, inputs)
         if self.stage < self.pp - 1:
@@ -119,6 +123,18 @@ class _Shard:
         return f"{name}_stage{self.stage}" if self.pp > 1 else name
 
 
+def collective_backend(root, backend: Optional[str], local_rank: int = 0) -> str:
+    """gloo between CPU ranks; NCCL when the ranks run CUDA kernels (then this process takes
+    GPU ``local_rank`` modulo the GPUs it sees)."""
+    from ffc.artifact import read_manifest
+    info = read_manifest(root, check_hashes=False).get("kernels") or {}
+    if backend == "interpreter" or info.get("target") != "cuda":
+        return "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return "nccl"
+
+
 def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn,
             backend: Optional[str] = None) -> None:
     """One rank started by ``ffc.load``: join the group, then run steps until told to stop."""
@@ -127,7 +143,7 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
         import torch.distributed as dist
         torch.set_num_threads(threads)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world,
+        dist.init_process_group(collective_backend(root, backend, rank), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         shard = _Shard(root, final_ir, rank, backend, threads)
         conn.send(("ready", rank))
@@ -303,10 +319,11 @@ def torchrun_env() -> Optional[tuple[int, int]]:
     return None
 
 
-def join_torchrun_group() -> tuple[int, int]:
+def join_torchrun_group(root, backend: Optional[str] = None) -> tuple[int, int]:
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        kind = collective_backend(root, backend, int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(kind, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return dist.get_rank(), dist.get_world_size()
 
 

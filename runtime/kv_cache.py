@@ -26,8 +26,11 @@ from ffc.ir.types import TensorType
 DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
 
 
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now (MemAvailable), or 4 GiB if unknown."""
+def available_memory_bytes(device=None) -> int:
+    """Memory the OS could give this process now (MemAvailable), or 4 GiB if unknown; on a
+    CUDA device, its free memory."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -42,16 +45,17 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 
 
-def parse_memory(value: Union[str, int, float, None]) -> Optional[int]:
+def parse_memory(value: Union[str, int, float, None], device=None) -> Optional[int]:
     """A KV-cache budget in bytes: ``"2GiB"``, ``"512MB"``, a byte count, or a fraction of the
-    available memory (``0.3``). None stays None (the default fraction)."""
+    available memory (``0.3``; of ``device``'s when it is a GPU). None stays None (the default
+    fraction)."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB' or 0.3")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if 0 < value < 1:
-            return int(value * available_memory_bytes())
+            return int(value * available_memory_bytes(device))
         if value >= 1:
             return int(value)
         raise InvalidRequestError(f"kv_cache_memory={value!r} must be positive")
@@ -59,7 +63,7 @@ def parse_memory(value: Union[str, int, float, None]) -> Optional[int]:
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB', '512MB' or 0.3")
     number, unit = float(m.group(1)), m.group(2).lower()
-    return parse_memory(number if unit == "" else number * _UNITS[unit])
+    return parse_memory(number if unit == "" else number * _UNITS[unit], device)
 
 
 class BlockPool:
@@ -92,7 +96,7 @@ class BlockPool:
         than ``want_blocks``, and at least one full-length sequence."""
         per = cls.bytes_per_block(cache_type)
         if budget is None:
-            n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * available_memory_bytes()) // per)
+            n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * available_memory_bytes(device)) // per)
             n = max(n, blocks_per_seq)
         else:
             n = budget // per

@@ -62,6 +62,7 @@ class LLM:
                  prefix_caching: bool = True):
         self.path = path
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
+        self.device = compiled.device if compiled is not None else torch.device("cpu")   # of the KV pool
         self.backend = "compiled" if compiled is not None else "interpreter"
         self.manifest = manifest
         self.module = module
@@ -77,7 +78,7 @@ class LLM:
         self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
                                       max_requests_per_batch=max_requests_per_batch or rows,
                                       max_seq_len=self.max_seq_len)
-        self._kv_budget = parse_memory(kv_cache_memory)
+        self._kv_budget = parse_memory(kv_cache_memory, self.device)
         self._prefix_caching = prefix_caching
         self._engine: Optional[Engine] = None
 
@@ -87,7 +88,7 @@ class LLM:
         if self._engine is None:
             pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
                                         self.config.max_requests_per_batch * self.runner.blocks_per_seq,
-                                        device=None if self.ranks else "cpu", prefix_caching=self._prefix_caching)
+                                        device=None if self.ranks else self.device, prefix_caching=self._prefix_caching)
             if self.ranks is not None:
                 self.ranks.allocate_pool(pool.num_blocks)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
@@ -133,7 +134,7 @@ class LLM:
                                     "backend='interpreter' or recompile")
             from . import distributed
             if distributed.torchrun_env() is not None:       # started by torchrun, on one or more machines
-                rank, _ = distributed.join_torchrun_group()
+                rank, _ = distributed.join_torchrun_group(root, backend)
                 if rank != 0:   # ranks > 0 serve rank 0's steps, then this process ends with it
                     distributed.follow_torchrun(str(root), final, backend)
                     raise SystemExit(0)
