@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ffc.ir import Graph, Module, Node, Op, ParamRef
-from ffc.ir.ops import BINARY, COLLECTIVE, ELEMENTWISE, UNARY
+from ffc.ir.ops import BINARY, COLLECTIVE, ELEMENTWISE, POINT_TO_POINT, UNARY
 from ffc.ir.types import DTYPES, eval_dim
 from ffc.ir.verify import bind_attrs
 
@@ -446,7 +446,7 @@ class GraphLowering:
     def group_rest(self) -> None:
         anchors = {Op.LINEAR: "linear", Op.RMS_NORM: "norm", Op.LAYER_NORM: "norm",
                    Op.CACHED_ATTENTION: "attention", Op.EMBEDDING: "gather", Op.TAKE: "gather",
-                   **{op: "collective" for op in COLLECTIVE | {Op.LOCAL_SHARD}}}
+                   **{op: "collective" for op in COLLECTIVE | POINT_TO_POINT | {Op.LOCAL_SHARD}}}
         for n in self.g.nodes:
             if n in self.owner or n.op in VIEW_OPS:
                 continue
@@ -589,8 +589,12 @@ class GraphLowering:
         arena. The input may be any view (its strides, affine in T and N, are in the spec: the
         runtime reads it with as_strided); the output is written contiguous."""
         n = g.anchor
+        if n.op is Op.RECV:     # from the previous pipeline stage, into its arena buffer
+            return {"family": "collective", "op": "recv", "peer": n.attrs["peer"],
+                    "out_shape": list(n.type.shape)}, [self.out_arg(g.outputs["out"])]
         a, v = self.arg(n.inputs[0], f"{n.op.value} input")
-        s = {"family": "collective", "op": n.op.value, "dim": n.attrs.get("dim"), "ranks": n.attrs["ranks"],
+        s = {"family": "collective", "op": n.op.value, "dim": n.attrs.get("dim"), "ranks": n.attrs.get("ranks"),
+             "peer": n.attrs.get("peer"),
              "in_shape": list(n.inputs[0].type.shape), "out_shape": list(n.type.shape),
              "in_strides": [[st.c, st.t, st.n] for st in v.strides]}
         return s, [self.out_arg(g.outputs["out"]), a]

@@ -66,6 +66,9 @@ class Op(Enum):
     ALL_GATHER = "all_gather"
     REDUCE_SCATTER = "reduce_scatter"
     LOCAL_SHARD = "local_shard"
+    # pipeline parallelism: a value handed to the next stage's rank / taken from the previous one's
+    SEND = "send"
+    RECV = "recv"
 
 
 UNARY = {Op.NEG, Op.RSQRT, Op.SQRT, Op.EXP, Op.TANH, Op.COS, Op.SIN, Op.SILU, Op.GELU, Op.RELU,
@@ -76,8 +79,10 @@ COMMUTATIVE = {Op.ADD, Op.MUL}
 LAYOUT = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.CONCAT, Op.SLICE}
 # Ops the constant folder may evaluate at compile time on weights (cheap, exact).
 FOLDABLE = ELEMENTWISE | LAYOUT
-# Ops with an effect besides their result (they write the KV cache).
-EFFECTFUL = {Op.CACHED_ATTENTION}
+# Ops with an effect besides their result (they write the KV cache, or talk to another stage).
+EFFECTFUL = {Op.CACHED_ATTENTION, Op.SEND, Op.RECV}
+# Point to point between pipeline stages: ``peer`` is the other rank's offset from this one.
+POINT_TO_POINT = {Op.SEND, Op.RECV}
 # Collectives: every rank runs the same graph, so removing or merging one happens on all ranks
 # alike; they stay pure for the passes.
 COLLECTIVE = {Op.ALL_REDUCE, Op.ALL_GATHER, Op.REDUCE_SCATTER}
@@ -240,6 +245,28 @@ def _local_shard(x, *, dim, ranks, rank=None):
     return x.chunk(ranks, dim)[rank].clone()   # its own storage (a weights file cannot alias)
 
 
+def _world():
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("send/recv between pipeline stages need the artifact's ranks (run it with ffc.load)")
+    return dist
+
+
+def _send(x, *, peer):
+    """Hand ``x`` to the rank ``peer`` places after this one (the next stage); the result is x."""
+    d = _world()
+    d.send(x.contiguous(), d.get_rank() + peer)
+    return x
+
+
+def _recv(*, peer, shape, dtype):
+    """What the rank ``peer`` places from this one (the previous stage) sends: a new tensor."""
+    d = _world()
+    t = torch.empty(tuple(shape), dtype=_dtype(dtype))
+    d.recv(t, d.get_rank() + peer)
+    return t
+
+
 def _reduce_scatter(x, *, dim, ranks, rank=None):
     return _local_shard(_all_reduce(x, ranks=ranks), dim=dim, ranks=ranks, rank=rank)
 
@@ -356,6 +383,8 @@ REGISTRY: dict[Op, OpDef] = {
     Op.ALL_GATHER: OpDef(ref=_all_gather, shape=_scaled_shape(lambda n, r: n * r), attrs=("dim", "ranks")),
     Op.REDUCE_SCATTER: OpDef(ref=_reduce_scatter, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
     Op.LOCAL_SHARD: OpDef(ref=_local_shard, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
+    Op.SEND: OpDef(ref=_send, shape=lambda s, *, peer: tuple(s[0]), attrs=("peer",)),
+    Op.RECV: OpDef(ref=_recv, shape=lambda s, *, peer, shape, dtype: tuple(shape), attrs=("peer", "shape", "dtype")),
     Op.ADD: _binary(torch.add),
     Op.SUB: _binary(torch.sub),
     Op.MUL: _binary(torch.mul),
@@ -390,7 +419,7 @@ REGISTRY: dict[Op, OpDef] = {
 }
 
 # Attributes whose values are shapes: symbolic dims in them are bound at run time.
-SHAPE_ATTRS = {Op.RESHAPE: "shape", Op.EXPAND: "shape"}
+SHAPE_ATTRS = {Op.RESHAPE: "shape", Op.EXPAND: "shape", Op.RECV: "shape"}
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -372,7 +372,12 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
     for n in graph.nodes:
         ins = tuple(placement(v) for v in n.inputs)
         out = place_of(n.type)
-        if _stacked_part(n, params):
+        if _stacked_part(n, params) or n.op is Op.RECV:      # recv: as the previous stage sent it
+            shadow[n] = _Node(n.op, type=global_type(n.type), name=n.name)
+            continue
+        if n.op is Op.SEND:
+            if ins[0] != out:
+                return n, f"send of a {ins[0]} value says it sends {out}"
             shadow[n] = _Node(n.op, type=global_type(n.type), name=n.name)
             continue
         if n.op in _COLLECTIVES:

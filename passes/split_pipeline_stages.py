@@ -5,9 +5,11 @@ from the strategy search). Guarantees: stage s holds its layers' nodes (by origi
 before the first layer go to stage 0 and those after the last layer to the last stage; a value
 a stage needs from an earlier one is recomputed there when it depends only on graph inputs and
 weights (rotary tables), else it crosses the boundary (the residual stream, and with tensor
-parallelism its shards): the earlier stage returns it (the runtime sends it), the next takes it
-as input ``%hidden``, ``%hidden1``, ... (received, in that order). Each stage's ``kv_cache`` holds only its layers (renumbered from 0).
-Chained, the stages compute what the whole graph did.
+parallelism its shards): the earlier stage ends with ``send(%x) {peer=tp}`` for each such
+value (the send's result is what it returns), the next begins with ``recv() {peer=-tp, ...}``
+in the same order (``peer``: the rank offset, the same tp rank of the neighbouring stage).
+Each stage's ``kv_cache`` holds only its layers (renumbered from 0). Chained, the stages
+compute what the whole graph did.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def split_pipeline_stages(module: Module, ctx) -> Module:
     out = module.clone()
     for name in list(out.graphs):
         g = out.graphs.pop(name)
-        for s, graph in enumerate(_split(g, stages)):
+        for s, graph in enumerate(_split(g, stages, int(getattr(ctx, "tp", 1) or 1))):
             graph.name = f"{name}_stage{s}"
             out.graphs[graph.name] = graph
     out.meta = dict(out.meta, pp=len(stages))
@@ -35,7 +37,7 @@ def split_pipeline_stages(module: Module, ctx) -> Module:
     return out
 
 
-def _split(g: Graph, stages: tuple) -> list[Graph]:
+def _split(g: Graph, stages: tuple, tp: int) -> list[Graph]:
     last = len(stages) - 1
     order = {n: k for k, n in enumerate(g.nodes)}
     layered = [n for n in g.nodes if _layer(n) is not None]
@@ -84,11 +86,11 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
                          name="kv_cache")
         new_inputs = [new_cache if n is cache else Node(Op.INPUT, type=n.type, name=n.name) for n in g.inputs]
         mapping = {old: new for old, new in zip(g.inputs, new_inputs)}
-        for k, x in enumerate(carried if s > 0 else ()):
-            hidden = Node(Op.INPUT, type=x.type, name="hidden" if k == 0 else f"hidden{k}")
-            new_inputs.append(hidden)
-            mapping[x] = hidden
         nodes = []
+        for x in carried if s > 0 else ():
+            r = Node(Op.RECV, (), {"peer": -tp, "shape": tuple(x.type.shape), "dtype": x.type.dtype}, x.type, x.origin)
+            nodes.append(r)
+            mapping[x] = r
         for n in g.nodes:
             if n not in need:
                 continue
@@ -111,7 +113,8 @@ def _split(g: Graph, stages: tuple) -> list[Graph]:
                 raise ValueError(f"stage {s + 1} needs %{missing[0].name}, which stage {s} neither computes nor "
                                  "receives")
             carried = sorted(handed, key=lambda x: order[x])
-            outputs = [mapping[x] for x in carried]
+            outputs = [Node(Op.SEND, (mapping[x],), {"peer": tp}, x.type, x.origin) for x in carried]
+            nodes += outputs
         else:
             outputs = [mapping[o] for o in g.outputs]
         graphs.append(Graph(g.name, new_inputs, nodes, outputs))

@@ -140,7 +140,7 @@ class CompiledPlan:
     def _collective(self, gp: dict, st: dict, env: dict) -> None:
         """A collective step on arena memory, with the op's reference (torch.distributed)."""
         from ffc.ir.ops import REGISTRY, Op
-        spec, (out_a, in_a) = st["collective"], st["args"]
+        spec = st["collective"]
 
         def view(a, shape, strides=None):
             shape = [eval_dim(d, env) for d in shape]
@@ -152,9 +152,19 @@ class CompiledPlan:
             base = self.arg_tensor(a).reshape(-1) if a["kind"] == "param" else \
                 self._view(gp, a["name"], a["dtype"], extent)
             return base.as_strided(shape, st, base.storage_offset() + a["offset"])
-        x, y = view(in_a, spec["in_shape"], spec["in_strides"]), view(out_a, spec["out_shape"])
-        attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
-        y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
+        y = view(st["args"][0], spec["out_shape"])
+        if spec["op"] in ("send", "recv"):   # the neighbouring stage's rank, arena to arena
+            import torch.distributed as dist
+            peer = dist.get_rank() + spec["peer"]
+            if spec["op"] == "recv":
+                dist.recv(y, peer)
+            else:
+                y.copy_(view(st["args"][1], spec["in_shape"], spec["in_strides"]))
+                dist.send(y, peer)
+        else:
+            x = view(st["args"][1], spec["in_shape"], spec["in_strides"])
+            attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
+            y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
         self._sync()       # the executor's stream reads y next
 
     def _sync(self) -> None:

@@ -99,23 +99,12 @@ class _Shard:
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
         g = self.module.graphs[self.graph(graph)]
-        T = inputs["input_ids"].shape[1]
-        if self.stage > 0:     # the residual stream (and its shards) from the previous stage
-            import torch.distributed as dist
-            for n in g.inputs:
-                if n.name.startswith("hidden"):
-                    t = torch.empty(n.type.concrete({"T": T, "B": T}), dtype=n.type.torch_dtype, device=self.device)
-                    dist.recv(t, self.rank - self.tp)
-                    inputs[n.name] = t
+        # a pipeline stage's graph receives from the previous stage and sends to the next itself
         if self.compiled is not None:
-            # an inner stage's outputs stay on the device for the send (NCCL sends GPU tensors)
             outs = self.compiled.run(self.graph(graph), inputs, to_host=self.stage == self.pp - 1)
         else:
             outs = run_graph(g, self.weights, inputs)
         if self.stage < self.pp - 1:
-            import torch.distributed as dist
-            for o in outs:
-                dist.send(o.contiguous(), self.rank + self.tp)
             return None
         return outs[0][0].numpy() if self.tp_rank == 0 else None   # the last stage's first tp rank
 
