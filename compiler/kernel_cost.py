@@ -55,6 +55,8 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
         spec = plan["kernels"][st["kernel"]]["spec"]
         family = linear_family(eval_dim(spec["M"].strip("()"), env), spec["gemv_max_m"]) \
             if spec["family"] == "linear" else spec["family"]
+        if family == "attention" and graph.startswith("decode"):
+            family = "attention_decode"    # one query per sequence: bound by K/V reads, not FLOPs
         flops, nbytes, seen = 0.0, 0.0, set()
         for name in st["nodes"]:
             n = by_name.get(name)

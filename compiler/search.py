@@ -212,6 +212,8 @@ class _Problem:
             family = _FAMILY.get(n.op, "pointwise")
             if family == "linear":
                 family = linear_family(numel(ins[0][0][:-1]))
+            elif family == "attention" and phase == "decode":
+                family = "attention_decode"
             out.append(self.profile.kernel_time(family, est.flops, est.bytes, self.w.weight_dtype))
         return out
 
