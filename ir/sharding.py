@@ -341,7 +341,6 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
     rank-local, so each node is checked as its global counterpart (sharded dims times tp)
     against ``strategies``; collectives must convert what they claim; outputs are R (except
     an inner pipeline stage's, which the next stage's ranks take as they are)."""
-    from .graph import Node as _Node
     from .ops import SHAPE_ATTRS
 
     def place_of(t) -> Placement:
@@ -360,10 +359,10 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
             self.type = global_type(p.type)
 
     gparams = {k: _Global(p) for k, p in params.items()}
-    shadow: dict = {n: _Node(n.op, type=global_type(n.type), name=n.name) for n in graph.inputs}
+    shadow: dict = {n: Node(n.op, type=global_type(n.type), name=n.name) for n in graph.inputs}
 
     def placement(v) -> Optional[Placement]:
-        if isinstance(v, _Node):
+        if isinstance(v, Node):
             return place_of(v.type)
         if isinstance(v, ParamRef):
             return place_of(params[v.name].type)
@@ -373,12 +372,12 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
         ins = tuple(placement(v) for v in n.inputs)
         out = place_of(n.type)
         if _stacked_part(n, params) or n.op is Op.RECV:      # recv: as the previous stage sent it
-            shadow[n] = _Node(n.op, type=global_type(n.type), name=n.name)
+            shadow[n] = Node(n.op, type=global_type(n.type), name=n.name)
             continue
         if n.op is Op.SEND:
             if ins[0] != out:
                 return n, f"send of a {ins[0]} value says it sends {out}"
-            shadow[n] = _Node(n.op, type=global_type(n.type), name=n.name)
+            shadow[n] = Node(n.op, type=global_type(n.type), name=n.name)
             continue
         if n.op in _COLLECTIVES:
             if n.attrs.get("ranks") != tp:
@@ -393,7 +392,7 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
                 sizes = list(attrs[key])
                 sizes[out.dim] *= tp
                 attrs[key] = tuple(sizes)
-            g = _Node(n.op, tuple(shadow.get(v, v) if isinstance(v, _Node) else v for v in n.inputs), attrs,
+            g = Node(n.op, tuple(shadow.get(v, v) if isinstance(v, Node) else v for v in n.inputs), attrs,
                       global_type(n.type), n.origin)
             legal = strategies(g, tp, gparams)
             if not any(st.inputs == ins and st.output == out for st in legal):
@@ -401,7 +400,7 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
                 options = "; ".join(f"{st.name}: ({', '.join('-' if p is None else str(p) for p in st.inputs)})"
                                     f" -> {st.output}" for st in legal)
                 return n, f"placements ({have}) -> {out} are not a legal {n.op.value} strategy (legal: {options})"
-        shadow[n] = g if n.op not in _COLLECTIVES else _Node(n.op, type=global_type(n.type), name=n.name)
+        shadow[n] = g if n.op not in _COLLECTIVES else Node(n.op, type=global_type(n.type), name=n.name)
     for o in graph.outputs if outputs_replicated else ():
         if place_of(o.type) != R:
             return o, f"graph output is {place_of(o.type)}; outputs must be replicated"
