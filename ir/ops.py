@@ -206,6 +206,12 @@ def set_tensor_parallel_group(group, rank: int, size: int) -> None:
     _TP_GROUP[:] = [_TensorParallelGroup(group, rank, size)]
 
 
+def set_collective_group(group) -> None:
+    """Collective ops of this process go to ``group``: any object with get_rank, get_world_size,
+    all_reduce(t) and all_gather(parts, t) (e.g. the runtime's shared-memory group)."""
+    _TP_GROUP[:] = [group]
+
+
 def _group():
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):

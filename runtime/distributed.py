@@ -125,7 +125,7 @@ def collective_backend(root, backend: Optional[str], local_rank: int = 0) -> str
 
 
 def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn,
-            backend: Optional[str] = None) -> None:
+            backend: Optional[str] = None, shm: Optional[str] = None) -> None:
     """One rank started by ``ffc.load``: join the group, then run steps until told to stop."""
     _die_with_parent()
     try:
@@ -135,6 +135,12 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
         dist.init_process_group(collective_backend(root, backend, rank), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         shard = _Shard(root, final_ir, rank, backend, threads)
+        if shm and shard.tp > 1:    # this stage's tp ranks meet in their shared segment; gloo for the rest
+            from ffc.ir import ops
+
+            from .shm_collectives import SharedMemoryGroup, segment_name
+            ops.set_collective_group(SharedMemoryGroup(segment_name(shm, shard.stage), shard.tp_rank, shard.tp,
+                                                       ops._group()))
         conn.send(("ready", rank))
         while True:
             msg = conn.recv()
@@ -186,17 +192,25 @@ class RankGroup:
         import subprocess
         import sys
         from multiprocessing import Pipe
+        from . import shm_collectives
         self.world, self.stages = world, stages
         self.limits = _plan_limits(root, backend)
         port = free_port()
         threads = threads or max(1, (os.cpu_count() or world) // world)
-        self.procs, self.conns = [], []
+        self.procs, self.conns, self._segments = [], [], []
+        tp = world // stages
+        shm = None     # CPU ranks on this machine: collectives through shared memory
+        if tp > 1 and shm_collectives.available() and collective_backend(root, backend) == "gloo":
+            shm = f"ffc{os.getpid()}_{port}"
+            self._segments = [shm_collectives.create_segment(shm_collectives.segment_name(shm, s), tp)
+                              for s in range(stages)]
         for r in range(world):
             parent, child = Pipe()
             fd = child.fileno()
             p = subprocess.Popen([sys.executable, "-m", "ffc.runtime.distributed", "--fd", str(fd), "--root", str(root),
                                   "--ir", final_ir, "--rank", str(r), "--world", str(world), "--port", str(port),
-                                  "--threads", str(threads), "--backend", backend or "auto"], pass_fds=(fd,))
+                                  "--threads", str(threads), "--backend", backend or "auto"] +
+                                 (["--shm", shm] if shm else []), pass_fds=(fd,))
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
@@ -291,6 +305,13 @@ class RankGroup:
         _reap(procs, 5)
         for c in conns:
             c.close()
+        segments, self._segments = getattr(self, "_segments", []), []
+        for s in segments:
+            try:
+                s.close()
+                s.unlink()
+            except (OSError, FileNotFoundError):
+                pass
 
     def __del__(self):
         try:
@@ -375,6 +396,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="a rank of a tensor-parallel ffc artifact: started by ffc.load "
                                              "(--fd ...), or under torchrun with --generate ARTIFACT")
     ap.add_argument("--fd", type=int)
+    ap.add_argument("--shm", help="base name of the shared-memory segments for collectives")
     ap.add_argument("--root")
     ap.add_argument("--ir")
     ap.add_argument("--rank", type=int)
@@ -400,7 +422,7 @@ def main(argv=None) -> None:
         return
     from multiprocessing.connection import Connection
     _worker(a.root, a.ir, a.rank, a.world, a.port, a.threads, Connection(a.fd),
-            None if a.backend == "auto" else a.backend)
+            None if a.backend == "auto" else a.backend, a.shm)
 
 
 if __name__ == "__main__":

@@ -62,12 +62,63 @@ def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
     assert manifest["kernels"] and '"collective"' in (art / "kernels" / "plan.json").read_text()
     llm = ffc.load(art)
     try:
+        from ffc.runtime import shm_collectives
+        if shm_collectives.available():       # local CPU ranks meet in shared memory
+            assert len(llm.ranks._segments) == 1
         got = llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids
         assert got == want
         # one at a time too (a different batch composition through the same ranks)
         assert llm.generate([prompts[2]], max_new_tokens=8, ignore_eos=True).token_ids[0] == want[2][:8]
     finally:
         llm.close()
+
+
+def test_shared_memory_collectives_between_threads(monkeypatch):
+    """The shared-memory group: sums in rank order (the same bits on every rank), gathers, sends
+    what does not fit a slot to the fallback, and gives up on a rank that never comes."""
+    import uuid
+
+    from ffc.runtime import shm_collectives as sc
+    seg = sc.create_segment(f"ffctest_{uuid.uuid4().hex[:8]}", 2)
+    try:
+        class Fallback:
+            calls = []
+
+            def all_reduce(self, t):
+                self.calls.append(("all_reduce", t.dtype))
+
+        groups = [sc.SharedMemoryGroup(seg.name, r, 2, Fallback(), slot_bytes=4096, creator_elsewhere=False)
+                  for r in range(2)]
+        xs = [torch.randn(3, 100, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+        want = xs[0] + xs[1]
+        got = [None, None]
+
+        def rank(r):
+            for k in range(5):        # both phases of the slots, several times
+                y = xs[r].clone()
+                groups[r].all_reduce(y)
+                parts = [torch.empty(3, 100) for _ in range(2)]
+                groups[r].all_gather(parts, xs[r])
+                assert torch.equal(parts[0], xs[0]) and torch.equal(parts[1], xs[1])
+            groups[r].all_reduce(torch.zeros(2000))            # 8000 bytes > a 4096-byte slot
+            groups[r].all_reduce(torch.zeros(4, dtype=torch.float64))
+            got[r] = y
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert torch.equal(got[0], want) and torch.equal(got[1], want)
+        assert sorted(map(str, Fallback.calls)) == sorted(map(str, [("all_reduce", torch.float32),
+                                                                     ("all_reduce", torch.float64)] * 2))
+        monkeypatch.setattr(sc, "WAIT_TIMEOUT_S", 0.2)
+        with pytest.raises(RuntimeError, match=r"ranks \[1\] of this group did not arrive"):
+            groups[0].all_reduce(torch.ones(4))                 # rank 1 never calls
+        for g in groups:
+            g.close()
+    finally:
+        seg.close()
+        seg.unlink()
 
 
 def test_placements_are_in_the_ir_and_verified(tiny, fast_link, tmp_path):
