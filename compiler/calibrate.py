@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -59,19 +59,24 @@ def measure_overhead(runs: int = 200) -> float:
 
 
 def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str, sizes: list,
-                       kinds: tuple) -> None:
+                       kinds: tuple, shm: Optional[str] = None) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    # all-reduce / all-gather as the runtime's local ranks do them (shared memory, gloo past a slot)
+    group = dist
+    if shm:
+        from ffc.runtime.shm_collectives import SharedMemoryGroup
+        group = SharedMemoryGroup(shm, rank, world, dist, creator_elsewhere=False)   # spawned: the creator's tracker
     results = []
     try:
         for n in sizes:
             x = torch.zeros(n // 4)
             parts = [torch.zeros(n // 4 // world) for _ in range(world)]
             ops = {
-                "all_reduce": lambda: dist.all_reduce(x),
-                "all_gather": lambda: dist.all_gather(parts, parts[rank].clone()),
+                "all_reduce": lambda: group.all_reduce(x),
+                "all_gather": lambda: group.all_gather(parts, parts[rank].clone()),
                 "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(x), x),
                 "send_recv": lambda: (dist.send(x, 1) if rank == 0 else dist.recv(x, 0)) if rank < 2 else None,
             }
@@ -93,16 +98,27 @@ def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: st
 
 def time_collectives(world: int = 2, runs: int = 9, sizes=SIZES,
                       kinds=("all_reduce", "all_gather", "all_to_all", "send_recv")) -> list:
-    """[(collective, bytes, median seconds)] between ``world`` local gloo processes."""
+    """[(collective, bytes, median seconds)] between ``world`` local processes, as the runtime's
+    local ranks run them: all-reduce and all-gather through shared memory (x86), the rest gloo."""
     import tempfile
 
     import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "c.json")
-        mp.start_processes(_collective_worker, args=(world, free_port(), runs, path, list(sizes), tuple(kinds)),
-                           nprocs=world, start_method="spawn")
-        with open(path) as f:
-            return [tuple(r) for r in json.load(f)]
+
+    from ffc.runtime import shm_collectives
+    port = free_port()
+    seg = shm_collectives.create_segment(f"ffccal{os.getpid()}_{port}", world) if shm_collectives.available() else None
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "c.json")
+            mp.start_processes(_collective_worker, args=(world, port, runs, path, list(sizes), tuple(kinds),
+                                                         seg.name if seg else None),
+                               nprocs=world, start_method="spawn")
+            with open(path) as f:
+                return [tuple(r) for r in json.load(f)]
+    finally:
+        if seg is not None:
+            seg.close()
+            seg.unlink()
 
 
 def measure_collectives(world: int = 2, runs: int = 9) -> list:
@@ -128,7 +144,9 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
     log(f"read bandwidth {bw / 1e9:.1f} GB/s")
     overhead = measure_overhead()
     log(f"per-op overhead {overhead * 1e6:.1f} us")
-    log(f"gloo collectives between {world} local processes")
+    from ffc.runtime.shm_collectives import SLOT_BYTES
+    log(f"collectives between {world} local processes (all-reduce/all-gather in shared memory up to "
+        f"{SLOT_BYTES >> 20} MiB, as the runtime's ranks; gloo otherwise)")
     fitted = measure_collectives(world)
     for kind, p, a, b in fitted:
         log(f"  {kind}: {a * 1e6:.0f} us + {1 / b / 1e9:.2f} GB/s")
