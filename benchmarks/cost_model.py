@@ -4,8 +4,9 @@ of a compiled plan's step, per step, and per collective, with the median absolut
 Predictions use the calibrated profile (``ffc calibrate``): a kernel's time is the roofline
 of its FLOPs and the bytes it reads and writes outside itself (weights, arena buffers, the
 KV cache up to the context) plus the per-kernel overhead; a collective's is the profile's
-fitted gloo time. Measurements: each kernel timed between the executor's barriers (median of
-runs), whole steps by wall clock, collectives between local gloo processes.
+fitted time. Measurements: each kernel timed between the executor's barriers (median of
+runs), whole steps by wall clock, collectives between local processes as the runtime's ranks
+run them (shared memory on x86, else gloo).
 
     ffc calibrate --artifact smol.ffc && python benchmarks/cost_model.py smol.ffc --batch 1 8 --context 256
 
@@ -69,7 +70,7 @@ def main():
     sizes = [b * hidden * 4 for b in a.batch] + [n * hidden * 4 for n in a.prefill]
     for _, n, t in time_collectives(2, runs=15, sizes=sizes, kinds=("all_reduce",)):
         p = profile.collective_time("all_reduce", n, 2)
-        rows.append((f"all_reduce of {n / 1024:.0f} KiB, 2 ranks (gloo)", p, t))
+        rows.append((f"all_reduce of {n / 1024:.0f} KiB, 2 local ranks", p, t))
         errors.append(abs(p - t) / t)
     print(f"profile {profile.name} ({'kernel families fitted' if profile.kernels else 'roofline only'}); "
           f"{torch.get_num_threads()} threads")

@@ -2,8 +2,9 @@
 
 GEMM FLOP/s (torch.mm at model-like shapes), read bandwidth (a streaming reduction over a
 buffer far larger than the caches), per-kernel overhead (a tiny op), and the collectives
-between local processes over gloo (all_reduce, all_gather, all_to_all, send/recv at sizes
-from 4 KiB to 16 MiB, fitted as t = a + b * bytes). Medians throughout: the machine is
+between local processes as the runtime's ranks run them (all_reduce and all_gather through
+shared memory on x86, all_to_all and send/recv over gloo; sizes from 4 KiB to 16 MiB,
+fitted as t = a + b * bytes). Medians throughout: the machine is
 shared and noisy.
 """
 from __future__ import annotations
@@ -169,7 +170,7 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
         for f, (a, c, m) in fams.items():
             log(f"  {f}: {a * 1e6:.2f} us + {c and 1 / c / 1e9:.1f} GFLOP/s + {m and 1 / m / 1e9:.1f} GB/s")
         kernels = tuple(sorted((f, a, c, m) for f, (a, c, m) in fams.items()))
-    return DeviceProfile(name="local", description=f"this machine: {os.cpu_count()} CPUs, {threads} threads, gloo",
+    return DeviceProfile(name="local", description=f"this machine: {os.cpu_count()} CPUs, {threads} threads, local ranks",
                          peak_flops=tuple(sorted(flops.items())), memory_bandwidth=bw, memory_bytes=float(mem),
                          kernel_overhead=overhead,
                          link=Link("gloo-local", latency, bandwidth, tuple(fitted)),
