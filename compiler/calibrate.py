@@ -118,8 +118,7 @@ def time_collectives(world: int = 2, runs: int = 9, sizes=SIZES,
                 return [tuple(r) for r in json.load(f)]
     finally:
         if seg is not None:
-            seg.close()
-            seg.unlink()
+            shm_collectives.remove_segment(seg)
 
 
 def measure_collectives(world: int = 2, runs: int = 9) -> list:

@@ -55,6 +55,12 @@ static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm512_fmad
 static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm512_add_ps(a, b); }
 static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return _mm512_mul_ps(a, b); }
 static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return _mm512_max_ps(a, b); }
+static inline ffc_vf ffc_vmin(ffc_vf a, ffc_vf b) { return _mm512_min_ps(a, b); }
+static inline ffc_vf ffc_vround(ffc_vf v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline ffc_vf ffc_vldexp(ffc_vf p, ffc_vf k) { return _mm512_scalef_ps(p, k); }   // p * 2^k
+static inline ffc_vf ffc_vzero_below(ffc_vf v, ffc_vf x, ffc_vf lo) {                  // x < lo ? 0 : v
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), v);
+}
 static inline float ffc_vsum(ffc_vf v) { return _mm512_reduce_add_ps(v); }
 static inline float ffc_vhmax(ffc_vf v) { return _mm512_reduce_max_ps(v); }
 #elif FFC_VW == 8
@@ -71,6 +77,13 @@ static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm256_fmad
 static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm256_add_ps(a, b); }
 static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return _mm256_mul_ps(a, b); }
 static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return _mm256_max_ps(a, b); }
+static inline ffc_vf ffc_vmin(ffc_vf a, ffc_vf b) { return _mm256_min_ps(a, b); }
+static inline ffc_vf ffc_vround(ffc_vf v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline ffc_vf ffc_vldexp(ffc_vf p, ffc_vf k) {   // p * 2^k, integral k in [-126, 127]: k + 127 as the exponent
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k),
+                                                                                  _mm256_set1_epi32(127)), 23)));
+}
+static inline ffc_vf ffc_vzero_below(ffc_vf v, ffc_vf x, ffc_vf lo) { return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), v); }
 static inline float ffc_vsum(ffc_vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -93,6 +106,10 @@ static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return a * b + c; 
 static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return a + b; }
 static inline ffc_vf ffc_vmul(ffc_vf a, ffc_vf b) { return a * b; }
 static inline ffc_vf ffc_vmax(ffc_vf a, ffc_vf b) { return a > b ? a : b; }
+static inline ffc_vf ffc_vmin(ffc_vf a, ffc_vf b) { return a < b ? a : b; }
+static inline ffc_vf ffc_vround(ffc_vf v) { return std::nearbyint(v); }
+static inline ffc_vf ffc_vldexp(ffc_vf p, ffc_vf k) { return std::ldexp(p, (int)k); }
+static inline ffc_vf ffc_vzero_below(ffc_vf v, ffc_vf x, ffc_vf lo) { return x < lo ? 0.0f : v; }
 static inline float ffc_vsum(ffc_vf v) { return v; }
 static inline float ffc_vhmax(ffc_vf v) { return v; }
 #endif
@@ -127,53 +144,28 @@ static inline void ffc_scale(float* y, float a, int64_t n) {
   for (; k < n; ++k) y[k] *= a;
 }
 
-// x[0:n] = exp(x[0:n]) (softmax weights). SIMD: 2^k * p(r) with x = k ln2 + r, |r| <= ln2/2,
-// a degree-6 polynomial (Cephes' expf coefficients, ~2 ulp); below -87.3 the result is 0.
-#if FFC_VW == 16
+// exp for softmax weights, on the SIMD layer: x = k ln2 + r with |r| <= ln2/2, exp(x) = 2^k p(r),
+// p a degree-6 polynomial (Cephes' expf coefficients, ~1 ulp); below -87.3 the result is 0.
 static inline ffc_vf ffc_vexp(ffc_vf x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.3f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(~under, _mm512_scalef_ps(p, k));
+  const ffc_vf lo = ffc_vset(-87.3f);
+  const ffc_vf xc = ffc_vmin(ffc_vmax(x, lo), ffc_vset(88.3f));
+  const ffc_vf k = ffc_vround(ffc_vmul(xc, ffc_vset(1.44269504088896341f)));
+  ffc_vf r = ffc_vfma(k, ffc_vset(-0.693359375f), xc);          // ln2 in two parts: exact k*hi
+  r = ffc_vfma(k, ffc_vset(2.12194440e-4f), r);
+  ffc_vf p = ffc_vset(1.9875691500e-4f);
+  p = ffc_vfma(p, r, ffc_vset(1.3981999507e-3f));
+  p = ffc_vfma(p, r, ffc_vset(8.3334519073e-3f));
+  p = ffc_vfma(p, r, ffc_vset(4.1665795894e-2f));
+  p = ffc_vfma(p, r, ffc_vset(1.6666665459e-1f));
+  p = ffc_vfma(p, r, ffc_vset(5.0000001201e-1f));
+  p = ffc_vfma(p, ffc_vmul(r, r), ffc_vadd(r, ffc_vset(1.0f)));
+  return ffc_vzero_below(ffc_vldexp(p, k), x, lo);
 }
-#elif FFC_VW == 8
-static inline ffc_vf ffc_vexp(ffc_vf x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^k: k + 127 into the exponent bits (k is in [-126, 128] after the clamp)
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-#endif
 
+// x[0:n] = exp(x[0:n])
 static inline void ffc_exp_inplace(float* x, int64_t n) {
   int64_t k = 0;
-#if FFC_VW > 1
   for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(x + k, ffc_vexp(ffc_vload(x + k)));
-#endif
   for (; k < n; ++k) x[k] = std::exp(x[k]);
 }
 

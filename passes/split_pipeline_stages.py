@@ -56,7 +56,7 @@ def _split(g: Graph, stages: tuple, tp: int) -> list[Graph]:
     for n in g.nodes:   # depends only on graph inputs and weights (safe to recompute anywhere)
         pure[n] = n.op is not Op.CACHED_ATTENTION and all(
             pure.get(i, True) for i in n.inputs if isinstance(i, Node))
-    inputs = {n: n for n in g.inputs}
+    inputs = set(g.inputs)
     cache = g.input("kv_cache")
     graphs = []
     carried: list = []   # the values the previous stage hands on, in graph order

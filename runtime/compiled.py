@@ -79,11 +79,10 @@ class CompiledPlan:
         self._bound_cache: Optional[tuple] = None
         self._segments = {g: self.segments(g) for g in self.graphs}
 
-    def max_tokens(self, graph: str) -> int:
-        return int(self.graphs[graph]["max_tokens"])
-
-    def max_rows(self, graph: str) -> int:
-        return int(self.graphs[graph]["max_rows"])
+    @property
+    def limits(self) -> dict[str, tuple[int, int]]:
+        """Most tokens and rows one prefill / decode call takes (as ranks running kernels report)."""
+        return plan_limits({"graphs": self.graphs})
 
     def _view(self, gp: dict, name: str, dtype: str, numel: int) -> torch.Tensor:
         off = self.base - self._arena.data_ptr() + gp["buffers"][name]["offset"]

@@ -24,6 +24,8 @@ import torch
 
 from ffc.errors import FfcError
 
+from . import shm_collectives
+
 COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
 START_TIMEOUT_S = 120
 
@@ -98,12 +100,11 @@ class _Shard:
             return None
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
-        g = self.module.graphs[self.graph(graph)]
         # a pipeline stage's graph receives from the previous stage and sends to the next itself
         if self.compiled is not None:
             outs = self.compiled.run(self.graph(graph), inputs, to_host=self.stage == self.pp - 1)
         else:
-            outs = run_graph(g, self.weights, inputs)
+            outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs)
         if self.stage < self.pp - 1:
             return None
         return outs[0][0].numpy() if self.tp_rank == 0 else None   # the last stage's first tp rank
@@ -138,9 +139,8 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
         if shm and shard.tp > 1:    # this stage's tp ranks meet in their shared segment; gloo for the rest
             from ffc.ir import ops
 
-            from .shm_collectives import SharedMemoryGroup, segment_name
-            ops.set_collective_group(SharedMemoryGroup(segment_name(shm, shard.stage), shard.tp_rank, shard.tp,
-                                                       ops._group()))
+            ops.set_collective_group(shm_collectives.SharedMemoryGroup(
+                shm_collectives.segment_name(shm, shard.stage), shard.tp_rank, shard.tp, ops._group()))
         conn.send(("ready", rank))
         while True:
             msg = conn.recv()
@@ -192,7 +192,6 @@ class RankGroup:
         import subprocess
         import sys
         from multiprocessing import Pipe
-        from . import shm_collectives
         self.world, self.stages = world, stages
         self.limits = _plan_limits(root, backend)
         port = free_port()
@@ -307,11 +306,7 @@ class RankGroup:
             c.close()
         segments, self._segments = getattr(self, "_segments", []), []
         for s in segments:
-            try:
-                s.close()
-                s.unlink()
-            except (OSError, FileNotFoundError):
-                pass
+            shm_collectives.remove_segment(s)
 
     def __del__(self):
         try:

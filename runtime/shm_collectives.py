@@ -110,5 +110,14 @@ def create_segment(name: str, world: int):
     return shm
 
 
+def remove_segment(shm) -> None:
+    """The driver's side at the end: unmap and unlink (idempotent)."""
+    try:
+        shm.close()
+        shm.unlink()
+    except (OSError, FileNotFoundError):
+        pass
+
+
 def segment_name(base: Optional[str], stage: int) -> Optional[str]:
     return None if base is None else f"{base}_s{stage}"

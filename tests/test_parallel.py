@@ -117,8 +117,7 @@ def test_shared_memory_collectives_between_threads(monkeypatch):
         for g in groups:
             g.close()
     finally:
-        seg.close()
-        seg.unlink()
+        sc.remove_segment(seg)
 
 
 def test_placements_are_in_the_ir_and_verified(tiny, fast_link, tmp_path):
