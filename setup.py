@@ -8,7 +8,8 @@ setup(
     # Everything imports under the one namespace `ffc`; no top-level `ir` or `passes`.
     package_dir={"ffc": "compiler", "ffc.ir": "ir", "ffc.passes": "passes", "ffc.runtime": "runtime",
                  "ffc.codegen_templates": "codegen_templates", "ffc.csrc": "csrc"},
-    packages=["ffc", "ffc.ir", "ffc.passes", "ffc.runtime", "ffc.codegen_templates", "ffc.csrc"],
+    packages=["ffc", "ffc.ir", "ffc.passes", "ffc.plan", "ffc.lower", "ffc.runtime", "ffc.codegen_templates",
+              "ffc.csrc"],
     # kernel templates and the C++ executor ship with the package (found next to ffc/ when installed)
     package_data={"ffc.codegen_templates": ["cpu/*.j2", "cuda/*.j2"], "ffc.csrc": ["*.h", "*.cpp", "*.cu"],
                   "ffc": ["profiles/*.json"]},

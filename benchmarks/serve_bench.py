@@ -169,7 +169,7 @@ def main():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(f"{a.artifact}/tokenizer")
     reqs = make_requests(tok, a.requests, a.seed)
-    from ffc.runtime.distributed import free_port
+    from ffc.util import free_port
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "ffc.cli", "serve", a.artifact, "--port", str(port),

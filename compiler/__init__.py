@@ -5,6 +5,9 @@ from .errors import (ArtifactError, FfcError, InvalidRequestError, ModelNotFound
                      UnsupportedModelError, UnsupportedOpError)
 
 
+# The two entry points import their layer when called, so that `import ffc` stays light and
+# `import ffc.runtime` (whose parent this is) never pulls in the compiler.
+
 def compile(model: str, output: str, **options):
     """Compile ``model`` (alias, .gguf, HF folder or cached HF id) into an artifact at ``output``."""
     from .api import compile_model
@@ -12,8 +15,11 @@ def compile(model: str, output: str, **options):
 
 
 def load(path: str, **kwargs):
-    """Load a compiled artifact; returns an ``LLM`` with generate / stream / chat."""
+    """Load a compiled artifact; returns an ``LLM`` with generate / stream / chat. A kernel
+    library built on another machine is rebuilt here from the artifact's sources."""
+    from .build import library_for
     from ffc.runtime.llm import LLM
+    kwargs.setdefault("kernel_library", library_for)
     return LLM.load(path, **kwargs)
 
 

@@ -1,60 +1,67 @@
-"""``ffc.compile``: model -> IR -> passes -> artifact."""
+"""``ffc.compile``: model -> IR -> passes (with the strategy search) -> plan -> kernels -> artifact."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import transformers
+from safetensors.torch import save_file
 
-from ffc.ir import materialize_params, parse, print_module
+from ffc.ir import Module, materialize_params, parse, print_module
+from ffc.ir.strategy import Strategy, Workload
 from ffc.ir.text import IRParseError
+from ffc.lower import PHASES, LoweringError, lower_module
 from ffc.passes import PIPELINE, PassContext, run_pipeline
-from ffc.passes.pipeline import SEARCH_POINT
+from ffc.passes.manager import dump_name
+from ffc.plan.schema import Target
+from ffc.runtime.kernel_library import load_library
 
 from . import __version__, build, frontend, sources
-from .codegen import render_sources
-from .lower import LoweringError, lower_module
 from .artifact import ArtifactWriter
+from .calibrate import profile_for
+from .codegen import render_sources
 from .errors import FfcError, InvalidRequestError
-from .options import MAX_SEQ_LEN_CAP, CompileOptions
+from .options import CompileOptions
+from .search import search
+from .util import parse_memory
+
+Log = Callable[[str], None]
 
 
-def resolve_max_seq_len(config, requested: Optional[int]) -> int:
-    limit = frontend.max_positions(config)
-    if requested is None:
-        return min(limit, MAX_SEQ_LEN_CAP)
-    if requested > limit:
-        raise InvalidRequestError(f"max_seq_len {requested} exceeds the model's context of {limit} positions")
-    return requested
-
-
-def build_kernels(root: Path, module, options: CompileOptions, log) -> dict:
-    """Lower ``module`` to a plan, generate sources, build them; the manifest's ``kernels`` entry."""
+def build_kernels(root: Path, module: Module, options: CompileOptions, log: Log) -> dict:
+    """Lower ``module`` to a plan, generate sources, build them; the manifest's ``kernels`` entry.
+    Each lowering phase's dump goes to ``kernels/lowering/N-phase.txt``."""
     t0 = time.perf_counter()
+    dumps: dict[str, list[str]] = {p: [] for p in PHASES}
     plan = lower_module(module, target=options.target, prefill_tokens=options.prefill_tokens,
-                        max_batch=options.max_batch)
+                        max_batch=options.max_batch, dump=lambda phase, text: dumps[phase].append(text))
     kdir = root / "kernels"
     (kdir / "src").mkdir(parents=True, exist_ok=True)
-    (kdir / "plan.json").write_text(json.dumps(plan, indent=1))
-    sources, spans = render_sources(plan)
-    for name, text in sources.items():
+    (kdir / "lowering").mkdir(exist_ok=True)
+    for k, phase in enumerate(PHASES, 1):
+        (kdir / "lowering" / f"{k}-{phase}.txt").write_text("\n\n".join(dumps[phase]) + "\n")
+    (kdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    srcs, spans = render_sources(plan)
+    for name, text in srcs.items():
         (kdir / "src" / name).write_text(text)
     t1 = time.perf_counter()
     lib = build.build(kdir, options.target, spans, log)
-    info = {"plan": "kernels/plan.json", "target": options.target, "library": str(lib.relative_to(root)),
-            "unique_kernels": len(plan["kernels"]),
-            "launches": {g: len(p["steps"]) for g, p in plan["graphs"].items()},
+    info = {"plan": "kernels/plan.json", "target": options.target.value, "library": str(lib.relative_to(root)),
+            "unique_kernels": len(plan.kernels),
+            "launches": {g: len(p.steps) for g, p in plan.graphs.items()},
             "lower_seconds": round(t1 - t0, 2), "build_seconds": round(time.perf_counter() - t1, 2),
             "cflags": build.toolchain(options.target)["cflags"]}
-    if options.target == "cpu":
-        info["isa"] = build.load_library(lib).isa()
+    if options.target is Target.CPU:
+        info["isa"] = load_library(lib).isa()
     return info
 
 
-def load_ir(path: str):
+def load_ir(path: str) -> Module:
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -65,31 +72,34 @@ def load_ir(path: str):
         raise FfcError(f"{path}: {e}") from None
 
 
-def stage_params(module, stage: int, pp: int) -> set:
-    """Weights the graphs of pipeline ``stage`` read (all graphs' when pp == 1)."""
-    graphs = [g for n, g in module.graphs.items() if pp == 1 or n.endswith(f"_stage{stage}")]
-    return set().union(*(g.param_names() for g in graphs))
+def strategy_planner(options: CompileOptions, log: Log) -> Callable[[Module, PassContext], Strategy]:
+    """The pipeline's search step, on the options' profile, memory limit and workload."""
+    def plan(module: Module, ctx: PassContext) -> Strategy:
+        prof = profile_for(options.profile, log).per_rank(options.tp * options.pp)
+        log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
+        st = search(module, options.tp, options.pp, prof, options.workload, options.memory_per_device)
+        empty = [k for k, stage in enumerate(st.stages) if not stage.has_layers]
+        if empty:
+            raise InvalidRequestError(f"pipeline stage {empty[0]} would hold no transformer layer (only the "
+                                      f"embedding or the lm_head); use fewer stages than --pp {options.pp}")
+        log(f"strategy: {st.predicted.collectives} collectives, predicted decode step "
+            f"{st.predicted.decode_s * 1e3:.2f} ms")
+        return st
+    return plan
 
 
-def _search_strategy(module, options, profile, memory_per_device, workload, log):
-    from .calibrate import profile_for
-    from .runtime.kv_cache import parse_memory
-    from .search import Workload, search
-    prof = profile_for(profile, log).per_rank(options.tp * options.pp)
-    w = Workload.parse(workload, max_seq_len=options.max_seq_len, weight_dtype=options.dtype)
-    log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
-    st = search(module, options.tp, options.pp, prof, w, parse_memory(memory_per_device))
-    empty = [k for k, stage in enumerate(st.stages) if stage[4] < 0]
-    if empty:
-        raise InvalidRequestError(f"pipeline stage {empty[0]} would hold no transformer layer (only the embedding "
-                                  f"or the lm_head); use fewer stages than --pp {options.pp}")
-    log(f"strategy: {st.prediction('collectives'):.0f} collectives, predicted decode step "
-        f"{st.prediction('decode_s') * 1e3:.2f} ms")
-    return st
+def _eos_ids(hf, config, tokenizer) -> list[int]:
+    gen = getattr(hf, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = eos if eos is not None else config.eos_token_id
+    ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
 
 
 def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, from_ir: Optional[str] = None,
-                  allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None, *,
+                  allow_pickle: bool = False, log: Log = lambda s: None, *,
                   dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
                   prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16,
                   tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
@@ -101,9 +111,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     family = sources.check_architecture(config)
-    options = CompileOptions(max_seq_len=resolve_max_seq_len(config, max_seq_len), allow_pickle=allow_pickle,
-                             dtype=dtype, target=target, codegen=codegen, prefill_tokens=prefill_tokens,
-                             max_batch=max_batch, kv_block_size=kv_block_size, tp=tp, pp=pp)
+    msl = sources.resolve_max_seq_len(config, max_seq_len)
+    options = CompileOptions(max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype, target=target,
+                             codegen=codegen, prefill_tokens=prefill_tokens, max_batch=max_batch,
+                             kv_block_size=kv_block_size, tp=tp, pp=pp, profile=profile or "local",
+                             memory_per_device=parse_memory(memory_per_device, what="memory_per_device"),
+                             workload=Workload.parse(workload, max_seq_len=msl, weight_dtype=dtype))
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
@@ -115,42 +128,28 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             log("tracing with torch.export")
             module = frontend.trace(hf, options.max_seq_len)
 
-        def dump(name, mod):
-            art.path(f"ir/{name}").write_text(print_module(mod))
+        def dump(name, payload):
+            art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype,
-                          kv_block_size=options.kv_block_size)
-        strategy = None
-        result = run_pipeline(module, PIPELINE[:SEARCH_POINT], ctx, dump)
-        if tp > 1 or pp > 1:
-            strategy = _search_strategy(result.module, options, profile, memory_per_device, workload, log)
-            ctx = replace(ctx, tp=tp, tp_plan=tuple((c.node, c.inputs, c.output) for c in strategy.choices),
-                          pp_stages=tuple((st[4], st[5]) for st in strategy.stages))
+                          kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log))
+        result = run_pipeline(module, PIPELINE, ctx, dump)
+        final, strategy = result.module, result.ctx.strategy
+        expected = {"prefill", "decode"} if pp == 1 else {f"{g}_stage{k}" for g in ("prefill", "decode")
+                                                           for k in range(pp)}
+        if set(final.graphs) != expected:
+            raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {sorted(expected)}")
+        if strategy is not None:
             art.path("parallel/strategy.txt").write_text(strategy.describe() + "\n")
-        rest = run_pipeline(result.module, PIPELINE[SEARCH_POINT:], ctx, dump, first=SEARCH_POINT + 1)
-        result.records += rest.records
-        result.module = final = rest.module
-        if pp == 1 and set(final.graphs) != {"prefill", "decode"}:
-            raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected prefill and decode")
         log("writing weights")
         # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
         # weights) are needed at compile time only
-        if pp > 1 and set(final.graphs) != {f"{g}_stage{k}" for g in ("prefill", "decode") for k in range(pp)}:
-            raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {pp} stages")
-        from safetensors.torch import save_file
         raw = frontend.raw_weights(hf)
         for rank in range(tp * pp):   # each rank's file holds only its slices / its stage's weights
-            mine = stage_params(final, rank // tp, pp)
+            mine = final.stage_params(rank // tp, pp)
             weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp).items()
                        if k in mine}
             save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path(f"weights/rank{rank}.safetensors")))
         tokenizer.save_pretrained(str(art.path("tokenizer")))
-        gen = getattr(hf, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        eos = eos if eos is not None else config.eos_token_id
-        eos_ids = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
-        if tokenizer.eos_token_id is not None:
-            eos_ids = sorted(set(eos_ids) | {int(tokenizer.eos_token_id)})
-        last_dump = f"{len(result.records):02d}-{result.records[-1].name}.ir"
         kernels = None
         if options.codegen:
             try:
@@ -160,12 +159,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                     raise
                 # a plan whose collectives read strided views: its ranks run the interpreter
                 log(f"no generated kernels for this tp plan ({e}); the ranks will run the reference interpreter")
-                import shutil
                 shutil.rmtree(art.path("kernels"), ignore_errors=True)
+        last = result.records[-1]
         manifest = {
             "ffc_version": __version__,
             "torch_version": torch.__version__,
-            "transformers_version": __import__("transformers").__version__,
+            "transformers_version": transformers.__version__,
             "model": {"source": model, "kind": source.kind, "family": family,
                       "architecture": final.meta.get("arch", ""), "config": config.to_dict()},
             "options": options.to_dict(),
@@ -173,14 +172,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             "from_ir": bool(from_ir),
             "passes": [{"index": r.index, "name": r.name, "seconds": round(r.seconds, 4), "nodes": r.nodes,
                         "changed": r.changed} for r in result.records],
-            "final_ir": f"ir/{last_dump}",
-            "eos_token_ids": eos_ids,
+            "final_ir": f"ir/{dump_name(last.index, last.name)}",
+            "eos_token_ids": _eos_ids(hf, config, tokenizer),
             "kernels": kernels,
             "parallel": None if strategy is None else {
                 "tp": tp, "pp": pp, "profile": strategy.profile, "strategy": "parallel/strategy.txt",
-                "predicted": dict(strategy.predicted),
-                "collectives": {k: sum(1 for c in strategy.collectives if c.kind == k)
-                                for k in sorted({c.kind for c in strategy.collectives})}},
+                "predicted": asdict(strategy.predicted), "collectives": strategy.collective_counts()},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         out = art.commit(manifest)

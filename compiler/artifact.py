@@ -14,7 +14,15 @@ import json
 import os
 import shutil
 import tempfile
+from functools import cached_property
 from pathlib import Path
+from typing import Optional
+
+from ffc.ir import Module, parse, verify_module
+from ffc.ir.text import IRParseError
+from ffc.ir.verify import VerifyError
+from ffc.plan.codec import PlanFormatError
+from ffc.plan.schema import Plan
 
 from .errors import ArtifactError
 
@@ -111,3 +119,76 @@ def refresh_manifest(path: str | os.PathLike, updates: dict) -> dict:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, root / MANIFEST)
     return manifest
+
+
+class Artifact:
+    """An artifact as the runtime reads it: the manifest parsed once (in the process that loads
+    it; handed as is to the ranks it starts), and what is in it by name."""
+
+    def __init__(self, root, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path, check_hashes: bool = True) -> "Artifact":
+        return cls(path, read_manifest(path, check_hashes=check_hashes))
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def tp(self) -> int:
+        return int((self.manifest.get("parallel") or {}).get("tp", 1))
+
+    @property
+    def pp(self) -> int:
+        return int((self.manifest.get("parallel") or {}).get("pp", 1))
+
+    @property
+    def ranks(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def final_ir(self) -> str:
+        return self.manifest.get("final_ir", "")
+
+    @property
+    def kernels(self) -> Optional[dict]:
+        """The manifest's kernels entry (plan, library, target), or None: no generated kernels."""
+        return self.manifest.get("kernels") or None
+
+    @property
+    def target(self) -> str:
+        return (self.kernels or {}).get("target", "cpu")
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.manifest.get("eos_token_ids", []))
+
+    @property
+    def max_seq_len(self) -> Optional[int]:
+        return (self.manifest.get("options") or {}).get("max_seq_len")
+
+    def read_module(self) -> Module:
+        """The final IR (parsed and verified)."""
+        try:
+            module = parse(self.path(self.final_ir).read_text())
+            verify_module(module)
+        except (OSError, IRParseError, VerifyError) as e:
+            raise ArtifactError(f"artifact IR {self.final_ir} is unreadable: {e}; recompile the artifact") from None
+        return module
+
+    @cached_property
+    def plan(self) -> Plan:
+        """The plan its kernels were generated from (checked against the schema)."""
+        rel = (self.kernels or {}).get("plan")
+        if rel is None:
+            raise ArtifactError(f"{self.root} has no generated kernels (compiled with --no-codegen)")
+        try:
+            data = json.loads(self.path(rel).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{self.path(rel)} is unreadable ({e}); recompile the artifact") from None
+        try:
+            return Plan.from_json(data)
+        except PlanFormatError as e:
+            raise ArtifactError(f"{self.path(rel)}: {e}") from None

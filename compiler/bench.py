@@ -13,6 +13,16 @@ from typing import Callable
 
 import torch
 
+import ffc
+from ffc.plan import expr as ex
+from ffc.plan.kernels import Family
+from ffc.plan.schema import ArgKind
+from ffc.runtime.model_runner import Chunk, single_sequence_inputs
+
+from . import sources
+from .artifact import read_manifest
+from .errors import FfcError
+
 
 def _rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in MiB."""
@@ -75,7 +85,6 @@ class _FFC:
         self._held: list[list[int]] = []
 
     def prefill(self, ids: list[list[int]]):
-        from ffc.runtime.model_runner import Chunk
         for blocks in self._held:
             self.pool.free(blocks)
         seqs = []
@@ -91,7 +100,6 @@ class _FFC:
         return seqs, self.pool.tensor
 
     def decode(self, seqs, cache, steps: int):
-        from ffc.runtime.model_runner import Chunk
         for _ in range(steps):
             chunks = [Chunk(s["tokens"][-1:], len(s["tokens"]) - 1, s["blocks"]) for s in seqs]
             for s, t in zip(seqs, self.runner.forward(chunks, cache).argmax(-1).tolist()):
@@ -107,9 +115,6 @@ def _timed(fn: Callable) -> float:
 def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, new_tokens: int = 128,
               batches=(1, 8, 32), prefill_lens=(128, 512), threads: int | None = None,
               log=lambda s: None) -> dict:
-    import ffc
-    from ffc import sources
-    from ffc.artifact import read_manifest
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -117,7 +122,7 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
     r0 = _rss_mb()[0]
     llm = ffc.load(artifact)
     if llm.compiled is None:
-        raise ffc.FfcError(f"{artifact} has no generated kernels; compile it without --no-codegen")
+        raise FfcError(f"{artifact} has no generated kernels; compile it without --no-codegen")
     eng = _FFC(llm, room=new_tokens + 8)
     vocab = int(manifest["model"]["config"].get("vocab_size", 1000))
     g = torch.Generator().manual_seed(0)
@@ -176,12 +181,12 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
     plan = llm.compiled.plan
     wbytes = 0
     seen = set()
-    for st in plan["graphs"]["decode"]["steps"]:
-        if plan["kernels"][st["kernel"]]["family"] != "linear":
+    for st in plan.graphs["decode"].steps:
+        if st.kernel is None or plan.kernels[st.kernel].family is not Family.LINEAR:
             continue
-        for a in st["args"]:
-            if a["kind"] in ("param", "packed") and a["name"] not in seen:
-                seen.add(a["name"])
+        for a in st.args:
+            if a.kind in (ArgKind.PARAM, ArgKind.PACKED) and a.name not in seen:
+                seen.add(a.name)
                 w = llm.compiled.arg_tensor(a)
                 wbytes += w.numel() * w.element_size()
     bw = llm.compiled.lib.read_bandwidth(1 << 30, 7, llm.compiled.exe.threads)
@@ -191,33 +196,33 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
     return {"rows": rows, "threads": threads, "weights_bytes_per_step": wbytes, "bandwidth": bw,
             "roofline_tok_s": roof, "roofline_fraction": dec1 / roof, "rss_ffc_mb": r1 - r0,
             "rss_hf_mb": r2 - r1, "peak_rss_mb": _rss_mb()[1], "gemm": gemm,
-            "dtype": manifest["options"].get("dtype", "fp32"), "isa": manifest["kernels"].get("isa")}
+            "dtype": manifest["options"].get("dtype", "f32"), "isa": manifest["kernels"].get("isa")}
 
 
 def gemm_vs_torch(llm, m: int = 512, runs: int = 5) -> list[dict]:
     """Each linear kernel of the prefill graph at M=m rows against torch.mm on the same shape."""
     plan = llm.compiled.plan
-    gp = plan["graphs"]["prefill"]
-    T = min(m, gp["max_tokens"])
-    from ffc.runtime.model_runner import single_sequence_inputs
+    gp = plan.graphs["prefill"]
+    T = min(m, gp.max_tokens)
     inputs = single_sequence_inputs(llm.runner.graphs["prefill"], torch.randint(0, 1000, (1, T)))
     profs = [llm.compiled.profile("prefill", inputs) for _ in range(runs)]
     out, seen = [], set()
-    for k, st in enumerate(gp["steps"]):
-        spec = plan["kernels"][st["kernel"]]["spec"]
-        if spec["family"] != "linear" or spec["M"] != "(T)" or st["kernel"] in seen:
+    for k, st in enumerate(gp.steps):
+        kernel = plan.kernels.get(st.kernel)
+        if kernel is None or kernel.family is not Family.LINEAR or kernel.spec.M != ex.var("T") or st.kernel in seen:
             continue
-        seen.add(st["kernel"])
+        seen.add(st.kernel)
+        spec = kernel.spec
         t_ffc = statistics.median(p[k] for p in profs)
-        K = spec["K"]
-        rows_w = spec["N"] * (2 if spec["glu"] else 1)
+        K = spec.K
+        rows_w = spec.N * (2 if spec.glu else 1)
         x, w = torch.randn(T, K), torch.randn(rows_w, K)
         torch.mm(x, w.t())
         ts = []
         for _ in range(runs):
             ts.append(_timed(lambda: torch.mm(x, w.t())))
         t_torch = statistics.median(ts)
-        out.append({"kernel": st["kernel"], "shape": f"{T}x{K} @ {K}x{rows_w}", "ffc_ms": t_ffc * 1e3,
+        out.append({"kernel": st.kernel, "shape": f"{T}x{K} @ {K}x{rows_w}", "ffc_ms": t_ffc * 1e3,
                     "torch_ms": t_torch * 1e3, "gflops": 2 * T * K * rows_w / t_ffc / 1e9,
                     "vs_torch": t_torch / t_ffc})
     return out

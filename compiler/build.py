@@ -8,7 +8,6 @@ also copied into the artifact (``kernels/lib``) so a load needs no compiler.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
@@ -18,9 +17,17 @@ import sysconfig
 from pathlib import Path
 from typing import Optional
 
+import ninja
+import pybind11
+import torch
+
+from ffc.plan.schema import Target
+from ffc.runtime.kernel_library import load_library
+
 from . import knobs
-from .codegen import KernelSpan
-from .errors import FfcError
+from .artifact import Artifact
+from .codegen import KernelSpan, render_sources
+from .errors import ArtifactError, FfcError
 
 
 class BuildError(FfcError):
@@ -28,13 +35,12 @@ class BuildError(FfcError):
 
 
 def _torch_lib() -> Path:
-    import torch
     return Path(torch.__file__).parent / "lib"
 
 
-def toolchain(target: str) -> dict:
+def toolchain(target: Target) -> dict:
     """Compiler commands and flags for ``target`` on this machine."""
-    import pybind11
+    target = Target(target)
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise BuildError(f"no C++ compiler: {cxx!r} is not on PATH; install g++ or set CXX")
@@ -44,7 +50,7 @@ def toolchain(target: str) -> dict:
     tc = {"cxx": cxx, "cflags": cflags, "includes": includes,
           "ldflags": ["-shared", "-fopenmp", f"-L{_torch_lib()}", "-ltorch_cpu", f"-Wl,-rpath,{_torch_lib()}"],
           "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX") or ".so"}
-    if target == "cuda":
+    if target is Target.CUDA:
         nvcc = os.environ.get("NVCC") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
         if not Path(nvcc).exists() and shutil.which(nvcc) is None:
             raise BuildError("no CUDA compiler: nvcc is not on PATH; install the CUDA toolkit or set NVCC")
@@ -69,7 +75,6 @@ def content_key(sources: dict[str, str], tc: dict) -> str:
     h.update(repr(sorted((k, v) for k, v in tc.items() if k != "nvcc")).encode())
     h.update(_compiler_version(tc["cxx"]).encode())
     h.update(sys.version.encode())
-    import torch
     h.update(torch.__version__.encode())
     return h.hexdigest()[:20]
 
@@ -78,7 +83,7 @@ def module_name(key: str) -> str:
     return f"ffc_kernels_{key}"
 
 
-def write_ninja(src_dir: Path, build_dir: Path, target: str, tc: dict, key: str) -> str:
+def write_ninja(src_dir: Path, build_dir: Path, target: Target, tc: dict, key: str) -> str:
     """build.ninja text: compile every source, link one extension named after the content key."""
     mod = module_name(key)
     inc = " ".join(f"-I{p}" for p in [str(src_dir)] + tc["includes"])
@@ -97,7 +102,7 @@ def write_ninja(src_dir: Path, build_dir: Path, target: str, tc: dict, key: str)
         "  command = $cxx $in -o $out $ldflags",
         "  description = LINK $out",
     ]
-    if target == "cuda":
+    if target is Target.CUDA:
         lines += [f"nvcc = {tc['nvcc']}",
                   f"nvflags = {' '.join(tc['nvflags'])} -DFFC_MODULE={mod} {inc}",
                   "rule nvcc",
@@ -111,7 +116,7 @@ def write_ninja(src_dir: Path, build_dir: Path, target: str, tc: dict, key: str)
         objs.append(obj)
         lines.append(f"build {obj}: {'nvcc' if src.suffix == '.cu' else 'cxx'} {src}")
     lines.append(f"build $builddir/{mod}{tc['ext_suffix']}: link {' '.join(objs)}")
-    if target == "cuda":  # device code needs nvcc's link step and the CUDA runtime, not libtorch_cpu
+    if target is Target.CUDA:  # device code needs nvcc's link step and the CUDA runtime, not libtorch_cpu
         lines.append("  cxx = $nvcc")
         lines.append("  ldflags = -shared -Xcompiler -fPIC -lcudart")
     lines.append(f"default $builddir/{mod}{tc['ext_suffix']}")
@@ -119,13 +124,9 @@ def write_ninja(src_dir: Path, build_dir: Path, target: str, tc: dict, key: str)
 
 
 def _ninja() -> str:
-    try:
-        import ninja
-        exe = Path(ninja.BIN_DIR) / "ninja"
-        if exe.exists():
-            return str(exe)
-    except ImportError:
-        pass
+    exe = Path(ninja.BIN_DIR) / "ninja"
+    if exe.exists():
+        return str(exe)
     found = shutil.which("ninja")
     if not found:
         raise BuildError("ninja is not installed; pip install ninja")
@@ -145,16 +146,15 @@ def _explain(output: str, src_dir: Path, spans: list[KernelSpan], ninja_file: Pa
             f"--- compiler output (last lines) ---\n{tail}")
 
 
-def build(kernels_dir: Path, target: str, spans: Optional[list[KernelSpan]] = None,
-          log=lambda s: None) -> Path:
-    """Build ``kernels_dir/src`` (writing ``kernels_dir/build.ninja``); return the library path."""
-    src_dir = kernels_dir / "src"
+def _build_cached(src_dir: Path, target: Target, spans: list[KernelSpan], ninja_file: Path, log) -> Path:
+    """The library built from ``src_dir`` under the cache (built now unless already there)."""
+    target = Target(target)
     sources = {p.name: p.read_text() for p in sorted(src_dir.iterdir()) if p.is_file()}
     tc = toolchain(target)
     key = content_key(sources, tc)
     build_dir = knobs.cache_dir() / "kernels" / key
     lib = build_dir / f"{module_name(key)}{tc['ext_suffix']}"
-    ninja_file = kernels_dir / "build.ninja"
+    ninja_file.parent.mkdir(parents=True, exist_ok=True)
     ninja_file.write_text(write_ninja(src_dir, build_dir, target, tc, key))
     if lib.exists():
         log(f"kernels: cached build {key}")
@@ -163,7 +163,15 @@ def build(kernels_dir: Path, target: str, spans: Optional[list[KernelSpan]] = No
         log(f"kernels: building {len(sources)} sources with ninja")
         r = subprocess.run([_ninja(), "-f", str(ninja_file)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise BuildError(_explain(r.stdout + r.stderr, src_dir, spans or [], ninja_file))
+            raise BuildError(_explain(r.stdout + r.stderr, src_dir, spans, ninja_file))
+    return lib
+
+
+def build(kernels_dir: Path, target: Target, spans: Optional[list[KernelSpan]] = None,
+          log=lambda s: None) -> Path:
+    """Build ``kernels_dir/src`` (writing ``kernels_dir/build.ninja``) and copy the library into
+    ``kernels_dir/lib``; return its path there."""
+    lib = _build_cached(kernels_dir / "src", target, spans or [], kernels_dir / "build.ninja", log)
     out = kernels_dir / "lib" / lib.name
     out.parent.mkdir(exist_ok=True)
     for old in out.parent.iterdir():
@@ -174,19 +182,16 @@ def build(kernels_dir: Path, target: str, spans: Optional[list[KernelSpan]] = No
     return out
 
 
-def load_library(path: Path):
-    """Import a built kernel library (the module name is the file's stem up to the suffix)."""
-    import torch  # noqa: F401 - the library links libtorch_cpu for torch's OpenMP runtime (one thread pool)
-    name = path.name.split(".")[0]
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, str(path))
-    if spec is None or spec.loader is None:
-        raise FfcError(f"cannot load kernel library {path}")
-    mod = importlib.util.module_from_spec(spec)
+def library_for(art: Artifact, log=lambda s: None) -> Path:
+    """A kernel library of ``art`` that loads in this process: the shipped one, or, when it does
+    not load here (built on another machine), one built from the artifact's sources into the
+    cache; the artifact itself is not modified. This is the hook ``ffc.load`` gives the runtime."""
+    shipped = art.path(art.kernels["library"])
     try:
-        spec.loader.exec_module(mod)
-    except ImportError as e:
-        raise FfcError(f"kernel library {path} does not load here ({e}); rebuild it: ffc build <artifact>") from None
-    sys.modules[name] = mod
-    return mod
+        load_library(shipped)
+        return shipped
+    except ArtifactError as e:
+        log(f"{e}; rebuilding from {art.path('kernels/src')}")
+    _, spans = render_sources(art.plan)
+    ninja_file = knobs.cache_dir() / "kernels" / "rebuilt" / f"{shipped.stem}.ninja"
+    return _build_cached(art.path("kernels/src"), art.plan.target, spans, ninja_file, log)

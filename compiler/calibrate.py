@@ -12,16 +12,23 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from ffc.runtime.distributed import free_port
+import ffc
+from ffc.runtime import shm_collectives
 
-from .cluster import DeviceProfile, Link, local_profile_path
+from .cluster import DeviceProfile, Link, load_profile, local_profile_path
 from .errors import InvalidRequestError
+from .kernel_cost import calibration_samples, fit_families
+from .util import free_port
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20, 16 << 20]
 
@@ -61,15 +68,13 @@ def measure_overhead(runs: int = 200) -> float:
 
 def _collective_worker(rank: int, world: int, port: int, runs: int, out_path: str, sizes: list,
                        kinds: tuple, shm: Optional[str] = None) -> None:
-    import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     # all-reduce / all-gather as the runtime's local ranks do them (shared memory, gloo past a slot)
     group = dist
     if shm:
-        from ffc.runtime.shm_collectives import SharedMemoryGroup
-        group = SharedMemoryGroup(shm, rank, world, dist, creator_elsewhere=False)   # spawned: the creator's tracker
+        group = shm_collectives.SharedMemoryGroup(shm, rank, world, dist, creator_elsewhere=False)   # spawned: the creator's tracker
     results = []
     try:
         for n in sizes:
@@ -101,11 +106,6 @@ def time_collectives(world: int = 2, runs: int = 9, sizes=SIZES,
                       kinds=("all_reduce", "all_gather", "all_to_all", "send_recv")) -> list:
     """[(collective, bytes, median seconds)] between ``world`` local processes, as the runtime's
     local ranks run them: all-reduce and all-gather through shared memory (x86), the rest gloo."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    from ffc.runtime import shm_collectives
     port = free_port()
     seg = shm_collectives.create_segment(f"ffccal{os.getpid()}_{port}", world) if shm_collectives.available() else None
     try:
@@ -144,9 +144,8 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
     log(f"read bandwidth {bw / 1e9:.1f} GB/s")
     overhead = measure_overhead()
     log(f"per-op overhead {overhead * 1e6:.1f} us")
-    from ffc.runtime.shm_collectives import SLOT_BYTES
     log(f"collectives between {world} local processes (all-reduce/all-gather in shared memory up to "
-        f"{SLOT_BYTES >> 20} MiB, as the runtime's ranks; gloo otherwise)")
+        f"{shm_collectives.SLOT_BYTES >> 20} MiB, as the runtime's ranks; gloo otherwise)")
     fitted = measure_collectives(world)
     for kind, p, a, b in fitted:
         log(f"  {kind}: {a * 1e6:.0f} us + {1 / b / 1e9:.2f} GB/s")
@@ -159,8 +158,6 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
                 mem = int(line.split()[1]) * 1024
     kernels = ()
     if artifact is not None:
-        import ffc
-        from .kernel_cost import calibration_samples, fit_families
         log(f"generated kernels of {artifact} at 9 decode/prefill shapes")
         llm = ffc.load(artifact)
         if llm.compiled is None:
@@ -177,9 +174,7 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
 
 
 def save(profile: DeviceProfile, path=None):
-    path = path or local_profile_path()
-    from pathlib import Path
-    path = Path(path)
+    path = Path(path or local_profile_path())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
@@ -190,7 +185,6 @@ def save(profile: DeviceProfile, path=None):
 def profile_for(name, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
     """The named profile; ``local`` (the default) is measured once with ``calibrate`` and saved
     when this machine has none yet."""
-    from .cluster import load_profile
     if name in (None, "local") and not local_profile_path().exists():
         log(f"no profile of this machine yet: measuring it once (ffc calibrate) into {local_profile_path()}")
         save(calibrate(log=log))

@@ -7,7 +7,24 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+import ffc
+from ffc.ir.strategy import Workload
+from ffc.lower import PHASES
+from ffc.lower.describe import describe_plan
+from ffc.runtime.server import serve
+
+from . import build
+from .api import compile_model
+from .artifact import Artifact, refresh_manifest
+from .bench import format_bench, run_bench
+from .calibrate import calibrate, profile_for, save
+from .codegen import render_sources
+from .debug import compare
 from .errors import FfcError
+from .parallel import dry_run
+from .util import parse_memory
 
 
 def _degree(text: str):
@@ -21,21 +38,17 @@ def _degree(text: str):
 def _compile(a) -> None:
     tp, pp = _degree(a.tp), _degree(a.pp)
     if a.dry_run or tp == "auto" or pp == "auto":
-        from .calibrate import profile_for
-        from .parallel import dry_run
-        from .runtime.kv_cache import parse_memory
-        from .search import Workload
         if not a.dry_run:
             raise FfcError("--tp auto / --pp auto choose degrees in a --dry-run; then compile with the degrees it "
                            "reports")
         log = lambda s: print(f"[ffc] {s}", file=sys.stderr)  # noqa: E731
         print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=profile_for(a.profile, log),
-                      memory_limit=parse_memory(a.memory_per_device), workload=Workload.parse(a.workload),
+                      memory_limit=parse_memory(a.memory_per_device, what="--memory-per-device"),
+                      workload=Workload.parse(a.workload),
                       max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle, log=log))
         return
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")
-    from .api import compile_model
     compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
                   codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
@@ -46,24 +59,18 @@ def _compile(a) -> None:
 
 def _build(a) -> None:
     """Rebuild an artifact's kernels from its (possibly edited) sources."""
-    from . import build
-    from .artifact import read_manifest, refresh_manifest
-    from .codegen import render_sources
-    root = Path(a.artifact)
-    m = read_manifest(root, check_hashes=False)
-    if not m.get("kernels"):
-        raise FfcError(f"{root} has no generated kernels (compiled with --no-codegen); recompile it")
-    plan = json.loads((root / m["kernels"]["plan"]).read_text())
-    _, spans = render_sources(plan)
-    lib = build.build(root / "kernels", m["kernels"]["target"], spans,
-                      log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
-    kernels = dict(m["kernels"], library=str(lib.relative_to(root)))
+    art = Artifact.open(a.artifact, check_hashes=False)
+    if not art.kernels:
+        raise FfcError(f"{art.root} has no generated kernels (compiled with --no-codegen); recompile it")
+    _, spans = render_sources(art.plan)
+    root = art.root
+    lib = build.build(root / "kernels", art.plan.target, spans, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    kernels = dict(art.kernels, library=str(lib.relative_to(root)))
     refresh_manifest(root, {"kernels": kernels})
     print(lib)
 
 
 def _bench(a) -> None:
-    from .bench import format_bench, run_bench
     res = run_bench(a.artifact, compare=a.compare, runs=a.runs, new_tokens=a.new_tokens,
                     batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
                     log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
@@ -71,9 +78,6 @@ def _bench(a) -> None:
 
 
 def _calibrate(a) -> None:
-    import torch
-
-    from .calibrate import calibrate, save
     if a.threads:
         torch.set_num_threads(a.threads)
     prof = calibrate(a.ranks, a.artifact, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
@@ -86,7 +90,6 @@ def _engine(a) -> dict:
 
 
 def _serve(a) -> None:
-    from .runtime.server import serve
     serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, log_level=a.log_level, **_engine(a))
 
 
@@ -96,7 +99,6 @@ def _sampling(a) -> dict:
 
 
 def _run(a) -> None:
-    import ffc
     if (a.prompt is None) == (a.chat is None):
         raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
     llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
@@ -113,7 +115,7 @@ def _run(a) -> None:
 
 
 def _find_dump(root: Path, key: str) -> Path:
-    dumps = sorted((root / "ir").glob("*.ir"))
+    dumps = sorted([*(root / "ir").glob("*.ir"), *(root / "ir").glob("*.txt")])   # passes' IR, decisions' text
     exact = [d for d in dumps if d.stem.split("-", 1)[-1] == key or d.stem == key]
     hits = exact or [d for d in dumps if key in d.stem]
     if len(hits) > 1 and not exact:
@@ -124,17 +126,21 @@ def _find_dump(root: Path, key: str) -> Path:
 
 
 def _inspect(a) -> None:
-    from .artifact import read_manifest
-    root = Path(a.artifact)
-    m = read_manifest(root, check_hashes=False)
+    art = Artifact.open(a.artifact, check_hashes=False)
+    root, m = art.root, art.manifest
     if a.ir:
         print(_find_dump(root, a.ir).read_text(), end="")
         return
-    if a.plan:
-        from .lower import describe_plan
-        if not m.get("kernels"):
+    if a.plan is not None:
+        if not art.kernels:
             raise FfcError(f"{root} has no plan (compiled with --no-codegen)")
-        print(describe_plan(json.loads((root / m["kernels"]["plan"]).read_text())))
+        if a.plan == "":
+            print(describe_plan(art.plan))
+            return
+        hits = [p for p in PHASES if p.startswith(a.plan)]
+        if len(hits) != 1:
+            raise FfcError(f"--plan {a.plan!r} is not one lowering phase; phases: {', '.join(PHASES)}")
+        print((root / "kernels" / "lowering" / f"{PHASES.index(hits[0]) + 1}-{hits[0]}.txt").read_text(), end="")
         return
     if a.strategy:
         par = m.get("parallel")
@@ -166,7 +172,6 @@ def _inspect(a) -> None:
 
 
 def _debug_compare(a) -> None:
-    from .debug import compare
     report = compare(a.model, a.prompt, tolerance=a.tolerance)
     print(report.format())
     if a.fail and (report.first_bad_stage or report.first_divergence):
@@ -266,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="passes, node counts, times, options; IR after a pass; IR diffs")
     i.add_argument("artifact")
     i.add_argument("--ir", metavar="PASS", help="print the IR after PASS (name or part of it)")
-    i.add_argument("--plan", action="store_true", help="kernels, fusion groups (and rejections), arena")
+    i.add_argument("--plan", nargs="?", const="", default=None, metavar="PHASE",
+                   help="kernels, fusion groups (and rejections), arena; with a lowering phase "
+                        f"({', '.join(PHASES)}): that phase's dump")
     i.add_argument("--strategy", action="store_true",
                    help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
     i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")

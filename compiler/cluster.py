@@ -17,10 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from ffc.ir.sharding import CollectiveKind
+from ffc.ir.types import DType, parse_dtype
+
+from . import knobs
 from .errors import InvalidRequestError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 # (collective, algorithm) -> time(alpha, beta, ranks p, bytes n of the full tensor)
 _ALGORITHMS = {
@@ -59,25 +62,32 @@ class DeviceProfile:
                               # machine's generated kernels (`ffc calibrate --artifact`)
     shared: bool = False      # the whole machine, whose ranks are local processes sharing it (calibrated)
 
-    def flops(self, dtype: str) -> float:
-        table = dict(self.peak_flops)
-        return table.get(dtype) or table.get("fp32") or next(iter(table.values()))
+    def flops(self, dtype) -> float:
+        """Peak FLOP/s for ``dtype`` (any spelling: profiles write fp32/bf16/fp16, and formats such
+        as tf32 that are no DType), else fp32's."""
+        def key(name):
+            try:
+                return parse_dtype(name)
+            except ValueError:
+                return name
+        table = {key(k): v for k, v in self.peak_flops}
+        return table.get(key(dtype)) or table.get(DType.F32) or next(iter(table.values()))
 
-    def op_time(self, flops: float, nbytes: float, dtype: str = "fp32") -> float:
+    def op_time(self, flops: float, nbytes: float, dtype: str = "f32") -> float:
         """Roofline time of one kernel: the slower of compute and memory, plus launch overhead."""
         return max(flops / self.flops(dtype), nbytes / self.memory_bandwidth) + self.kernel_overhead
 
-    def kernel_time(self, family: str, flops: float, nbytes: float, dtype: str = "fp32") -> float:
-        """A generated kernel of ``family`` (e.g. linear_gemv, or its kind, linear): the fitted
-        model when calibrated, else the roofline."""
+    def kernel_time(self, family: str, flops: float, nbytes: float, dtype: str = "f32") -> float:
+        """A generated kernel of cost ``family`` (plan.kernels.CostFamily, e.g. linear_gemv, or
+        its kind, linear): the fitted model when calibrated, else the roofline."""
         fitted = {f: (a, c, m) for f, a, c, m in self.kernels}
-        for f in (family, family.split("_")[0]):
+        for f in (str(family), str(family).split("_")[0]):
             if f in fitted:
                 a, c, m = fitted[f]
                 return a + c * flops + m * nbytes
         return self.op_time(flops, nbytes, dtype)
 
-    def collective_time(self, kind: str, nbytes: float, ranks: int) -> float:
+    def collective_time(self, kind: CollectiveKind, nbytes: float, ranks: int) -> float:
         """Seconds for one collective over ``ranks`` devices; ``nbytes`` is the full tensor."""
         if ranks <= 1 or nbytes <= 0:
             return 0.0
@@ -142,7 +152,6 @@ def builtin_profiles() -> list[str]:
 
 
 def local_profile_path() -> Path:
-    from . import knobs
     return knobs.cache_dir() / "profiles" / "local.json"
 
 

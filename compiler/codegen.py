@@ -1,21 +1,81 @@
 """Code generation: each kernel of a plan is its family's Jinja2 template filled with its spec.
 
-Python computes everything a kernel needs (sizes, strides, which epilogue); templates only
-print it. Sources are grouped one file per family, plus a table that names every kernel for
-the executor, and the executor and support header from ``csrc/`` so the artifact builds alone.
+Lowering computes everything a kernel needs (sizes, strides, which epilogue) as typed spec
+fields; here they become the text templates print: an ``Expr`` is rendered as a C
+expression (``c_expr``, the one place that knows C syntax for the expression tree), a DType
+as its storage type, an enum as its value, a float as its repr (templates add the ``f``).
+Templates only interpolate. Sources are grouped one file per family, plus a table that
+names every kernel for the executor, and the executor and support headers from ``csrc/``,
+so the artifact builds alone.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import jinja2
 
+from ffc.ir.types import DType
+from ffc.plan.expr import Expr, Fn, Spelling, render
+from ffc.plan.schema import Plan, Target
+
 from .errors import FfcError
+
+# C for each function an expression may call (csrc/ffc_common.h defines the ffc_* ones)
+C_FUNCTIONS = {Fn.EXP: "std::exp({})", Fn.SQRT: "std::sqrt({})", Fn.RSQRT: "(1.0f / std::sqrt({}))",
+               Fn.TANH: "std::tanh({})", Fn.COS: "std::cos({})", Fn.SIN: "std::sin({})", Fn.POW: "std::pow({}, {})",
+               Fn.SILU: "ffc_silu({})", Fn.GELU: "ffc_gelu({})", Fn.GELU_TANH: "ffc_gelu_tanh({})",
+               Fn.RELU: "ffc_relu({})", Fn.SIGMOID: "ffc_sigmoid({})"}
+
+
+def _c_const(v: int | float) -> str:
+    text = f"{v!r}f" if isinstance(v, float) else str(v)
+    return f"({text})" if text.startswith("-") else text
+
+
+def _c_load(k: int, dtype: DType, index: str) -> str:
+    ref = f"in{k}[{index}]"
+    return f"ffc_to_f32({ref})" if dtype.narrow_float else ref
+
+
+C = Spelling(const=_c_const, call=lambda fn, a: C_FUNCTIONS[fn].format(*a),
+             cast=lambda dtype, a: f"(({dtype.ctype})({a}))", load=_c_load)
+
+
+def c_expr(e: Expr) -> str:
+    """``e`` as a C expression (every compound parenthesized; float constants as float literals)."""
+    return render(e, C)
+
+
+def template_value(v):
+    """A spec field as templates see it."""
+    if isinstance(v, Expr):
+        return c_expr(v)
+    if isinstance(v, DType):
+        return v.ctype
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, float):
+        return repr(v)
+    if dataclasses.is_dataclass(v):
+        return template_fields(v)
+    if isinstance(v, tuple):
+        return [template_value(x) for x in v]
+    return v
+
+
+def template_fields(spec) -> dict:
+    out = {f.name: template_value(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    if "arg" in out:       # ((name, position), ...) -> {name: position}
+        out["arg"] = {name: pos for name, pos in spec.arg}
+    return out
+
 
 def _data_dir(name: str) -> Path:
     """A data folder shipped as package ffc.<name> (the repository folder in an editable install)."""
-    import importlib.util
     spec = importlib.util.find_spec(f"ffc.{name}")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
@@ -24,9 +84,9 @@ def _data_dir(name: str) -> Path:
 
 TEMPLATE_DIR = _data_dir("codegen_templates")
 CSRC_DIR = _data_dir("csrc")
-TARGETS = {"cpu": {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "executor.cpp"],
+TARGETS = {Target.CPU: {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "executor.cpp"],
                    "abi": "int tid, int nth"},
-           "cuda": {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "executor_cuda.cu"],
+           Target.CUDA: {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "executor_cuda.cu"],
                     "abi": "void* stream"}}
 
 
@@ -38,34 +98,32 @@ class KernelSpan:
     last_line: int
 
 
-def _env(target: str) -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / target)),
+def _env(target: Target) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR / target.value)),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                               trim_blocks=False, lstrip_blocks=False)
 
 
-def render_sources(plan: dict) -> tuple[dict[str, str], list[KernelSpan]]:
+def render_sources(plan: Plan) -> tuple[dict[str, str], list[KernelSpan]]:
     """{file name: text} for the plan's kernels and support files, and where each kernel lies."""
-    target = plan["target"]
-    if target not in TARGETS:
-        raise FfcError(f"unknown target {target!r}; known: {sorted(TARGETS)}")
+    target = plan.target
     t = TARGETS[target]
     env = _env(target)
     files: dict[str, list[str]] = {}
     spans: list[KernelSpan] = []
-    for name, k in plan["kernels"].items():
-        fam = k["family"]
+    for name, k in plan.kernels.items():
+        fam = k.family.value
         fname = f"{fam}{t['ext']}"
         if fname not in files:
             files[fname] = [f"// generated by ffc from the plan: {fam} kernels\n#include \"{t['header']}\"\n"]
         try:
-            text = env.get_template(f"{fam}{t['ext']}.j2").render(k=dict(k["spec"], name=name))
+            text = env.get_template(f"{fam}{t['ext']}.j2").render(k=dict(template_fields(k.spec), name=name))
         except jinja2.TemplateError as e:
-            raise FfcError(f"template {target}/{fam}{t['ext']}.j2 failed for kernel {name}: {e}") from None
+            raise FfcError(f"template {target.value}/{fam}{t['ext']}.j2 failed for kernel {name}: {e}") from None
         first = sum(s.count("\n") for s in files[fname]) + 1
         files[fname].append(text if text.endswith("\n") else text + "\n")
         spans.append(KernelSpan(name, fname, first, first + text.count("\n")))
-    names = list(plan["kernels"])
+    names = list(plan.kernels)
     table = [f"// generated by ffc: the kernel table the executor looks kernels up in\n"
              f"#include \"{t['header']}\"\n"]
     table += [f"void {n}(void* const* p, const int64_t* d, {t['abi']});\n" for n in names]

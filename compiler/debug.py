@@ -16,9 +16,9 @@ import torch
 from ffc.ir import Module, Node, materialize_params, run_graph
 from ffc.ir.text import format_node, node_names
 from ffc.passes import PIPELINE, PassContext, run_pipeline
+from ffc.runtime.model_runner import single_sequence_inputs
 
 from . import frontend, sources
-from .api import resolve_max_seq_len
 from .artifact import read_manifest
 
 
@@ -89,7 +89,6 @@ def _graph_inputs(module: Module, ids: torch.Tensor):
     t = ids.shape[1]
     if "forward" in module.graphs:
         return module.graphs["forward"], {"input_ids": ids, "position_ids": torch.arange(t)[None]}
-    from ffc.runtime.model_runner import single_sequence_inputs
     g = module.graphs["prefill"]
     return g, single_sequence_inputs(g, ids, logits="all")
 
@@ -109,7 +108,7 @@ def first_divergence(stage: str, module: Module, weights, ids, hf_outputs, tol) 
     for path, outs in hf_outputs.items():
         best = None
         for n in g.nodes:
-            if (n.origin == path or n.origin.startswith(path + ".")) and \
+            if (n.origin.module == path or n.origin.module.startswith(path + ".")) and \
                     any(tuple(o.shape) == tuple(values[n].shape) for o in outs):
                 best = n
         if best is not None:
@@ -135,12 +134,12 @@ def compare(model_or_artifact: str, prompt: str, tolerance: float = 1e-4, pipeli
     model = sources.load_model(source)
     tok = sources.load_tokenizer(source)
     ids = torch.tensor([tok(prompt)["input_ids"]])
-    msl = resolve_max_seq_len(model.config, max_seq_len)
+    msl = sources.resolve_max_seq_len(model.config, max_seq_len)
     raw = frontend.raw_weights(model)
     stages: list[tuple[str, Module]] = []
     run_pipeline(frontend.trace(model, msl), pipeline if pipeline is not None else PIPELINE,
                  PassContext(max_seq_len=msl, model=spec),
-                 dump=lambda name, mod: stages.append((name[:-3], mod)))
+                 dump=lambda name, mod: stages.append((name[:-3], mod)) if isinstance(mod, Module) else None)
     hf_outputs, ref = hf_module_outputs(model, ids)
     report = CompareReport(tolerance)
     weights_of = {}

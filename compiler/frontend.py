@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ffc.ir import Graph, Module, Node, Op, Param, ParamRef, TensorType
-from ffc.ir.types import dtype_name
+from ffc.ir import Graph, Module, Node, Op, Origin, Param, ParamRef, TensorType
+from ffc.ir.types import DType
 
 from .errors import UnsupportedModelError, UnsupportedOpError
 
@@ -60,10 +60,6 @@ class _LogitsOnly(torch.nn.Module):
         return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-def max_positions(config) -> int:
-    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
-
-
 def export(model, max_seq_len: int):
     """torch.export of ``model`` on (input_ids[1,T], position_ids[1,T]) -> logits[1,T,V]."""
     _register_attention()
@@ -97,10 +93,27 @@ def _hf_path(fx_path: str) -> str:
     return path[2:] if path.startswith("m.") else ("" if path == "m" else path)
 
 
+def decoder_layers(model) -> dict[str, int]:
+    """HF module path -> index of each transformer layer of ``model``, in module order: the
+    modules of the classes the model names in ``_no_split_modules`` (HF's own list of its
+    decoder-layer classes), else the children of its longest ModuleList of one class. Node
+    origins carry this index; nothing reads a layer out of a module path's spelling."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    found = [path for path, m in model.named_modules() if path and type(m).__name__ in classes]
+    if not found:
+        lists = [(path, m) for path, m in model.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+        if lists:
+            path, ml = max(lists, key=lambda pm: len(pm[1]))
+            found = [f"{path}.{k}" for k in range(len(ml))]
+    return {path: k for k, path in enumerate(found)}
+
+
 class Converter:
-    def __init__(self, ep, arch: str):
+    def __init__(self, ep, arch: str, layers: dict[str, int] | None = None):
         self.ep = ep
         self.arch = arch
+        self.layers = layers or {}
         self.values: dict[Any, Any] = {}
         self.nodes: list[Node] = []
         self.symbols: dict[str, str] = {}
@@ -116,12 +129,13 @@ class Converter:
 
     def type_of(self, fx_node) -> TensorType:
         val = fx_node.meta["val"]
-        return TensorType(dtype_name(val.dtype), tuple(self.dim(d) for d in val.shape))
+        return TensorType(DType.of(val.dtype), tuple(self.dim(d) for d in val.shape))
 
-    def origin(self, fx_node) -> str:
+    def origin(self, fx_node) -> Origin:
         stack = fx_node.meta.get("nn_module_stack") or {}
         paths = [_hf_path(p) for p, _ in stack.values()]
-        return paths[-1] if paths else ""
+        layer = next((self.layers[p] for p in paths if p in self.layers), None)
+        return Origin(paths[-1] if paths else "", layer)
 
     def arg(self, a):
         if isinstance(a, torch.fx.Node):
@@ -139,7 +153,7 @@ class Converter:
         return len(fx_arg.meta["val"].shape)
 
     def unsupported(self, fx_node, why: str = "has no ffc mapping"):
-        origin = self.origin(fx_node) or "<model root>"
+        origin = self.origin(fx_node).module or "<model root>"
         raise UnsupportedOpError(
             f"ATen op {fx_node.target} {why}; it comes from HF module {origin!r} of a {self.arch} model. "
             "Supported ATen ops: " + ", ".join(sorted(str(k) for k in ATEN)))
@@ -265,7 +279,7 @@ def _split(c: Converter, n, x, sizes, dim=0):
     sizes = [sizes] * -(-total // sizes) if isinstance(sizes, int) else sizes
     outs, start = [], 0
     for k, (s, val) in enumerate(zip(sizes, n.meta["val"])):
-        ty = TensorType(dtype_name(val.dtype), tuple(c.dim(v) for v in val.shape))
+        ty = TensorType(DType.of(val.dtype), tuple(c.dim(v) for v in val.shape))
         outs.append(c.emit(n, Op.SLICE, [c.arg(x)], {"dim": d, "start": start, "end": start + s, "step": 1},
                            type=ty))
         start += s
@@ -308,7 +322,7 @@ def _addmm(c: Converter, n, b, x, w, beta=1, alpha=1):
         c.unsupported(n, "with alpha/beta != 1")
     wt_val = w.meta["val"]
     wt = Node(Op.TRANSPOSE, (c.arg(w),), {"dim0": 0, "dim1": 1},
-              TensorType(dtype_name(wt_val.dtype), (wt_val.shape[1], wt_val.shape[0])), c.origin(n))
+              TensorType(DType.of(wt_val.dtype), (wt_val.shape[1], wt_val.shape[0])), c.origin(n))
     c.nodes.append(wt)
     return c.emit(n, Op.LINEAR, [c.arg(x), wt, c.arg(b)])
 
@@ -408,7 +422,7 @@ def trace(model, max_seq_len: int) -> Module:
     """The model's forward pass as an ffc Module with one graph, ``forward``."""
     arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     ep = export(model, max_seq_len)
-    return Converter(ep, arch).convert()
+    return Converter(ep, arch, decoder_layers(model)).convert()
 
 
 def raw_weights(model) -> dict[str, torch.Tensor]:

@@ -7,17 +7,21 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
+import numpy as np
 import torch
+from scipy.optimize import nnls
 
-from ffc.ir.ops import REGISTRY, Op
+from ffc.ir.ops import REGISTRY, Op, attention_work
 from ffc.ir.text import node_names
-from ffc.ir.types import DTYPES, eval_dim
+from ffc.ir.types import eval_dim
+from ffc.plan.kernels import CostFamily, Family, cost_family
+from ffc.plan.schema import ArgKind
+from ffc.runtime.model_runner import Chunk
 
 
 def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
     """Inputs of one step: ``decode``: ``batch`` sequences at position ``context``; ``prefill``:
     ``batch`` sequences of ``context`` new tokens each, from position 0. Caches hold noise."""
-    from ffc.runtime.model_runner import Chunk
     runner = llm.runner
     per = -(-(context + 1) // runner.block_size)
     cache = torch.randn(llm.cache_type.concrete({"S": batch * per})) * 0.1
@@ -27,70 +31,64 @@ def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
     return (runner.decode_inputs if graph == "decode" else runner.prefill_inputs)(chunks, cache)
 
 
-def linear_family(rows: int, gemv_max_m: int = 8) -> str:
-    """Linears are bound by weight reads for few rows (GEMV) and by FMAs for many (GEMM): two cost fits."""
-    return "linear_gemv" if rows <= gemv_max_m else "linear_gemm"
-
-
 def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, float]]:
     """(family, label, FLOPs, bytes) per kernel launch (or collective) of ``graph`` for these inputs. Bytes are
     what a kernel reads and writes outside itself: its weights, arena buffers, and for
     attention the KV cache up to each token's position; gathers read only the rows they take."""
     plan = llm.compiled.plan
-    gp = plan["graphs"][graph]
+    gp = plan.graphs[graph]
     g = llm.runner.graphs[graph]
     by_name = {f"%{v}": n for n, v in node_names(g).items()}
     T = inputs["input_ids"].shape[1]
     env = {"T": T, "B": T, "N": inputs["block_tables"].shape[0], "S": inputs["kv_cache"].shape[2]}
     ctx = float((inputs["position_ids"][0] + 1).sum())     # keys read, summed over tokens
     out = []
-    def buffer_bytes(a) -> float:
-        b = gp["buffers"][a["name"]]
-        return torch.Size([eval_dim(x, env) for x in b["shape"]]).numel() * DTYPES[b["dtype"]].itemsize
 
-    for st in gp["steps"]:
-        if st["kernel"] is None:   # a collective between kernel segments: its op and the bytes it moves
-            out.append(("collective", st["collective"]["op"], 0.0, buffer_bytes(st["args"][1])))
+    def buffer_bytes(a) -> float:
+        b = gp.buffers[a.name]
+        return torch.Size([int(x.evaluate(env)) for x in b.shape]).numel() * b.dtype.itemsize
+
+    for st in gp.steps:
+        if st.kernel is None:   # a collective between kernel segments: its op and the bytes it moves
+            out.append((CostFamily.COLLECTIVE, st.collective.op.value, 0.0, buffer_bytes(st.args[-1])))
             continue
-        spec = plan["kernels"][st["kernel"]]["spec"]
-        family = linear_family(eval_dim(spec["M"].strip("()"), env), spec["gemv_max_m"]) \
-            if spec["family"] == "linear" else spec["family"]
-        if family == "attention" and graph.startswith("decode"):
-            family = "attention_decode"    # one query per sequence: bound by K/V reads, not FLOPs
+        kernel = plan.kernels[st.kernel]
+        rows = int(kernel.spec.M.evaluate(env)) if kernel.family is Family.LINEAR else 1
+        family = cost_family(kernel.family, rows, decode=graph.startswith("decode"))
         flops, nbytes, seen = 0.0, 0.0, set()
-        for name in st["nodes"]:
+        for name in st.nodes:
             n = by_name.get(name)
             if n is None:
                 continue
             if n.op is Op.CACHED_ATTENTION:
-                q, k = n.inputs[0], n.inputs[1]
-                h, d, hkv = q.type.shape[1], q.type.shape[3], k.type.shape[1]
-                flops += 4.0 * h * ctx * d
-                nbytes += 2.0 * hkv * ctx * d * 4 / (h // hkv)   # GQA heads share one K/V read
+                q, k, cache = n.inputs[0], n.inputs[1], n.inputs[6]
+                est = attention_work(q.type.shape[1], k.type.shape[1], q.type.shape[3], ctx, cache.type.dtype)
+                flops += est.flops
+                nbytes += est.bytes
                 continue
             ins = []
             for v in n.inputs:
                 if getattr(v, "type", None) is not None:
-                    ins.append(([eval_dim(x, env) for x in v.type.shape], DTYPES[v.type.dtype]))
+                    ins.append(([eval_dim(x, env) for x in v.type.shape], v.type.torch_dtype))
                 elif getattr(v, "name", None) in llm.module.params:
                     t = llm.module.params[v.name].type
-                    ins.append((list(t.shape), DTYPES[t.dtype]))
-            est = REGISTRY[n.op].cost(ins, ([eval_dim(x, env) for x in n.type.shape], DTYPES[n.type.dtype]))
+                    ins.append((list(t.shape), t.torch_dtype))
+            est = REGISTRY[n.op].cost(ins, ([eval_dim(x, env) for x in n.type.shape], n.type.torch_dtype))
             flops += est.flops
-            if family == "gather":
+            if family is CostFamily.GATHER:
                 nbytes += est.bytes
-        if family != "gather":
-            for a in st["args"]:
-                key = (a["kind"], a["name"])
-                if key in seen or a["kind"] == "cache":
+        if family is not CostFamily.GATHER:
+            for a in st.args:
+                key = (a.kind, a.name)
+                if key in seen or a.kind is ArgKind.CACHE:
                     continue
                 seen.add(key)
-                if a["kind"] in ("param", "packed"):
+                if a.kind in (ArgKind.PARAM, ArgKind.PACKED):
                     w = llm.compiled.arg_tensor(a)
                     nbytes += w.numel() * w.element_size()
                 else:
                     nbytes += buffer_bytes(a)
-        label = st["origin"].split(".")[-1] or st["origin"]
+        label = st.origin.split(".")[-1] or st.origin
         out.append((family, label, flops, nbytes))
     return out
 
@@ -105,10 +103,8 @@ def fit_families(samples: list[tuple[str, float, float, float]]) -> dict:
     """Per family, non-negative (a, c, m) of t = a + c * FLOPs + m * bytes by least squares on
     relative error: a kernel's fixed cost, seconds per FLOP and per byte as this machine's
     generated kernels achieve them."""
-    import numpy as np
-    from scipy.optimize import nnls
     out = {}
-    for fam in sorted({s[0] for s in samples} - {"collective"}):   # collectives: the link model
+    for fam in sorted({s[0] for s in samples} - {CostFamily.COLLECTIVE}):   # collectives: the link model
         rows = [(f, b, t) for f_, f, b, t in samples if f_ == fam and t > 0]
         A = np.array([[1.0, f, b] for f, b, _ in rows]) / np.array([[t] for _, _, t in rows])
         scale = np.maximum(A.max(axis=0), 1e-30)

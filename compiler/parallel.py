@@ -9,34 +9,29 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
+
+from ffc.ir.strategy import Strategy, Workload
+from ffc.passes import PassContext, pipeline_until_search, run_pipeline
+
+from . import frontend, sources
 from .cluster import DeviceProfile
 from .errors import FfcError, InvalidRequestError
-from .search import Strategy, Workload, candidates, dry_run_table, search
-
-
-def raise_phase_end() -> int:
-    """How many pipeline passes run before the strategy is applied (through the raise phase)."""
-    from ffc.passes.pipeline import SEARCH_POINT
-    return SEARCH_POINT
+from .search import search
 
 
 def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle: bool = False):
     """(forward graph after the raise passes, max_seq_len) for ``model``, from its config only."""
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from . import frontend, sources
-    from .api import resolve_max_seq_len
-    from ffc.passes import PIPELINE, PassContext, run_pipeline
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     sources.check_architecture(config)
-    msl = resolve_max_seq_len(config, max_seq_len)
+    msl = sources.resolve_max_seq_len(config, max_seq_len)
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf = hf.to_empty(device="cpu")
     module = frontend.trace(hf, msl)
-    return run_pipeline(module, PIPELINE[:raise_phase_end()], PassContext(max_seq_len=msl, model=model)).module, msl
+    return run_pipeline(module, pipeline_until_search(), PassContext(max_seq_len=msl, model=model)).module, msl
 
 
 def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, devices: Optional[int],
@@ -63,8 +58,8 @@ def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, 
 
 def best(results) -> Optional[tuple]:
     """Among the candidates that fit, the highest predicted decode throughput (ties: fewer devices)."""
-    fits = [r for r in results if r[2] is not None and r[2].prediction("memory_bytes") <= r[2].prediction("memory_limit")]
-    return max(fits, key=lambda r: (round(r[2].prediction("decode_tok_s"), 6), -r[0] * r[1]), default=None)
+    fits = [r for r in results if r[2] is not None and r[2].predicted.fits]
+    return max(fits, key=lambda r: (round(r[2].predicted.decode_tok_s, 6), -r[0] * r[1]), default=None)
 
 
 def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profile: DeviceProfile,
@@ -75,7 +70,7 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
     module, msl = planning_module(model, max_seq_len, allow_pickle)
     log(f"planning {model} on {profile.name}")
     w = workload or Workload()
-    w = Workload(w.prompt_tokens, w.output_tokens, w.batch, msl, dtype)
+    w = Workload(w.prompt_tokens, w.output_tokens, w.batch, msl, dtype, w.kv_dtype)
     results = plan_candidates(module, profile, w, tp, pp, devices, memory_limit)
     limit = memory_limit if memory_limit is not None else profile.memory_bytes
     lines = [f"{model}: {sum(1 for _ in module.graphs['forward'].nodes)} ops; profile {profile.name} "
@@ -90,3 +85,31 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
         lines.append("")
         lines.append(chosen[2].describe())
     return "\n".join(lines)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def candidates(devices: int) -> list[tuple[int, int]]:
+    """(tp, pp) pairs using all of ``devices`` or a divisor of it."""
+    return [(t, p) for t in range(1, devices + 1) for p in range(1, devices + 1) if devices % (t * p) == 0]
+
+
+def dry_run_table(results: list) -> str:
+    lines = [f"{'tp':>3} {'pp':>3} {'weights/rank':>13} {'KV/rank':>10} {'activ.':>9} {'total':>10} {'fits':>5} "
+             f"{'prefill':>10} {'decode step':>12} {'decode tok/s':>13} {'collectives':>12}",
+             "(latencies of one step; tok/s with pp batches in flight when pp > 1; KV for the workload's "
+             "batch at max_seq_len)"]
+    for tp, pp, st, err in results:
+        if st is None:
+            lines.append(f"{tp:>3} {pp:>3}  {err}")
+            continue
+        p = st.predicted
+        lines.append(f"{tp:>3} {pp:>3} {fmt_bytes(p.weight_bytes):>13} {fmt_bytes(p.kv_bytes):>10} "
+                     f"{fmt_bytes(p.activation_bytes):>9} {fmt_bytes(p.memory_bytes):>10} "
+                     f"{'yes' if p.fits else 'NO':>5} "
+                     f"{p.prefill_s * 1e3:8.2f}ms {p.decode_s * 1e3:10.3f}ms {p.decode_tok_s:13.0f} "
+                     f"{p.collectives:>12}")
+    return "\n".join(lines)
+

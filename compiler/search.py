@@ -13,150 +13,26 @@ stored in the manifest, and applied by a separate pass.
 """
 from __future__ import annotations
 
-import re
-from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
 
 from ffc.ir import Graph, Module, Node, Op
 from ffc.ir.graph import ParamRef
-from ffc.ir.ops import LAYOUT, REGISTRY
-from ffc.ir.sharding import OpStrategy, Placement, R, local_shape, numel, strategies
+from ffc.ir.ops import LAYOUT, REGISTRY, Estimate, attention_work
+from ffc.ir.sharding import CollectiveKind, OpStrategy, Placement, R, local_shape, numel, reshard_kind, strategies
+from ffc.ir.strategy import (Choice, CollectiveEdge, Prediction, Reference, Rejected, Stage, Strategy,
+                             Workload)
 from ffc.ir.text import node_names
-from ffc.ir.types import DTYPES, eval_dim
+from ffc.ir.types import DType, PlacementKind, eval_dim
+from ffc.plan.kernels import ATTENTION_OPS, cost_family
 
 from .cluster import DeviceProfile
 from .errors import InvalidRequestError
-from .kernel_cost import linear_family
 
-ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
-# the generated-kernel family an op ends up in (for profiles calibrated per family)
-_FAMILY = {Op.LINEAR: "linear", Op.MATMUL: "linear", Op.ATTENTION: "attention", Op.SDPA: "attention",
-           Op.CACHED_ATTENTION: "attention", Op.RMS_NORM: "norm", Op.LAYER_NORM: "norm", Op.EMBEDDING: "gather",
-           Op.TAKE: "gather"}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What the plan is optimised for: per batch, one prefill then ``output_tokens`` decode steps."""
-    prompt_tokens: int = 512
-    output_tokens: int = 128
-    batch: int = 8
-    max_seq_len: int = 2048      # the KV cache holds batch x max_seq_len positions
-    weight_dtype: str = "fp32"   # storage of weights (bytes read, memory)
-
-    @property
-    def context(self) -> int:    # mean context length during decode
-        return self.prompt_tokens + self.output_tokens // 2
-
-    def phases(self) -> list[tuple[str, dict, float]]:
-        """(phase, dims, weight): the prefill of the batch's prompts, and its decode steps."""
-        return [("prefill", {"T": self.prompt_tokens * self.batch}, 1.0),
-                ("decode", {"T": self.batch}, float(self.output_tokens))]
-
-    @staticmethod
-    def parse(text: Optional[str], **defaults) -> "Workload":
-        """``prompt=512,output=128,batch=8`` (any subset)."""
-        keys = {"prompt": "prompt_tokens", "output": "output_tokens", "batch": "batch"}
-        kw = dict(defaults)
-        for part in filter(None, (text or "").split(",")):
-            k, _, v = part.partition("=")
-            if k.strip() not in keys or not v.strip().isdigit() or int(v) < 1:
-                raise InvalidRequestError(f"--workload {text!r}: use e.g. prompt=512,output=128,batch=8")
-            kw[keys[k.strip()]] = int(v)
-        return Workload(**kw)
-
-
-def reshard_kind(src: Placement, dst: Placement) -> Optional[str]:
-    """The collective turning ``src`` into ``dst``: "" if free (same, or a local slice), None if illegal."""
-    if src == dst or (src.kind == "R" and dst.kind == "S"):
-        return ""
-    if dst.kind == "P":
-        return None
-    if src.kind == "S":
-        return "all_gather" if dst.kind == "R" else "all_to_all"
-    return "all_reduce" if dst.kind == "R" else "reduce_scatter"
-
-
-@dataclass(frozen=True)
-class Choice:
-    node: str
-    op: str
-    origin: str
-    strategy: str
-    inputs: tuple            # placement per input, as text ("-" for literals)
-    output: str
-    compute_s: float         # predicted seconds over the workload on one rank
-    memory: float            # bytes per rank (weights, and KV cache for attention)
-    alternatives: tuple = ()  # ((strategy, extra seconds or None if illegal here, why), ...)
-
-
-@dataclass(frozen=True)
-class Collective:
-    kind: str
-    producer: str
-    consumer: str
-    bytes: tuple             # per phase, full tensor
-    seconds: float           # over the workload
-
-
-@dataclass(frozen=True)
-class Strategy:
-    tp: int
-    pp: int
-    profile: str
-    workload: Workload
-    choices: tuple           # Choice per node, graph order
-    collectives: tuple       # Collective per resharding edge
-    stages: tuple = ()       # ((first segment, last segment, seconds, bytes), ...) when pp > 1
-    predicted: tuple = ()    # ((name, value), ...)
-    references: tuple = ()   # ((plan, compute s, comm s, collectives), ...) for the explanation
-
-    def prediction(self, key: str) -> float:
-        return dict(self.predicted)[key]
-
-    def choice(self, node: str) -> Choice:
-        return next(c for c in self.choices if c.node == node)
-
-    def to_json(self) -> dict:
-        from dataclasses import asdict
-        return asdict(self)
-
-    def describe(self, top: int = 2) -> str:
-        w = self.workload
-        p = dict(self.predicted)
-        lines = [f"strategy: tp={self.tp} pp={self.pp} on {self.profile}; workload: prefill {w.prompt_tokens} tokens "
-                 f"x batch {w.batch}, then {w.output_tokens} decode steps (KV for {w.max_seq_len} positions, "
-                 f"weights {w.weight_dtype})",
-                 f"predicted per rank: prefill {p['prefill_s'] * 1e3:.2f} ms, decode step {p['decode_s'] * 1e3:.3f} ms "
-                 f"({p['decode_tok_s']:.0f} tok/s{' with pp batches in flight' if self.pp > 1 else ''}), communication {p['comm_s'] * 1e3:.2f} ms of the workload's "
-                 f"{p['total_s'] * 1e3:.1f} ms; memory {p['memory_bytes'] / 2**30:.2f} GiB "
-                 f"(weights {p['weight_bytes'] / 2**30:.2f}, KV {p['kv_bytes'] / 2**30:.2f}, "
-                 f"activations {p['activation_bytes'] / 2**30:.2f}) of {p['memory_limit'] / 2**30:.1f} GiB",
-                 f"collectives per workload: {len(self.collectives)} edges "
-                 + ", ".join(f"{k} x{n}" for k, n in sorted(Counter(c.kind for c in self.collectives).items()))]
-        if self.references:
-            lines.append("why: the same graph under other plans, on this profile:")
-            for name, comp, comm, n in self.references:
-                lines.append(f"  {name:30} compute {comp * 1e3:9.2f} ms + communication {comm * 1e3:9.2f} ms "
-                             f"= {(comp + comm) * 1e3:9.2f} ms ({n} collectives)")
-        for k, (a, b, secs, mem, la, lb) in enumerate(self.stages):
-            lines.append(f"stage {k}: segments {a}..{b} (layers {la}..{lb}), {secs * 1e3:.2f} ms, "
-                         f"{mem / 2**30:.2f} GiB")
-        lines.append("")
-        lines.append(f"{'node':8} {'op':16} {'strategy':12} {'inputs -> output':28} {'compute':>10} {'memory':>10}  "
-                     f"rejected (extra time)")
-        for c in self.choices:
-            if c.op in {o.value for o in LAYOUT} and not c.alternatives:
-                continue
-            alts = "; ".join(f"{s} {'illegal: ' + why if t is None else f'+{t * 1e3:.3f} ms'}"
-                             for s, t, why in c.alternatives[:top])
-            lines.append(f"%{c.node:7} {c.op:16} {c.strategy:12} {', '.join(c.inputs) + ' -> ' + c.output:28} "
-                         f"{c.compute_s * 1e3:8.3f}ms {c.memory / 2**20:8.1f}Mi  {alts}  # {c.origin}")
-        return "\n".join(lines)
+__all__ = ["Workload", "Strategy", "search"]
 
 
 class _Problem:
@@ -186,7 +62,7 @@ class _Problem:
     # ------------------------------------------------------------ costs
     def _bytes(self, v: Node, env: dict, placement: Placement = R) -> float:
         shape = [eval_dim(d, env) for d in v.type.shape]
-        return numel(local_shape(shape, placement, self.tp)) * DTYPES[v.type.dtype].itemsize
+        return numel(local_shape(shape, placement, self.tp)) * v.type.dtype.itemsize
 
     def _node_times(self, n: Node, s: OpStrategy) -> list[float]:
         """Seconds of one step of each phase on one rank."""
@@ -198,44 +74,43 @@ class _Problem:
             for v, p in zip(n.inputs, s.inputs):
                 if isinstance(v, Node):
                     shape = local_shape([eval_dim(d, env) for d in v.type.shape], p, self.tp)
-                    ins.append((shape, DTYPES[v.type.dtype]))
+                    ins.append((shape, v.type.torch_dtype))
                 elif isinstance(v, ParamRef):
                     t = self.module.params[v.name].type
-                    dt = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[self.w.weight_dtype] \
-                        if n.op in (Op.LINEAR, Op.EMBEDDING) else t.dtype
-                    ins.append((local_shape(t.shape, p, self.tp), DTYPES[dt]))
+                    dt = self._param_dtype(n, t.dtype)
+                    ins.append((local_shape(t.shape, p, self.tp), dt.torch))
             out_shape = local_shape([eval_dim(d, env) for d in n.type.shape], s.output, self.tp)
-            if n.op in (Op.ATTENTION, Op.SDPA) and phase == "decode":
+            decode = phase == "decode"
+            if n.op in ATTENTION_OPS and decode:
                 est = self._decode_attention(ins, out_shape)
             else:
-                est = REGISTRY[n.op].cost(ins, (out_shape, DTYPES[n.type.dtype]))
-            family = _FAMILY.get(n.op, "pointwise")
-            if family == "linear":
-                family = linear_family(numel(ins[0][0][:-1]))
-            elif family == "attention" and phase == "decode":
-                family = "attention_decode"
-            out.append(self.profile.kernel_time(family, est.flops, est.bytes, self.w.weight_dtype))
+                est = REGISTRY[n.op].cost(ins, (out_shape, n.type.torch_dtype))
+            rows = numel(ins[0][0][:-1]) if ins else 1
+            out.append(self.profile.kernel_time(cost_family(n.op, rows, decode), est.flops, est.bytes,
+                                                self.w.weight_dtype))
         return out
 
-    def _decode_attention(self, ins, out_shape):
-        from ffc.ir.ops import Estimate
-        (q, _), (k, _) = ins[0], ins[1]
-        b, h, t, d = q
-        ctx = self.w.context
-        kv = 2 * t * k[1] * ctx * d * 4
-        return Estimate(flops=4.0 * h * t * ctx * d, bytes=kv + 2 * numel(q) * 4)
+    def _param_dtype(self, n: Node, dtype: DType) -> DType:
+        """Linear and embedding weights are stored as the workload's weight dtype."""
+        return self.w.weight_dtype if n.op in (Op.LINEAR, Op.EMBEDDING) else dtype
+
+    def _decode_attention(self, ins, out_shape) -> Estimate:
+        """One query per sequence over the workload's mean context: bound by K/V reads."""
+        (q, qdt), (k, _) = ins[0], ins[1]
+        _, h, t, d = q
+        io = Estimate(bytes=2.0 * numel(q) * qdt.itemsize)       # q in, the output out
+        return attention_work(h, k[1], d, t * self.w.context, self.w.kv_dtype) + io
 
     def _node_memory(self, n: Node, s: OpStrategy) -> float:
         mem = 0.0
         for v, p in zip(n.inputs, s.inputs):
             if isinstance(v, ParamRef):
                 t = self.module.params[v.name].type
-                elem = ELEM[self.w.weight_dtype] if n.op in (Op.LINEAR, Op.EMBEDDING) else t.torch_dtype.itemsize
-                mem += numel(local_shape(t.shape, p, self.tp)) * elem
-        if n.op in (Op.ATTENTION, Op.SDPA):   # this layer's KV cache (fp32) for batch x max_seq_len
+                mem += numel(local_shape(t.shape, p, self.tp)) * self._param_dtype(n, t.dtype).itemsize
+        if n.op in ATTENTION_OPS:   # this layer's KV cache for batch x max_seq_len
             k = n.inputs[1]
-            hkv = k.type.shape[1] // (self.tp if s.inputs[1].kind == "S" else 1)
-            mem += 2 * hkv * k.type.shape[3] * self.w.max_seq_len * self.w.batch * 4
+            hkv = k.type.shape[1] // (self.tp if s.inputs[1].kind is PlacementKind.S else 1)
+            mem += 2 * hkv * k.type.shape[3] * self.w.max_seq_len * self.w.batch * self.w.kv_dtype.itemsize
         return mem
 
     def reshard_time(self, producer: Node, src: Placement, dst: Placement) -> Optional[float]:
@@ -267,8 +142,6 @@ class _Problem:
 
 def _solve(pb: _Problem, memory_limit: float, comm_scale: float = 1.0) -> list[int]:
     """Strategy index per node minimising predicted time (MILP, HiGHS)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
     base, nvar = [], 0
     for ss in pb.strats:
         base.append(nvar)
@@ -334,7 +207,7 @@ def _solve(pb: _Problem, memory_limit: float, comm_scale: float = 1.0) -> list[i
     return [int(np.argmax(res.x[base[j]:base[j] + len(ss)])) for j, ss in enumerate(pb.strats)]
 
 
-def _evaluate(pb: _Problem, pick: list[int]) -> tuple[float, float, list[Collective]]:
+def _evaluate(pb: _Problem, pick: list[int]) -> tuple[float, float, list[CollectiveEdge]]:
     """(compute seconds, communication seconds, collectives) of a choice per node."""
     compute = sum(pb.cost[j][s] for j, s in enumerate(pick))
     comm, colls = 0.0, []
@@ -361,10 +234,10 @@ def _evaluate(pb: _Problem, pick: list[int]) -> tuple[float, float, list[Collect
     return compute, comm, colls
 
 
-def _coll(pb: _Problem, kind: str, producer: Node, consumer: Node) -> Collective:
+def _coll(pb: _Problem, kind: CollectiveKind, producer: Node, consumer: Node) -> CollectiveEdge:
     by = tuple(pb._bytes(producer, env) for env in pb.env)
     secs = sum(w * pb.profile.collective_time(kind, b, pb.tp) for (_, _, w), b in zip(pb.phases, by))
-    return Collective(kind, pb.name(producer), pb.name(consumer), by, secs)
+    return CollectiveEdge(kind, pb.name(producer), pb.name(consumer), by, secs)
 
 
 def _alternatives(pb: _Problem, pick: list[int], j: int) -> tuple:
@@ -401,14 +274,9 @@ def _alternatives(pb: _Problem, pick: list[int], j: int) -> tuple:
         if si == pick[j]:
             continue
         t, why = local(si)
-        out.append((s.name, None if t is None else t - mine, why))
-    out.sort(key=lambda a: (a[1] is None, a[1] if a[1] is not None else 0.0))
+        out.append(Rejected(s.name, None if t is None else t - mine, why))
+    out.sort(key=lambda a: (a.extra_s is None, a.extra_s if a.extra_s is not None else 0.0))
     return tuple(out)
-
-
-def layer_of(origin: str) -> Optional[int]:
-    m = _LAYER.search(origin or "")
-    return int(m.group(1)) if m else None
 
 
 def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = None,
@@ -433,18 +301,18 @@ def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = No
     choices = []
     for j, n in enumerate(pb.nodes):
         s = pb.strats[j][pick[j]]
-        choices.append(Choice(pb.name(n), n.op.value, n.origin, s.name,
-                              tuple("-" if p is None else str(p) for p in s.inputs), str(s.output),
+        choices.append(Choice(pb.name(n), n.op.value, str(n.origin), s.name, tuple(s.inputs), s.output,
                               pb.cost[j][pick[j]], pb.memory[j][pick[j]],
-                              _alternatives(pb, pick, j) if explain and len(pb.strats[j]) > 1 else ()))
-    is_attn = [n.op in (Op.ATTENTION, Op.SDPA) for n in pb.nodes]
+                              _alternatives(pb, pick, j) if explain and len(pb.strats[j]) > 1 else (),
+                              n.origin.layer))
+    is_attn = [n.op in ATTENTION_OPS for n in pb.nodes]
     weights = sum(pb.memory[j][pick[j]] for j in range(len(pb.nodes)) if not is_attn[j])
     kv = sum(pb.memory[j][pick[j]] for j in range(len(pb.nodes)) if is_attn[j])
     steps = [sum(pb.step_cost[j][pick[j]][k] for j in range(len(pb.nodes))) for k in range(len(pb.phases))]
     for c in colls:
         for k in range(len(pb.phases)):
             steps[k] += pb.profile.collective_time(c.kind, c.bytes[k], tp)
-    stages, interval = (), list(steps)
+    interval = list(steps)
     if pp > 1:
         stages = _split_stages(pb, pick, pp, limit - act)
         per_stage = _stage_step_times(pb, pick, colls, stages)
@@ -454,20 +322,24 @@ def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = No
         interval = [max(st[k] for st in per_stage) for k in range(len(pb.phases))]
         # the fullest rank: its weights, and its layers' KV for the pp batches in flight
         weights, kv = max(((w_, kv_ * pp) for w_, kv_ in _stage_memory(pb, pick, stages)), key=sum)
-    predicted = {"prefill_s": steps[0], "decode_s": steps[1], "decode_interval_s": interval[1],
-                 "decode_tok_s": workload.batch / interval[1] if interval[1] else float("inf"),
-                 "compute_s": compute, "comm_s": comm, "total_s": compute + comm,
-                 "weight_bytes": weights, "kv_bytes": kv, "activation_bytes": act, "memory_limit": limit,
-                 "memory_bytes": weights + kv + act, "collectives": float(len(colls))}
+    else:
+        layers = [n.origin.layer for n in pb.nodes if n.origin.layer is not None]
+        stages = (Stage(0, len(_segments(pb)) - 1, compute, weights + kv, min(layers, default=-1),
+                        max(layers, default=-1)),)
+    predicted = Prediction(prefill_s=steps[0], decode_s=steps[1], decode_interval_s=interval[1],
+                           decode_tok_s=workload.batch / interval[1] if interval[1] else float("inf"),
+                           compute_s=compute, comm_s=comm, total_s=compute + comm, weight_bytes=weights,
+                           kv_bytes=kv, activation_bytes=act, memory_limit=limit, memory_bytes=weights + kv + act,
+                           collectives=len(colls))
     refs = []
     if explain and tp > 1:
         for name, p in (("all replicated", [0] * len(pb.nodes)),
                         ("fastest ignoring communication", _solve(pb, (limit - act) * pp, comm_scale=1e-6))):
             comp_r, comm_r, colls_r = _evaluate(pb, p)
-            refs.append((name, comp_r, comm_r, len(colls_r)))
-        refs.append(("chosen", compute, comm, len(colls)))
-    return Strategy(tp, pp, profile.name, workload, tuple(choices), tuple(colls), tuple(stages),
-                    tuple(sorted(predicted.items())), tuple(refs))
+            refs.append(Reference(name, comp_r, comm_r, len(colls_r)))
+        refs.append(Reference("chosen", compute, comm, len(colls)))
+    return Strategy(tp, pp, profile.name, workload, tuple(choices), tuple(colls), tuple(stages), predicted,
+                    tuple(refs))
 
 
 def _activation_bytes(pb: _Problem) -> float:
@@ -481,7 +353,7 @@ def _activation_bytes(pb: _Problem) -> float:
 
 def _segments(pb: _Problem) -> list[list[int]]:
     """Node indices per segment: what precedes the first layer, each layer, what follows."""
-    layers = [layer_of(n.origin) for n in pb.nodes]
+    layers = [n.origin.layer for n in pb.nodes]
     known = [x for x in layers if x is not None]
     if not known:
         return [list(range(len(pb.nodes)))]
@@ -508,7 +380,7 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
     boundary = []
     for s in segs:   # bytes leaving a segment: its last node's output (the residual stream)
         n = pb.nodes[s[-1]]
-        boundary.append(sum(w * pb.profile.collective_time("send_recv", pb._bytes(n, env), 2)
+        boundary.append(sum(w * pb.profile.collective_time(CollectiveKind.SEND_RECV, pb._bytes(n, env), 2)
                             for (_, _, w), env in zip(pb.phases, pb.env)))
     m = len(segs)
     pre_t, pre_m = np.concatenate([[0], np.cumsum(secs)]), np.concatenate([[0], np.cumsum(mem)])
@@ -531,9 +403,9 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
     out, i = [], m
     for k in range(pp, 0, -1):
         a = back[i][k]
-        layers = [x for j in range(a, i) for x in {layer_of(pb.nodes[n].origin) for n in segs[j]} if x is not None]
-        out.append((a, i - 1, float(pre_t[i] - pre_t[a]), float(pre_m[i] - pre_m[a]),
-                    min(layers, default=-1), max(layers, default=-1)))
+        layers = [x for j in range(a, i) for x in {pb.nodes[n].origin.layer for n in segs[j]} if x is not None]
+        out.append(Stage(a, i - 1, float(pre_t[i] - pre_t[a]), float(pre_m[i] - pre_m[a]),
+                         min(layers, default=-1), max(layers, default=-1)))
         i = a
     return tuple(reversed(out))
 
@@ -541,19 +413,19 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
 def _stage_nodes(pb: _Problem, stages: tuple) -> list[list[int]]:
     """Node indices of each stage (its segments' nodes)."""
     segs = _segments(pb)
-    return [[j for seg in segs[a:b + 1] for j in seg] for a, b, *_ in stages]
+    return [[j for seg in segs[st.first_segment:st.last_segment + 1] for j in seg] for st in stages]
 
 
 def _stage_memory(pb: _Problem, pick: list[int], stages: tuple) -> list[tuple[float, float]]:
     """(weight bytes, KV bytes for one batch) per stage."""
     out = []
     for nodes in _stage_nodes(pb, stages):
-        kv = sum(pb.memory[j][pick[j]] for j in nodes if pb.nodes[j].op in (Op.ATTENTION, Op.SDPA))
+        kv = sum(pb.memory[j][pick[j]] for j in nodes if pb.nodes[j].op in ATTENTION_OPS)
         out.append((sum(pb.memory[j][pick[j]] for j in nodes) - kv, kv))
     return out
 
 
-def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], stages: tuple) -> list[list[float]]:
+def _stage_step_times(pb: _Problem, pick: list[int], colls: list[CollectiveEdge], stages: tuple) -> list[list[float]]:
     """Seconds of one step of each phase in each stage: its nodes, the collectives they
     consume, and the send of its last value to the next stage."""
     members = _stage_nodes(pb, stages)
@@ -565,33 +437,5 @@ def _stage_step_times(pb: _Problem, pick: list[int], colls: list[Collective], st
     for s, nodes in enumerate(members[:-1]):
         last = pb.nodes[nodes[-1]]
         for k, env in enumerate(pb.env):
-            out[s][k] += pb.profile.collective_time("send_recv", pb._bytes(last, env), 2)
+            out[s][k] += pb.profile.collective_time(CollectiveKind.SEND_RECV, pb._bytes(last, env), 2)
     return out
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def candidates(devices: int) -> list[tuple[int, int]]:
-    """(tp, pp) pairs using all of ``devices`` or a divisor of it."""
-    return [(t, p) for t in range(1, devices + 1) for p in range(1, devices + 1) if devices % (t * p) == 0]
-
-
-def dry_run_table(results: list) -> str:
-    lines = [f"{'tp':>3} {'pp':>3} {'weights/rank':>13} {'KV/rank':>10} {'activ.':>9} {'total':>10} {'fits':>5} "
-             f"{'prefill':>10} {'decode step':>12} {'decode tok/s':>13} {'collectives':>12}",
-             "(latencies of one step; tok/s with pp batches in flight when pp > 1; KV for the workload's "
-             "batch at max_seq_len)"]
-    for tp, pp, st, err in results:
-        if st is None:
-            lines.append(f"{tp:>3} {pp:>3}  {err}")
-            continue
-        p = dict(st.predicted)
-        lines.append(f"{tp:>3} {pp:>3} {fmt_bytes(p['weight_bytes']):>13} {fmt_bytes(p['kv_bytes']):>10} "
-                     f"{fmt_bytes(p['activation_bytes']):>9} {fmt_bytes(p['memory_bytes']):>10} "
-                     f"{'yes' if p['memory_bytes'] <= p['memory_limit'] else 'NO':>5} "
-                     f"{p['prefill_s'] * 1e3:8.2f}ms {p['decode_s'] * 1e3:10.3f}ms {p['decode_tok_s']:13.0f} "
-                     f"{int(p['collectives']):>12}")
-    return "\n".join(lines)
-

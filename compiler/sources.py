@@ -9,9 +9,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from . import knobs
-from .errors import ModelNotFoundError, UnsupportedModelError
+from .errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
+from .options import MAX_SEQ_LEN_CAP
 
 # model_type -> family name; the families the frontend is tested on.
 SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2"}
@@ -51,7 +55,6 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     out = knobs.cache_dir() / "models" / f"{name}-{_file_key(gguf)}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -139,7 +142,6 @@ def load_config(source: ModelSource):
 
 def load_model(source: ModelSource, allow_pickle: bool = False):
     """The HF model in fp32 eval mode (the oracle and the frontend's input)."""
-    import torch
     from transformers import AutoModelForCausalLM
     config = load_config(source)
     check_architecture(config)
@@ -152,3 +154,18 @@ def load_model(source: ModelSource, allow_pickle: bool = False):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
+
+
+def max_positions(config) -> int:
+    """The longest context the model's positions cover."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+
+def resolve_max_seq_len(config, requested: Optional[int]) -> int:
+    """KV-cache positions per sequence: the request, or the model's context capped at MAX_SEQ_LEN_CAP."""
+    limit = max_positions(config)
+    if requested is None:
+        return min(limit, MAX_SEQ_LEN_CAP)
+    if requested > limit:
+        raise InvalidRequestError(f"max_seq_len {requested} exceeds the model's context of {limit} positions")
+    return requested

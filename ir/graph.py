@@ -32,18 +32,74 @@ def freeze(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a node came from: the HF module path (``model.layers.3.self_attn``) and the index
+    of the transformer layer it belongs to (None outside the layers: embedding, final norm,
+    lm_head). The frontend stamps both; passes copy a node's origin to what replaces it, and
+    nothing reads a layer out of the path."""
+    module: str = ""
+    layer: Optional[int] = None
+
+    def __post_init__(self):
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 0):
+            raise ValueError(f"bad layer index {self.layer!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.module) or self.layer is not None
+
+    def __str__(self) -> str:
+        return self.module
+
+    def text(self) -> str:
+        """As the IR text writes it after a node: ``[layer 3] model.layers.3.self_attn``."""
+        return (f"[layer {self.layer}] " if self.layer is not None else "") + self.module
+
+    @staticmethod
+    def parse(text: str) -> "Origin":
+        text = text.strip()
+        if text.startswith("[layer "):
+            head, sep, rest = text.partition("]")
+            if not sep or not head[7:].strip().isdigit():
+                raise ValueError(f"bad origin {text!r}; expected [layer N] module.path")
+            return Origin(rest.strip(), int(head[7:]))
+        return Origin(text)
+
+
+NO_ORIGIN = Origin()
+
+
+def common_origin(origins) -> Origin:
+    """The origin of a node that replaces several (a fused linear): their common module path,
+    and their layer if they share one."""
+    origins = list(origins)
+    parts = [o.module.split(".") for o in origins]
+    prefix = []
+    for col in zip(*parts):
+        if len(set(col)) != 1:
+            break
+        prefix.append(col[0])
+    layers = {o.layer for o in origins}
+    return Origin(".".join(prefix), layers.pop() if len(layers) == 1 else None)
+
+
 @dataclass(eq=False)
 class Node:
     op: Op
     inputs: tuple = ()
     attrs: dict = field(default_factory=dict)
     type: Optional[TensorType] = None
-    origin: str = ""
+    origin: Origin = NO_ORIGIN
     name: str = ""
 
     def __post_init__(self):
         self.inputs = tuple(self.inputs)
         self.attrs = {k: freeze(v) for k, v in sorted(self.attrs.items())}
+        if isinstance(self.origin, str):
+            self.origin = Origin(self.origin)
+        elif not isinstance(self.origin, Origin):
+            raise ValueError(f"a node's origin must be an Origin, got {self.origin!r}")
 
     @property
     def node_inputs(self) -> list["Node"]:
@@ -135,6 +191,11 @@ class Graph:
         return Graph(self.name, inputs, nodes, [mapping[o] for o in self.outputs])
 
 
+def stage_graph(name: str, stage: int) -> str:
+    """What pipeline stage ``stage`` calls its part of graph ``name`` (split_pipeline_stages)."""
+    return f"{name}_stage{stage}"
+
+
 class Module:
     def __init__(self, graphs: Iterable[Graph] = (), params: Iterable[Param] = (),
                  meta: Optional[dict] = None):
@@ -147,6 +208,11 @@ class Module:
 
     def node_count(self) -> int:
         return sum(len(g.nodes) for g in self.graphs.values())
+
+    def stage_params(self, stage: int, pp: int) -> set[str]:
+        """Weights the graphs of pipeline ``stage`` read (all graphs' when pp == 1)."""
+        graphs = [g for n, g in self.graphs.items() if pp == 1 or n.endswith(stage_graph("", stage))]
+        return set().union(*(g.param_names() for g in graphs))
 
     def prune_params(self) -> None:
         """Drop parameters no graph and no used recipe refers to."""

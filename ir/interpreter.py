@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .graph import Graph, Node, Param, ParamRef
-from .ops import RANK_DEPENDENT, REGISTRY, Op
+from .ops import COMMUNICATING, REGISTRY, Comm, Op
 from .verify import bind_attrs
 
 
@@ -29,7 +29,7 @@ def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tens
             t = raw[name]
         else:
             args = [get(a.name) if isinstance(a, ParamRef) else a for a in p.recipe.args]
-            extra = {"rank": rank} if p.recipe.op in RANK_DEPENDENT else {}
+            extra = {"rank": rank} if p.recipe.op is Op.LOCAL_SHARD else {}
             t = REGISTRY[p.recipe.op].ref(*args, **p.recipe.attr_dict, **extra).contiguous()
         if tuple(t.shape) != p.type.concrete({}) or t.dtype != p.type.torch_dtype:
             raise ValueError(f"weight {name!r} is {t.dtype}{list(t.shape)}, the IR declares {p.type}")
@@ -58,8 +58,10 @@ def bind_symbols(g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, int]
 
 
 def run_graph(g: Graph, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
-              hook: Optional[Callable[[Node, torch.Tensor], None]] = None) -> list[torch.Tensor]:
-    """Evaluate ``g``; ``hook(node, value)`` sees every node's output (for debugging)."""
+              hook: Optional[Callable[[Node, torch.Tensor], None]] = None,
+              comm: Optional[Comm] = None) -> list[torch.Tensor]:
+    """Evaluate ``g``; ``hook(node, value)`` sees every node's output (for debugging); ``comm``:
+    whom collectives and send/recv talk to (a tensor-parallel or pipeline rank's graph)."""
     missing = [n.name for n in g.inputs if n.name not in inputs]
     if missing:
         raise ValueError(f"graph {g.name} needs inputs {missing}")
@@ -74,7 +76,8 @@ def run_graph(g: Graph, params: Mapping[str, torch.Tensor], inputs: Mapping[str,
         for k, n in enumerate(g.nodes):
             args = [values[i] if isinstance(i, Node) else params[i.name] if isinstance(i, ParamRef) else i
                     for i in n.inputs]
-            out = REGISTRY[n.op].ref(*args, **bind_attrs(n, env))
+            extra = {"comm": comm} if n.op in COMMUNICATING else {}
+            out = REGISTRY[n.op].ref(*args, **bind_attrs(n, env), **extra)
             values[n] = out
             if hook is not None:
                 hook(n, out)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .types import DType
 
 
 class Op(Enum):
@@ -86,8 +88,9 @@ POINT_TO_POINT = {Op.SEND, Op.RECV}
 # Collectives: every rank runs the same graph, so removing or merging one happens on all ranks
 # alike; they stay pure for the passes.
 COLLECTIVE = {Op.ALL_REDUCE, Op.ALL_GATHER, Op.REDUCE_SCATTER}
-# Ops whose result depends on the rank (their reference takes ``rank=``, default the process's).
-RANK_DEPENDENT = COLLECTIVE | {Op.LOCAL_SHARD}
+# Ops whose result depends on the rank: their reference takes ``comm=`` (ir.ops.Comm), and
+# local_shard also ``rank=`` (a weight recipe's slice for one rank).
+COMMUNICATING = COLLECTIVE | POINT_TO_POINT | {Op.LOCAL_SHARD}
 
 
 @dataclass(frozen=True)
@@ -176,105 +179,73 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, la
     return out
 
 
-class _TensorParallelGroup:
-    """The ranks a collective op talks to: one pipeline stage's tensor-parallel ranks (a
-    torch.distributed subgroup), set by the runtime; the whole world when none was set."""
-
-    def __init__(self, group, rank: int, size: int):
-        self.group, self.rank, self.size = group, rank, size
-
-    def get_rank(self) -> int:
-        return self.rank
-
-    def get_world_size(self) -> int:
-        return self.size
-
-    def all_reduce(self, t) -> None:
-        import torch.distributed as dist
-        dist.all_reduce(t, group=self.group)
-
-    def all_gather(self, parts, t) -> None:
-        import torch.distributed as dist
-        dist.all_gather(parts, t, group=self.group)
+@dataclass(frozen=True)
+class Comm:
+    """Whom a graph's communicating ops talk to, handed to the interpreter (and to a compiled
+    plan's collective steps) as an argument; no module keeps one. ``group``: the collectives'
+    tensor-parallel ranks, any object with get_rank(), get_world_size(), all_reduce(t) and
+    all_gather(parts, t) (a torch.distributed group, the runtime's shared-memory group, a
+    test's threads); ``world``: send/recv between pipeline stages, with get_rank(),
+    send(t, dst) and recv(t, src) by global rank (torch.distributed itself)."""
+    group: Any = None
+    world: Any = None
 
 
-_TP_GROUP: list = []   # [the current _TensorParallelGroup] once the runtime sets one
-
-
-def set_tensor_parallel_group(group, rank: int, size: int) -> None:
-    """Collective ops of this process go to ``group`` (this rank is ``rank`` of ``size``)."""
-    _TP_GROUP[:] = [_TensorParallelGroup(group, rank, size)]
-
-
-def set_collective_group(group) -> None:
-    """Collective ops of this process go to ``group``: any object with get_rank, get_world_size,
-    all_reduce(t) and all_gather(parts, t) (e.g. the runtime's shared-memory group)."""
-    _TP_GROUP[:] = [group]
-
-
-def _group():
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    return _TP_GROUP[0] if _TP_GROUP else dist
-
-
-def _need_group(op: str, ranks: int):
-    d = _group()
-    if d is None or d.get_world_size() != ranks:
-        raise RuntimeError(f"{op} over {ranks} ranks needs a torch.distributed group of that size "
+def _need_group(op: str, ranks: int, comm: Optional[Comm]):
+    g = comm.group if comm is not None else None
+    if g is None or g.get_world_size() != ranks:
+        raise RuntimeError(f"{op} over {ranks} ranks needs a group of that size "
                            "(run the artifact with ffc.load, which starts the ranks)")
-    return d
+    return g
 
 
-def _all_reduce(x, *, ranks, rank=None):
+def _all_reduce(x, *, ranks, comm=None):
     y = x.contiguous().clone()
     if ranks > 1:
-        _need_group("all_reduce", ranks).all_reduce(y)
+        _need_group("all_reduce", ranks, comm).all_reduce(y)
     return y
 
 
-def _all_gather(x, *, dim, ranks, rank=None):
+def _all_gather(x, *, dim, ranks, comm=None):
     if ranks == 1:
         return x.clone()
-    d = _need_group("all_gather", ranks)
+    g = _need_group("all_gather", ranks, comm)
     parts = [torch.empty_like(x.contiguous()) for _ in range(ranks)]
-    d.all_gather(parts, x.contiguous())
+    g.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim)
 
 
-def _local_shard(x, *, dim, ranks, rank=None):
-    """This rank's slice of ``x`` along ``dim`` (of ``ranks`` equal slices)."""
+def _local_shard(x, *, dim, ranks, rank=None, comm=None):
+    """This rank's slice of ``x`` along ``dim`` (of ``ranks`` equal slices): rank ``rank``, else
+    the group's rank, else 0."""
     if rank is None:
-        d = _group()
-        rank = d.get_rank() if d is not None else 0
+        rank = comm.group.get_rank() if comm is not None and comm.group is not None else 0
     return x.chunk(ranks, dim)[rank].clone()   # its own storage (a weights file cannot alias)
 
 
-def _world():
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+def _world(comm: Optional[Comm]):
+    if comm is None or comm.world is None:
         raise RuntimeError("send/recv between pipeline stages need the artifact's ranks (run it with ffc.load)")
-    return dist
+    return comm.world
 
 
-def _send(x, *, peer):
+def _send(x, *, peer, comm=None):
     """Hand ``x`` to the rank ``peer`` places after this one (the next stage); the result is x."""
-    d = _world()
-    d.send(x.contiguous(), d.get_rank() + peer)
+    w = _world(comm)
+    w.send(x.contiguous(), w.get_rank() + peer)
     return x
 
 
-def _recv(*, peer, shape, dtype):
+def _recv(*, peer, shape, dtype, comm=None):
     """What the rank ``peer`` places from this one (the previous stage) sends: a new tensor."""
-    d = _world()
-    t = torch.empty(tuple(shape), dtype=_dtype(dtype))
-    d.recv(t, d.get_rank() + peer)
+    w = _world(comm)
+    t = torch.empty(tuple(shape), dtype=DType(dtype).torch)
+    w.recv(t, w.get_rank() + peer)
     return t
 
 
-def _reduce_scatter(x, *, dim, ranks, rank=None):
-    return _local_shard(_all_reduce(x, ranks=ranks), dim=dim, ranks=ranks, rank=rank)
+def _reduce_scatter(x, *, dim, ranks, comm=None):
+    return _local_shard(_all_reduce(x, ranks=ranks, comm=comm), dim=dim, ranks=ranks, comm=comm)
 
 
 def _scaled_shape(factor_of):
@@ -334,14 +305,21 @@ def _cost_attention(ins, out) -> Estimate:
     return Estimate(flops=4.0 * b * h * t * k[2] * d, bytes=_bytes_of(ins[:3] + [out]))
 
 
+def attention_work(heads: int, kv_heads: int, head_dim: int, keys: float, kv_dtype) -> Estimate:
+    """Attention over a KV cache, for ``keys`` (query token, key position) pairs in all: each
+    query head scores and sums every key it sees (4 FLOPs per element), and K and V of each
+    KV head are read once for all the query heads that share it (GQA)."""
+    return Estimate(flops=4.0 * heads * keys * head_dim,
+                    bytes=2.0 * kv_heads * keys * head_dim * DType(kv_dtype).itemsize)
+
+
 def _cost_cached_attention(ins, out) -> Estimate:
     # Reads on average half of a sequence's cache up to the longest position: MB * BS / 2.
-    (q, dt) = ins[0]
+    (q, _) = ins[0]
     _, h, t, d = q
     (cache, cdt) = ins[6]
-    hkv, m = cache[3], ins[5][0][1] * cache[4]
-    kv_read = 2 * t * hkv * (m / 2) * d * torch.empty((), dtype=cdt).element_size()
-    return Estimate(flops=4.0 * h * t * (m / 2) * d, bytes=_bytes_of(ins[:3] + [out]) + kv_read)
+    m = ins[5][0][1] * cache[4]
+    return attention_work(h, cache[3], d, t * m / 2, DType.of(cdt)) + Estimate(bytes=_bytes_of(ins[:3] + [out]))
 
 
 # ---------------------------------------------------------------- shape rules
@@ -408,7 +386,7 @@ REGISTRY: dict[Op, OpDef] = {
                    cost=_cost_elementwise, attrs=("approximate",)),
     Op.RELU: _unary(F.relu),
     Op.SIGMOID: _unary(torch.sigmoid),
-    Op.CAST: OpDef(ref=lambda x, *, dtype: x.to(_dtype(dtype)), cost=_cost_elementwise, attrs=("dtype",)),
+    Op.CAST: OpDef(ref=lambda x, *, dtype: x.to(DType(dtype).torch), cost=_cost_elementwise, attrs=("dtype",)),
     Op.MEAN: OpDef(ref=lambda x, *, dims, keepdim: x.mean(dim=list(dims), keepdim=keepdim),
                    cost=_cost_elementwise, attrs=("dims", "keepdim")),
     Op.SUM: OpDef(ref=lambda x, *, dims, keepdim: x.sum(dim=list(dims), keepdim=keepdim),
@@ -426,11 +404,6 @@ REGISTRY: dict[Op, OpDef] = {
 
 # Attributes whose values are shapes: symbolic dims in them are bound at run time.
 SHAPE_ATTRS = {Op.RESHAPE: "shape", Op.EXPAND: "shape", Op.RECV: "shape"}
-
-
-def _dtype(name: str) -> torch.dtype:
-    from .types import DTYPES
-    return DTYPES[name]
 
 
 missing = [op for op in Op if op is not Op.INPUT and op not in REGISTRY]

@@ -13,36 +13,44 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Mapping, Optional, Sequence
 
 from .graph import Node, ParamRef
-from .ops import BINARY, UNARY, Op
+from .ops import BINARY, SHAPE_ATTRS, UNARY, Op
+from .types import Placement, PlacementKind
 
 
-@dataclass(frozen=True, order=True)
-class Placement:
-    kind: str          # "R", "S" or "P"
-    dim: int = -1      # the sharded dim for "S" (non-negative)
-
-    def __str__(self) -> str:
-        return f"S({self.dim})" if self.kind == "S" else self.kind
-
-    @staticmethod
-    def parse(text: str) -> "Placement":
-        text = text.strip()
-        if text in ("R", "P"):
-            return Placement(text)
-        if text.startswith("S(") and text.endswith(")") and text[2:-1].isdigit():
-            return Placement("S", int(text[2:-1]))
-        raise ValueError(f"bad placement {text!r}: use R, P or S(dim)")
-
-
-R = Placement("R")
-P = Placement("P")
+R = Placement(PlacementKind.R)
+P = Placement(PlacementKind.P)
 
 
 def S(dim: int) -> Placement:
-    return Placement("S", dim)
+    return Placement(PlacementKind.S, dim)
+
+
+class CollectiveKind(str, Enum):
+    """The communication a change of placement costs; a device profile prices each by its value."""
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_TO_ALL = "all_to_all"
+    SEND_RECV = "send_recv"         # between pipeline stages
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def reshard_kind(src: Placement, dst: Placement) -> Optional[CollectiveKind] | bool:
+    """The collective turning ``src`` into ``dst``; False if free (the same, or a local slice
+    of a replicated value), None if nothing can (a partial sum is only ever produced)."""
+    if src == dst or (src.kind is PlacementKind.R and dst.kind is PlacementKind.S):
+        return False
+    if dst.kind is PlacementKind.P:
+        return None
+    if src.kind is PlacementKind.S:
+        return CollectiveKind.ALL_GATHER if dst.kind is PlacementKind.R else CollectiveKind.ALL_TO_ALL
+    return CollectiveKind.ALL_REDUCE if dst.kind is PlacementKind.R else CollectiveKind.REDUCE_SCATTER
 
 
 @dataclass(frozen=True)
@@ -287,7 +295,7 @@ def strategies(node: Node, tp: int, params: Mapping) -> list[OpStrategy]:
 
 def local_shape(shape: Sequence, placement: Placement, tp: int) -> tuple:
     """The shape one rank holds."""
-    if placement.kind != "S":
+    if placement.kind is not PlacementKind.S:
         return tuple(shape)
     out = list(shape)
     out[placement.dim] = out[placement.dim] // tp
@@ -324,8 +332,8 @@ def _stacked_part(n: Node, params: Mapping) -> bool:
         return False
     parts = [params[a.name] for a in p.recipe.args]
     last = lin.type.rank - 1
-    if any(q.type.placement != "S(0)" for q in parts) or lin.type.placement != f"S({last})" \
-            or n.type.placement != f"S({last})" or n.attrs["dim"] % lin.type.rank != last or n.attrs["step"] != 1:
+    if any(q.type.placement != S(0) for q in parts) or lin.type.placement != S(last) \
+            or n.type.placement != S(last) or n.attrs["dim"] % lin.type.rank != last or n.attrs["step"] != 1:
         return False
     bounds, start = [], 0
     for q in parts:
@@ -341,14 +349,12 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
     rank-local, so each node is checked as its global counterpart (sharded dims times tp)
     against ``strategies``; collectives must convert what they claim; outputs are R (except
     an inner pipeline stage's, which the next stage's ranks take as they are)."""
-    from .ops import SHAPE_ATTRS
-
     def place_of(t) -> Placement:
-        return Placement.parse(t.placement) if t.placement else R
+        return t.placement or R
 
     def global_type(t):
         p = place_of(t)
-        if p.kind != "S":
+        if p.kind is not PlacementKind.S:
             return t
         shape = list(t.shape)
         shape[p.dim] = shape[p.dim] * tp if isinstance(shape[p.dim], int) else shape[p.dim]
@@ -388,7 +394,7 @@ def check_placements(graph, params: Mapping, tp: int, outputs_replicated: bool =
         else:
             attrs = dict(n.attrs)
             key = SHAPE_ATTRS.get(n.op)
-            if key is not None and out.kind == "S" and isinstance(attrs[key][out.dim], int):
+            if key is not None and out.kind is PlacementKind.S and isinstance(attrs[key][out.dim], int):
                 sizes = list(attrs[key])
                 sizes[out.dim] *= tp
                 attrs[key] = tuple(sizes)

@@ -6,7 +6,8 @@
 
     graph forward(%input_ids : i64[1,T], %position_ids : i64[1,T]) {
       %0 = embedding(%input_ids, @model.embed_tokens.weight) : f32[1,T,576]  # model.embed_tokens
-      return %0
+      %1 = rms_norm(%0, @model.layers.0.input_layernorm.weight) {eps=1e-05} : f32[1,T,576]  # [layer 0] model.layers.0.input_layernorm
+      return %1
     }
 
 ``print(parse(text)) == text`` for any printed module; nodes are renumbered in order.
@@ -17,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from .graph import Graph, Module, Node, Param, ParamRef, Recipe, freeze
+from .graph import Graph, Module, Node, Origin, Param, ParamRef, Recipe, freeze
 from .ops import Op
 from .types import parse_type
 
@@ -71,7 +72,7 @@ def format_node(n: Node, names: dict[Node, str]) -> str:
             return str(a)
         return _scalar(a)
     line = f"%{names[n]} = {n.op.value}({', '.join(arg(a) for a in n.inputs)}){_attrs(n.attrs)} : {n.type}"
-    return line + (f"  # {n.origin}" if n.origin else "")
+    return line + (f"  # {n.origin.text()}" if n.origin else "")
 
 
 def print_graph(g: Graph) -> str:
@@ -186,7 +187,7 @@ def parse(text: str) -> Module:
                 if m.group(1) in env:
                     raise ValueError(f"%{m.group(1)} is defined twice (the IR is SSA)")
                 op, args, attrs = _parse_call(m.group(2), env)
-                node = Node(op, tuple(args), attrs, parse_type(ty), origin.strip(), m.group(1))
+                node = Node(op, tuple(args), attrs, parse_type(ty), Origin.parse(origin), m.group(1))
                 env[node.name] = node
                 g.nodes.append(node)
             else:

@@ -8,27 +8,125 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Mapping, Optional, Union
 
 import torch
 
 Dim = Union[int, str]
 
-DTYPES: dict[str, torch.dtype] = {
-    "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
-    "i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+class DType(str, Enum):
+    """An element type. Its value is the IR's spelling (``f32``); ``DType("fp32")``,
+    ``DType("float32")`` and the other spellings users and libraries write are accepted too."""
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    F64 = "f64"
+    I64 = "i64"
+    I32 = "i32"
+    I8 = "i8"
+    U8 = "u8"
+    BOOL = "bool"
+
+    @classmethod
+    def _missing_(cls, value):
+        alias = _ALIASES.get(str(value).lower()) if isinstance(value, str) else None
+        return cls(alias) if alias else None
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> "DType":
+        """The DType of a torch dtype."""
+        for d in cls:
+            if _TORCH[d] == dtype:
+                return d
+        raise ValueError(f"dtype {dtype} has no ffc name; supported: {', '.join(d.value for d in cls)}")
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def torch(self) -> torch.dtype:
+        return _TORCH[self]
+
+    @property
+    def itemsize(self) -> int:
+        return _TORCH[self].itemsize
+
+    @property
+    def ctype(self) -> str:
+        """The C/C++ storage type generated kernels use (csrc/ffc_common.h)."""
+        return _CTYPES[self]
+
+    @property
+    def narrow_float(self) -> bool:
+        """Stored in 16 bits and widened to f32 when read (weights with --dtype bf16/fp16)."""
+        return self in (DType.BF16, DType.F16)
+
+
+_ALIASES = {"fp32": "f32", "float32": "f32", "float": "f32", "fp16": "f16", "float16": "f16", "half": "f16",
+            "bfloat16": "bf16", "fp64": "f64", "float64": "f64", "double": "f64", "int64": "i64", "long": "i64",
+            "int32": "i32", "int": "i32", "int8": "i8", "uint8": "u8"}
+_TORCH = {DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.F64: torch.float64,
+          DType.I64: torch.int64, DType.I32: torch.int32, DType.I8: torch.int8, DType.U8: torch.uint8,
+          DType.BOOL: torch.bool}
+_CTYPES = {DType.F32: "float", DType.BF16: "ffc_bf16", DType.F16: "ffc_f16", DType.I64: "int64_t",
+           DType.I32: "int32_t", DType.BOOL: "bool", DType.F64: "double", DType.U8: "uint8_t", DType.I8: "int8_t"}
+# the storage types of weights that --dtype offers (computation stays f32)
+WEIGHT_DTYPES = (DType.F32, DType.BF16, DType.F16)
+
+
+def parse_dtype(value) -> DType:
+    """A DType from any of its spellings or a torch dtype; ValueError names the known ones."""
+    if isinstance(value, torch.dtype):
+        return DType.of(value)
+    try:
+        return DType(value)
+    except ValueError:
+        raise ValueError(f"unknown dtype {value!r}; known: {', '.join(d.value for d in DType)}") from None
+
+
+class PlacementKind(Enum):
+    R = "R"     # replicated: every rank holds all of the value
+    S = "S"     # sharded on one dim: rank r holds the r-th of tp equal slices along it
+    P = "P"     # partial sum: the value is the sum of what the ranks hold
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the ranks of a tensor-parallel group hold a value (see ir/sharding.py)."""
+    kind: PlacementKind
+    dim: int = -1      # the sharded dim for S (non-negative)
+
+    def __post_init__(self):
+        if not isinstance(self.kind, PlacementKind):
+            object.__setattr__(self, "kind", PlacementKind(self.kind))
+        if self.kind is PlacementKind.S and (isinstance(self.dim, bool) or not isinstance(self.dim, int)
+                                             or self.dim < 0):
+            raise ValueError(f"a sharded placement needs a dim >= 0, got {self.dim!r}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind is PlacementKind.S
+
+    def __str__(self) -> str:
+        return f"S({self.dim})" if self.kind is PlacementKind.S else self.kind.value
+
+    @staticmethod
+    def parse(text: str) -> "Placement":
+        text = text.strip()
+        if text in ("R", "P"):
+            return Placement(PlacementKind(text))
+        if text.startswith("S(") and text.endswith(")") and text[2:-1].isdigit():
+            return Placement(PlacementKind.S, int(text[2:-1]))
+        raise ValueError(f"bad placement {text!r}: use R, P or S(dim)")
+
 
 _DIM_EXPR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$|^[A-Za-z0-9_+\-*/() ]+$")
 _SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} has no ffc name; supported: {sorted(DTYPES)}") from None
 
 
 def normalize_dim(d: Dim) -> Dim:
@@ -64,21 +162,19 @@ def rename_dim(d: Dim, mapping: Mapping[str, str]) -> Dim:
     return normalize_dim(_SYMBOL.sub(lambda m: mapping.get(m.group(0), m.group(0)), d))
 
 
-_PLACEMENT = re.compile(r"^(R|P|S\(\d+\))$")
-
-
 @dataclass(frozen=True)
 class TensorType:
-    dtype: str
+    dtype: DType
     shape: tuple[Dim, ...]
     # on a tensor-parallel graph: how the ranks hold the value, R | P | S(dim) (ir/sharding.py);
     # the shape is then what one rank holds. None: not placed (a single-rank graph, or R)
-    placement: Optional[str] = None
+    placement: Optional[Placement] = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; known: {sorted(DTYPES)}")
-        if self.placement is not None and not _PLACEMENT.match(self.placement):
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if isinstance(self.placement, str):
+            object.__setattr__(self, "placement", Placement.parse(self.placement))
+        elif self.placement is not None and not isinstance(self.placement, Placement):
             raise ValueError(f"bad placement {self.placement!r}; expected R, P or S(dim)")
         object.__setattr__(self, "shape", tuple(normalize_dim(d) for d in self.shape))
 
@@ -88,7 +184,7 @@ class TensorType:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return self.dtype.torch
 
     def symbols(self) -> set[str]:
         out: set[str] = set()
@@ -108,8 +204,8 @@ class TensorType:
     def with_dtype(self, dtype: str) -> "TensorType":
         return TensorType(dtype, self.shape, self.placement)
 
-    def placed(self, placement) -> "TensorType":
-        return TensorType(self.dtype, self.shape, None if placement is None else str(placement))
+    def placed(self, placement: Optional[Placement]) -> "TensorType":
+        return TensorType(self.dtype, self.shape, placement)
 
     def __str__(self) -> str:
         text = f"{self.dtype}[{','.join(str(d) for d in self.shape)}]"

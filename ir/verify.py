@@ -10,6 +10,7 @@ import torch
 
 from .graph import Graph, Module, Node, ParamRef
 from .ops import REGISTRY, SHAPE_ATTRS, Op
+from .sharding import check_placements
 from .text import format_node, node_names
 from .types import eval_dim
 
@@ -119,7 +120,6 @@ def verify_graph(g: Graph, module: Module) -> None:
             raise VerifyError(f"graph {g.name}: output %{o.name} is not defined")
     tp = int(module.meta.get("tp", 1))
     if tp > 1:
-        from .sharding import check_placements
         stage = g.name.rpartition("_stage")[2]
         inner = stage.isdigit() and int(stage) < int(module.meta.get("pp", 1)) - 1
         bad = check_placements(g, module.params, tp, outputs_replicated=not inner)

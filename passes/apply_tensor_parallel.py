@@ -1,7 +1,7 @@
 """Apply a tensor-parallel strategy: the forward graph becomes what one rank runs (SPMD).
 
-Matches: a ``forward`` graph and ``ctx.tp_plan`` (node name as printed -> input placements,
-output placement), which the strategy search made on this same graph. Guarantees: every
+Matches: a ``forward`` graph and ``ctx.strategy`` (per node, by its printed name: input
+placements and output placement), which the strategy search made on this same graph. Guarantees: every
 value gets its rank-local shape; sharded weights become ``local_shard`` recipes (each rank's
 weights file holds only its slice); between a producer's placement and what a consumer needs,
 the collective that converts it is inserted once per (value, placement): all_reduce (P->R),
@@ -19,26 +19,21 @@ from ffc.ir.graph import Param, ParamRef, Recipe
 from ffc.ir.ops import SHAPE_ATTRS
 from ffc.ir.sharding import Placement, R, local_shape
 from ffc.ir.text import node_names
+from ffc.ir.types import PlacementKind
+
+from .manager import PassContext
 
 
-def _local_attr_shape(shape: tuple, placement: Placement, tp: int) -> tuple:
-    if placement.kind != "S":
-        return shape
-    out = list(shape)
-    out[placement.dim] = out[placement.dim] // tp
-    return tuple(out)
-
-
-def apply_tensor_parallel(module: Module, ctx) -> Module:
-    """Rewrite ``forward`` for one rank of ctx.tp (no-op without a plan or at tp=1)."""
-    plan, tp = getattr(ctx, "tp_plan", None), getattr(ctx, "tp", 1)
-    if not plan or tp == 1 or "forward" not in module.graphs:
+def apply_tensor_parallel(module: Module, ctx: PassContext) -> Module:
+    """Rewrite ``forward`` for one rank of the strategy's tp (no-op without one or at tp=1)."""
+    st = ctx.strategy
+    if st is None or st.tp == 1 or "forward" not in module.graphs:
         return module
+    tp = st.tp
     out = module.clone()
     g = out.graphs["forward"]
     names = node_names(g)
-    choice = {k: (tuple(None if p == "-" else Placement.parse(p) for p in ins), Placement.parse(o))
-              for k, ins, o in plan}
+    choice = st.placements()
     missing = [names[n] for n in g.nodes if names[n] not in choice]
     if missing:
         raise ValueError(f"the tensor-parallel plan has no placement for %{missing[0]} "
@@ -54,43 +49,43 @@ def apply_tensor_parallel(module: Module, ctx) -> Module:
 
     def reshard(v: Node, want: Placement) -> Node:
         have = placed[v]
-        if have == want or (want.kind == "P" and have.kind == "P"):
+        if have == want or (want.kind is PlacementKind.P and have.kind is PlacementKind.P):
             return v
         key = (v, want)
         if key in converted:
             return converted[key]
         t = v.type
-        if want.kind == "P":
+        if want.kind is PlacementKind.P:
             raise ValueError(f"%{names.get(v, v.name)} is {have}; nothing turns that into a partial sum")
-        if have.kind == "P":
-            if want.kind == "R":
+        if have.kind is PlacementKind.P:
+            if want.kind is PlacementKind.R:
                 res = emit(Op.ALL_REDUCE, (v,), {"ranks": tp}, t.placed(R), v.origin)
             else:
                 res = emit(Op.REDUCE_SCATTER, (v,), {"dim": want.dim, "ranks": tp},
-                           t.with_shape(_local_attr_shape(t.shape, want, tp)).placed(want), v.origin)
-        elif have.kind == "S":
+                           t.with_shape(local_shape(t.shape, want, tp)).placed(want), v.origin)
+        elif have.kind is PlacementKind.S:
             full = list(t.shape)
             full[have.dim] = full[have.dim] * tp
             res = emit(Op.ALL_GATHER, (v,), {"dim": have.dim, "ranks": tp}, t.with_shape(tuple(full)).placed(R),
                        v.origin)
-            if want.kind == "S":
+            if want.kind is PlacementKind.S:
                 res = emit(Op.LOCAL_SHARD, (res,), {"dim": want.dim, "ranks": tp},
-                           t.with_shape(_local_attr_shape(tuple(full), want, tp)).placed(want), v.origin)
+                           t.with_shape(local_shape(tuple(full), want, tp)).placed(want), v.origin)
         else:   # R -> S: this rank's slice
             res = emit(Op.LOCAL_SHARD, (v,), {"dim": want.dim, "ranks": tp},
-                       t.with_shape(_local_attr_shape(t.shape, want, tp)).placed(want), v.origin)
+                       t.with_shape(local_shape(t.shape, want, tp)).placed(want), v.origin)
         converted[key] = res
         return res
 
     def shard_param(ref: ParamRef, want: Placement) -> ParamRef:
-        if want is None or want.kind == "R":
+        if want is None or want.kind is PlacementKind.R:
             return ref
-        if want.kind != "S":
+        if want.kind is not PlacementKind.S:
             raise ValueError(f"weight @{ref.name} cannot be {want}")
         name = f"{ref.name}.shard{want.dim}of{tp}"
         if name not in out.params:
             p = out.params[ref.name]
-            out.params[name] = Param(name, TensorType(p.type.dtype, local_shape(p.type.shape, want, tp), str(want)),
+            out.params[name] = Param(name, TensorType(p.type.dtype, local_shape(p.type.shape, want, tp), want),
                                      Recipe(Op.LOCAL_SHARD, (ref,), (("dim", want.dim), ("ranks", tp))))
         return ParamRef(name)
 
@@ -107,8 +102,8 @@ def apply_tensor_parallel(module: Module, ctx) -> Module:
                 new_inputs.append(v)
         attrs = dict(n.attrs)
         key = SHAPE_ATTRS.get(n.op)
-        if key is not None and out_place.kind == "S":
-            attrs[key] = _local_attr_shape(tuple(attrs[key]), out_place, tp)
+        if key is not None and out_place.kind is PlacementKind.S:
+            attrs[key] = local_shape(tuple(attrs[key]), out_place, tp)
         nn = emit(n.op, tuple(new_inputs), attrs,
                   n.type.with_shape(local_shape(n.type.shape, out_place, tp)).placed(out_place), n.origin)
         mapping[n] = nn

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ffc.ir import Graph, Module, Node, Op, Param, ParamRef, Recipe
+from ffc.ir.graph import common_origin
 
 
 def _common(parts: list[list[str]]) -> tuple[list[str], list[str]]:
@@ -52,7 +53,7 @@ def fuse_group(graph: Graph, module: Module, group: list[Node]) -> None:
         module.params[b_name] = Param(b_name, btype.with_shape((total,)),
                                       Recipe(Op.CONCAT, tuple(biases), (("dim", 0),)))
         ins.append(ParamRef(b_name))
-    origin = ".".join(_common([n.origin.split(".") for n in group])[0])
+    origin = common_origin(n.origin for n in group)
     out_type = group[0].type.with_shape(tuple(group[0].type.shape[:-1]) + (total,))
     fused = Node(Op.LINEAR, tuple(ins), {}, out_type, origin)
     new = [fused]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from ffc.ir import Graph, Module, Node, Op, TensorType
 from ffc.ir.ops import SHAPE_ATTRS
-from ffc.ir.types import rename_dim
+from ffc.ir.sharding import R, S
+from ffc.ir.types import DType, rename_dim
 
 
 def _rename(g: Graph, name: str, mapping: dict, form: str) -> Graph:
@@ -54,9 +55,10 @@ def insert_kv_cache(module: Module, ctx) -> Module:
     # on tensor-parallel ranks: bookkeeping is replicated; the cache holds this rank's KV heads
     tp = int(out.meta.get("tp", 1)) > 1
     heads = {n.inputs[1].type.placement for n in attns}
-    cache_place = ("S(3)" if heads == {"S(1)"} else "R") if tp else None
-    seqs = Node(Op.INPUT, type=TensorType("i64", (tokens,), "R" if tp else None), name="seq_ids")
-    tables = Node(Op.INPUT, type=TensorType("i64", ("N", -(-ctx.max_seq_len // bs)), "R" if tp else None),
+    book = R if tp else None
+    cache_place = (S(3) if heads == {S(1)} else R) if tp else None
+    seqs = Node(Op.INPUT, type=TensorType(DType.I64, (tokens,), book), name="seq_ids")
+    tables = Node(Op.INPUT, type=TensorType(DType.I64, ("N", -(-ctx.max_seq_len // bs)), book),
                   name="block_tables")
     cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, bs, d), cache_place), name="kv_cache")
     g.inputs += [seqs, tables, cache]

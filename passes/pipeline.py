@@ -11,6 +11,7 @@ from .raise_glu import raise_glu
 from .raise_rms_norm import raise_rms_norm
 from .raise_rope import raise_rope
 from .remove_noops import remove_noops
+from .search_parallel_strategy import search_parallel_strategy
 from .select_logits import select_logits
 from .set_weight_dtype import set_weight_dtype
 from .split_pipeline_stages import split_pipeline_stages
@@ -27,7 +28,8 @@ PIPELINE = [
     raise_attention,
     raise_glu,
     eliminate_dead_code,
-    # parallelization: the strategy search runs here (compiler/search.py), its plan is applied
+    # parallelization: a strategy searched by cost model (a decision, given by the compiler), applied
+    search_parallel_strategy,
     apply_tensor_parallel,
     # horizontal fusion (weights concatenated at compile time)
     fuse_qkv,
@@ -42,8 +44,12 @@ PIPELINE = [
 ]
 
 
-# where compile stops to search a parallel strategy on the raised graph
-SEARCH_POINT = PIPELINE.index(apply_tensor_parallel)
+# the steps before the strategy search: what a dry run plans on
+SEARCH_POINT = PIPELINE.index(search_parallel_strategy)
+
+
+def pipeline_until_search() -> list:
+    return PIPELINE[:SEARCH_POINT]
 
 
 def pass_names() -> list[str]:

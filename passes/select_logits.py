@@ -4,6 +4,8 @@ not pay T x vocab work."""
 from __future__ import annotations
 
 from ffc.ir import Module, Node, Op, TensorType
+from ffc.ir.sharding import R
+from ffc.ir.types import DType
 
 
 def select_logits(module: Module, ctx) -> Module:
@@ -14,7 +16,7 @@ def select_logits(module: Module, ctx) -> Module:
     out = module.clone()
     g = out.graphs["prefill"]
     logits = g.outputs[0]
-    index = Node(Op.INPUT, type=TensorType("i64", ("N",), "R" if int(out.meta.get("tp", 1)) > 1 else None),
+    index = Node(Op.INPUT, type=TensorType(DType.I64, ("N",), R if int(out.meta.get("tp", 1)) > 1 else None),
                  name="logits_index")
     g.inputs.append(index)
     target = logits if logits.op is not Op.LINEAR else logits.inputs[0]

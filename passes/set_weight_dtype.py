@@ -9,14 +9,15 @@ tables stay fp32 (they are <0.1% of the bytes). No-op for fp32.
 from __future__ import annotations
 
 from ffc.ir import Module, Node, Op, Param, ParamRef, Recipe
+from ffc.ir.types import DType
 
-_IR_DTYPE = {"bf16": "bf16", "fp16": "f16"}
+from .manager import PassContext
 
 
-def set_weight_dtype(module: Module, ctx) -> Module:
-    """Store linear and embedding weights as ctx.dtype (bf16/fp16); no-op for fp32."""
-    dtype = _IR_DTYPE.get(getattr(ctx, "dtype", "fp32"))
-    if dtype is None:
+def set_weight_dtype(module: Module, ctx: PassContext) -> Module:
+    """Store linear and embedding weights as ctx.dtype (bf16/fp16); no-op for f32."""
+    dtype = DType(ctx.dtype)
+    if dtype is DType.F32:
         return module
     out = module.clone()
     for g in out.graphs.values():
@@ -24,13 +25,13 @@ def set_weight_dtype(module: Module, ctx) -> Module:
             if n.op not in (Op.LINEAR, Op.EMBEDDING):
                 continue
             w = n.inputs[1]
-            if not isinstance(w, ParamRef) or out.params[w.name].type.dtype != "f32":
+            if not isinstance(w, ParamRef) or out.params[w.name].type.dtype is not DType.F32:
                 continue
             name = f"{w.name}.{dtype}"
             if name not in out.params:
                 p = out.params[w.name]
                 out.params[name] = Param(name, p.type.with_dtype(dtype),
-                                         Recipe(Op.CAST, (ParamRef(w.name),), (("dtype", dtype),)))
+                                         Recipe(Op.CAST, (ParamRef(w.name),), (("dtype", dtype.value),)))
             cast = Node(Op.CAST, (ParamRef(name),), {"dtype": "f32"}, out.params[w.name].type, n.origin,
                         name=f"{n.name}_w")
             g.insert_before(n, [cast])

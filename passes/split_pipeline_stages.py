@@ -1,7 +1,8 @@
 """Split every graph into pipeline stages: ``prefill`` -> ``prefill_stage0`` .. ``prefill_stage{pp-1}``.
 
-Matches: graphs over a KV cache and ``ctx.pp_stages`` (per stage, its first and last layer,
-from the strategy search). Guarantees: stage s holds its layers' nodes (by origin), the nodes
+Matches: graphs over a KV cache and the stages of ``ctx.strategy`` (per stage, its first and
+last layer, from the strategy search). Guarantees: stage s holds its layers' nodes (by the
+layer index the frontend stamped on each node's origin), the nodes
 before the first layer go to stage 0 and those after the last layer to the last stage; a value
 a stage needs from an earlier one is recomputed there when it depends only on graph inputs and
 weights (rotary tables), else it crosses the boundary (the residual stream, and with tensor
@@ -14,23 +15,22 @@ compute what the whole graph did.
 from __future__ import annotations
 
 from ffc.ir import Graph, Module, Node, Op
+from ffc.ir.graph import stage_graph
+
+from .manager import PassContext
 
 
-def _layer(n: Node):
-    from ffc.search import layer_of
-    return layer_of(n.origin)
-
-
-def split_pipeline_stages(module: Module, ctx) -> Module:
-    """One graph per (graph, stage) for ctx.pp_stages (no-op with one stage)."""
-    stages = tuple(getattr(ctx, "pp_stages", ()) or ())
+def split_pipeline_stages(module: Module, ctx: PassContext) -> Module:
+    """One graph per (graph, stage) of the strategy's stages (no-op with one stage)."""
+    st = ctx.strategy
+    stages = tuple((s.first_layer, s.last_layer) for s in st.stages) if st is not None else ()
     if len(stages) <= 1 or any("_stage" in name for name in module.graphs):
         return module
     out = module.clone()
     for name in list(out.graphs):
         g = out.graphs.pop(name)
-        for s, graph in enumerate(_split(g, stages, int(getattr(ctx, "tp", 1) or 1))):
-            graph.name = f"{name}_stage{s}"
+        for s, graph in enumerate(_split(g, stages, st.tp)):
+            graph.name = stage_graph(name, s)
             out.graphs[graph.name] = graph
     out.meta = dict(out.meta, pp=len(stages))
     out.prune_params()
@@ -40,11 +40,11 @@ def split_pipeline_stages(module: Module, ctx) -> Module:
 def _split(g: Graph, stages: tuple, tp: int) -> list[Graph]:
     last = len(stages) - 1
     order = {n: k for k, n in enumerate(g.nodes)}
-    layered = [n for n in g.nodes if _layer(n) is not None]
+    layered = [n for n in g.nodes if n.origin.layer is not None]
     end_of_layers = max(order[n] for n in layered)
 
     def stage_of(n: Node) -> int:
-        layer = _layer(n)
+        layer = n.origin.layer
         if layer is None:
             return 0 if order[n] < end_of_layers else last
         for s, (a, b) in enumerate(stages):
@@ -124,6 +124,6 @@ def _split(g: Graph, stages: tuple, tp: int) -> list[Graph]:
 def _first_cache_layer(g: Graph, first_model_layer: int) -> int:
     """The KV-cache layer index of the first attention in model layer ``first_model_layer``."""
     for n in g.nodes:
-        if n.op is Op.CACHED_ATTENTION and (_layer(n) or 0) >= first_model_layer:
+        if n.op is Op.CACHED_ATTENTION and (n.origin.layer or 0) >= first_model_layer:
             return n.attrs["layer"]
     return 0

@@ -8,19 +8,26 @@ only the weights its kernels read, so the unpacked originals can be freed.
 A CUDA plan holds its weights, arena and KV cache on the GPU (torch CUDA tensors; the kernel
 library's executor launches on its own stream, so every hand-over between torch's stream and
 the executor's is synchronized); inputs are copied in and logits copied back to the host.
+The runtime reads only the plan (``ffc.plan``): it never imports the lowering or codegen.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Mapping, Optional
 
 import torch
 
+from ffc.artifact import Artifact
 from ffc.errors import ArtifactError, InvalidRequestError
-from ffc.ir.types import DTYPES, eval_dim
+from ffc.ir.ops import REGISTRY, Comm, Op
+from ffc.plan.expr import X
+from ffc.plan.schema import PLAN_VERSION, Arg, ArgKind, GraphPlan, Plan, Step, Target, limits
+
+from .kernel_library import load_library
 
 
-def pack_panels(w: torch.Tensor, rows: list, nr: int) -> torch.Tensor:
+def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
     """Row ranges of a [R, K] weight as panels [P, K, nr]: panel p holds rows p*nr.. of a range,
     transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded."""
     parts = []
@@ -33,47 +40,41 @@ def pack_panels(w: torch.Tensor, rows: list, nr: int) -> torch.Tensor:
     return torch.cat(parts).contiguous()
 
 
-def plan_limits(plan: dict) -> dict[str, tuple[int, int]]:
-    """Most tokens and rows one prefill / decode call takes (over a pipeline's stage graphs)."""
-    out = {}
-    for kind in ("prefill", "decode"):
-        gps = [gp for g, gp in plan["graphs"].items() if g == kind or g.startswith(kind + "_stage")]
-        out[kind] = (min(int(gp["max_tokens"]) for gp in gps), min(int(gp["max_rows"]) for gp in gps))
-    return out
+def _env_of(env: dict, exprs) -> list[int]:
+    return [int(e.evaluate(env)) for e in exprs]
 
 
 class CompiledPlan:
-    def __init__(self, plan: dict, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None,
-                 graphs: Optional[list[str]] = None):
+    def __init__(self, plan: Plan, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None,
+                 graphs: Optional[list[str]] = None, comm: Optional[Comm] = None):
         """``graphs``: the ones this process runs (a pipeline stage's), bound and given weights;
-        default all."""
-        from ffc.lower import PLAN_VERSION
-        if plan.get("version") != PLAN_VERSION:
-            raise ArtifactError(f"the artifact's plan is version {plan.get('version')}, this ffc runs version "
+        default all. ``comm``: whom the plan's collective steps talk to (a rank's groups)."""
+        if plan.version != PLAN_VERSION:
+            raise ArtifactError(f"the artifact's plan is version {plan.version}, this ffc runs version "
                                 f"{PLAN_VERSION}; recompile the artifact")
         self.plan = plan
         self.lib = lib
-        self.device = torch.device("cuda" if plan["target"] == "cuda" else "cpu")
+        self.comm = comm
+        self.device = torch.device("cuda" if plan.target is Target.CUDA else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ArtifactError(f"the plan is for CUDA, but this process sees no CUDA device (torch "
                                 f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
-        self.graphs = {g: plan["graphs"][g] for g in (graphs or plan["graphs"])}
-        args = [a for gp in self.graphs.values() for st in gp["steps"] for a in st["args"]]
+        self.graphs: dict[str, GraphPlan] = {g: plan.graphs[g] for g in (graphs or plan.graphs)}
+        args = [a for gp in self.graphs.values() for st in gp.steps for a in st.args]
         # copies: a view would keep the whole weights file mapped after the originals are dropped
-        self.weights = {a["name"]: weights[a["name"]].to(self.device, copy=True) for a in args
-                        if a["kind"] == "param"}
+        self.weights = {a.name: weights[a.name].to(self.device, copy=True) for a in args if a.kind is ArgKind.PARAM}
         self.packed = {}
         for a in args:
-            if a["kind"] == "packed" and a["name"] not in self.packed:
-                p = plan["packed"][a["name"]]
-                self.packed[a["name"]] = pack_panels(weights[p["param"]], p["rows"], p["nr"])
-        missing = sorted(k for k in lib.kernel_names() if k not in plan["kernels"]) + \
-            sorted(k for k in plan["kernels"] if k not in set(lib.kernel_names()))
+            if a.kind is ArgKind.PACKED and a.name not in self.packed:
+                p = plan.packed[a.name]
+                self.packed[a.name] = pack_panels(weights[p.param], p.rows, p.nr)
+        names = set(lib.kernel_names())
+        missing = sorted(names - set(plan.kernels)) + sorted(set(plan.kernels) - names)
         if missing:
             raise ArtifactError(f"the kernel library does not match the plan (kernels {missing[:4]}); "
                                 "rebuild it with `ffc build ARTIFACT`")
         self.exe = lib.Executor(int(threads or torch.get_num_threads()))
-        self._arena = torch.empty(max(gp["arena_bytes"] for gp in self.graphs.values()) + 64, dtype=torch.uint8,
+        self._arena = torch.empty(max(gp.arena_bytes for gp in self.graphs.values()) + 64, dtype=torch.uint8,
                                   device=self.device)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
@@ -82,33 +83,30 @@ class CompiledPlan:
     @property
     def limits(self) -> dict[str, tuple[int, int]]:
         """Most tokens and rows one prefill / decode call takes (as ranks running kernels report)."""
-        return plan_limits({"graphs": self.graphs})
+        return limits(self.graphs)
 
-    def _view(self, gp: dict, name: str, dtype: str, numel: int) -> torch.Tensor:
-        off = self.base - self._arena.data_ptr() + gp["buffers"][name]["offset"]
-        size = DTYPES[dtype].itemsize
-        return self._arena[off:off + numel * size].view(DTYPES[dtype])
+    def _view(self, gp: GraphPlan, name: str, dtype, numel: int) -> torch.Tensor:
+        off = self.base - self._arena.data_ptr() + gp.buffers[name].offset
+        return self._arena[off:off + numel * dtype.itemsize].view(dtype.torch)
 
-    def arg_tensor(self, a: dict) -> torch.Tensor:
+    def arg_tensor(self, a: Arg) -> torch.Tensor:
         """The weight tensor a param or packed argument reads."""
-        return self.packed[a["name"]] if a["kind"] == "packed" else self.weights[a["name"]]
+        return self.packed[a.name] if a.kind is ArgKind.PACKED else self.weights[a.name]
 
-    def _addr(self, gp: dict, a: dict, cache: torch.Tensor) -> int:
-        size = DTYPES[a["dtype"]].itemsize
-        if a["kind"] == "buf":
-            return self.base + gp["buffers"][a["name"]]["offset"] + a["offset"] * size
-        if a["kind"] in ("param", "packed"):
-            return self.arg_tensor(a).data_ptr() + a["offset"] * size
-        if a["kind"] == "cache":
-            return cache.data_ptr() + a["offset"] * cache.stride(0) * cache.element_size()
-        raise ArtifactError(f"plan argument kind {a['kind']!r} is unknown; recompile the artifact")
+    def _addr(self, gp: GraphPlan, a: Arg, cache: torch.Tensor) -> int:
+        size = a.dtype.itemsize
+        if a.kind is ArgKind.BUF:
+            return self.base + gp.buffers[a.name].offset + a.offset * size
+        if a.kind is ArgKind.CACHE:
+            return cache.data_ptr() + a.offset * cache.stride(0) * cache.element_size()
+        return self.arg_tensor(a).data_ptr() + a.offset * size
 
     def segments(self, graph: str) -> list[tuple[str, object]]:
         """The graph's steps as runs of kernels (one executor call each) and the collectives
-        between them: [("kernels", bound name) | ("collective", step), ...]."""
+        between them: [("kernels", (bound name, steps)) | ("collective", step), ...]."""
         out, run = [], []
-        for st in self.graphs[graph]["steps"]:
-            if st["kernel"] is None:
+        for st in self.graphs[graph].steps:
+            if st.kernel is None:
                 if run:
                     out.append(("kernels", (f"{graph}/{len(out)}", run)))
                     run = []
@@ -131,39 +129,40 @@ class CompiledPlan:
             for kind, seg in self.segments(name):
                 if kind == "kernels":
                     bound, steps = seg
-                    self.exe.bind(bound, [(st["kernel"], [self._addr(gp, a, cache) for a in st["args"]])
-                                          for st in steps])
+                    self.exe.bind(bound, [(st.kernel, [self._addr(gp, a, cache) for a in st.args]) for st in steps])
         self._bound_cache = key
         self._cache = cache  # keep it alive while bound
 
-    def _collective(self, gp: dict, st: dict, env: dict) -> None:
-        """A collective step on arena memory, with the op's reference (torch.distributed)."""
-        from ffc.ir.ops import REGISTRY, Op
-        spec = st["collective"]
+    def _collective(self, gp: GraphPlan, st: Step, env: dict) -> None:
+        """A collective step on arena memory, with the op's reference (torch.distributed or the
+        local ranks' shared memory, through ``comm``)."""
+        spec = st.collective
 
-        def view(a, shape, strides=None):
-            shape = [eval_dim(d, env) for d in shape]
+        def view(a: Arg, shape, strides=None):
+            shape = _env_of(env, shape)
             if strides is None:
-                t = self._view(gp, a["name"], a["dtype"], a["offset"] + math.prod(shape))
-                return t[a["offset"]:].view(shape)
-            st = [c + t_ * env["T"] + n * env["N"] for c, t_, n in strides]
-            extent = a["offset"] + sum((d - 1) * s for d, s in zip(shape, st)) + 1
-            base = self.arg_tensor(a).reshape(-1) if a["kind"] == "param" else \
-                self._view(gp, a["name"], a["dtype"], extent)
-            return base.as_strided(shape, st, base.storage_offset() + a["offset"])
-        y = view(st["args"][0], spec["out_shape"])
-        if spec["op"] in ("send", "recv"):   # the neighbouring stage's rank, arena to arena
-            import torch.distributed as dist
-            peer = dist.get_rank() + spec["peer"]
-            if spec["op"] == "recv":
-                dist.recv(y, peer)
+                t = self._view(gp, a.name, a.dtype, a.offset + math.prod(shape))
+                return t[a.offset:].view(shape)
+            st_ = _env_of(env, strides)
+            extent = a.offset + sum((d - 1) * s for d, s in zip(shape, st_)) + 1
+            base = self.arg_tensor(a).reshape(-1) if a.kind is ArgKind.PARAM else \
+                self._view(gp, a.name, a.dtype, extent)
+            return base.as_strided(shape, st_, base.storage_offset() + a.offset)
+        y = view(st.args[0], spec.out_shape)
+        if spec.op in (Op.SEND, Op.RECV):   # the neighbouring stage's rank, arena to arena
+            world = self.comm.world if self.comm is not None else None
+            if world is None:
+                raise InvalidRequestError("send/recv between pipeline stages need the artifact's ranks")
+            peer = world.get_rank() + spec.peer
+            if spec.op is Op.RECV:
+                world.recv(y, peer)
             else:
-                y.copy_(view(st["args"][1], spec["in_shape"], spec["in_strides"]))
-                dist.send(y, peer)
+                y.copy_(view(st.args[1], spec.in_shape, spec.in_strides))
+                world.send(y, peer)
         else:
-            x = view(st["args"][1], spec["in_shape"], spec["in_strides"])
-            attrs = {"ranks": spec["ranks"]} if spec["dim"] is None else {"dim": spec["dim"], "ranks": spec["ranks"]}
-            y.copy_(REGISTRY[Op(spec["op"])].ref(x, **attrs))
+            x = view(st.args[1], spec.in_shape, spec.in_strides)
+            attrs = {"ranks": spec.ranks} if spec.dim is None else {"dim": spec.dim, "ranks": spec.ranks}
+            y.copy_(REGISTRY[spec.op].ref(x, **attrs, comm=self.comm))
         self._sync()       # the executor's stream reads y next
 
     def _sync(self) -> None:
@@ -180,9 +179,9 @@ class CompiledPlan:
             else:
                 self._collective(gp, seg, env)
         outs = []
-        for o in gp["outputs"]:
-            shape = [eval_dim(d, env) for d in o["shape"]]
-            t = self._view(gp, o["buffer"], o["dtype"], math.prod(shape)).view(shape)
+        for o in gp.outputs:
+            shape = _env_of(env, o.shape)
+            t = self._view(gp, o.buffer, o.dtype, math.prod(shape)).view(shape)
             outs.append(t.to("cpu", copy=True) if to_host else t.clone())
         return outs
 
@@ -191,22 +190,22 @@ class CompiledPlan:
         gp = self.graphs[graph]
         env = {"T": 1, "N": 1, "S": 1}
         cache = None
-        for name, spec in gp["inputs"].items():
+        for name, spec in gp.inputs.items():
             if name not in inputs:
                 raise InvalidRequestError(f"graph {graph} needs input {name!r}")
             t = inputs[name]
-            if spec["buffer"] is None:
+            if spec.buffer is None:
                 cache = t
                 env["S"] = int(t.shape[2])
                 continue
-            if t.dtype != DTYPES[spec["dtype"]] or t.dim() != len(spec["shape"]):
-                raise InvalidRequestError(f"input {name} must be {spec['dtype']} of rank {len(spec['shape'])}")
-            for d, size in zip(spec["shape"], t.shape):
-                if isinstance(d, str) and d in env:
-                    env[d] = int(size)
-        if env["T"] > gp["max_tokens"] or env["N"] > gp["max_rows"]:
+            if t.dtype != spec.dtype.torch or t.dim() != len(spec.shape):
+                raise InvalidRequestError(f"input {name} must be {spec.dtype} of rank {len(spec.shape)}")
+            for d, size in zip(spec.shape, t.shape):
+                if d.op is X.VAR and d.arg in env:
+                    env[d.arg] = int(size)
+        if env["T"] > gp.max_tokens or env["N"] > gp.max_rows:
             raise InvalidRequestError(f"{graph} step of {env['T']} tokens / {env['N']} rows exceeds the plan's "
-                                      f"{gp['max_tokens']} / {gp['max_rows']}; split the batch")
+                                      f"{gp.max_tokens} / {gp.max_rows}; split the batch")
         self.bind(cache if cache is not None else torch.zeros(0))
         return env
 
@@ -214,17 +213,16 @@ class CompiledPlan:
         """Copy the inputs into their arena buffers (later kernels may reuse that memory)."""
         gp = self.graphs[graph]
         env = self.dims(graph, inputs)
-        for name, spec in gp["inputs"].items():
-            if spec["buffer"] is not None:
+        for name, spec in gp.inputs.items():
+            if spec.buffer is not None:
                 src = inputs[name].reshape(-1)
-                self._view(gp, spec["buffer"], spec["dtype"], src.numel()).copy_(src)
+                self._view(gp, spec.buffer, spec.dtype, src.numel()).copy_(src)
         self._sync()       # host-to-device copies land before the executor's stream reads them
         return env
 
     def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
         """Seconds of each step of ``graph`` for these inputs (kernels timed between barriers,
         collectives by wall clock)."""
-        import time
         self.run(graph, inputs)
         env = self._stage(graph, inputs)
         out: list[float] = []
@@ -238,29 +236,11 @@ class CompiledPlan:
         return out
 
 
-def open_compiled(root, manifest: dict, weights, threads: Optional[int] = None,
-                  graphs: Optional[list[str]] = None) -> CompiledPlan:
-    """The artifact's plan bound to its kernel library (rebuilt from its sources if the shipped
-    library does not load on this machine)."""
-    import json
-    from pathlib import Path
-
-    from ffc import build
-    info = manifest["kernels"]
-    root = Path(root)
-    target = info.get("target", "cpu")
-    if target == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"{root} was compiled for CUDA, but this process sees no CUDA device (torch "
+def open_compiled(artifact: Artifact, weights, library, threads: Optional[int] = None,
+                  graphs: Optional[list[str]] = None, comm: Optional[Comm] = None) -> CompiledPlan:
+    """The artifact's plan bound to the kernel library at ``library`` (which the loader chose:
+    the shipped one, or one rebuilt for this machine)."""
+    if artifact.target == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"{artifact.root} was compiled for CUDA, but this process sees no CUDA device (torch "
                             f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
-    try:
-        plan = json.loads((root / info["plan"]).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{root / info['plan']} is unreadable ({e}); recompile the artifact") from None
-    lib_path = root / info["library"]
-    try:
-        lib = build.load_library(lib_path)
-    except Exception:  # noqa: BLE001 - a library built elsewhere: rebuild from the shipped sources
-        from ffc.codegen import render_sources
-        _, spans = render_sources(plan)
-        lib = build.load_library(build.build(root / "kernels", target, spans))
-    return CompiledPlan(plan, lib, weights, threads, graphs)
+    return CompiledPlan(artifact.plan, load_library(library), weights, threads, graphs, comm)

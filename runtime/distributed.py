@@ -10,21 +10,35 @@ workers die with their parent (PR_SET_PDEATHSIG), so nothing hangs and nothing i
 """
 from __future__ import annotations
 
+import argparse
+import atexit
 import ctypes
+import json
 import os
 import signal
-import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 
+import ffc
+from ffc.artifact import Artifact
 from ffc.errors import FfcError
+from ffc.ir import Comm, run_graph
+from ffc.ir.graph import stage_graph
+from ffc.util import free_port
 
 from . import shm_collectives
+from .compiled import open_compiled
 
 COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
 START_TIMEOUT_S = 120
@@ -35,18 +49,11 @@ class RankError(FfcError):
 
 
 def _reap(procs: list, seconds: float) -> None:
-    import subprocess
     for p in procs:
         try:
             p.wait(seconds)
         except subprocess.TimeoutExpired:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -56,43 +63,59 @@ def _die_with_parent() -> None:
         pass
 
 
+class TorchGroup:
+    """A torch.distributed (sub)group as the collectives of ir.ops see a group."""
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+
+    def get_rank(self) -> int:
+        return self.rank
+
+    def get_world_size(self) -> int:
+        return self.size
+
+    def all_reduce(self, t) -> None:
+        dist.all_reduce(t, group=self.group)
+
+    def all_gather(self, parts, t) -> None:
+        dist.all_gather(parts, t, group=self.group)
+
+
 class _Shard:
-    """What one rank holds: the graphs, its weights, its slice of the KV pool; it answers the
-    driver's messages ("pool", n) and ("run", graph, arrays)."""
+    """What one rank holds: the graphs, its weights, its slice of the KV pool, and whom its
+    collectives talk to; it answers the driver's messages ("pool", n) and ("run", graph, arrays)."""
 
-    def __init__(self, root: str, final_ir: str, rank: int, backend: Optional[str] = None, threads: int = 1):
-        from safetensors.torch import load_file
-
-        from ffc.artifact import read_manifest
-        from ffc.ir import parse
+    def __init__(self, art: Artifact, rank: int, backend: Optional[str] = None, threads: int = 1,
+                 library: Optional[str] = None, shm: Optional[str] = None):
         self.rank = rank
-        self.module = parse((Path(root) / final_ir).read_text())
-        self.weights = load_file(str(Path(root) / "weights" / f"rank{rank}.safetensors"))
-        manifest = read_manifest(root, check_hashes=False)
-        par = manifest.get("parallel") or {}
-        self.tp, self.pp = int(par.get("tp", 1)), int(par.get("pp", 1))
+        self.module = art.read_module()
+        self.weights = load_file(str(art.path(f"weights/rank{rank}.safetensors")))
+        self.tp, self.pp = art.tp, art.pp
         # rank = stage * tp + tp rank; stage s runs graphs "<graph>_stage<s>", receives its input
         # from the same tp rank of stage s-1 and sends to that of stage s+1
         self.stage, self.tp_rank = divmod(rank, self.tp)
+        group = None
         if self.tp > 1 and self.pp > 1:
-            import torch.distributed as dist
-
-            from ffc.ir.ops import set_tensor_parallel_group
             groups = [dist.new_group(list(range(s * self.tp, (s + 1) * self.tp))) for s in range(self.pp)]
-            set_tensor_parallel_group(groups[self.stage], self.tp_rank, self.tp)
+            group = TorchGroup(groups[self.stage], self.tp_rank, self.tp)
+        elif self.tp > 1:
+            group = TorchGroup(None, self.tp_rank, self.tp)
+        if shm and self.tp > 1:    # this stage's tp ranks meet in their shared segment; gloo for the rest
+            group = shm_collectives.SharedMemoryGroup(shm_collectives.segment_name(shm, self.stage), self.tp_rank,
+                                                      self.tp, group)
+        self.comm = Comm(group, dist)
         self.cache_type = self.module.graphs[self.graph("prefill")].input("kv_cache").type
         self.cache = None
         self.compiled = None
         self.device = torch.device("cpu")
-        if backend != "interpreter" and manifest.get("kernels"):   # the same kernels on every rank
-            from .compiled import open_compiled
-            self.compiled = open_compiled(root, manifest, self.weights, threads,
-                                          [self.graph("prefill"), self.graph("decode")])
+        if backend != "interpreter" and art.kernels and library:   # the same kernels on every rank
+            self.compiled = open_compiled(art, self.weights, library, threads,
+                                          [self.graph("prefill"), self.graph("decode")], self.comm)
             self.weights = self.compiled.weights   # packed originals are freed
             self.device = self.compiled.device
 
     def handle(self, msg: tuple):
-        from ffc.ir import run_graph
         if msg[0] == "pool":
             self.cache = None
             self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype,
@@ -104,43 +127,38 @@ class _Shard:
         if self.compiled is not None:
             outs = self.compiled.run(self.graph(graph), inputs, to_host=self.stage == self.pp - 1)
         else:
-            outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs)
+            outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs, comm=self.comm)
         if self.stage < self.pp - 1:
             return None
         return outs[0][0].numpy() if self.tp_rank == 0 else None   # the last stage's first tp rank
 
     def graph(self, name: str) -> str:
-        return f"{name}_stage{self.stage}" if self.pp > 1 else name
+        return stage_graph(name, self.stage) if self.pp > 1 else name
 
 
-def collective_backend(root, backend: Optional[str], local_rank: int = 0) -> str:
+def collective_backend(art: Artifact, backend: Optional[str], local_rank: int = 0) -> str:
     """gloo between CPU ranks; NCCL when the ranks run CUDA kernels (then this process takes
     GPU ``local_rank`` modulo the GPUs it sees)."""
-    from ffc.artifact import read_manifest
-    info = read_manifest(root, check_hashes=False).get("kernels") or {}
-    if backend == "interpreter" or info.get("target") != "cuda":
+    if backend == "interpreter" or art.target != "cuda":
         return "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return "nccl"
 
 
-def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads: int, conn,
-            backend: Optional[str] = None, shm: Optional[str] = None) -> None:
-    """One rank started by ``ffc.load``: join the group, then run steps until told to stop."""
+def _worker(root: str, rank: int, world: int, port: int, threads: int, conn,
+            backend: Optional[str] = None, shm: Optional[str] = None, library: Optional[str] = None) -> None:
+    """One rank started by ``ffc.load``: take the manifest from the driver, join the group, then
+    run steps until told to stop."""
     _die_with_parent()
     try:
-        import torch.distributed as dist
         torch.set_num_threads(threads)
+        msg = conn.recv()      # ("artifact", manifest): parsed and checked by the driver
+        art = Artifact(root, msg[1])
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group(collective_backend(root, backend, rank), rank=rank, world_size=world,
+        dist.init_process_group(collective_backend(art, backend, rank), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        shard = _Shard(root, final_ir, rank, backend, threads)
-        if shm and shard.tp > 1:    # this stage's tp ranks meet in their shared segment; gloo for the rest
-            from ffc.ir import ops
-
-            ops.set_collective_group(shm_collectives.SharedMemoryGroup(
-                shm_collectives.segment_name(shm, shard.stage), shard.tp_rank, shard.tp, ops._group()))
+        shard = _Shard(art, rank, backend, threads, library, shm)
         conn.send(("ready", rank))
         while True:
             msg = conn.recv()
@@ -157,7 +175,6 @@ def _worker(root: str, final_ir: str, rank: int, world: int, port: int, threads:
         os._exit(1)
     finally:
         try:
-            import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
         except Exception:  # noqa: BLE001
@@ -170,49 +187,42 @@ def _arrays(inputs: dict) -> dict:
     return {k: v.contiguous().numpy() for k, v in inputs.items() if k != "kv_cache"}
 
 
-def _plan_limits(root, backend: Optional[str]) -> Optional[dict]:
+def _plan_limits(art: Artifact, backend: Optional[str]) -> Optional[dict]:
     """Tokens and rows per call of the plan the ranks run (None: they run the interpreter)."""
-    import json
-
-    from ffc.artifact import read_manifest
-
-    from .compiled import plan_limits
-    info = read_manifest(root, check_hashes=False).get("kernels")
-    if backend == "interpreter" or not info:
+    if backend == "interpreter" or not art.kernels:
         return None
-    return plan_limits(json.loads((Path(root) / info["plan"]).read_text()))
+    return art.plan.limits()
 
 
 class RankGroup:
     """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
 
-    def __init__(self, root: Path, final_ir: str, world: int, threads: Optional[int] = None,
-                 backend: Optional[str] = None, stages: int = 1):
-        import subprocess
-        import sys
-        from multiprocessing import Pipe
+    def __init__(self, art: Artifact, world: int, threads: Optional[int] = None,
+                 backend: Optional[str] = None, stages: int = 1, library: Optional[Path] = None):
         self.world, self.stages = world, stages
-        self.limits = _plan_limits(root, backend)
+        self.limits = _plan_limits(art, backend)
         port = free_port()
         threads = threads or max(1, (os.cpu_count() or world) // world)
         self.procs, self.conns, self._segments = [], [], []
         tp = world // stages
         shm = None     # CPU ranks on this machine: collectives through shared memory
-        if tp > 1 and shm_collectives.available() and collective_backend(root, backend) == "gloo":
+        if tp > 1 and shm_collectives.available() and collective_backend(art, backend) == "gloo":
             shm = f"ffc{os.getpid()}_{port}"
             self._segments = [shm_collectives.create_segment(shm_collectives.segment_name(shm, s), tp)
                               for s in range(stages)]
         for r in range(world):
             parent, child = Pipe()
             fd = child.fileno()
-            p = subprocess.Popen([sys.executable, "-m", "ffc.runtime.distributed", "--fd", str(fd), "--root", str(root),
-                                  "--ir", final_ir, "--rank", str(r), "--world", str(world), "--port", str(port),
-                                  "--threads", str(threads), "--backend", backend or "auto"] +
-                                 (["--shm", shm] if shm else []), pass_fds=(fd,))
+            p = subprocess.Popen([sys.executable, "-m", "ffc.runtime.distributed", "--fd", str(fd),
+                                  "--root", str(art.root), "--rank", str(r), "--world", str(world),
+                                  "--port", str(port), "--threads", str(threads), "--backend", backend or "auto"] +
+                                 (["--shm", shm] if shm else []) + (["--library", str(library)] if library else []),
+                                 pass_fds=(fd,))
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
+        self._send_all(("artifact", art.manifest))
         self._gather(START_TIMEOUT_S, "starting")
 
     def _gather(self, timeout: Optional[float], what: str) -> list:
@@ -324,10 +334,9 @@ def torchrun_env() -> Optional[tuple[int, int]]:
     return None
 
 
-def join_torchrun_group(root, backend: Optional[str] = None) -> tuple[int, int]:
-    import torch.distributed as dist
+def join_torchrun_group(art: Artifact, backend: Optional[str] = None) -> tuple[int, int]:
     if not dist.is_initialized():
-        kind = collective_backend(root, backend, int(os.environ.get("LOCAL_RANK", 0)))
+        kind = collective_backend(art, backend, int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(kind, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return dist.get_rank(), dist.get_world_size()
 
@@ -337,22 +346,19 @@ class TorchrunRanks:
     driver, and holds shard 0 itself; every step's message reaches the others by a broadcast
     over the same group the graph's collectives use."""
 
-    def __init__(self, root: Path, final_ir: str, world: int, backend: Optional[str] = None):
-        import torch.distributed as dist
+    def __init__(self, art: Artifact, world: int, backend: Optional[str] = None, library: Optional[Path] = None):
         self.stages = 1   # steps go one at a time through the broadcast
         if dist.get_world_size() != world or dist.get_rank() != 0:
             raise RankError(f"the artifact has tp={world}, but torchrun started {dist.get_world_size()} processes "
                             f"(this is rank {dist.get_rank()}); use --nnodes x --nproc-per-node = {world}")
         self.world = world
-        self.limits = _plan_limits(root, backend)
+        self.limits = _plan_limits(art, backend)
         self.procs: list = []
-        self.shard = _Shard(str(root), final_ir, 0, backend, torch.get_num_threads())
+        self.shard = _Shard(art, 0, backend, torch.get_num_threads(), library)
         self._open = True
-        import atexit
         atexit.register(self.close)
 
     def _send(self, msg: tuple):
-        import torch.distributed as dist
         box = [msg]
         try:
             dist.broadcast_object_list(box, src=0)
@@ -367,16 +373,14 @@ class TorchrunRanks:
         self._send(("pool", num_blocks))
 
     def close(self, force: bool = False) -> None:
-        import torch.distributed as dist
         if self._open and dist.is_initialized():
             self._open = False
             self._send(("stop",))
 
 
-def follow_torchrun(root: str, final_ir: str, backend: Optional[str] = None) -> None:
+def follow_torchrun(art: Artifact, backend: Optional[str] = None, library: Optional[Path] = None) -> None:
     """Ranks > 0 under torchrun: hold a shard and answer rank 0's broadcasts until it stops."""
-    import torch.distributed as dist
-    shard = _Shard(root, final_ir, dist.get_rank(), backend, torch.get_num_threads())
+    shard = _Shard(art, dist.get_rank(), backend, torch.get_num_threads(), library)
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0)
@@ -387,13 +391,12 @@ def follow_torchrun(root: str, final_ir: str, backend: Optional[str] = None) -> 
 
 
 def main(argv=None) -> None:
-    import argparse
     ap = argparse.ArgumentParser(description="a rank of a tensor-parallel ffc artifact: started by ffc.load "
                                              "(--fd ...), or under torchrun with --generate ARTIFACT")
-    ap.add_argument("--fd", type=int)
+    ap.add_argument("--fd", type=int, help="the socket to the driver (ffc.load passes it)")
     ap.add_argument("--shm", help="base name of the shared-memory segments for collectives")
-    ap.add_argument("--root")
-    ap.add_argument("--ir")
+    ap.add_argument("--root", help="the artifact directory")
+    ap.add_argument("--library", help="the kernel library to load (the driver chose one that loads here)")
     ap.add_argument("--rank", type=int)
     ap.add_argument("--world", type=int)
     ap.add_argument("--port", type=int)
@@ -405,9 +408,6 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     a = ap.parse_args(argv)
     if a.generate:
-        import json
-
-        import ffc
         llm = ffc.load(a.generate)          # ranks > 0 serve rank 0 inside load, then exit
         try:
             ids = [int(t) for t in a.token_ids.split(",") if t]
@@ -415,9 +415,8 @@ def main(argv=None) -> None:
         finally:
             llm.close()
         return
-    from multiprocessing.connection import Connection
-    _worker(a.root, a.ir, a.rank, a.world, a.port, a.threads, Connection(a.fd),
-            None if a.backend == "auto" else a.backend, a.shm)
+    _worker(a.root, a.rank, a.world, a.port, a.threads, Connection(a.fd),
+            None if a.backend == "auto" else a.backend, a.shm, a.library)
 
 
 if __name__ == "__main__":

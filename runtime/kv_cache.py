@@ -14,56 +14,16 @@ nobody references stays in the index until its memory is needed (least recently 
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from ffc.errors import InvalidRequestError
 from ffc.ir.types import TensorType
+from ffc.util import available_memory_bytes
 
 DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
-
-
-def available_memory_bytes(device=None) -> int:
-    """Memory the OS could give this process now (MemAvailable), or 4 GiB if unknown; on a
-    CUDA device, its free memory."""
-    if device is not None and torch.device(device).type == "cuda":
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_memory(value: Union[str, int, float, None], device=None) -> Optional[int]:
-    """A KV-cache budget in bytes: ``"2GiB"``, ``"512MB"``, a byte count, or a fraction of the
-    available memory (``0.3``; of ``device``'s when it is a GPU). None stays None (the default
-    fraction)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB' or 0.3")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if 0 < value < 1:
-            return int(value * available_memory_bytes(device))
-        if value >= 1:
-            return int(value)
-        raise InvalidRequestError(f"kv_cache_memory={value!r} must be positive")
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise InvalidRequestError(f"kv_cache_memory={value!r} is not a size; give e.g. '2GiB', '512MB' or 0.3")
-    number, unit = float(m.group(1)), m.group(2).lower()
-    return parse_memory(number if unit == "" else number * _UNITS[unit], device)
 
 
 class BlockPool:

@@ -8,44 +8,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from ffc import knobs
-from ffc.artifact import read_manifest
-from ffc.errors import ArtifactError, FfcError, InvalidRequestError
-from ffc.ir import parse, verify_module
-from ffc.ir.text import IRParseError
-from ffc.ir.verify import VerifyError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from ffc import knobs
+from ffc.artifact import Artifact
+from ffc.errors import ArtifactError, FfcError, InvalidRequestError
+from ffc.util import parse_memory
+
+from . import distributed
+from .compiled import open_compiled
 from .engine import Engine, releasable
-from .kv_cache import BlockPool, parse_memory
+from .kv_cache import BlockPool
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Request, SchedulerConfig
 
+# the safetensors header's dtype names, as the IR spells them
+_SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64"}
+LibraryHook = Callable[[Artifact], Path]
 
-def _check_weights(root: Path, module, tp: int, pp: int) -> dict:
+
+def shipped_library(art: Artifact) -> Path:
+    """The kernel library the artifact ships (what ``load`` uses when given no hook)."""
+    return art.path(art.kernels["library"])
+
+
+def _check_weights(art: Artifact, module) -> dict:
     """Every rank's weights file against the IR (shapes and dtypes, read from the headers); the
     tensors of rank 0 when this process runs the model itself (one rank), else none."""
-    from ffc.api import stage_params
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-    names = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64"}
+    tp, pp = art.tp, art.pp
     for rank in range(tp * pp):
         rel = f"weights/rank{rank}.safetensors"
-        used = stage_params(module, rank // tp, pp)
+        used = module.stage_params(rank // tp, pp)
         try:
-            with safe_open(str(root / rel), "pt") as f:
-                have = {k: (tuple(f.get_slice(k).get_shape()), names.get(f.get_slice(k).get_dtype()))
+            with safe_open(str(art.path(rel)), "pt") as f:
+                have = {k: (tuple(f.get_slice(k).get_shape()), _SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype()))
                         for k in f.keys()}
         except (OSError, SafetensorError) as e:
             raise ArtifactError(f"artifact file {rel} is unreadable ({e}); recompile") from None
         for name, p in module.params.items():
             if name in used and have.get(name) != (p.type.concrete({}), p.type.dtype):
                 raise ArtifactError(f"weight {name} in {rel} does not match the IR ({p.type}); recompile the artifact")
-    return load_file(str(root / "weights" / "rank0.safetensors")) if tp * pp == 1 else {}
+    return load_file(str(art.path("weights/rank0.safetensors"))) if tp * pp == 1 else {}
 
 
 @dataclass
@@ -101,56 +110,48 @@ class LLM:
 
     @classmethod
     def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None,
-             **engine) -> "LLM":
+             kernel_library: Optional[LibraryHook] = None, **engine) -> "LLM":
         """``backend``: "compiled" (generated kernels; the default when the artifact has them) or
-        "interpreter" (the reference interpreter, for debugging). ``engine`` options:
+        "interpreter" (the reference interpreter, for debugging). ``kernel_library(artifact)``:
+        the path of a kernel library that loads here (``ffc.load`` gives the compiler's hook,
+        which rebuilds one from the artifact's sources when the shipped one does not load;
+        default: the shipped one). ``engine`` options:
         ``kv_cache_memory`` (bytes, "2GiB", or a fraction of available memory; default 0.2 of it),
         ``max_tokens_per_batch`` (prefill + decode tokens per step, default 256),
         ``max_requests_per_batch`` (sequences per step, default the plan's decode batch),
         ``prefix_caching`` (share KV blocks of identical prompt prefixes, default True)."""
         if backend not in (None, "compiled", "interpreter"):
             raise InvalidRequestError(f"backend {backend!r} is unknown; use 'compiled' or 'interpreter'")
-        root = Path(path)
-        manifest = read_manifest(root, check_hashes=check_hashes)
-        final = manifest.get("final_ir", "")
-        try:
-            module = parse((root / final).read_text())
-            verify_module(module)
-        except (OSError, IRParseError, VerifyError) as e:
-            raise ArtifactError(f"artifact IR {final} is unreadable: {e}; recompile the artifact") from None
-        par = manifest.get("parallel") or {}
-        tp, pp = int(par.get("tp", 1)), int(par.get("pp", 1))
-        weights = _check_weights(root, module, tp, pp)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True,
+        art = Artifact.open(path, check_hashes=check_hashes)
+        module = art.read_module()
+        tp, pp = art.tp, art.pp
+        weights = _check_weights(art, module)
+        from transformers import AutoTokenizer   # heavy: imported when an artifact is loaded
+        tokenizer = AutoTokenizer.from_pretrained(str(art.path("tokenizer")), local_files_only=True,
                                                   trust_remote_code=False)
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
+        if backend == "compiled" and not art.kernels:
+            raise ArtifactError(f"{art.root} has no generated kernels for its ranks; load it with "
+                                "backend='interpreter' or recompile" if tp * pp > 1 else
+                                f"{art.root} has no generated kernels (compiled with --no-codegen); "
+                                "recompile it, or load it with backend='interpreter'")
+        library = (kernel_library or shipped_library)(art) if backend != "interpreter" and art.kernels else None
         compiled = ranks = None
         if tp * pp > 1:
-            if backend == "compiled" and not manifest.get("kernels"):
-                raise ArtifactError(f"{root} has no generated kernels for its ranks; load it with "
-                                    "backend='interpreter' or recompile")
-            from . import distributed
             if distributed.torchrun_env() is not None:       # started by torchrun, on one or more machines
-                rank, _ = distributed.join_torchrun_group(root, backend)
+                rank, _ = distributed.join_torchrun_group(art, backend)
                 if rank != 0:   # ranks > 0 serve rank 0's steps, then this process ends with it
-                    distributed.follow_torchrun(str(root), final, backend)
+                    distributed.follow_torchrun(art, backend, library)
                     raise SystemExit(0)
-                ranks = distributed.TorchrunRanks(root, final, tp * pp, backend)
+                ranks = distributed.TorchrunRanks(art, tp * pp, backend, library)
             else:
-                ranks = distributed.RankGroup(root, final, tp * pp, backend=backend, stages=pp)
-        elif backend != "interpreter":
-            if not manifest.get("kernels"):
-                if backend == "compiled":
-                    raise ArtifactError(f"{root} has no generated kernels (compiled with --no-codegen); "
-                                        "recompile it, or load it with backend='interpreter'")
-            else:
-                from .compiled import open_compiled
-                compiled = open_compiled(root, manifest, weights, threads)
-                weights = compiled.weights   # what the kernels read; packed originals are freed
-        return cls(root, manifest, module, weights, tokenizer, compiled, ranks, **engine)
+                ranks = distributed.RankGroup(art, tp * pp, backend=backend, stages=pp, library=library)
+        elif library is not None:
+            compiled = open_compiled(art, weights, library, threads)
+            weights = compiled.weights   # what the kernels read; packed originals are freed
+        return cls(art.root, art.manifest, module, weights, tokenizer, compiled, ranks, **engine)
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+import ffc
 from ffc.errors import InvalidRequestError
 
 from .engine import releasable
@@ -324,8 +325,7 @@ def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, model_name: 
     """Load ``artifact`` and serve it until SIGINT/SIGTERM (which drain the requests in flight)."""
     import uvicorn
 
-    from .llm import LLM
-    llm = LLM.load(artifact, **engine)
+    llm = ffc.load(artifact, **engine)
     app = create_app(llm, model_name)
     # The engine thread gives up the GIL around every kernel call and torch op; with many streams
     # the HTTP thread is always runnable, and at the default 5 ms switch interval each re-acquire

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from multiprocessing import resource_tracker, shared_memory
 from typing import Optional
 
 import torch
@@ -38,7 +39,6 @@ class SharedMemoryGroup:
 
     def __init__(self, name: str, rank: int, world: int, fallback, slot_bytes: int = SLOT_BYTES,
                  creator_elsewhere: bool = True):
-        from multiprocessing import resource_tracker, shared_memory
         self.shm = shared_memory.SharedMemory(name=name)
         if creator_elsewhere:   # the driver created it and unlinks it: this process's tracker must not
             try:
@@ -104,7 +104,6 @@ class SharedMemoryGroup:
 
 def create_segment(name: str, world: int):
     """The driver's side: one zeroed segment per tensor-parallel group (it unlinks it at close)."""
-    from multiprocessing import shared_memory
     shm = shared_memory.SharedMemory(name=name, create=True, size=segment_bytes(world))
     shm.buf[:_LINE * world] = bytes(_LINE * world)
     return shm

@@ -2,6 +2,7 @@
 structure of the default model's plan, the build cache and build errors."""
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from ffc import build
 from ffc.codegen import render_sources
 from ffc.errors import ArtifactError, FfcError
-from ffc.ir import materialize_params, parse, run_graph, verify_module
-from ffc.lower import describe_plan, lower_module
+from ffc.ir import DType, materialize_params, parse, run_graph, verify_module
+from ffc.lower import lower_module
+from ffc.lower.describe import describe_plan
+from ffc.plan.schema import Packed, Target
 from ffc.runtime.compiled import CompiledPlan
 
 KERNEL_IR = """# ffc ir 1
@@ -184,7 +187,7 @@ def test_kernels_built_for_other_isas_match(kernel_lib, arch, isa, tmp_path, mon
 
 def test_kernel_plan_fuses_what_it_should(kernel_lib):
     _, plan, _, _, kdir, _ = kernel_lib
-    fams = {g: [plan["kernels"][s["kernel"]]["family"] for s in gp["steps"]] for g, gp in plan["graphs"].items()}
+    fams = {g: [plan.kernels[s.kernel].family.value for s in gp.steps] for g, gp in plan.graphs.items()}
     assert fams["lin"] == ["linear", "linear"]            # gelu+residual and glu are epilogues
     assert fams["attn"].count("attention") == 2 and fams["attn"].count("pointwise") == 2
     text = describe_plan(plan)
@@ -195,9 +198,9 @@ def test_kernel_plan_fuses_what_it_should(kernel_lib):
     assert "ffc_gelu_tanh(v)" in src and "ffc_silu(v) * w" in src and "v += res[j]" in src
     # linear weights are read as packed panels; the GLU's gate and up halves are packed apart;
     # the tied table is gathered from the lm_head's panels, so no unpacked copy is kept
-    assert plan["packed"]["wgu#0:13,13:13"] == {"param": "wgu", "nr": 48, "rows": [[0, 13], [13, 13]]}
-    tied = [a for st in plan["graphs"]["tied"]["steps"] for a in st["args"] if a["name"].startswith("tok")]
-    assert [a["kind"] for a in tied] == ["packed", "packed"]
+    assert plan.packed["wgu#0:13,13:13"] == Packed("wgu", 48, ((0, 13), (13, 13)))
+    tied = [a for st in plan.graphs["tied"].steps for a in st.args if a.name.startswith("tok")]
+    assert [a.kind.value for a in tied] == ["packed", "packed"]
     assert "ffc_panel_rows<FFC_MR>" in src and "packed in panels of 48" in (kdir / "src" / "gather.cpp").read_text()
 
 
@@ -254,7 +257,7 @@ def test_long_prompt_runs_in_chunks(smol_artifact):
     import ffc
     llm = ffc.load(smol_artifact)
     ref = ffc.load(smol_artifact, backend="interpreter")
-    llm.compiled.graphs["prefill"]["max_tokens"] = 7    # force several prefill chunks
+    llm.compiled.graphs["prefill"] = replace(llm.compiled.graphs["prefill"], max_tokens=7)   # several chunks
     prompt = "one two three four five six seven eight nine ten eleven twelve thirteen"
     assert llm.generate([prompt, "hi"], 6).token_ids == ref.generate([prompt, "hi"], 6).token_ids
 
@@ -330,7 +333,7 @@ def test_cuda_artifact_generates_what_the_cpu_one_does(smol_llm, tmp_path):
 def test_cuda_plan_without_a_gpu_says_so(kernel_lib):
     _, plan, _, weights, _, _ = kernel_lib
     with pytest.raises(ArtifactError, match="plan is for CUDA, but this process sees no CUDA device"):
-        CompiledPlan(dict(plan, target="cuda"), None, weights)
+        CompiledPlan(replace(plan, target=Target.CUDA), None, weights)
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -345,7 +348,7 @@ def test_narrow_weights_end_to_end(dtype, torch_dtype, tmp_path, smol_source):
         kinds = {f.get_slice(k).get_dtype() for k in f.keys() if "proj" in k or "lm_head" in k}
     assert kinds == {{"bf16": "BF16", "fp16": "F16"}[dtype]}, kinds
     manifest = json.loads((art / "manifest.json").read_text())
-    assert manifest["options"]["dtype"] == dtype
+    assert DType(manifest["options"]["dtype"]) == DType(dtype)
     got, ref = ffc.load(art), ffc.load(art, backend="interpreter")
     prompts = [[5, 9, 200, 31, 7], [44, 3]]
     outs = []

@@ -18,7 +18,7 @@ def test_clean_pipeline_matches(smol_artifact):
 def test_broken_rewrite_is_found(monkeypatch):
     def broken_rule(node, m):
         out = rr._rms_norm(node, m)
-        if out and node.origin == "model.layers.3.post_attention_layernorm":
+        if out and node.origin.module == "model.layers.3.post_attention_layernorm":
             out[-1].attrs["eps"] = 0.5  # the bug: a wrong epsilon in one layer
         return out
 

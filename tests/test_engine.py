@@ -5,7 +5,8 @@ import pytest
 import ffc
 from conftest import PROMPTS
 from ffc.ir.types import TensorType
-from ffc.runtime.kv_cache import BlockPool, parse_memory
+from ffc.runtime.kv_cache import BlockPool
+from ffc.util import parse_memory
 from ffc.runtime.sampling import SamplingParams
 from ffc.runtime.scheduler import Request, Scheduler, SchedulerConfig
 

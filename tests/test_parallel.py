@@ -135,7 +135,7 @@ def test_placements_are_in_the_ir_and_verified(tiny, fast_link, tmp_path):
     verify_module(module)
     g = module.graphs["prefill"]
     assert all(n.type.placement for n in g.inputs + g.nodes)
-    assert g.input("kv_cache").type.placement in ("R", "S(3)")
+    assert str(g.input("kv_cache").type.placement) in ("R", "S(3)")
     reduce = next(n for n in g.nodes if n.op in (Op.ALL_REDUCE, Op.REDUCE_SCATTER))
     good = reduce.type
     reduce.type = good.placed("P")                                 # a collective whose type lies
@@ -143,7 +143,7 @@ def test_placements_are_in_the_ir_and_verified(tiny, fast_link, tmp_path):
                                                     "input is P and its type says P")):
         verify_module(module)
     reduce.type = good
-    column = next(n for n in g.nodes if n.op is Op.LINEAR and n.type.placement == "S(2)")
+    column = next(n for n in g.nodes if n.op is Op.LINEAR and str(n.type.placement) == "S(2)")
     column.type = column.type.placed("R")                          # a sharded weight cannot give all of it
     with pytest.raises(VerifyError, match=r"placements \(R, S\(0\)\) -> R are not a legal linear strategy"):
         verify_module(module)
@@ -192,7 +192,7 @@ def test_torchrun_two_nodes_on_localhost(tiny, free_link):
     import subprocess
     import sys
 
-    from ffc.runtime.distributed import free_port
+    from ffc.util import free_port
     folder, prompts, want = tiny
     art = folder.parent / "tp2-free.ffc"
     if not art.exists():
@@ -241,6 +241,48 @@ def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
         llm.ranks.run_many = lambda g, batches: sent.append(len(batches)) or run_many(g, batches)
         assert llm.generate(many, max_new_tokens=6, ignore_eos=True).token_ids == one
         assert 2 in sent
+    finally:
+        llm.close()
+
+
+def _stacked(model, no_split=True):
+    """``model`` with its decoder layers held as ``model.stack`` instead of ``model.layers`` (as
+    a model family with its own naming would): the frontend's layer index, not a module path's
+    spelling, must place the nodes in pipeline stages."""
+    inner = model.model
+    attrs = {"layers": property(lambda self: self._modules["stack"])}
+    if not no_split:
+        attrs["_no_split_modules"] = None
+    inner.__class__ = type("StackedLlamaModel", (type(inner),), attrs)
+    inner._modules["stack"] = inner._modules.pop("layers")
+    if not no_split:
+        model.__class__ = type("StackedLlama", (type(model),), {"_no_split_modules": None})
+    return model
+
+
+@pytest.mark.parametrize("no_split", [True, False])
+def test_decoder_layers_found_without_a_naming_convention(tiny, no_split):
+    from ffc import frontend, sources
+    model = _stacked(sources.load_model(sources.resolve(str(tiny[0]))), no_split)
+    assert frontend.decoder_layers(model) == {"model.stack.0": 0, "model.stack.1": 1}
+
+
+def test_pipeline_of_a_model_whose_layers_are_not_named_layers(tiny, tmp_path, monkeypatch):
+    from ffc import sources
+    folder, prompts, want = tiny
+    load = sources.load_model
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: _stacked(load(*a, **k)))
+    art = ffc.compile(str(folder), str(tmp_path / "stack-pp2.ffc"), max_seq_len=64, pp=2, profile="a100-nvlink")
+    manifest = json.loads((art / "manifest.json").read_text())
+    ir = (art / manifest["final_ir"]).read_text()
+    assert "model.stack.1." in ir and "model.layers." not in ir and "graph decode_stage1(" in ir
+    from safetensors import safe_open
+    names = [set(safe_open(str(art / "weights" / f"rank{r}.safetensors"), "pt").keys()) for r in range(2)]
+    assert any("stack.0." in k for k in names[0]) and not any("stack.1." in k for k in names[0])
+    assert any("stack.1." in k for k in names[1]) and not any("stack.0." in k for k in names[1])
+    llm = ffc.load(art)
+    try:
+        assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
     finally:
         llm.close()
 

@@ -3,7 +3,8 @@ interpreter before and after, and one input the pass must leave unchanged."""
 import pytest
 import torch
 
-from ffc.ir import materialize_params, parse, print_module, run_graph, verify_module
+from ffc.ir import Comm, Placement, materialize_params, parse, print_module, run_graph, verify_module
+from ffc.ir.strategy import Strategy
 from ffc.passes import PassContext
 from ffc.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from ffc.passes.eliminate_dead_code import eliminate_dead_code
@@ -452,6 +453,12 @@ TP_PLAN = (("0", ("R", "S(0)"), "S(2)"), ("1", ("S(2)",), "S(2)"), ("2", ("S(2)"
            ("3", ("R", "R"), "R"))
 
 
+def _strategy(plan, tp=2):
+    """A hand-made strategy of the placements above (as text)."""
+    return Strategy.manual(tp, {k: (tuple(Placement.parse(p) for p in ins), Placement.parse(o))
+                                for k, ins, o in plan})
+
+
 class _Ranks:
     """Ranks as threads of this process: collectives meet at a barrier (a test double of the
     torch.distributed calls the collective ops make)."""
@@ -482,12 +489,11 @@ class _Ranks:
             o.copy_(p)
 
 
-def test_apply_tensor_parallel(monkeypatch):
+def test_apply_tensor_parallel():
     import threading
 
-    from ffc.ir import ops
     from ffc.passes.apply_tensor_parallel import apply_tensor_parallel
-    ctx = PassContext(max_seq_len=16, tp=2, tp_plan=TP_PLAN)
+    ctx = PassContext(max_seq_len=16, tp=2, strategy=_strategy(TP_PLAN))
     m0 = parse(full(TP_BEFORE))
     m1 = apply_tensor_parallel(m0, ctx)
     assert print_module(m1) == H + 'meta {"tp": 2}\n' + TP_AFTER      # placements in the types
@@ -496,7 +502,6 @@ def test_apply_tensor_parallel(monkeypatch):
     unchanged(apply_tensor_parallel, TP_BEFORE)                      # no plan: nothing to do
     # each rank's graph on its own weights, collectives between the ranks, equals the original
     ranks = _Ranks(2)
-    monkeypatch.setattr(ops, "_group", lambda: ranks)
     raw = {"w1": torch.randn(8, 4), "w2": torch.randn(4, 8)}
     x = torch.randn(1, 5, 4)
     want, = run_graph(m0.graphs["forward"], raw, {"x": x})
@@ -504,7 +509,8 @@ def test_apply_tensor_parallel(monkeypatch):
 
     def rank(r):
         ranks.local.rank = r
-        got[r], = run_graph(m1.graphs["forward"], materialize_params(m1.params, raw, rank=r), {"x": x})
+        got[r], = run_graph(m1.graphs["forward"], materialize_params(m1.params, raw, rank=r), {"x": x},
+                            comm=Comm(ranks))
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
@@ -513,4 +519,4 @@ def test_apply_tensor_parallel(monkeypatch):
     for g in got:
         torch.testing.assert_close(g, want, atol=1e-5, rtol=1.3e-6)
     with pytest.raises(ValueError, match="no placement for %3"):
-        apply_tensor_parallel(m0, PassContext(max_seq_len=16, tp=2, tp_plan=TP_PLAN[:3]))
+        apply_tensor_parallel(m0, PassContext(max_seq_len=16, tp=2, strategy=_strategy(TP_PLAN[:3])))

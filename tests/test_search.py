@@ -6,7 +6,8 @@ from ffc import knobs
 from ffc.cluster import load_profile
 from ffc.ir import parse, print_module
 from ffc.ir.sharding import P, R, S, strategies
-from ffc.search import Workload, layer_of, search
+from ffc.ir.strategy import Workload
+from ffc.search import search
 
 W7B = Workload(prompt_tokens=512, output_tokens=128, batch=8, max_seq_len=4096, weight_dtype="bf16")
 
@@ -23,7 +24,7 @@ def _raised(model, max_seq_len):
 def llama7b():
     """A Llama-2-7B-shaped model (32 layers, 4096 wide): shapes only, no weights in memory
     (meta init, then uninitialized storage that tracing never reads)."""
-    path = knobs.cache_dir() / "plans" / "llama-7b-shape.ir"
+    path = knobs.cache_dir() / "plans" / "llama-7b-shape.v2.ir"     # v2: nodes carry their layer
     if not path.exists():
         import transformers as tf
         cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -75,11 +76,11 @@ def test_megatron_found_on_h100_for_7b(llama7b):
         assert any(c.op == "attention" and c.strategy == "heads" for c in st.choices if c.origin == pre + "self_attn")
     per_layer = {}
     for c in st.collectives:
-        per_layer.setdefault(layer_of(st.choice(c.consumer).origin), []).append(c.kind)
+        per_layer.setdefault(st.choice(c.consumer).layer, []).append(c.kind)
     assert all(per_layer.get(k) == ["all_reduce", "all_reduce"] for k in range(32)), per_layer
     # the lm_head is vocab-parallel (column), its logits gathered once
     assert by["lm_head"].strategy == "column" and per_layer.get(None) == ["all_gather"]
-    assert st.prediction("memory_bytes") < st.prediction("memory_limit")
+    assert st.predicted.memory_bytes < st.predicted.memory_limit
     assert "all replicated" in st.describe() and "rejected" in st.describe()
 
 
@@ -88,7 +89,7 @@ def test_slow_link_picks_fewer_collectives_and_says_why(llama7b):
     slow = search(llama7b, tp=4, profile=load_profile("h100-nvlink").scaled_link(1000), workload=W7B)
     assert len(slow.collectives) < len(fast.collectives)
     text = slow.describe()
-    refs = {name: (comp, comm) for name, comp, comm, _ in slow.references}
+    refs = {r.plan: (r.compute_s, r.comm_s) for r in slow.references}
     # why: sharding would cut compute but cost far more communication on this link
     assert refs["fastest ignoring communication"][0] < refs["chosen"][0]
     assert sum(refs["fastest ignoring communication"]) > sum(refs["chosen"])
@@ -98,11 +99,11 @@ def test_slow_link_picks_fewer_collectives_and_says_why(llama7b):
 def test_memory_limit_shards_what_must_be_sharded(llama7b):
     prof = load_profile("h100-nvlink").scaled_link(1000)          # sharding only when it must
     free = search(llama7b, tp=4, profile=prof, workload=W7B, explain=False)
-    need = free.prediction("memory_bytes")
+    need = free.predicted.memory_bytes
     assert len(free.collectives) == 0
     limit = 0.6 * need
     st = search(llama7b, tp=4, profile=prof, workload=W7B, memory_limit=limit, explain=False)
-    assert st.prediction("memory_bytes") <= limit
+    assert st.predicted.memory_bytes <= limit
     sharded = [c for c in st.choices if c.strategy != "replicated" and c.op in ("linear", "attention")]
     total = [c for c in st.choices if c.op in ("linear", "attention")]
     assert 0 < len(sharded) < len(total)
@@ -122,14 +123,15 @@ def test_pipeline_split_balances_cost_not_layers():
     m = _raised(model.to_empty(device="cpu"), 2048)
     st = search(m, tp=1, pp=4, profile=load_profile("a100-nvlink"), workload=Workload(max_seq_len=2048),
                 explain=False)
-    layers = [[k for k in range(a, b + 1) if 1 <= k <= 16] for a, b, *_ in st.stages]  # segment 0: head
+    layers = [[k for k in range(s.first_segment, s.last_segment + 1) if 1 <= k <= 16]
+              for s in st.stages]  # segment 0: head
     assert [x for part in layers for x in part] == list(range(1, 17))
     assert len(layers[-1]) < min(len(x) for x in layers[:-1])
-    secs = [st_[2] for st_ in st.stages]
+    secs = [s.seconds for s in st.stages]
     # against four equal layer counts (4/4/4/4, the head with the first and the lm_head with the last)
     cost = {}
     for c in st.choices:
-        cost[layer_of(c.origin)] = cost.get(layer_of(c.origin), 0.0) + c.compute_s
+        cost[c.layer] = cost.get(c.layer, 0.0) + c.compute_s
     even = [sum(cost[k] for k in range(4 * i, 4 * i + 4)) for i in range(4)]
     even[-1] += cost[None]
     assert max(secs) < 0.8 * max(even)

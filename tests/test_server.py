@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import PROMPTS
-from ffc.runtime.distributed import free_port
+from ffc.util import free_port
 
 
 class Server:

@@ -1,0 +1,21 @@
+"""What each target's kernels need from the plan beyond the IR, as data the spec builders read
+(instead of ``if target == ...`` branches in them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ffc.plan.schema import Target
+
+PANEL_ROWS = 48       # CPU linear weights are packed in panels of this many rows (FFC_NR in csrc/ffc_cpu.h)
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    target: Target
+    # linear weights repacked when the plan is bound, into panels of this many rows (each k
+    # step of the register-tiled kernel reads them contiguously); 0: read as stored
+    panel_rows: int = 0
+
+
+POLICIES = {Target.CPU: TargetPolicy(Target.CPU, panel_rows=PANEL_ROWS),
+            Target.CUDA: TargetPolicy(Target.CUDA)}
