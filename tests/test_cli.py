@@ -44,3 +44,14 @@ def test_compile_from_edited_ir(smol_artifact, tmp_path, smol_llm):
     same = ffc.load(ffc.compile("smollm2-135m", str(tmp_path / "s.ffc"), from_ir=str(unedited), max_seq_len=512))
     p = "The capital of France is"
     assert same.generate(p, max_new_tokens=8).token_ids == smol_llm.generate(p, max_new_tokens=8).token_ids
+
+
+def test_bench_reads_the_plan(smol_artifact):
+    """`ffc bench` end to end on a short setting (no baseline): every figure it derives from the
+    plan (weights a decode step reads, the prefill GEMMs) comes out; speed is not asserted."""
+    from ffc.bench import format_bench, run_bench
+    res = run_bench(str(smol_artifact), compare="none", runs=1, new_tokens=4, batches=(1,), prefill_lens=(32,))
+    assert res["weights_bytes_per_step"] > 100e6 and res["roofline_tok_s"] > 0
+    assert res["gemm"] and all(g["kernel"].endswith("_linear") and g["ffc_ms"] > 0 for g in res["gemm"])
+    text = format_bench(res)
+    assert "decode batch 1" in text and res["gemm"][0]["kernel"] in text
