@@ -5,17 +5,21 @@
     ir/NN-pass.ir              the IR after every pass (00-input.ir is the frontend's)
     weights/rank0.safetensors  weights already transformed (fused QKV, gate/up, ...)
     tokenizer/                 tokenizer files and chat template
-No pickle anywhere.
+No pickle anywhere. An artifact is untrusted input: ``check_manifest`` gives every field the
+loader reads its type, every path it names must stay inside the directory (symbolic links
+resolved; none may lead out of it), and the kernel library can only be
+``kernels/lib/ffc_kernels_<hash>...so``; anything else is an ArtifactError naming the field.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from ffc.ir import Module, parse, verify_module
@@ -74,6 +78,87 @@ class ArtifactWriter:
         return self.output
 
 
+# the one place a kernel library may sit in an artifact, named as build.py names it
+_LIBRARY = re.compile(r"^kernels/lib/ffc_kernels_[0-9a-f]{8,64}(\.[A-Za-z0-9_-]+)*\.so$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def inside(root: Path, rel, what: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (symbolic links
+    resolved); otherwise an ArtifactError naming ``what`` (the manifest field)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        raise ArtifactError(f"{what} in {root / MANIFEST} is {rel!r:.80}, not a path inside the artifact; "
+                            "recompile the artifact")
+    parts = PurePosixPath(rel)
+    if parts.is_absolute() or ".." in parts.parts:
+        raise ArtifactError(f"{what} {rel!r} in {root / MANIFEST} points outside the artifact; refusing it "
+                            "(recompile the artifact)")
+    full = root / parts
+    if not full.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"{what} {rel!r} in {root / MANIFEST} resolves outside the artifact (through a "
+                            "symbolic link); refusing it (recompile the artifact)")
+    return full
+
+
+def _escaping_links(root: Path) -> list[str]:
+    """Symbolic links in the artifact's tree whose target is outside it."""
+    real = root.resolve()
+    out = []
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not p.resolve().is_relative_to(real):
+                out.append(str(p.relative_to(root)))
+    return out
+
+
+def _expect(cond: bool, where: Path, field: str, want: str, value) -> None:
+    if not cond:
+        raise ArtifactError(f"{where}: {field} must be {want}, got {str(value)[:80]!r}; recompile the artifact")
+
+
+def check_manifest(manifest, root: Path) -> dict:
+    """The fields the loader reads have the types it reads them as, and every path it names
+    stays inside the artifact; an ArtifactError names the file and the field otherwise."""
+    where = root / MANIFEST
+    _expect(isinstance(manifest, dict), where, "the manifest", "a JSON object", manifest)
+    files = manifest.get("files")
+    _expect(isinstance(files, dict) and all(isinstance(v, str) and _SHA256.match(v) for v in files.values()),
+            where, "files", "an object of file -> SHA-256", files)
+    for rel in files:
+        inside(root, rel, "files entry")
+    inside(root, manifest.get("final_ir"), "final_ir")
+    model = manifest.get("model")
+    _expect(isinstance(model, dict) and isinstance(model.get("source"), str)
+            and isinstance(model.get("config", {}), dict), where, "model", "an object with a source", model)
+    options = manifest.get("options")
+    _expect(isinstance(options, dict), where, "options", "an object", options)
+    msl = options.get("max_seq_len")
+    _expect(msl is None or (type(msl) is int and msl >= 2), where, "options.max_seq_len", "an integer >= 2", msl)
+    eos = manifest.get("eos_token_ids", [])
+    _expect(isinstance(eos, list) and all(type(e) is int and e >= 0 for e in eos), where, "eos_token_ids",
+            "a list of token ids", eos)
+    par = manifest.get("parallel")
+    if par is not None:
+        _expect(isinstance(par, dict), where, "parallel", "an object or null", par)
+        for key in ("tp", "pp"):
+            v = par.get(key, 1)
+            _expect(type(v) is int and 1 <= v <= 64, where, f"parallel.{key}", "an integer in 1..64", v)
+        if "strategy" in par:
+            inside(root, par["strategy"], "parallel.strategy")
+    kernels = manifest.get("kernels")
+    if kernels is not None:
+        _expect(isinstance(kernels, dict), where, "kernels", "an object or null", kernels)
+        inside(root, kernels.get("plan"), "kernels.plan")
+        lib = kernels.get("library")
+        _expect(isinstance(lib, str) and bool(_LIBRARY.match(lib)), where, "kernels.library",
+                "kernels/lib/ffc_kernels_<hash>...so", lib)
+        inside(root, lib, "kernels.library")
+        _expect(kernels.get("target", "cpu") in ("cpu", "cuda"), where, "kernels.target", "cpu or cuda",
+                kernels.get("target"))
+    return manifest
+
+
 def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
     """The manifest of the artifact at ``path`` after checking format version and file hashes."""
     root = Path(path)
@@ -87,15 +172,20 @@ def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath} is corrupted ({e}); recompile the artifact") from None
+    _expect(isinstance(manifest, dict), mpath, "the manifest", "a JSON object", manifest)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        source = (manifest.get("model") or {}).get("source", "MODEL") if isinstance(manifest.get("model"), dict) \
+            else "MODEL"
         raise ArtifactError(
-            f"{path} has artifact format version {version}, this ffc reads version {FORMAT_VERSION}; "
-            f"recompile it with this ffc (`ffc compile {manifest.get('model', {}).get('source', 'MODEL')} "
-            f"-o {path}`)")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise ArtifactError(f"{mpath} lists no files; recompile the artifact")
+            f"{path} has artifact format version {version!r}, this ffc reads version {FORMAT_VERSION}; "
+            f"recompile it with this ffc (`ffc compile {source} -o {path}`)")
+    check_manifest(manifest, root)
+    links = _escaping_links(root)
+    if links:
+        raise ArtifactError(f"{path}: {links[0]} is a symbolic link out of the artifact; refusing it "
+                            "(recompile the artifact)")
+    files = manifest["files"]
     if check_hashes:
         for rel, digest in files.items():
             f = root / rel
@@ -127,14 +217,15 @@ class Artifact:
 
     def __init__(self, root, manifest: dict):
         self.root = Path(root)
-        self.manifest = manifest
+        self.manifest = check_manifest(manifest, self.root)
 
     @classmethod
     def open(cls, path, check_hashes: bool = True) -> "Artifact":
         return cls(path, read_manifest(path, check_hashes=check_hashes))
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
+    def path(self, rel: str, what: str = "a path") -> Path:
+        """``rel`` inside the artifact (refused when it would lead out of it)."""
+        return inside(self.root, rel, what)
 
     @property
     def tp(self) -> int:

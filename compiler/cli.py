@@ -147,7 +147,7 @@ def _inspect(a) -> None:
         if not par:
             raise FfcError(f"{root} was compiled for one rank (no strategy); compile with --tp N, or see "
                            "`ffc compile MODEL --tp N --dry-run`")
-        print((root / par["strategy"]).read_text(), end="")
+        print(art.path(par["strategy"], "parallel.strategy").read_text(), end="")
         return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)

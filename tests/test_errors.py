@@ -96,6 +96,80 @@ def test_missing_file_and_other_format_version(art_copy):
         ffc.load(art_copy.parent / "nothing.ffc")
 
 
+def _set(path, value):
+    """An edit of the manifest: ``path`` (keys) set to ``value``; returns the manifest to write."""
+    def edit(m):
+        d = m
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+        return m
+    return edit
+
+
+def _add_file(name):
+    def edit(m):
+        m["files"][name] = "0" * 64
+        return m
+    return edit
+
+
+CRAFTED = [   # (what the manifest becomes, the field the error must name)
+    (lambda m: [m], "the manifest must be a JSON object"),
+    (lambda m: None, "the manifest must be a JSON object"),
+    (_add_file("../../etc/passwd"), r"files entry '../../etc/passwd'.*outside the artifact"),
+    (_add_file("/etc/passwd"), r"files entry '/etc/passwd'.*outside the artifact"),
+    (_set(["final_ir"], "../../../../etc/passwd"), r"final_ir '../../../../etc/passwd'.*outside"),
+    (_set(["final_ir"], "/etc/passwd"), r"final_ir '/etc/passwd'.*outside"),
+    (_set(["final_ir"], 7), r"final_ir .* is 7, not a path"),
+    (_set(["kernels", "plan"], "/etc/passwd"), r"kernels.plan '/etc/passwd'"),
+    (_set(["kernels", "library"], "/tmp/ffc_kernels_0123456789abcdef.so"), r"kernels.library must be"),
+    (_set(["kernels", "library"], "kernels/lib/../../../../tmp/ffc_kernels_01234567.so"), r"kernels.library must be"),
+    (_set(["kernels", "library"], "kernels/lib/libevil.so"), r"kernels.library must be"),
+    (_set(["kernels"], "all of them"), r"kernels must be an object"),
+    (_set(["parallel"], [2, 1]), r"parallel must be an object"),
+    (_set(["parallel"], {"tp": "2", "pp": 1}), r"parallel.tp must be an integer"),
+    (_set(["parallel"], {"tp": 2, "pp": 1, "strategy": "../../strategy.txt"}), r"parallel.strategy"),
+    (_set(["eos_token_ids"], "2"), r"eos_token_ids must be a list"),
+    (_set(["options", "max_seq_len"], -5), r"options.max_seq_len must be an integer"),
+    (_set(["options"], None), r"options must be an object"),
+    (_set(["model"], "smol"), r"model must be an object"),
+    (_set(["files"], ["weights/rank0.safetensors"]), r"files must be an object"),
+]
+
+
+def test_crafted_manifests_are_refused_naming_the_field(art_copy):
+    """A crafted or corrupted manifest (its hashes made to match) gets an ArtifactError naming
+    the manifest field; no path it names outside the artifact is opened, no library loaded."""
+    man = art_copy / "manifest.json"
+    original = man.read_text()
+    for edit, match in CRAFTED:
+        man.write_text(json.dumps(edit(json.loads(original))))
+        with pytest.raises(ffc.ArtifactError, match=match):
+            ffc.load(art_copy)
+    man.write_text(original)
+    assert not [m for m in sys.modules if m.startswith("ffc_kernels_0123")]
+
+
+def test_symbolic_links_out_of_the_artifact_are_refused(art_copy, tmp_path):
+    man = art_copy / "manifest.json"
+    m = json.loads(man.read_text())
+    # the shipped library replaced by a link to a library elsewhere (its hash made to match)
+    lib = art_copy / m["kernels"]["library"]
+    outside = tmp_path / "elsewhere.so"
+    shutil.copy(lib, outside)
+    lib.unlink()
+    lib.symlink_to(outside)
+    with pytest.raises(ffc.ArtifactError, match=r"kernels/lib/ffc_kernels_.*resolves outside the artifact \(through a symbolic link"):
+        ffc.load(art_copy)
+    lib.unlink()
+    shutil.copy(outside, lib)
+    # an unlisted link in the tokenizer folder that a loader would follow
+    (art_copy / "tokenizer" / "added_tokens.json").symlink_to("/etc/passwd")
+    with pytest.raises(ffc.ArtifactError, match=r"tokenizer/added_tokens.json is a symbolic link out of"):
+        ffc.load(art_copy)
+
+
 def test_prompt_errors(smol_llm):
     with pytest.raises(ffc.InvalidRequestError, match="prompt 1 is empty"):
         smol_llm.generate(["hello", ""])
