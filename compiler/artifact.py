@@ -159,8 +159,13 @@ def check_manifest(manifest, root: Path) -> dict:
     return manifest
 
 
-def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
-    """The manifest of the artifact at ``path`` after checking format version and file hashes."""
+# what `ffc build` writes again (the sources a user may edit, the ninja file, the library)
+REBUILT = ("kernels/src/", "kernels/lib/", "kernels/build.ninja")
+
+
+def read_manifest(path: str | os.PathLike, check_hashes: bool = True, skip: tuple[str, ...] = ()) -> dict:
+    """The manifest of the artifact at ``path`` after checking format version and the hashes of
+    its files (but those whose path starts with one of ``skip``)."""
     root = Path(path)
     if not root.exists():
         raise ArtifactError(f"artifact {str(path)!r} does not exist; compile one with `ffc compile MODEL -o {path}`")
@@ -188,6 +193,8 @@ def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
     files = manifest["files"]
     if check_hashes:
         for rel, digest in files.items():
+            if rel.startswith(skip):
+                continue
             f = root / rel
             if not f.is_file():
                 raise ArtifactError(f"artifact file {rel} is missing from {path}; recompile the artifact")
@@ -199,12 +206,16 @@ def read_manifest(path: str | os.PathLike, check_hashes: bool = True) -> dict:
 
 
 def refresh_manifest(path: str | os.PathLike, updates: dict) -> dict:
-    """Apply ``updates`` to an artifact's manifest and re-hash its files (after ``ffc build``)."""
+    """After ``ffc build``: apply ``updates`` to the manifest and re-hash what the build wrote
+    (REBUILT) only. Every other file is verified first, so a build never blesses a corrupted
+    or edited weight, IR or plan file."""
     root = Path(path)
-    manifest = read_manifest(root, check_hashes=False)
+    manifest = read_manifest(root, check_hashes=True, skip=REBUILT)
     manifest.update(updates)
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {f: sha256(root / f) for f in files}
+    kept = {f: d for f, d in manifest["files"].items() if not f.startswith(REBUILT)}
+    rebuilt = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                     if p.is_file() and str(p.relative_to(root)).startswith(REBUILT))
+    manifest["files"] = {**kept, **{f: sha256(root / f) for f in rebuilt}}
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, root / MANIFEST)

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import ffc
 
 
@@ -55,3 +57,26 @@ def test_bench_reads_the_plan(smol_artifact):
     assert res["gemm"] and all(g["kernel"].endswith("_linear") and g["ffc_ms"] > 0 for g in res["gemm"])
     text = format_bench(res)
     assert "decode batch 1" in text and res["gemm"][0]["kernel"] in text
+
+
+def test_build_after_editing_a_source_and_not_after_corruption(smol_artifact, smol_llm, tmp_path):
+    """`ffc build` rebuilds from edited sources and re-hashes what it wrote; a corrupted weights
+    file is refused before anything is rebuilt or re-hashed."""
+    import shutil
+    art = tmp_path / "copy.ffc"
+    shutil.copytree(smol_artifact, art)
+    src = art / "kernels" / "src" / "norm.cpp"
+    src.write_text("// edited by hand\n" + src.read_text())
+    ffc_cli("build", art)
+    prompt = "The capital of France is"
+    assert ffc.load(art).generate(prompt, max_new_tokens=8).token_ids == \
+        smol_llm.generate(prompt, max_new_tokens=8).token_ids
+    w = art / "weights" / "rank0.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0xFF
+    w.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "build", str(art)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and "weights/rank0.safetensors" in r.stderr and "corrupted" in r.stderr
+    with pytest.raises(ffc.ArtifactError, match="weights/rank0.safetensors"):
+        ffc.load(art)
