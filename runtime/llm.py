@@ -66,23 +66,22 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, path: Path, manifest: dict, module, weights: dict, tokenizer, compiled=None, ranks=None, *,
+    def __init__(self, art: Artifact, module, weights: dict, tokenizer, compiled=None, ranks=None, *,
                  kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None,
                  prefix_caching: bool = True):
-        self.path = path
+        self.path = art.root
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.device = compiled.device if compiled is not None else torch.device("cpu")   # of the KV pool
         self.backend = "compiled" if compiled is not None else "interpreter"
-        self.manifest = manifest
+        self.manifest = art.manifest
         self.module = module
         self.weights = weights
         self.tokenizer = tokenizer
         self.runner = ModelRunner(module, weights, compiled, ranks)
         self.ranks = ranks                # RankGroup of a tensor-parallel artifact
         self.cache_type = self.runner.cache_type
-        self.max_seq_len = int(manifest.get("options", {}).get("max_seq_len")
-                               or self.runner.blocks_per_seq * self.runner.block_size)
-        self.eos_ids = set(manifest.get("eos_token_ids", []))
+        self.max_seq_len = art.max_seq_len or self.runner.blocks_per_seq * self.runner.block_size
+        self.eos_ids = art.eos_token_ids
         rows = min(self.runner.limits("decode")[1], 256)
         self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
                                       max_requests_per_batch=max_requests_per_batch or rows,
@@ -151,7 +150,7 @@ class LLM:
         elif library is not None:
             compiled = open_compiled(art, weights, library, threads)
             weights = compiled.weights   # what the kernels read; packed originals are freed
-        return cls(art.root, art.manifest, module, weights, tokenizer, compiled, ranks, **engine)
+        return cls(art, module, weights, tokenizer, compiled, ranks, **engine)
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -213,6 +213,14 @@ def test_torchrun_two_nodes_on_localhost(tiny, free_link):
     assert json.loads(first.stdout.strip().splitlines()[-1]) == want[0][:12]
 
 
+def _assert_stage_weights(art, layers: str):
+    """Each of two stages' weights files holds its own layer's weights and not the other's."""
+    from safetensors import safe_open
+    names = [set(safe_open(str(art / "weights" / f"rank{r}.safetensors"), "pt").keys()) for r in range(2)]
+    for r in range(2):
+        assert any(f"{layers}.{r}." in k for k in names[r]) and not any(f"{layers}.{1 - r}." in k for k in names[r])
+
+
 def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
     """pp=2: one graph per stage (the second receives the residual stream by a recv op and recomputes
     the rotary tables), each rank holds its stage's weights and KV layers; tokens equal one rank."""
@@ -226,10 +234,7 @@ def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
     assert "graph decode_stage1(" in ir and "kv_cache : f32[1,2,S," in ir
     # the residual stream crosses by send/recv ops in the IR (peer: the rank offset)
     assert 'recv() {dtype="f32", peer=-1, shape=[1,"B",64]} : f32[1,B,64]' in ir and "send(%" in ir
-    from safetensors import safe_open
-    names = [set(safe_open(str(art / "weights" / f"rank{r}.safetensors"), "pt").keys()) for r in range(2)]
-    assert any("layers.0." in k for k in names[0]) and not any("layers.1." in k for k in names[0])
-    assert any("layers.1." in k for k in names[1]) and not any("layers.0." in k for k in names[1])
+    _assert_stage_weights(art, "layers")
     llm = ffc.load(art)
     try:
         assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
@@ -276,10 +281,7 @@ def test_pipeline_of_a_model_whose_layers_are_not_named_layers(tiny, tmp_path, m
     manifest = json.loads((art / "manifest.json").read_text())
     ir = (art / manifest["final_ir"]).read_text()
     assert "model.stack.1." in ir and "model.layers." not in ir and "graph decode_stage1(" in ir
-    from safetensors import safe_open
-    names = [set(safe_open(str(art / "weights" / f"rank{r}.safetensors"), "pt").keys()) for r in range(2)]
-    assert any("stack.0." in k for k in names[0]) and not any("stack.1." in k for k in names[0])
-    assert any("stack.1." in k for k in names[1]) and not any("stack.0." in k for k in names[1])
+    _assert_stage_weights(art, "stack")
     llm = ffc.load(art)
     try:
         assert llm.generate(prompts, max_new_tokens=32, ignore_eos=True).token_ids == want
