@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict
@@ -13,6 +14,7 @@ import transformers
 from safetensors.torch import save_file
 
 from ffc.ir import Module, materialize_params, parse, print_module
+from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy, Workload
 from ffc.ir.text import IRParseError
 from ffc.lower import PHASES, LoweringError, lower_module
@@ -22,6 +24,7 @@ from ffc.plan.schema import Target
 from ffc.runtime.kernel_library import load_library
 
 from . import __version__, build, frontend, sources
+from . import gguf_blocks
 from .artifact import ArtifactWriter
 from .calibrate import profile_for
 from .codegen import render_sources
@@ -88,6 +91,26 @@ def strategy_planner(options: CompileOptions, log: Log) -> Callable[[Module, Pas
     return plan
 
 
+def weight_summary(module: Module) -> dict:
+    """The manifest's ``weights``: each weight the graphs read, its format, and bytes per format
+    (shapes as the IR declares them: a tensor-parallel rank's own)."""
+    formats, per = {}, {}
+    stored = set().union(*(g.param_names() for g in module.graphs.values()))
+    for name, p in sorted(module.params.items()):
+        if name not in stored:
+            continue
+        shape = p.type.storage_shape()
+        nbytes = int(math.prod(shape)) * p.type.dtype.itemsize
+        formats[name] = p.type.dtype.value
+        f = per.setdefault(p.type.dtype.value, {"tensors": 0, "bytes": 0})
+        f["tensors"] += 1
+        f["bytes"] += nbytes
+    out = {"formats": formats, "bytes_per_format": per}
+    if "quant" in module.meta:
+        out["quant"] = module.meta["quant"]
+    return out
+
+
 def _eos_ids(hf, config, tokenizer) -> list[int]:
     gen = getattr(hf, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -103,16 +126,27 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                   dtype: str = "fp32", target: str = "cpu", codegen: bool = True,
                   prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16,
                   tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
-                  workload: Optional[str] = None) -> Path:
+                  workload: Optional[str] = None, quant: Optional[str] = None, quant_skip=None,
+                  kv_dtype: str = "fp32") -> Path:
     """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
     ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
-    weights file per rank and ``ffc.load`` starts the ranks."""
+    weights file per rank and ``ffc.load`` starts the ranks. ``quant``: weights stored in blocks
+    (``gguf``: as the model's GGUF file holds them; or a format, see ``ffc.ir.quant``),
+    ``quant_skip``: tensor classes kept float; ``kv_dtype``: the KV cache's storage."""
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
     family = sources.check_architecture(config)
     msl = sources.resolve_max_seq_len(config, max_seq_len)
+    try:
+        policy = QuantPolicy.parse(quant, quant_skip)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+    if policy.mode == "gguf" and source.gguf is None:
+        raise InvalidRequestError(f"--quant gguf runs the blocks of a GGUF file, but {model!r} is not one; give a "
+                                  ".gguf file or a GGUF alias, or quantize with --quant q4_0|q8_0|int4-g32|int8")
     options = CompileOptions(max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype, target=target,
+                             quant=policy, kv_dtype=kv_dtype,
                              codegen=codegen, prefill_tokens=prefill_tokens, max_batch=max_batch,
                              kv_block_size=kv_block_size, tp=tp, pp=pp, profile=profile or "local",
                              memory_per_device=parse_memory(memory_per_device, what="memory_per_device"),
@@ -121,6 +155,11 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)
         tokenizer = sources.load_tokenizer(source)
+        raw = frontend.raw_weights(hf)
+        blocks = {}
+        if policy.mode == "gguf":
+            log(f"reading the quantized blocks of {source.gguf}")
+            blocks = gguf_blocks.read_blocks(source.gguf, config, raw)
         if from_ir:
             module = load_ir(from_ir)
             log(f"read IR from {from_ir}")
@@ -130,7 +169,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
 
         def dump(name, payload):
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
-        ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype,
+        ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype, quant=policy,
+                          source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log))
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final, strategy = result.module, result.ctx.strategy
@@ -143,11 +183,10 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         log("writing weights")
         # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
         # weights) are needed at compile time only
-        raw = frontend.raw_weights(hf)
         for rank in range(tp * pp):   # each rank's file holds only its slices / its stage's weights
             mine = final.stage_params(rank // tp, pp)
-            weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp).items()
-                       if k in mine}
+            weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp,
+                                                           blocks=blocks).items() if k in mine}
             save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path(f"weights/rank{rank}.safetensors")))
         tokenizer.save_pretrained(str(art.path("tokenizer")))
         kernels = None
@@ -174,6 +213,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                         "changed": r.changed} for r in result.records],
             "final_ir": f"ir/{dump_name(last.index, last.name)}",
             "eos_token_ids": _eos_ids(hf, config, tokenizer),
+            "weights": weight_summary(final),
             "kernels": kernels,
             "parallel": None if strategy is None else {
                 "tp": tp, "pp": pp, "profile": strategy.profile, "strategy": "parallel/strategy.txt",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import ffc
+from ffc.ir.quant import QUANT_MODES
 from ffc.ir.strategy import Workload
 from ffc.lower import PHASES
 from ffc.lower.describe import describe_plan
@@ -53,7 +54,7 @@ def _compile(a) -> None:
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
                   codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
                   kv_block_size=a.kv_block_size, tp=tp, pp=pp, profile=a.profile, memory_per_device=a.memory_per_device,
-                  workload=a.workload)
+                  workload=a.workload, quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype)
     print(a.output)
 
 
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="storage type of weights (computation is fp32)")
+    c.add_argument("--quant", default="none", choices=list(QUANT_MODES),
+                   help="weights in quantized blocks: gguf (each weight as the model's GGUF file stores it, no "
+                        "round trip through float), q4_0, q4_1, q8_0, int4-g32, int4-g64 (group-wise min/scale), "
+                        "int8 (a scale per row); the lm_head and embedding get q8_0 with 4-bit formats")
+    c.add_argument("--quant-skip", default=None, metavar="CLASSES",
+                   help="tensor classes kept in float with --quant: lm_head, embed (comma-separated)")
+    c.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
+                   help="storage of the KV cache (int8: a scale per position and head; 4x the tokens of fp32)")
     c.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="generated kernels for this device")
     c.add_argument("--no-codegen", action="store_true", help="skip kernel generation (interpreter only)")
     c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Optional
 
+from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Workload
-from ffc.ir.types import WEIGHT_DTYPES, DType, parse_dtype
+from ffc.ir.types import KV_DTYPES, WEIGHT_DTYPES, DType, parse_dtype
 from ffc.plan.schema import Target
 
 from .errors import InvalidRequestError
@@ -25,6 +26,8 @@ class CompileOptions:
     max_seq_len: Optional[int] = None  # None: the model's context, capped at MAX_SEQ_LEN_CAP
     dtype: DType = DType.F32      # storage type of linear/embedding weights; computation is f32
     target: Target = Target.CPU
+    quant: QuantPolicy = field(default_factory=QuantPolicy)   # quantized weight storage (--quant)
+    kv_dtype: DType = DType.F32   # storage of the KV cache (--kv-dtype)
     allow_pickle: bool = False
     codegen: bool = True          # generate and build kernels (False: interpreter-only artifact)
     prefill_tokens: int = 2048    # tokens per prefill step (longer prompts run in chunks)
@@ -47,6 +50,15 @@ class CompileOptions:
         if dtype not in WEIGHT_DTYPES:
             raise InvalidRequestError(f"dtype {self.dtype!r} is not supported; use one of fp32, bf16, fp16")
         object.__setattr__(self, "dtype", dtype)
+        if not isinstance(self.quant, QuantPolicy):
+            raise InvalidRequestError(f"quant must be a QuantPolicy, got {self.quant!r}")
+        try:
+            kv = parse_dtype(self.kv_dtype)
+        except ValueError:
+            kv = None
+        if kv not in KV_DTYPES:
+            raise InvalidRequestError(f"kv_dtype {self.kv_dtype!r} is not supported; use one of fp32, bf16, fp16, int8")
+        object.__setattr__(self, "kv_dtype", kv)
         try:
             object.__setattr__(self, "target", Target(self.target))
         except ValueError:
@@ -75,6 +87,7 @@ class CompileOptions:
         d = asdict(self)
         d["target"] = self.target.value
         d["dtype"] = self.dtype.value
+        d["kv_dtype"] = self.kv_dtype.value
         d["workload"] = {k: (v.value if isinstance(v, Enum) else v) for k, v in d["workload"].items()}
         return d
 

@@ -28,6 +28,7 @@ class ModelSource:
     spec: str          # what the user typed
     kind: str          # alias | gguf | folder | hub-cache
     path: str          # the folder transformers loads from (a converted cache for GGUF)
+    gguf: Optional[str] = None   # the GGUF file itself (alias, gguf): its blocks for --quant gguf
 
 
 def _package_file(package: str, filename: str) -> Path:
@@ -79,12 +80,13 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
 def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
     if spec in ALIASES:
         package, filename = ALIASES[spec]
-        return ModelSource(spec, "alias", str(_convert_gguf(_package_file(package, filename), spec)))
+        file = _package_file(package, filename)
+        return ModelSource(spec, "alias", str(_convert_gguf(file, spec)), str(file))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file {spec!r} does not exist; check the path")
-        return ModelSource(spec, "gguf", str(_convert_gguf(path.resolve(), path.stem)))
+        return ModelSource(spec, "gguf", str(_convert_gguf(path.resolve(), path.stem)), str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"folder {spec!r} has no config.json; point at a HuggingFace model "

@@ -10,13 +10,18 @@ import torch
 
 from .graph import Graph, Node, Param, ParamRef
 from .ops import COMMUNICATING, REGISTRY, Comm, Op
+from .types import QUANT, DType
 from .verify import bind_attrs
 
 
 def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tensor],
-                       names: Optional[set[str]] = None, rank: int = 0) -> dict[str, torch.Tensor]:
+                       names: Optional[set[str]] = None, rank: int = 0,
+                       blocks: Mapping[str, tuple[DType, torch.Tensor]] = {}) -> dict[str, torch.Tensor]:
     """Tensors for ``names`` (default: all), computing derived params from their recipes
-    (``rank``: whose slices ``local_shard`` recipes take)."""
+    (``rank``: whose slices ``local_shard`` recipes take). ``blocks``: source weights as a model
+    file stores them quantized (format, uint8 rows of blocks); a ``quantize`` recipe whose
+    sources all have blocks of its format takes those rows (concatenated, sharded, sliced as
+    its recipe says) instead of quantizing floats again, so the file's weights stay exact."""
     out: dict[str, torch.Tensor] = {}
 
     def get(name: str) -> torch.Tensor:
@@ -27,14 +32,40 @@ def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tens
             if name not in raw:
                 raise KeyError(f"weight {name!r} is not in the model's state dict")
             t = raw[name]
+        elif p.recipe.op is Op.QUANTIZE and (t := stored_rows(p.recipe.args[0].name, p.type.dtype)) is not None:
+            t = t.contiguous()
         else:
             args = [get(a.name) if isinstance(a, ParamRef) else a for a in p.recipe.args]
             extra = {"rank": rank} if p.recipe.op is Op.LOCAL_SHARD else {}
             t = REGISTRY[p.recipe.op].ref(*args, **p.recipe.attr_dict, **extra).contiguous()
-        if tuple(t.shape) != p.type.concrete({}) or t.dtype != p.type.torch_dtype:
+        if tuple(t.shape) != p.type.storage_shape() or t.dtype != p.type.torch_dtype:
             raise ValueError(f"weight {name!r} is {t.dtype}{list(t.shape)}, the IR declares {p.type}")
         out[name] = t
         return t
+
+    def stored_rows(name: str, fmt: DType) -> Optional[torch.Tensor]:
+        """Weight ``name`` in ``fmt`` from the file's blocks, if its recipe only moves whole rows
+        (or splits K at block boundaries)."""
+        p = params[name]
+        if p.recipe is None:
+            have = blocks.get(name)
+            return have[1] if have is not None and have[0] is fmt else None
+        a = p.recipe.attr_dict
+        if p.recipe.op is Op.CONCAT and a["dim"] % 2 == 0:
+            parts = [stored_rows(x.name, fmt) for x in p.recipe.args]
+            return None if any(x is None for x in parts) else torch.cat(parts)
+        src = stored_rows(p.recipe.args[0].name, fmt)
+        if src is None:
+            return None
+        if p.recipe.op is Op.LOCAL_SHARD and a["dim"] % 2 == 0:
+            return src.chunk(a["ranks"], 0)[rank]
+        if p.recipe.op is Op.LOCAL_SHARD and QUANT[fmt].block and p.type.shape[1] % QUANT[fmt].block == 0:  # K at blocks
+            cols = fmt.storage_cols(p.type.shape[1])
+            return src[:, rank * cols:(rank + 1) * cols]
+        if p.recipe.op is Op.SLICE and a["dim"] % 2 == 0 and (a.get("step") or 1) == 1:
+            return src[a.get("start") or 0:a.get("end")]
+        return None
+
     for name in (names if names is not None else params):
         get(name)
     return out

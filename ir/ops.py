@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import quant
 from .types import DType
 
 
@@ -50,6 +51,9 @@ class Op(Enum):
     RELU = "relu"
     SIGMOID = "sigmoid"
     CAST = "cast"
+    # quantized weights (ir/quant.py): a recipe makes the blocks, a node reads them as f32
+    QUANTIZE = "quantize"
+    DEQUANTIZE = "dequantize"
     # reductions
     MEAN = "mean"
     SUM = "sum"
@@ -79,6 +83,9 @@ BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
 ELEMENTWISE = UNARY | BINARY
 COMMUTATIVE = {Op.ADD, Op.MUL}
 LAYOUT = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.CONCAT, Op.SLICE}
+# A weight stored in another format: a node reading it as f32, a recipe making that storage.
+WEIGHT_READS = {Op.CAST, Op.DEQUANTIZE}
+STORAGE_RECIPES = {Op.CAST, Op.QUANTIZE}
 # Ops the constant folder may evaluate at compile time on weights (cheap, exact).
 FOLDABLE = ELEMENTWISE | LAYOUT
 # Ops with an effect besides their result (they write the KV cache, or talk to another stage).
@@ -141,29 +148,47 @@ def _attention(q, k, v, *, causal=True, scale=None, window=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+KV_SCALE_BYTES = 4   # an int8 KV-cache row: D int8 values, then their f32 scale
+
+
+def kv_quantize(x: torch.Tensor) -> torch.Tensor:
+    """Rows [..., D] of f32 -> int8 rows [..., D + 4]: symmetric, one scale per row (amax / 127),
+    rounded to nearest even; the scale's bytes follow the values."""
+    s = x.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.round(x * torch.where(s > 0, 1.0 / s, torch.zeros_like(s))).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, s.float().contiguous().view(torch.int8)], dim=-1)
+
+
+def kv_dequantize(r: torch.Tensor) -> torch.Tensor:
+    """int8 rows [..., D + 4] -> f32 [..., D]."""
+    return r[..., :-KV_SCALE_BYTES].float() * r[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)
+
+
 def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, layer, scale=None, window=None,
                       form="prefill"):
     """Write this step's K/V into the paged cache, then attend over each token's sequence.
 
     q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; seq_ids: [T] (row of
     block_tables); block_tables: [N, MB]; kv_cache: [L, 2, S, Hkv, BS, D] (S blocks of BS
-    positions). Token t of sequence n at position p writes block block_tables[n, p // BS],
-    offset p % BS, and attends to that sequence's positions 0..p (causal by construction,
-    across chunks and steps).
+    positions; an int8 cache: rows of D + 4, see kv_quantize). Token t of sequence n at
+    position p writes block block_tables[n, p // BS], offset p % BS, and attends to that
+    sequence's positions 0..p (causal by construction, across chunks and steps).
     """
     pos = positions[0]
     bs = kv_cache.shape[4]
     kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]               # [S, Hkv, BS, D]
     blocks, offs = block_tables[seq_ids, pos // bs], pos % bs     # [T], [T]
-    kc[blocks, :, offs] = k[0].transpose(0, 1).to(kc.dtype)
-    vc[blocks, :, offs] = v[0].transpose(0, 1).to(vc.dtype)
+    store = kv_quantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(kc.dtype))
+    load = kv_dequantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(q.dtype))
+    kc[blocks, :, offs] = store(k[0].transpose(0, 1))
+    vc[blocks, :, offs] = store(v[0].transpose(0, 1))
     out = torch.empty_like(q)
     t, n = 0, seq_ids.shape[0]
     gqa = q.shape[1] != k.shape[1]
 
     def gather(c, table, length):  # the sequence's first `length` positions: [1, Hkv, length, D]
-        b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, D]
-        return b.transpose(0, 1).reshape(1, c.shape[1], -1, c.shape[3])[:, :, :length].to(q.dtype)
+        b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, row]
+        return load(b.transpose(0, 1).reshape(1, c.shape[1], -1, c.shape[3])[:, :, :length])
 
     while t < n:  # runs of consecutive tokens that belong to one sequence
         e = t + 1
@@ -291,6 +316,11 @@ def _cost_matmul(ins, out) -> Estimate:
     return Estimate(flops=2.0 * _numel(out[0]) * a[-1], bytes=_bytes_of(ins + [out]))
 
 
+def _cost_dequantize(ins, out) -> Estimate:
+    # what a kernel that reads the weight through it reads: the blocks (counted by the reader)
+    return Estimate()
+
+
 def _cost_embedding(ins, out) -> Estimate:
     return Estimate(bytes=2.0 * _bytes_of([out]) + _bytes_of([ins[0]]))
 
@@ -387,6 +417,11 @@ REGISTRY: dict[Op, OpDef] = {
     Op.RELU: _unary(F.relu),
     Op.SIGMOID: _unary(torch.sigmoid),
     Op.CAST: OpDef(ref=lambda x, *, dtype: x.to(DType(dtype).torch), cost=_cost_elementwise, attrs=("dtype",)),
+    # shapes are logical ([N, K] for a quantized [N, K] weight; its storage is the format's)
+    Op.QUANTIZE: OpDef(ref=lambda x, *, format: quant.quantize(x, DType(format)), shape=_shape_same_as_first,
+                       attrs=("format",)),
+    Op.DEQUANTIZE: OpDef(ref=lambda x, *, format: quant.dequantize(x, DType(format)), cost=_cost_dequantize,
+                         shape=_shape_same_as_first, attrs=("format",)),
     Op.MEAN: OpDef(ref=lambda x, *, dims, keepdim: x.mean(dim=list(dims), keepdim=keepdim),
                    cost=_cost_elementwise, attrs=("dims", "keepdim")),
     Op.SUM: OpDef(ref=lambda x, *, dims, keepdim: x.sum(dim=list(dims), keepdim=keepdim),

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Callable, Mapping, Optional, Sequence
 
 from .graph import Node, ParamRef
-from .ops import BINARY, SHAPE_ATTRS, UNARY, Op
+from .ops import BINARY, SHAPE_ATTRS, STORAGE_RECIPES, UNARY, WEIGHT_READS, Op
 from .types import Placement, PlacementKind
 
 
@@ -266,6 +266,7 @@ RULES: dict[Op, _Rule] = {
     Op.DIV: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: k == 0),
     Op.POW: lambda n, tp, sh: _broadcast(n, tp, sh),
     **{op: (lambda n, tp, sh, lin=op in _LINEAR_UNARY: _broadcast(n, tp, sh, lambda k: lin)) for op in UNARY},
+    Op.DEQUANTIZE: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),
     Op.RESHAPE: _view_map, Op.TRANSPOSE: _view_map, Op.PERMUTE: _view_map, Op.UNSQUEEZE: _view_map,
     Op.EXPAND: _view_map,
     Op.CONCAT: lambda n, tp, sh: _along(n, tp, sh, "dim", partial=False),
@@ -324,9 +325,9 @@ def _stacked_part(n: Node, params: Mapping) -> bool:
         return False
     lin = n.inputs[0]
     w = lin.inputs[1]
-    w = w.inputs[0] if isinstance(w, Node) and w.op is Op.CAST else w
+    w = w.inputs[0] if isinstance(w, Node) and w.op in WEIGHT_READS else w
     p = params.get(w.name) if isinstance(w, ParamRef) else None
-    while p is not None and p.recipe is not None and p.recipe.op is Op.CAST:   # narrow copies of it
+    while p is not None and p.recipe is not None and p.recipe.op in STORAGE_RECIPES:   # narrow copies of it
         p = params.get(p.recipe.args[0].name)
     if p is None or p.recipe is None or p.recipe.op is not Op.CONCAT:
         return False

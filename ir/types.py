@@ -28,6 +28,14 @@ class DType(str, Enum):
     I8 = "i8"
     U8 = "u8"
     BOOL = "bool"
+    # quantized weight formats (ir/quant.py): stored as uint8 blocks along the last dim
+    Q4_0 = "q4_0"
+    Q4_1 = "q4_1"
+    Q8_0 = "q8_0"
+    Q4_K = "q4_k"
+    Q6_K = "q6_k"
+    I4G64 = "i4g64"
+    I8R = "i8r"
 
     @classmethod
     def _missing_(cls, value):
@@ -54,7 +62,32 @@ class DType(str, Enum):
 
     @property
     def itemsize(self) -> int:
+        """Bytes of one stored element (a quantized format: of its uint8 storage)."""
         return _TORCH[self].itemsize
+
+    @property
+    def quantized(self) -> bool:
+        """A block format (ir/quant.py): the storage is uint8 blocks, not one element per value."""
+        return self in _QUANTIZED
+
+    @property
+    def element_bytes(self) -> float:
+        """Bytes per value as stored, scales included (2 for bf16, 0.5625 for q4_0, ...)."""
+        q = QUANT.get(self)
+        if q is None:
+            return float(self.itemsize)
+        return 1.0 if q.block == 0 else q.block_bytes / q.block
+
+    def storage_cols(self, k: int) -> int:
+        """Elements of storage a row of ``k`` values takes (bytes, for a quantized format)."""
+        q = QUANT.get(self)
+        if q is None:
+            return k
+        if q.block == 0:
+            return k + q.block_bytes
+        if k % q.block:
+            raise ValueError(f"a row of {k} values is not a whole number of {self} blocks of {q.block}")
+        return k // q.block * q.block_bytes
 
     @property
     def ctype(self) -> str:
@@ -73,10 +106,35 @@ _ALIASES = {"fp32": "f32", "float32": "f32", "float": "f32", "fp16": "f16", "flo
 _TORCH = {DType.F32: torch.float32, DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.F64: torch.float64,
           DType.I64: torch.int64, DType.I32: torch.int32, DType.I8: torch.int8, DType.U8: torch.uint8,
           DType.BOOL: torch.bool}
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """A quantized format's blocks along the last dim (ir/quant.py has the layouts)."""
+    block: int            # values per block (0: the whole row, i8r)
+    block_bytes: int      # bytes per block (i8r: per row beyond its K int8 values)
+    bits: int             # bits of a stored value (4 or 8): the kernels' unpacking class
+    gguf: Optional[str]   # the GGML type name, for formats a GGUF file can hold
+
+
+QUANT: dict[DType, QuantInfo] = {
+    DType.Q4_0: QuantInfo(32, 18, 4, "Q4_0"),
+    DType.Q4_1: QuantInfo(32, 20, 4, "Q4_1"),
+    DType.Q8_0: QuantInfo(32, 34, 8, "Q8_0"),
+    DType.Q4_K: QuantInfo(256, 144, 4, "Q4_K"),
+    DType.Q6_K: QuantInfo(256, 210, 8, "Q6_K"),
+    DType.I4G64: QuantInfo(64, 36, 4, None),
+    DType.I8R: QuantInfo(0, 4, 8, None),
+}
+_QUANTIZED = set(QUANT)
+_TORCH.update({d: torch.uint8 for d in _QUANTIZED})
 _CTYPES = {DType.F32: "float", DType.BF16: "ffc_bf16", DType.F16: "ffc_f16", DType.I64: "int64_t",
-           DType.I32: "int32_t", DType.BOOL: "bool", DType.F64: "double", DType.U8: "uint8_t", DType.I8: "int8_t"}
+           DType.I32: "int32_t", DType.BOOL: "bool", DType.F64: "double", DType.U8: "uint8_t", DType.I8: "int8_t",
+           **{d: "uint8_t" for d in _QUANTIZED}}
 # the storage types of weights that --dtype offers (computation stays f32)
 WEIGHT_DTYPES = (DType.F32, DType.BF16, DType.F16)
+# the storage types of the KV cache that --kv-dtype offers (i8: a scale per position and head)
+KV_DTYPES = (DType.F32, DType.BF16, DType.F16, DType.I8)
 
 
 def parse_dtype(value) -> DType:
@@ -200,6 +258,11 @@ class TensorType:
 
     def with_shape(self, shape) -> "TensorType":
         return TensorType(self.dtype, tuple(shape), self.placement)
+
+    def storage_shape(self, env: Mapping[str, int] = {}) -> tuple[int, ...]:
+        """The shape of the tensor that holds this type (a quantized format: uint8 rows of blocks)."""
+        shape = self.concrete(env)
+        return (*shape[:-1], self.dtype.storage_cols(shape[-1])) if shape else shape
 
     def with_dtype(self, dtype: str) -> "TensorType":
         return TensorType(dtype, self.shape, self.placement)

@@ -12,7 +12,7 @@ from .graph import Graph, Module, Node, ParamRef
 from .ops import REGISTRY, SHAPE_ATTRS, Op
 from .sharding import check_placements
 from .text import format_node, node_names
-from .types import eval_dim
+from .types import DType, eval_dim
 
 
 class VerifyError(ValueError):
@@ -105,6 +105,10 @@ def verify_graph(g: Graph, module: Module) -> None:
         if set(n.attrs) - allowed:
             raise VerifyError(f"graph {g.name}: {n.op.value} takes attributes {sorted(allowed)}, "
                               f"not {sorted(set(n.attrs) - allowed)}", line)
+        if n.op is Op.DEQUANTIZE and (in_types[0] is None or in_types[0].dtype.value != n.attrs.get("format")
+                                      or n.type.dtype is not DType.F32):
+            raise VerifyError(f"graph {g.name}: dequantize reads a {n.attrs.get('format')} weight into f32, but its "
+                              f"operand is {in_types[0]} and its result {n.type}", line)
         for env in bindings:
             try:
                 shape = infer_shape(n, in_types, env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ffc.ir import Node, Op
 
 from .horizontal import fuse_siblings
+from .quantize_weights import source_format
 from .rewrite import per_graph
 
 
@@ -20,4 +21,4 @@ def _choose(siblings: list[Node], users: dict) -> list[list[Node]]:
 @per_graph
 def fuse_gate_up(graph, module, ctx):
     """Fuse each gated MLP's gate/up projections into one linear."""
-    fuse_siblings(graph, module, _choose)
+    fuse_siblings(graph, module, _choose, lambda w: source_format(module, w, ctx.source_formats))

@@ -6,6 +6,7 @@ from ffc.ir import Node, Op
 from ffc.ir.ops import LAYOUT
 
 from .horizontal import fuse_siblings
+from .quantize_weights import source_format
 from .rewrite import per_graph
 
 _PASS_THROUGH = LAYOUT | {Op.ROPE}
@@ -39,4 +40,4 @@ def _choose(siblings: list[Node], users: dict) -> list[list[Node]]:
 @per_graph
 def fuse_qkv(graph, module, ctx):
     """Fuse each attention's Q/K/V projections into one linear."""
-    fuse_siblings(graph, module, _choose)
+    fuse_siblings(graph, module, _choose, lambda w: source_format(module, w, ctx.source_formats))

@@ -70,10 +70,13 @@ def fuse_group(graph: Graph, module: Module, group: list[Node]) -> None:
     graph.nodes = [n for n in graph.nodes if n not in group]
 
 
-def fuse_siblings(graph: Graph, module: Module, choose: Callable[[list[Node], dict], list[list[Node]]]):
+def fuse_siblings(graph: Graph, module: Module, choose: Callable[[list[Node], dict], list[list[Node]]],
+                  stored: Callable[[str], object] = lambda name: None):
     """Group fusable linears by their input; ``choose(siblings, users)`` picks the groups to fuse.
     On a tensor-parallel graph only linears with the same placement are siblings: column-parallel
-    parts fuse into one rank-local stack of their shards, replicated ones into one replicated."""
+    parts fuse into one rank-local stack of their shards, replicated ones into one replicated.
+    ``stored(weight)``: how the model file stores a weight (a GGUF block format); only weights
+    stored alike fuse, so a fused weight keeps the file's blocks (--quant gguf)."""
     by_input: dict[tuple, list[Node]] = {}
     for n in graph.nodes:
         if _fusable(n) and isinstance(n.inputs[0], Node):
@@ -84,5 +87,6 @@ def fuse_siblings(graph: Graph, module: Module, choose: Callable[[list[Node], di
             continue
         for group in choose(siblings, users):
             if len(group) >= 2 and len({len(n.inputs) for n in group}) == 1 and \
-                    len({module.params[n.inputs[1].name].type.shape[1] for n in group}) == 1:
+                    len({module.params[n.inputs[1].name].type.shape[1] for n in group}) == 1 and \
+                    len({stored(n.inputs[1].name) for n in group}) == 1:
                 fuse_group(graph, module, sorted(group, key=graph.nodes.index))

@@ -6,8 +6,10 @@ of any number of sequences, ``seq_ids`` [T] (which row of the block table each t
 sequence owns), ``block_tables`` [N, MB] (per sequence, the pool blocks holding its
 positions: position p lives in block ``block_tables[n, p // BS]`` at offset ``p % BS``)
 and ``kv_cache`` [L, 2, S, Hkv, BS, D], a pool of S blocks of BS positions
-(MB = ceil(max_seq_len / BS)). Every causal ``attention`` becomes ``cached_attention``,
-which writes the step's K/V at each token's position and attends over its sequence's
+(MB = ceil(max_seq_len / BS)), stored as ``--kv-dtype`` says: f32, bf16 or f16 rows of D,
+or i8 rows of D values and their f32 scale (D + 4 bytes: a scale per position and head, so
+writing a position never rescales another). Every causal ``attention`` becomes
+``cached_attention``, which writes the step's K/V at each token's position and attends over its sequence's
 blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
 tokens (T tokens); ``decode`` is the same graph specialised to one token per sequence
 (T renamed B, attention form "decode").
@@ -15,7 +17,7 @@ tokens (T tokens); ``decode`` is the same graph specialised to one token per seq
 from __future__ import annotations
 
 from ffc.ir import Graph, Module, Node, Op, TensorType
-from ffc.ir.ops import SHAPE_ATTRS
+from ffc.ir.ops import KV_SCALE_BYTES, SHAPE_ATTRS
 from ffc.ir.sharding import R, S
 from ffc.ir.types import DType, rename_dim
 
@@ -60,7 +62,9 @@ def insert_kv_cache(module: Module, ctx) -> Module:
     seqs = Node(Op.INPUT, type=TensorType(DType.I64, (tokens,), book), name="seq_ids")
     tables = Node(Op.INPUT, type=TensorType(DType.I64, ("N", -(-ctx.max_seq_len // bs)), book),
                   name="block_tables")
-    cache = Node(Op.INPUT, type=TensorType(dtype, (len(attns), 2, "S", hkv, bs, d), cache_place), name="kv_cache")
+    cdtype = ctx.kv_dtype
+    row = d + KV_SCALE_BYTES if cdtype is DType.I8 else d     # int8 rows end with their f32 scale
+    cache = Node(Op.INPUT, type=TensorType(cdtype, (len(attns), 2, "S", hkv, bs, row), cache_place), name="kv_cache")
     g.inputs += [seqs, tables, cache]
     for layer, a in enumerate(attns):
         q, k, v = a.inputs

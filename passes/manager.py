@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 from ffc.errors import FfcError, PassError
 from ffc.ir import Module, print_module, verify_module
+from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy
 from ffc.ir.types import DType
 from ffc.ir.verify import VerifyError
@@ -25,7 +26,11 @@ class PassContext:
     max_seq_len: int = 2048
     model: str = ""  # for repro commands only
     dtype: DType = DType.F32  # storage type of linear/embedding weights: f32, bf16 or f16
+    quant: QuantPolicy = QuantPolicy()   # quantized storage per tensor class (--quant, --quant-skip)
+    # the block format of each source weight in a GGUF model file (HF name -> format); {} otherwise
+    source_formats: Mapping[str, DType] = field(default_factory=dict)
     kv_block_size: int = 16  # positions per paged-KV-cache block
+    kv_dtype: DType = DType.F32   # storage of the KV cache (i8: D values and an f32 scale per row)
     tp: int = 1              # tensor-parallel ranks asked for
     pp: int = 1              # pipeline stages asked for
     # the strategy search, given by the compiler: (module, context) -> Strategy

@@ -6,6 +6,7 @@ from .fold_constants import fold_constants
 from .fuse_gate_up import fuse_gate_up
 from .fuse_qkv import fuse_qkv
 from .insert_kv_cache import insert_kv_cache
+from .quantize_weights import quantize_weights
 from .raise_attention import raise_attention
 from .raise_glu import raise_glu
 from .raise_rms_norm import raise_rms_norm
@@ -37,7 +38,8 @@ PIPELINE = [
     # KV cache: prefill and decode graphs over a preallocated cache
     insert_kv_cache,
     select_logits,
-    # storage type of weights (--dtype); computation stays fp32
+    # storage of weights: quantized blocks (--quant), else --dtype; computation stays fp32
+    quantize_weights,
     set_weight_dtype,
     # pipeline parallelism: one graph per stage (the search chose the layers of each)
     split_pipeline_stages,

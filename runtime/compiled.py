@@ -25,6 +25,7 @@ from ffc.plan.expr import X
 from ffc.plan.schema import PLAN_VERSION, Arg, ArgKind, GraphPlan, Plan, Step, Target, limits
 
 from .kernel_library import load_library
+from .qpanels import pack_qpanels
 
 
 def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
@@ -67,7 +68,9 @@ class CompiledPlan:
         for a in args:
             if a.kind is ArgKind.PACKED and a.name not in self.packed:
                 p = plan.packed[a.name]
-                self.packed[a.name] = pack_panels(weights[p.param], p.rows, p.nr)
+                info = plan.params[p.param]
+                self.packed[a.name] = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
+                                       if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
         names = set(lib.kernel_names())
         missing = sorted(names - set(plan.kernels)) + sorted(set(plan.kernels) - names)
         if missing:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ffc import knobs
 from ffc.artifact import Artifact
 from ffc.errors import ArtifactError, FfcError, InvalidRequestError
+from ffc.ir.types import DType
 from ffc.util import parse_memory
 
 from . import distributed
@@ -29,7 +30,7 @@ from .sampling import SamplingParams
 from .scheduler import Request, SchedulerConfig
 
 # the safetensors header's dtype names, as the IR spells them
-_SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64"}
+_SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64", "U8": "u8"}
 LibraryHook = Callable[[Artifact], Path]
 
 
@@ -52,7 +53,9 @@ def _check_weights(art: Artifact, module) -> dict:
         except (OSError, SafetensorError) as e:
             raise ArtifactError(f"artifact file {rel} is unreadable ({e}); recompile") from None
         for name, p in module.params.items():
-            if name in used and have.get(name) != (p.type.concrete({}), p.type.dtype):
+            # a quantized weight is stored as uint8 rows of its format's blocks
+            stored = DType.U8 if p.type.dtype.quantized else p.type.dtype
+            if name in used and have.get(name) != (p.type.storage_shape(), stored.value):
                 raise ArtifactError(f"weight {name} in {rel} does not match the IR ({p.type}); recompile the artifact")
     return load_file(str(art.path("weights/rank0.safetensors"))) if tp * pp == 1 else {}
 

@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 
 from ffc.ir import Node, Op, ParamRef
-from ffc.ir.ops import ELEMENTWISE
+from ffc.ir.ops import ELEMENTWISE, WEIGHT_READS
 from ffc.plan.kernels import KERNEL_OF_OP, Family
 from ffc.plan.schema import FusionDecision, FusionKind
 
@@ -31,7 +31,7 @@ class Partition:
 
 def _anchors(gr: Grouping) -> None:
     for n in gr.graph.nodes:
-        if n in gr.owner or n.op in VIEW_OPS:
+        if n in gr.owner or n.op in VIEW_OPS or n.op is Op.DEQUANTIZE:    # blocks: read by their kernel
             continue
         if n.op in KERNEL_OF_OP:
             gr.group(n, KERNEL_OF_OP[n.op])
@@ -39,13 +39,18 @@ def _anchors(gr: Grouping) -> None:
             raise LoweringError(
                 f"op {n.op.value} (%{n.name}, from {n.origin or 'the model'}) has no generated kernel; "
                 "run this model with the interpreter (ffc.load(..., backend='interpreter'))")
-    # A weight read through a cast (bf16/fp16 storage) is converted inside the kernel's loads.
+    # A weight read through a cast (bf16/fp16 storage) or a dequantize (blocks) is converted
+    # inside the kernel that reads it.
     for n in gr.graph.nodes:
         w = n.inputs[1] if n.op in (Op.LINEAR, Op.EMBEDDING) else None
-        if isinstance(w, Node) and w.op is Op.CAST and isinstance(w.inputs[0], ParamRef) and w not in gr.owner \
+        if isinstance(w, Node) and w.op in WEIGHT_READS and isinstance(w.inputs[0], ParamRef) and w not in gr.owner \
                 and all(u.op in (Op.LINEAR, Op.EMBEDDING) for u in gr.users[w]):
             gr.owner[w] = gr.owner[n]
             gr.owner[n].nodes.append(w)
+    for n in gr.graph.nodes:
+        if n.op is Op.DEQUANTIZE and n not in gr.owner:
+            raise LoweringError(f"quantized weight {n.inputs[0]} (%{n.name}) is read by something other than a linear or "
+                                "an embedding; no kernel reads blocks there")
 
 
 def _inlined(gr: Grouping, root: Node, roots: set) -> list[Node]:

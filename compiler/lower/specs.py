@@ -11,6 +11,7 @@ import math
 from typing import Callable
 
 from ffc.ir import Module, Node, Op, ParamRef
+from ffc.ir.ops import WEIGHT_READS
 from ffc.ir.types import DType
 from ffc.plan import expr as ex
 from ffc.plan.expr import Fn
@@ -59,7 +60,8 @@ class SpecContext:
         return a, ra
 
     def weight(self, value) -> Arg:
-        if isinstance(value, Node) and value.op is Op.CAST and isinstance(value.inputs[0], ParamRef):
+        """The stored weight a kernel reads (through a cast or dequantize: its storage)."""
+        if isinstance(value, Node) and value.op in WEIGHT_READS and isinstance(value.inputs[0], ParamRef):
             value = value.inputs[0]
         if not isinstance(value, ParamRef):
             raise LoweringError(f"graph {self.graph.name}: a linear's weight is computed at run time "
@@ -70,11 +72,15 @@ class SpecContext:
     def out(node: Node) -> Arg:
         return Arg(ArgKind.BUF, node.name, 0, node.type.dtype)
 
+    def panel_rows(self, w: Arg) -> int:
+        """Rows per panel the target packs weight ``w`` in (0: read as stored)."""
+        return self.policy.qpanel_rows if w.dtype.quantized else self.policy.panel_rows
+
     def pack(self, w: Arg, rows: list[tuple[int, int]]) -> Arg:
         """Weight ``w``'s row ranges packed in the policy's panels, made once when the plan is bound."""
         whole = [(0, self.module.params[w.name].type.shape[0])]
         key = w.name if rows == whole else w.name + "#" + ",".join(f"{a}:{n}" for a, n in rows)
-        self.packed[key] = Packed(w.name, self.policy.panel_rows, tuple(tuple(r) for r in rows))
+        self.packed[key] = Packed(w.name, self.panel_rows(w), tuple(tuple(r) for r in rows))
         return Arg(ArgKind.PACKED, key, 0, w.dtype)
 
     def tied(self, param: str) -> bool:
@@ -82,7 +88,7 @@ class SpecContext:
         for g in self.part.groups:
             if g.family is Family.LINEAR and g.glu is None:
                 w = g.anchor.inputs[1]
-                w = w.inputs[0] if isinstance(w, Node) and w.op is Op.CAST else w
+                w = w.inputs[0] if isinstance(w, Node) and w.op in WEIGHT_READS else w
                 if isinstance(w, ParamRef) and w.name == param:
                     return True
         return False
@@ -99,7 +105,10 @@ def linear_spec(c: SpecContext, g: Group):
     N = out.type.shape[-1]
     glu = ex.call(Fn(g.glu.act), ex.var("v")) if g.glu else None
     gate_off, up_off = (g.glu.gate_start, g.glu.up_start) if g.glu else (0, 0)
-    nr = c.policy.panel_rows
+    nr = c.panel_rows(w)
+    if w.dtype.quantized and not nr:
+        raise LoweringError(f"graph {c.graph.name}: {c.policy.target.value} has no kernel for {w.dtype} weights "
+                            f"(%{lin.name}); compile with --target cpu or without --quant")
     panels = -(-N // nr) if nr else 0
     if nr:
         w = c.pack(w, [(gate_off, N), (up_off, N)] if glu else [(0, N)])
@@ -121,7 +130,8 @@ def linear_spec(c: SpecContext, g: Group):
              ("res", len(args) - 1 if residual else None))
     return LinearSpec(wtype=w.dtype, K=xr.K, N=N, M=xr.rows, x_ld=xr.ld, out_ld=ex.const(N), res_ld=res_ld,
                       bias=bias, residual=residual, glu=glu, act=act, gate_off=gate_off, up_off=up_off, nr=nr,
-                      panels=panels, up_panel=panels, gemv_max_m=GEMV_MAX_M, arg=slots), args
+                      panels=panels, up_panel=panels, gemv_max_m=GEMV_MAX_M, arg=slots,
+                      wformat=w.dtype.value if w.dtype.quantized else ""), args
 
 
 def norm_spec(c: SpecContext, g: Group):
@@ -207,11 +217,17 @@ def gather_spec(c: SpecContext, g: Group):
         rows, K = c.module.params[tab.name].type.shape
         idx, _ = c.arg(ids, "token ids")
         nr = 0
-        if c.policy.panel_rows and c.tied(tab.name):   # read the lm_head's panels: no second copy
+        if tab.dtype.quantized:      # rows of blocks, read from panels (the lm_head's, when tied)
+            if not c.panel_rows(tab):
+                raise LoweringError(f"graph {c.graph.name}: {c.policy.target.value} has no kernel for a {tab.dtype} "
+                                    f"embedding (%{n.name}); compile with --target cpu or --quant-skip embed")
+            tab, nr = c.pack(tab, [(0, rows)]), c.panel_rows(tab)
+        elif c.policy.panel_rows and c.tied(tab.name):   # read the lm_head's panels: no second copy
             tab, nr = c.pack(tab, [(0, rows)]), c.policy.panel_rows
         M = ex.product(ex.from_dim(d) for d in ids.type.shape if d != 1)
         return GatherSpec(wtype=tab.dtype, rows=ex.const(rows), K=K, M=M, tab_ld=ex.const(K), out_ld=ex.const(K),
-                          nr=nr, arg=_slots(["out", "table", "idx"])), [c.out(out), tab, idx]
+                          nr=nr, arg=_slots(["out", "table", "idx"]),
+                          wformat=tab.dtype.value if tab.dtype.quantized else ""), [c.out(out), tab, idx]
     x, idxv = n.inputs     # take rows along the token dim
     if n.attrs["dim"] % n.type.rank != n.type.rank - 2:
         raise LoweringError(f"take along dim {n.attrs['dim']} (%{n.name}) has no kernel")

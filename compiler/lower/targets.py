@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ffc.plan.schema import Target
 
 PANEL_ROWS = 48       # CPU linear weights are packed in panels of this many rows (FFC_NR in csrc/ffc_cpu.h)
+QPANEL_ROWS = 16      # quantized ones in panels of this many rows (FFC_QR in csrc/ffc_quant.h)
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,8 @@ class TargetPolicy:
     # linear weights repacked when the plan is bound, into panels of this many rows (each k
     # step of the register-tiled kernel reads them contiguously); 0: read as stored
     panel_rows: int = 0
+    qpanel_rows: int = 0      # the same for quantized weights (rows of blocks); 0: read as stored
 
 
-POLICIES = {Target.CPU: TargetPolicy(Target.CPU, panel_rows=PANEL_ROWS),
+POLICIES = {Target.CPU: TargetPolicy(Target.CPU, panel_rows=PANEL_ROWS, qpanel_rows=QPANEL_ROWS),
             Target.CUDA: TargetPolicy(Target.CUDA)}

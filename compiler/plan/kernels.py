@@ -97,6 +97,7 @@ class LinearSpec:
     up_panel: int            # the first panel of the up half (glu)
     gemv_max_m: int
     arg: Slots
+    wformat: str = ""        # a quantized format (ir/quant.py): panels of its blocks; "" for float
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ class GatherSpec:
     out_ld: Expr
     nr: int
     arg: Slots
+    wformat: str = ""        # a quantized table: rows dequantized from its panels
 
 
 @dataclass(frozen=True)

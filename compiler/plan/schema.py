@@ -23,7 +23,8 @@ from . import codec
 from .expr import Expr
 from .kernels import SPECS, CollectiveSpec, Family
 
-PLAN_VERSION = 3                      # 2: CPU linear weights packed in panels; 3: typed specs (expressions)
+PLAN_VERSION = 4                      # 2: CPU linear weights packed in panels; 3: typed specs (expressions);
+                                      # 4: quantized weights (block panels), KV-cache storage types
 DIMS = ("T", "N", "S")                # the dynamic dims every kernel receives, in this order
 _KERNEL_NAME = re.compile(r"^k\d{1,6}_[a-z]{1,16}$")
 
@@ -140,7 +141,8 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Packed:
-    """A weight's row ranges packed in panels of ``nr`` rows (csrc/ffc_cpu.h), once at bind."""
+    """A weight's row ranges packed in panels of ``nr`` rows, once at bind: float weights as
+    csrc/ffc_cpu.h reads them, quantized ones (the param's format) as csrc/ffc_quant.h does."""
     param: str
     nr: int
     rows: tuple[tuple[int, int], ...]   # (first row, count) per range

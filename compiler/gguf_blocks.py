@@ -1,0 +1,79 @@
+"""ffc's own GGUF reader for quantized weights: each HF weight's blocks as the file holds them.
+
+transformers loads a GGUF file by dequantizing it to float (and, for Llama's q/k
+projections, undoing the rotary row order llama.cpp's converter applied). ``--quant gguf``
+runs the file's own blocks instead: for every HF weight whose GGUF tensor is in a block
+format ffc has kernels for, the tensor's rows of blocks ([N, bytes per row], a view of the
+memory-mapped file) are taken as they are, and the row order is matched to the HF weight
+(rows are whole blocks, so reordering them is exact). Nothing goes through float. Every
+weight taken is checked: its blocks, dequantized, must equal transformers' float weight bit
+for bit, so the compiled model runs exactly the weights llama.cpp runs, or compile stops.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import gguf
+import numpy as np
+import torch
+
+from ffc.ir.quant import GGUF_FORMATS, dequantize
+from ffc.ir.types import DType
+
+from .errors import UnsupportedModelError
+
+_ARCHS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+
+def _field_str(reader: gguf.GGUFReader, key: str) -> str:
+    f = reader.fields.get(key)
+    if f is None:
+        raise UnsupportedModelError(f"the GGUF file has no {key}")
+    return bytes(f.parts[f.data[0]]).decode()
+
+
+def _rope_rows(storage: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's converter stores each head's q/k rows as interleaved pairs; HF keeps the two
+    halves apart. Undo it on whole rows (transformers' reverse permutation, on blocks)."""
+    n = storage.shape[0]
+    return storage.reshape(heads, n // heads // 2, 2, -1).transpose(1, 2).reshape(n, -1)
+
+
+def read_blocks(path: str | Path, config, weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[DType, torch.Tensor]]:
+    """{HF weight name: (format, uint8 storage [N, bytes per row])} for the 2-D weights of
+    ``weights`` (the float ones transformers made from this file) whose tensor the file holds
+    in a block format ffc runs. Float tensors of the file are not listed."""
+    reader = gguf.GGUFReader(str(path))
+    arch = _field_str(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} has no tensor name map in the gguf package")
+    names = gguf.get_tensor_name_map(_ARCHS[arch], int(config.num_hidden_layers))
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {"attn_q": int(config.num_attention_heads),
+             "attn_k": int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)}
+    out: dict[str, tuple[DType, torch.Tensor]] = {}
+    for name, w in weights.items():
+        if w.dim() != 2:
+            continue
+        key = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if key not in tensors and key == "output.weight" and getattr(config, "tie_word_embeddings", False):
+            key = "token_embd.weight"     # a tied lm_head is the embedding table
+        t = tensors.get(key)
+        fmt = GGUF_FORMATS.get(t.tensor_type.name) if t is not None else None
+        if fmt is None:
+            continue
+        storage = torch.from_numpy(np.array(t.data).reshape(w.shape[0], -1))   # a copy: the file's map is read-only
+        candidates = [storage]
+        kind = key.split(".")[-2]
+        if kind in heads:
+            candidates.append(_rope_rows(storage, heads[kind]))
+        for c in candidates:
+            if torch.equal(dequantize(c, fmt, w.shape[1]).view(torch.int32), w.float().contiguous().view(torch.int32)):
+                out[name] = (fmt, c.contiguous())
+                break
+        else:
+            raise UnsupportedModelError(
+                f"GGUF tensor {key} ({fmt}) does not decode to transformers' {name}; ffc cannot map this file's "
+                "blocks to the model's weights (compile without --quant gguf to use the float weights)")
+    return out
