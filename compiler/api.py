@@ -138,19 +138,18 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     config = sources.load_config(source)
     family = sources.check_architecture(config)
     msl = sources.resolve_max_seq_len(config, max_seq_len)
-    try:
-        policy = QuantPolicy.parse(quant, quant_skip)
-    except ValueError as e:
-        raise InvalidRequestError(str(e)) from None
+    policy = QuantPolicy.parse(quant, quant_skip)
     if policy.mode == "gguf" and source.gguf is None:
         raise InvalidRequestError(f"--quant gguf runs the blocks of a GGUF file, but {model!r} is not one; give a "
                                   ".gguf file or a GGUF alias, or quantize with --quant q4_0|q8_0|int4-g32|int8")
+    linear_fmt = gguf_blocks.linear_format(policy, source.gguf)
     options = CompileOptions(max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype, target=target,
                              quant=policy, kv_dtype=kv_dtype,
                              codegen=codegen, prefill_tokens=prefill_tokens, max_batch=max_batch,
                              kv_block_size=kv_block_size, tp=tp, pp=pp, profile=profile or "local",
                              memory_per_device=parse_memory(memory_per_device, what="memory_per_device"),
-                             workload=Workload.parse(workload, max_seq_len=msl, weight_dtype=dtype))
+                             workload=Workload.parse(workload, max_seq_len=msl, weight_dtype=linear_fmt or dtype,
+                                                     kv_dtype=kv_dtype))
     with ArtifactWriter(output) as art:
         log(f"loading {model} ({family})")
         hf = sources.load_model(source, allow_pickle)

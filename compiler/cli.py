@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import ffc
-from ffc.ir.quant import QUANT_MODES
+from ffc.ir.quant import QUANT_MODES, QuantPolicy
 from ffc.ir.strategy import Workload
 from ffc.lower import PHASES
 from ffc.lower.describe import describe_plan
@@ -24,6 +24,7 @@ from .calibrate import calibrate, profile_for, save
 from .codegen import render_sources
 from .debug import compare
 from .errors import FfcError
+from .evaluate import evaluate, read_text
 from .parallel import dry_run
 from .util import parse_memory
 
@@ -46,7 +47,8 @@ def _compile(a) -> None:
         print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=profile_for(a.profile, log),
                       memory_limit=parse_memory(a.memory_per_device, what="--memory-per-device"),
                       workload=Workload.parse(a.workload),
-                      max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle, log=log))
+                      max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle,
+                      quant=QuantPolicy.parse(a.quant, a.quant_skip), kv_dtype=a.kv_dtype, log=log))
         return
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")
@@ -77,6 +79,21 @@ def _bench(a) -> None:
                     batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
                     log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
     print(format_bench(res))
+
+
+def _eval(a) -> None:
+    text = read_text(a.perplexity)
+    llm = ffc.load(a.artifact, kv_cache_memory=a.kv_cache_memory)
+    base = ffc.load(a.kl_divergence, kv_cache_memory=a.kv_cache_memory) if a.kl_divergence else None
+    try:
+        res = evaluate(llm, text, ctx=a.ctx, base=base, max_windows=a.chunks,
+                       progress=lambda k, n: print(f"[ffc] window {k}/{n}", file=sys.stderr) if k % 10 == 0 or k == n
+                       else None)
+    finally:
+        llm.close()
+        if base is not None:
+            base.close()
+    print(res.format())
 
 
 def _calibrate(a) -> None:
@@ -253,13 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="benchmark an artifact against transformers eager in one run")
     be.add_argument("artifact")
-    be.add_argument("--compare", default="transformers", choices=["transformers", "none"])
+    be.add_argument("--compare", default="transformers", metavar="transformers|none|OTHER.ffc",
+                    help="the baseline run side by side: transformers eager, nothing, or another artifact "
+                         "(e.g. the fp32 one next to a quantized one)")
     be.add_argument("--runs", type=int, default=5)
     be.add_argument("--new-tokens", type=int, default=128)
     be.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     be.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
     be.add_argument("--threads", type=int, default=None)
     be.set_defaults(fn=_bench)
+
+    ev = sub.add_parser("eval", help="perplexity on a text (llama.cpp's windows), KL divergence against a base "
+                                     "artifact")
+    ev.add_argument("artifact")
+    ev.add_argument("--perplexity", required=True, metavar="FILE.txt", help="the text to score")
+    ev.add_argument("--ctx", type=int, default=512, help="tokens per window (the second half of each is scored)")
+    ev.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
+    ev.add_argument("--kl-divergence", default=None, metavar="BASE.ffc",
+                    help="also compare the next-token distributions with this artifact's (e.g. fp32): mean KL, "
+                         "top-1 agreement")
+    ev.add_argument("--kv-cache-memory", default="256MiB", help="KV pool for the windows")
+    ev.set_defaults(fn=_eval)
 
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")

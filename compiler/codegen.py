@@ -86,7 +86,7 @@ TEMPLATE_DIR = _data_dir("codegen_templates")
 CSRC_DIR = _data_dir("csrc")
 TARGETS = {Target.CPU: {"ext": ".cpp", "header": "ffc_cpu.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "ffc_quant.h", "executor.cpp"],
                    "abi": "int tid, int nth"},
-           Target.CUDA: {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "executor_cuda.cu"],
+           Target.CUDA: {"ext": ".cu", "header": "ffc_cuda.h", "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "ffc_blocks.h", "executor_cuda.cu"],
                     "abi": "void* stream"}}
 
 

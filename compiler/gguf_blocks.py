@@ -11,14 +11,15 @@ for bit, so the compiled model runs exactly the weights llama.cpp runs, or compi
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import gguf
 import numpy as np
 import torch
 
-from ffc.ir.quant import GGUF_FORMATS, dequantize
+from ffc.ir.quant import GGUF_FORMATS, QuantPolicy, dequantize
 from ffc.ir.types import DType
 
 from .errors import UnsupportedModelError
@@ -77,3 +78,14 @@ def read_blocks(path: str | Path, config, weights: Mapping[str, torch.Tensor]) -
                 f"GGUF tensor {key} ({fmt}) does not decode to transformers' {name}; ffc cannot map this file's "
                 "blocks to the model's weights (compile without --quant gguf to use the float weights)")
     return out
+
+
+def linear_format(policy: QuantPolicy, gguf_file: Optional[str]) -> Optional[DType]:
+    """The format the policy gives the layers' linears (what the strategy search prices their
+    weights in): with ``gguf``, the block format most of the file's 2-D tensors have."""
+    if policy.mode != "gguf" or gguf_file is None:
+        return policy.format_for("linear")
+    reader = gguf.GGUFReader(str(gguf_file))
+    found = Counter(GGUF_FORMATS.get(t.tensor_type.name) for t in reader.tensors if len(t.shape) == 2)
+    found.pop(None, None)
+    return policy.format_for("linear", found.most_common(1)[0][0]) if found else None

@@ -11,12 +11,20 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from ffc.ir.ops import REGISTRY, Op, attention_work
+from ffc.ir.ops import KV_SCALE_BYTES, REGISTRY, Op, attention_work, kv_quantize
 from ffc.ir.text import node_names
-from ffc.ir.types import eval_dim
+from ffc.ir.types import DType, eval_dim
 from ffc.plan.kernels import CostFamily, Family, cost_family
 from ffc.plan.schema import ArgKind
 from ffc.runtime.model_runner import Chunk
+
+
+def noise_cache(cache_type, blocks: int) -> torch.Tensor:
+    """A KV pool of ``blocks`` blocks holding small noise, in the cache's storage type."""
+    shape = cache_type.concrete({"S": blocks})
+    if cache_type.dtype is DType.I8:     # rows of D values and their scale
+        return kv_quantize(torch.randn(*shape[:-1], shape[-1] - KV_SCALE_BYTES) * 0.1)
+    return (torch.randn(shape) * 0.1).to(cache_type.torch_dtype)
 
 
 def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
@@ -24,7 +32,7 @@ def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
     ``batch`` sequences of ``context`` new tokens each, from position 0. Caches hold noise."""
     runner = llm.runner
     per = -(-(context + 1) // runner.block_size)
-    cache = torch.randn(llm.cache_type.concrete({"S": batch * per})) * 0.1
+    cache = noise_cache(llm.cache_type, batch * per)
     tokens = torch.randint(100, 1000, (batch, context)).tolist()
     chunks = [Chunk(t[-1:], context, range(b * per, (b + 1) * per)) if graph == "decode" else
               Chunk(t, 0, range(b * per, (b + 1) * per)) for b, t in enumerate(tokens)]
@@ -54,7 +62,9 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
             continue
         kernel = plan.kernels[st.kernel]
         rows = int(kernel.spec.M.evaluate(env)) if kernel.family is Family.LINEAR else 1
-        family = cost_family(kernel.family, rows, decode=graph.startswith("decode"))
+        wformat = getattr(kernel.spec, "wformat", "")
+        family = cost_family(kernel.family, rows, decode=graph.startswith("decode"),
+                             weight=DType(wformat) if wformat else None)
         flops, nbytes, seen = 0.0, 0.0, set()
         for name in st.nodes:
             n = by_name.get(name)
@@ -120,6 +130,7 @@ def calibration_samples(llm, runs: int = 5, shapes: Optional[list] = None) -> li
                         ("prefill", 2, 48)]
     out = []
     for graph, batch, context in shapes:
+        context = min(context, llm.max_seq_len - 1)       # within the artifact's KV cache
         inputs = step_inputs(llm, graph, batch, context)
         for (fam, _, f, b), t in zip(kernel_work(llm, graph, inputs), measure(llm, graph, inputs, runs)):
             out.append((fam, f, b, t))

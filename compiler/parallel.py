@@ -11,17 +11,19 @@ from typing import Callable, Optional
 
 import torch
 
+from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy, Workload
 from ffc.passes import PassContext, pipeline_until_search, run_pipeline
 
-from . import frontend, sources
+from . import frontend, gguf_blocks, sources
 from .cluster import DeviceProfile
 from .errors import FfcError, InvalidRequestError
 from .search import search
 
 
 def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle: bool = False):
-    """(forward graph after the raise passes, max_seq_len) for ``model``, from its config only."""
+    """(forward graph after the raise passes, max_seq_len, the model's source) for ``model``,
+    from its config only."""
     from transformers import AutoModelForCausalLM
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
@@ -31,7 +33,7 @@ def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle:
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf = hf.to_empty(device="cpu")
     module = frontend.trace(hf, msl)
-    return run_pipeline(module, pipeline_until_search(), PassContext(max_seq_len=msl, model=model)).module, msl
+    return run_pipeline(module, pipeline_until_search(), PassContext(max_seq_len=msl, model=model)).module, msl, source
 
 
 def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, devices: Optional[int],
@@ -65,12 +67,15 @@ def best(results) -> Optional[tuple]:
 def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profile: DeviceProfile,
             memory_limit: Optional[float] = None, workload: Optional[Workload] = None,
             max_seq_len: Optional[int] = None, dtype: str = "fp32", allow_pickle: bool = False,
+            quant: QuantPolicy = QuantPolicy(), kv_dtype: str = "fp32",
             log: Callable[[str], None] = lambda s: None) -> str:
-    """The report ``ffc compile ... --dry-run`` prints."""
-    module, msl = planning_module(model, max_seq_len, allow_pickle)
+    """The report ``ffc compile ... --dry-run`` prints (weights priced in the format ``quant``
+    gives the linears, the KV cache in ``kv_dtype``)."""
+    module, msl, source = planning_module(model, max_seq_len, allow_pickle)
     log(f"planning {model} on {profile.name}")
     w = workload or Workload()
-    w = Workload(w.prompt_tokens, w.output_tokens, w.batch, msl, dtype, w.kv_dtype)
+    weight = gguf_blocks.linear_format(quant, source.gguf) or dtype
+    w = Workload(w.prompt_tokens, w.output_tokens, w.batch, msl, weight, kv_dtype)
     results = plan_candidates(module, profile, w, tp, pp, devices, memory_limit)
     limit = memory_limit if memory_limit is not None else profile.memory_bytes
     lines = [f"{model}: {sum(1 for _ in module.graphs['forward'].nodes)} ops; profile {profile.name} "

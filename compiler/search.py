@@ -21,7 +21,7 @@ from scipy.sparse import coo_matrix
 
 from ffc.ir import Graph, Module, Node, Op
 from ffc.ir.graph import ParamRef
-from ffc.ir.ops import LAYOUT, REGISTRY, Estimate, attention_work
+from ffc.ir.ops import LAYOUT, REGISTRY, Estimate, attention_work, kv_row_bytes
 from ffc.ir.sharding import CollectiveKind, OpStrategy, Placement, R, local_shape, numel, reshard_kind, strategies
 from ffc.ir.strategy import (Choice, CollectiveEdge, Prediction, Reference, Rejected, Stage, Strategy,
                              Workload)
@@ -78,7 +78,7 @@ class _Problem:
                 elif isinstance(v, ParamRef):
                     t = self.module.params[v.name].type
                     dt = self._param_dtype(n, t.dtype)
-                    ins.append((local_shape(t.shape, p, self.tp), dt.torch))
+                    ins.append((local_shape(t.shape, p, self.tp), dt))     # a DType: quantized bytes counted
             out_shape = local_shape([eval_dim(d, env) for d in n.type.shape], s.output, self.tp)
             decode = phase == "decode"
             if n.op in ATTENTION_OPS and decode:
@@ -86,7 +86,8 @@ class _Problem:
             else:
                 est = REGISTRY[n.op].cost(ins, (out_shape, n.type.torch_dtype))
             rows = numel(ins[0][0][:-1]) if ins else 1
-            out.append(self.profile.kernel_time(cost_family(n.op, rows, decode), est.flops, est.bytes,
+            weight = self.w.weight_dtype if n.op is Op.LINEAR else None
+            out.append(self.profile.kernel_time(cost_family(n.op, rows, decode, weight), est.flops, est.bytes,
                                                 self.w.weight_dtype))
         return out
 
@@ -106,11 +107,11 @@ class _Problem:
         for v, p in zip(n.inputs, s.inputs):
             if isinstance(v, ParamRef):
                 t = self.module.params[v.name].type
-                mem += numel(local_shape(t.shape, p, self.tp)) * self._param_dtype(n, t.dtype).itemsize
+                mem += numel(local_shape(t.shape, p, self.tp)) * self._param_dtype(n, t.dtype).element_bytes
         if n.op in ATTENTION_OPS:   # this layer's KV cache for batch x max_seq_len
             k = n.inputs[1]
             hkv = k.type.shape[1] // (self.tp if s.inputs[1].kind is PlacementKind.S else 1)
-            mem += 2 * hkv * k.type.shape[3] * self.w.max_seq_len * self.w.batch * self.w.kv_dtype.itemsize
+            mem += 2 * hkv * kv_row_bytes(k.type.shape[3], self.w.kv_dtype) * self.w.max_seq_len * self.w.batch
         return mem
 
     def reshard_time(self, producer: Node, src: Placement, dst: Placement) -> Optional[float]:

@@ -50,6 +50,7 @@ static inline ffc_vf ffc_vload(const ffc_bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 static inline ffc_vf ffc_vload(const ffc_f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline ffc_vf ffc_vload(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p))); }
 static inline void ffc_vstore(float* p, ffc_vf v) { _mm512_storeu_ps(p, v); }
 static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm512_add_ps(a, b); }
@@ -72,6 +73,7 @@ static inline ffc_vf ffc_vload(const ffc_bf16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 static inline ffc_vf ffc_vload(const ffc_f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+static inline ffc_vf ffc_vload(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p))); }
 static inline void ffc_vstore(float* p, ffc_vf v) { _mm256_storeu_ps(p, v); }
 static inline ffc_vf ffc_vfma(ffc_vf a, ffc_vf b, ffc_vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline ffc_vf ffc_vadd(ffc_vf a, ffc_vf b) { return _mm256_add_ps(a, b); }
@@ -129,13 +131,32 @@ static inline float ffc_dot(const float* x, const W* w, int64_t n) {
   return s;
 }
 
-// y[0:n] += a * v[0:n]
-static inline void ffc_axpy(float* y, float a, const float* v, int64_t n) {
+// y[0:n] += a * v[0:n], v of any storage type
+template <typename V>
+static inline void ffc_axpy(float* y, float a, const V* v, int64_t n) {
   int64_t k = 0;
   ffc_vf va = ffc_vset(a);
   for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(y + k, ffc_vfma(va, ffc_vload(v + k), ffc_vload(y + k)));
-  for (; k < n; ++k) y[k] += a * v[k];
+  for (; k < n; ++k) y[k] += a * ffc_to_f32(v[k]);
 }
+
+// ------------------------------------------------------------------ KV-cache rows
+// A cached K or V row of D values in the cache's storage type; an int8 row is D values
+// rounded to nearest even after scaling by 127 / amax, then its f32 scale amax / 127 (the
+// interpreter's kv_quantize). ffc_kv_scale: what a stored value is multiplied by.
+static inline void ffc_kv_store(float* dst, const float* src, int64_t D) { std::memcpy(dst, src, D * sizeof(float)); }
+static inline void ffc_kv_store(ffc_bf16* dst, const float* src, int64_t D) { for (int64_t j = 0; j < D; ++j) dst[j] = ffc_to_bf16(src[j]); }
+static inline void ffc_kv_store(ffc_f16* dst, const float* src, int64_t D) { for (int64_t j = 0; j < D; ++j) dst[j] = ffc_to_f16(src[j]); }
+static inline void ffc_kv_store(int8_t* dst, const float* src, int64_t D) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < D; ++j) amax = std::fmax(amax, std::fabs(src[j]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, s = amax / 127.0f;
+  for (int64_t j = 0; j < D; ++j) dst[j] = (int8_t)std::nearbyint(src[j] * inv);
+  std::memcpy(dst + D, &s, sizeof(float));
+}
+template <typename C>
+static inline float ffc_kv_scale(const C*, int64_t) { return 1.0f; }
+static inline float ffc_kv_scale(const int8_t* row, int64_t D) { float s; std::memcpy(&s, row + D, sizeof(float)); return s; }
 
 static inline void ffc_scale(float* y, float a, int64_t n) {
   int64_t k = 0;

@@ -28,5 +28,31 @@ __device__ __forceinline__ float ffc_block_sum(float v, float* smem) {
   __syncthreads();
   return v;
 }
+__device__ __forceinline__ float ffc_block_max(float v, float* smem) {   // all threads of the block; v >= 0
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int nw = (blockDim.x + 31) >> 5;
+  v = 0.0f;
+  for (int w = 0; w < nw; ++w) v = fmaxf(v, smem[w]);
+  __syncthreads();
+  return v;
+}
+
+// A KV-cache row of D values in the cache's storage type (csrc/ffc_cpu.h has the CPU twin): value
+// j written by thread j of a block of D threads; an int8 row's f32 scale follows its values.
+__device__ __forceinline__ void ffc_kv_put(float* row, int j, float v, int, float*) { row[j] = v; }
+__device__ __forceinline__ void ffc_kv_put(ffc_bf16* row, int j, float v, int, float*) { row[j] = ffc_to_bf16(v); }
+__device__ __forceinline__ void ffc_kv_put(ffc_f16* row, int j, float v, int, float*) { row[j] = ffc_to_f16(v); }
+__device__ __forceinline__ void ffc_kv_put(int8_t* row, int j, float v, int D, float* smem) {
+  const float amax = ffc_block_max(fabsf(v), smem);
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  row[j] = (int8_t)rintf(v * inv);
+  if (j == 0) *(float*)(row + D) = amax / 127.0f;
+}
+template <typename C>
+__device__ __forceinline__ float ffc_kv_scale(const C*, int) { return 1.0f; }
+__device__ __forceinline__ float ffc_kv_scale(const int8_t* row, int D) { return *(const float*)(row + D); }
 #define FFC_STREAM(s) (static_cast<cudaStream_t>(s))
 #endif

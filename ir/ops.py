@@ -152,11 +152,11 @@ KV_SCALE_BYTES = 4   # an int8 KV-cache row: D int8 values, then their f32 scale
 
 
 def kv_quantize(x: torch.Tensor) -> torch.Tensor:
-    """Rows [..., D] of f32 -> int8 rows [..., D + 4]: symmetric, one scale per row (amax / 127),
-    rounded to nearest even; the scale's bytes follow the values."""
-    s = x.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.round(x * torch.where(s > 0, 1.0 / s, torch.zeros_like(s))).clamp(-127, 127).to(torch.int8)
-    return torch.cat([q, s.float().contiguous().view(torch.int8)], dim=-1)
+    """Rows [..., D] of f32 -> int8 rows [..., D + 4]: symmetric, x * (127 / amax) rounded to
+    nearest even, then the row's scale amax / 127 as f32 bytes (what the kernels compute)."""
+    amax = x.float().abs().amax(-1, keepdim=True)
+    q = torch.round(x * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127).to(torch.int8)
+    return torch.cat([q, (amax / 127.0).contiguous().view(torch.int8)], dim=-1)
 
 
 def kv_dequantize(r: torch.Tensor) -> torch.Tensor:
@@ -295,7 +295,9 @@ def _slice(x, *, dim, start=0, end=None, step=1):
 # ---------------------------------------------------------------- cost rules
 
 def _bytes_of(shapes_dtypes) -> float:
-    return float(sum(_numel(s) * torch.empty((), dtype=d).element_size() for s, d in shapes_dtypes))
+    """Bytes of (shape, dtype) pairs; a dtype is a torch dtype or a DType (a quantized format:
+    its bytes per value, scales included)."""
+    return float(sum(_numel(s) * (d.element_bytes if isinstance(d, DType) else d.itemsize) for s, d in shapes_dtypes))
 
 
 def _cost_default(ins, out) -> Estimate:
@@ -340,7 +342,13 @@ def attention_work(heads: int, kv_heads: int, head_dim: int, keys: float, kv_dty
     query head scores and sums every key it sees (4 FLOPs per element), and K and V of each
     KV head are read once for all the query heads that share it (GQA)."""
     return Estimate(flops=4.0 * heads * keys * head_dim,
-                    bytes=2.0 * kv_heads * keys * head_dim * DType(kv_dtype).itemsize)
+                    bytes=2.0 * kv_heads * keys * kv_row_bytes(head_dim, kv_dtype))
+
+
+def kv_row_bytes(head_dim: int, kv_dtype) -> int:
+    """Bytes of one cached K (or V) row of a head: D values, and an int8 row's scale."""
+    kv_dtype = DType(kv_dtype)
+    return head_dim * kv_dtype.itemsize + (KV_SCALE_BYTES if kv_dtype is DType.I8 else 0)
 
 
 def _cost_cached_attention(ins, out) -> Estimate:

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from gguf import quants
 
+from ffc.errors import InvalidRequestError
+
 from .types import QUANT, DType, QuantInfo
 
 QK_K = 256
@@ -211,11 +213,12 @@ class QuantPolicy:
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
-            raise ValueError(f"--quant {self.mode!r} is not a quantization mode; use one of {', '.join(QUANT_MODES)}")
+            raise InvalidRequestError(f"--quant {self.mode!r} is not a quantization mode; use one of "
+                                      f"{', '.join(QUANT_MODES)}")
         skip = tuple(sorted(set(self.skip)))
         bad = [s for s in skip if s not in TENSOR_CLASSES[1:]]
         if bad:
-            raise ValueError(f"--quant-skip {','.join(bad)} names no tensor class; use lm_head and/or embed")
+            raise InvalidRequestError(f"--quant-skip {','.join(bad)} names no tensor class; use lm_head and/or embed")
         object.__setattr__(self, "skip", skip)
 
     @staticmethod

@@ -17,7 +17,7 @@ from ffc.errors import InvalidRequestError
 
 from .ops import LAYOUT
 from .sharding import CollectiveKind
-from .types import WEIGHT_DTYPES, DType, Placement, parse_dtype
+from .types import KV_DTYPES, WEIGHT_DTYPES, DType, Placement, parse_dtype
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,10 @@ class Workload:
                 raise InvalidRequestError(f"workload {name} must be a positive integer, got {v!r}")
         object.__setattr__(self, "weight_dtype", parse_dtype(self.weight_dtype))
         object.__setattr__(self, "kv_dtype", parse_dtype(self.kv_dtype))
-        if self.weight_dtype not in WEIGHT_DTYPES:
+        if self.weight_dtype not in WEIGHT_DTYPES and not self.weight_dtype.quantized:
             raise InvalidRequestError(f"workload weight dtype {self.weight_dtype} is not a weight storage type")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidRequestError(f"workload KV-cache dtype {self.kv_dtype} is not a KV-cache storage type")
 
     @property
     def context(self) -> int:    # mean context length during decode

@@ -80,6 +80,21 @@ class ModelRunner:
             out = [self._prefill(part, cache) for part in self._packed(chunks)]
         return torch.cat(out, 0) if len(out) > 1 else out[0]
 
+    def all_logits(self, tokens: Sequence[int], blocks: Sequence[int], cache) -> torch.Tensor:
+        """Logits at every position of one sequence written from position 0 into ``blocks``
+        [len(tokens), V] (perplexity, KL divergence): prefill calls of at most the plan's logit
+        rows, each asking for all of its positions."""
+        max_t, rows = self.limits("prefill")
+        step = min(max_t, rows)
+        out = []
+        for s in range(0, len(tokens), step):
+            part = list(tokens[s:s + step])
+            inputs = self.prefill_inputs([Chunk(part, s, blocks)], cache)
+            inputs["block_tables"] = inputs["block_tables"].expand(len(part), -1).contiguous()   # N = the rows
+            inputs["logits_index"] = torch.arange(len(part))
+            out.append(self._call("prefill", inputs))
+        return torch.cat(out, 0)
+
     def decode_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
         """The decode graph's inputs for single-token chunks (one row each)."""
         return {"input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],

@@ -106,9 +106,6 @@ def linear_spec(c: SpecContext, g: Group):
     glu = ex.call(Fn(g.glu.act), ex.var("v")) if g.glu else None
     gate_off, up_off = (g.glu.gate_start, g.glu.up_start) if g.glu else (0, 0)
     nr = c.panel_rows(w)
-    if w.dtype.quantized and not nr:
-        raise LoweringError(f"graph {c.graph.name}: {c.policy.target.value} has no kernel for {w.dtype} weights "
-                            f"(%{lin.name}); compile with --target cpu or without --quant")
     panels = -(-N // nr) if nr else 0
     if nr:
         w = c.pack(w, [(gate_off, N), (up_off, N)] if glu else [(0, N)])
@@ -178,8 +175,9 @@ def attention_spec(c: SpecContext, g: Group):
     Hkv, BS, MB = ctype.shape[3], ctype.shape[4], tables.type.shape[1]
     if tables.type.shape[0] != "N" or not isinstance(MB, int):
         raise LoweringError(f"block tables %{tables.name} must be [N, blocks per sequence], got {tables.type}")
-    if ctype.dtype is not DType.F32:
-        raise LoweringError(f"a {ctype.dtype} KV cache has no CPU attention kernel yet")
+    if ctype.dtype not in c.policy.kv_dtypes:
+        raise LoweringError(f"a {ctype.dtype} KV cache has no {c.policy.target.value} attention kernel; use --kv-dtype "
+                            f"{' or '.join(d.value for d in c.policy.kv_dtypes)}")
     if g.rope:
         cos, sin = q.inputs[1], q.inputs[2]
         q, k = q.inputs[0], k.inputs[0]
@@ -204,7 +202,7 @@ def attention_spec(c: SpecContext, g: Group):
             strides[f"{role}_ts"] = vw.strides[-2].expr()
             args.append(a)
             names.append(role)
-    return AttentionSpec(H=H, Hkv=Hkv, D=D, BS=BS, MB=MB, ctype=ctype.dtype,
+    return AttentionSpec(H=H, Hkv=Hkv, D=D, BS=BS, MB=MB, ctype=ctype.dtype, row=ctype.shape[5],
                          scale=float(n.attrs.get("scale") or 1.0 / math.sqrt(D)), window=n.attrs.get("window"),
                          rope=g.rope, arg=_slots(names), **strides), args
 
@@ -217,10 +215,7 @@ def gather_spec(c: SpecContext, g: Group):
         rows, K = c.module.params[tab.name].type.shape
         idx, _ = c.arg(ids, "token ids")
         nr = 0
-        if tab.dtype.quantized:      # rows of blocks, read from panels (the lm_head's, when tied)
-            if not c.panel_rows(tab):
-                raise LoweringError(f"graph {c.graph.name}: {c.policy.target.value} has no kernel for a {tab.dtype} "
-                                    f"embedding (%{n.name}); compile with --target cpu or --quant-skip embed")
+        if tab.dtype.quantized and c.panel_rows(tab):    # blocks read from panels (the lm_head's, when tied)
             tab, nr = c.pack(tab, [(0, rows)]), c.panel_rows(tab)
         elif c.policy.panel_rows and c.tied(tab.name):   # read the lm_head's panels: no second copy
             tab, nr = c.pack(tab, [(0, rows)]), c.policy.panel_rows

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Optional
 
 from ffc.ir.ops import COLLECTIVE, POINT_TO_POINT, Op
-from ffc.ir.types import DType
+from ffc.ir.types import QUANT, DType
 
 from .expr import Expr
 
@@ -33,6 +33,11 @@ class CostFamily(str, Enum):
     """What a device profile fits a cost for (``ffc calibrate --artifact``), keyed by value."""
     LINEAR_GEMV = "linear_gemv"
     LINEAR_GEMM = "linear_gemm"
+    # quantized weights (integer dot products): 4-bit values (q4_0, q4_1, q4_k, i4g64), 8-bit ones
+    LINEAR_GEMV_Q4 = "linear_gemv_q4"
+    LINEAR_GEMM_Q4 = "linear_gemm_q4"
+    LINEAR_GEMV_Q8 = "linear_gemv_q8"
+    LINEAR_GEMM_Q8 = "linear_gemm_q8"
     ATTENTION = "attention"
     ATTENTION_DECODE = "attention_decode"   # one query per sequence: bound by K/V reads
     NORM = "norm"
@@ -61,12 +66,19 @@ def family_of(op: Op) -> Family:
     return KERNEL_OF_OP.get(op) or _BEFORE_LOWERING.get(op) or Family.POINTWISE
 
 
-def cost_family(kind: "Op | Family", rows: int = 1, decode: bool = False) -> CostFamily:
+def cost_family(kind: "Op | Family", rows: int = 1, decode: bool = False,
+                weight: Optional[DType] = None) -> CostFamily:
     """How a kernel is priced: linears as GEMV (weight reads) up to GEMV_MAX_M rows, else GEMM
-    (FMAs); attention apart in decode (one query per sequence) and prefill."""
+    (FMAs), apart for weights in quantized formats (by the bits of their values); attention
+    apart in decode (one query per sequence) and prefill."""
     family = kind if isinstance(kind, Family) else family_of(kind)
     if family is Family.LINEAR:
-        return CostFamily.LINEAR_GEMV if rows <= GEMV_MAX_M else CostFamily.LINEAR_GEMM
+        gemv = rows <= GEMV_MAX_M
+        if weight is not None and weight.quantized:
+            if QUANT[weight].bits == 4:
+                return CostFamily.LINEAR_GEMV_Q4 if gemv else CostFamily.LINEAR_GEMM_Q4
+            return CostFamily.LINEAR_GEMV_Q8 if gemv else CostFamily.LINEAR_GEMM_Q8
+        return CostFamily.LINEAR_GEMV if gemv else CostFamily.LINEAR_GEMM
     if family is Family.ATTENTION:
         return CostFamily.ATTENTION_DECODE if decode else CostFamily.ATTENTION
     return CostFamily(family.value)
@@ -131,6 +143,7 @@ class AttentionSpec:
     BS: int                  # positions per cache block
     MB: int                  # blocks per sequence (block-table columns)
     ctype: DType             # the cache's storage type
+    row: int                 # elements per cached row: D, or D + 4 for int8 (its f32 scale follows)
     scale: float
     window: Optional[int]
     rope: bool
