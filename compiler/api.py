@@ -23,8 +23,7 @@ from ffc.passes.manager import dump_name
 from ffc.plan.schema import Target
 from ffc.runtime.kernel_library import load_library
 
-from . import __version__, build, frontend, sources
-from . import gguf_blocks
+from . import __version__, build, frontend, gguf_blocks, sources
 from .artifact import ArtifactWriter
 from .calibrate import profile_for
 from .codegen import render_sources

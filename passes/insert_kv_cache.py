@@ -9,8 +9,8 @@ and ``kv_cache`` [L, 2, S, Hkv, BS, D], a pool of S blocks of BS positions
 (MB = ceil(max_seq_len / BS)), stored as ``--kv-dtype`` says: f32, bf16 or f16 rows of D,
 or i8 rows of D values and their f32 scale (D + 4 bytes: a scale per position and head, so
 writing a position never rescales another). Every causal ``attention`` becomes
-``cached_attention``, which writes the step's K/V at each token's position and attends over its sequence's
-blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
+``cached_attention``, which writes the step's K/V at each token's position and attends over
+its sequence's blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
 tokens (T tokens); ``decode`` is the same graph specialised to one token per sequence
 (T renamed B, attention form "decode").
 """
@@ -44,10 +44,10 @@ def insert_kv_cache(module: Module, ctx) -> Module:
     attns = [n for n in g.nodes if n.op is Op.ATTENTION]
     if not attns:
         raise ValueError("no attention op to attach a KV cache to (did raise_attention run?)")
-    kv_shapes = {(n.inputs[1].type.shape[1], n.inputs[1].type.shape[3], n.inputs[1].type.dtype) for n in attns}
+    kv_shapes = {(n.inputs[1].type.shape[1], n.inputs[1].type.shape[3]) for n in attns}
     if len(kv_shapes) != 1:
-        raise ValueError(f"attention layers disagree on KV heads/head dim/dtype: {sorted(kv_shapes)}")
-    hkv, d, dtype = kv_shapes.pop()
+        raise ValueError(f"attention layers disagree on KV heads/head dim: {sorted(kv_shapes)}")
+    hkv, d = kv_shapes.pop()
     try:
         positions = g.input("position_ids")
     except KeyError:

@@ -69,8 +69,44 @@ def test_quantize_from_float(fmt):
     assert ((d - w).abs().reshape(9, -1, group) <= step[..., None] * 0.5 + 2e-3 * wb.abs().amax(-1)[..., None]).all()
 
 
+KV_DTYPES = {"bf16": 6, "f16": 6, "i8": 10}       # cache storage -> elements of a cached row (D = 6)
+
+
+def _attn_graph(dtype: str, row: int) -> str:
+    return f"""graph attn_{dtype}(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : {dtype}[2,2,S,2,8,{row}]) {{
+  %0 = unsqueeze(%position_ids) {{dim=2}} : i64[1,T,1]
+  %1 = cast(%0) {{dtype="f32"}} : f32[1,T,1]
+  %2 = mul(%1, @inv_freq) : f32[1,T,3]
+  %3 = concat(%2, %2) {{dim=2}} : f32[1,T,6]
+  %4 = cos(%3) : f32[1,T,6]
+  %5 = sin(%3) : f32[1,T,6]
+  %6 = slice(%qkv) {{dim=2, end=24, start=0, step=1}} : f32[1,T,24]
+  %7 = slice(%qkv) {{dim=2, end=36, start=24, step=1}} : f32[1,T,12]
+  %8 = slice(%qkv) {{dim=2, end=48, start=36, step=1}} : f32[1,T,12]
+  %9 = reshape(%6) {{shape=[1,"T",4,6]}} : f32[1,T,4,6]
+  %10 = transpose(%9) {{dim0=1, dim1=2}} : f32[1,4,T,6]
+  %11 = reshape(%7) {{shape=[1,"T",2,6]}} : f32[1,T,2,6]
+  %12 = transpose(%11) {{dim0=1, dim1=2}} : f32[1,2,T,6]
+  %13 = reshape(%8) {{shape=[1,"T",2,6]}} : f32[1,T,2,6]
+  %14 = transpose(%13) {{dim0=1, dim1=2}} : f32[1,2,T,6]
+  %15 = unsqueeze(%4) {{dim=1}} : f32[1,1,T,6]
+  %16 = unsqueeze(%5) {{dim=1}} : f32[1,1,T,6]
+  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
+  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
+  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {{form="prefill", layer=1, scale=0.4, window=null}} : f32[1,4,T,6]
+  %20 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {{form="prefill", layer=0, scale=null, window=3}} : f32[1,4,T,6]
+  %21 = add(%19, %20) : f32[1,4,T,6]
+  %22 = transpose(%21) {{dim0=1, dim1=2}} : f32[1,T,4,6]
+  %23 = reshape(%22) {{shape=[1,"T",24]}} : f32[1,T,24]
+  return %23
+}}
+"""
+
+
 def _kernel_ir() -> str:
-    lines = ["# ffc ir 1", "meta {}"]
+    """Every quantized format's linears (bias + residual, GLU) and embedding, and attention
+    over a KV cache of each narrow type: one module, so one library per ISA and target."""
+    lines = ["# ffc ir 1", "meta {}", "param @inv_freq : f32[3]"]
     for fmt, n, k in SHAPES:
         f = fmt.value
         lines += [f"param @w_{f} : f32[{n},{k}]", f"param @w_{f}.q : {f}[{n},{k}] = quantize(@w_{f}) {{format=\"{f}\"}}",
@@ -91,7 +127,7 @@ def _kernel_ir() -> str:
                   f"  %8 = dequantize(@w_{f}.q) {{format=\"{f}\"}} : f32[{n},{k}]",
                   f"  %9 = embedding(%ids, %8) : f32[1,T,{k}]",
                   "  return %2, %7, %9", "}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + "".join(_attn_graph(d, r) for d, r in KV_DTYPES.items())
 
 
 def _build(plan, kdir: Path):
@@ -109,6 +145,7 @@ def qkernels(tmp_path_factory):
     plan = lower_module(module, prefill_tokens=40, max_batch=8)
     g = torch.Generator().manual_seed(0)
     raw = {n: torch.randn(p.type.shape, generator=g) for n, p in module.params.items() if p.recipe is None}
+    raw["inv_freq"] = torch.tensor([1.0, 0.1, 0.01])
     # the GGUF formats from random blocks as a file would hold them (K-quants cannot be made from floats)
     blocks = {f"{w}_{fmt.value}": (fmt, random_blocks(fmt, r * n, k, g))
               for fmt, n, k in SHAPES if QUANT[fmt].gguf for w, r in (("w", 1), ("gu", 2))}
@@ -160,7 +197,8 @@ def test_quantized_kernels_match_interpreter(qkernels, fmt, n, k, T):
 
 @pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar"), ("skylake-avx512", "avx512")])
 def test_quantized_kernels_on_other_isas(qkernels, arch, isa, tmp_path, monkeypatch):
-    """AVX2 (maddubs), plain C++, and AVX-512 without VNNI (maddubs with the top bit split off)."""
+    """AVX2 (maddubs), plain C++, and AVX-512 without VNNI (maddubs with the top bit split off);
+    the narrow KV caches' attention too."""
     module, plan, weights, _ = qkernels
     monkeypatch.setenv("FFC_CPU_ARCH", arch)
     lib = _build(plan, tmp_path)
@@ -169,6 +207,8 @@ def test_quantized_kernels_on_other_isas(qkernels, arch, isa, tmp_path, monkeypa
     for fmt, n, k in SHAPES:
         for T in (1, 9):
             _check(module, weights, cp, fmt, n, k, T, seed=T)
+    for dtype in KV_DTYPES:
+        _check_attention(module, weights, cp, dtype, 9)
 
 
 def test_quantized_plan_structure(qkernels):
@@ -290,225 +330,45 @@ graph forward(%x : f32[1,T,40], %y : f32[1,T,64]) {
 
 # ---------------------------------------------------------------- KV cache storage types
 
-def _attn_ir(dtype: str, row: int) -> str:
-    return f"""# ffc ir 1
-meta {{}}
-param @inv_freq : f32[3]
-graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : {dtype}[2,2,S,2,8,{row}]) {{
-  %0 = unsqueeze(%position_ids) {{dim=2}} : i64[1,T,1]
-  %1 = cast(%0) {{dtype="f32"}} : f32[1,T,1]
-  %2 = mul(%1, @inv_freq) : f32[1,T,3]
-  %3 = concat(%2, %2) {{dim=2}} : f32[1,T,6]
-  %4 = cos(%3) : f32[1,T,6]
-  %5 = sin(%3) : f32[1,T,6]
-  %6 = slice(%qkv) {{dim=2, end=24, start=0, step=1}} : f32[1,T,24]
-  %7 = slice(%qkv) {{dim=2, end=36, start=24, step=1}} : f32[1,T,12]
-  %8 = slice(%qkv) {{dim=2, end=48, start=36, step=1}} : f32[1,T,12]
-  %9 = reshape(%6) {{shape=[1,"T",4,6]}} : f32[1,T,4,6]
-  %10 = transpose(%9) {{dim0=1, dim1=2}} : f32[1,4,T,6]
-  %11 = reshape(%7) {{shape=[1,"T",2,6]}} : f32[1,T,2,6]
-  %12 = transpose(%11) {{dim0=1, dim1=2}} : f32[1,2,T,6]
-  %13 = reshape(%8) {{shape=[1,"T",2,6]}} : f32[1,T,2,6]
-  %14 = transpose(%13) {{dim0=1, dim1=2}} : f32[1,2,T,6]
-  %15 = unsqueeze(%4) {{dim=1}} : f32[1,1,T,6]
-  %16 = unsqueeze(%5) {{dim=1}} : f32[1,1,T,6]
-  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
-  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
-  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {{form="prefill", layer=1, scale=0.4, window=null}} : f32[1,4,T,6]
-  %20 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {{form="prefill", layer=0, scale=null, window=3}} : f32[1,4,T,6]
-  %21 = add(%19, %20) : f32[1,4,T,6]
-  %22 = transpose(%21) {{dim0=1, dim1=2}} : f32[1,T,4,6]
-  %23 = reshape(%22) {{shape=[1,"T",24]}} : f32[1,T,24]
-  return %23
-}}
-"""
-
-
-@pytest.mark.parametrize("dtype", ["bf16", "f16", "i8"])
-def test_attention_reads_narrow_kv_caches(dtype, tmp_path):
-    """Attention kernels over a bf16, f16 or int8 (a scale per position and head) KV cache:
-    what they write into the cache is the interpreter's value (the same rounding; a rotated K
+def _check_attention(module, weights, cp, dtype, T, seed=3):
+    """Attention over a bf16, f16 or int8 (a scale per position and head) KV cache: what the
+    kernel writes into the cache is the interpreter's value (the same rounding; a rotated K
     may differ in its last f32 bit before rounding, as the kernel fuses the rotation's
     multiply-add, so a stored value may be one step apart), and the attention output equals
     the interpreter's, which reads the stored values."""
     from ffc.ir.ops import kv_dequantize, kv_quantize
-    row = 6 + 4 if dtype == "i8" else 6
-    module = parse(_attn_ir(dtype, row))
-    verify_module(module)
-    plan = lower_module(module, prefill_tokens=40, max_batch=8)
-    weights = {"inv_freq": torch.tensor([1.0, 0.1, 0.01])}
-    cp = CompiledPlan(plan, _build(plan, tmp_path), weights, threads=2)
-    g = torch.Generator().manual_seed(3)
-    for T in (1, 9, 31):
-        a = T // 2
-        pos = torch.cat([torch.arange(3, 3 + a), torch.arange(T - a)])
-        cache = torch.randn(2, 2, 8, 2, 8, 6, generator=g)
-        cache = kv_quantize(cache) if dtype == "i8" else cache.to(DType(dtype).torch)
-        inputs = {"qkv": torch.randn(1, T, 48, generator=g), "position_ids": pos[None],
-                  "seq_ids": torch.tensor([2] * a + [0] * (T - a)),
-                  "block_tables": torch.tensor([[5, 1, 7, 0, 0], [0, 0, 0, 0, 0], [2, 6, 3, 4, 0]]), "kv_cache": cache}
-        ref_inputs = {k: v.clone() for k, v in inputs.items()}
-        got = cp.run("attn", inputs)[0]
-        ref = run_graph(module.graphs["attn"], weights, ref_inputs)[0]
-        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
-        decode = kv_dequantize if dtype == "i8" else (lambda c: c.float())
-        a, b = decode(inputs["kv_cache"]), decode(ref_inputs["kv_cache"])
-        step = b.abs().amax(-1, keepdim=True) / 127 if dtype == "i8" else b.abs() * (2 ** -8 if dtype == "bf16" else 2 ** -11)
-        assert ((a - b).abs() <= step * 1.01 + 1e-7).all()
-        # all but a few near-ties equal (a scale one f32 bit apart moves a row by ~1e-7)
-        assert ((a - b).abs() > 1e-5 * b.abs().amax(-1, keepdim=True)).float().mean() < 0.01
+    g = torch.Generator().manual_seed(seed)
+    a = T // 2
+    pos = torch.cat([torch.arange(3, 3 + a), torch.arange(T - a)])
+    cache = torch.randn(2, 2, 8, 2, 8, 6, generator=g)
+    cache = kv_quantize(cache) if dtype == "i8" else cache.to(DType(dtype).torch)
+    inputs = {"qkv": torch.randn(1, T, 48, generator=g), "position_ids": pos[None],
+              "seq_ids": torch.tensor([2] * a + [0] * (T - a)),
+              "block_tables": torch.tensor([[5, 1, 7, 0, 0], [0, 0, 0, 0, 0], [2, 6, 3, 4, 0]]), "kv_cache": cache}
+    ref_inputs = {k: v.clone() for k, v in inputs.items()}
+    got = cp.run(f"attn_{dtype}", inputs)[0]
+    ref = run_graph(module.graphs[f"attn_{dtype}"], weights, ref_inputs)[0]
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+    decode = kv_dequantize if dtype == "i8" else (lambda c: c.float())
+    x, y = decode(inputs["kv_cache"]), decode(ref_inputs["kv_cache"])
+    step = y.abs().amax(-1, keepdim=True) / 127 if dtype == "i8" else y.abs() * (2 ** -8 if dtype == "bf16" else 2 ** -11)
+    assert ((x - y).abs() <= step * 1.01 + 1e-7).all()
+    # all but a few near-ties equal (a scale one f32 bit apart moves a row by ~1e-7)
+    assert ((x - y).abs() > 1e-5 * y.abs().amax(-1, keepdim=True)).float().mean() < 0.01
 
 
-# ---------------------------------------------------------------- CUDA
-
-NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
-
-
-def _cuda_lib(plan, tmp_path, monkeypatch):
-    monkeypatch.setenv("FFC_CUDA_ARCHS", "80")
-    if shutil.which("nvcc") is None:
-        monkeypatch.setenv("PATH", str(Path(NVCC).parent) + ":" + os.environ["PATH"])
-    (tmp_path / "src").mkdir(parents=True, exist_ok=True)
-    sources, spans = render_sources(plan)
-    for name, text in sources.items():
-        (tmp_path / "src" / name).write_text(text)
-    return sources, build.build(tmp_path, "cuda", spans)
+@pytest.mark.parametrize("dtype", list(KV_DTYPES))
+@pytest.mark.parametrize("T", [1, 9, 31])
+def test_attention_reads_narrow_kv_caches(qkernels, dtype, T):
+    module, _, weights, cp = qkernels
+    _check_attention(module, weights, cp, dtype, T)
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-def test_quantized_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
-    """Every quantized format's CUDA linear and gather (rows of blocks read as stored) and the
-    bf16 / int8 KV-cache attention build with nvcc (they run where a GPU is lent)."""
-    plan = lower_module(parse(_kernel_ir()), target="cuda", prefill_tokens=40, max_batch=8)
-    assert not plan.packed                      # CUDA reads the blocks as the artifact stores them
-    sources, lib = _cuda_lib(plan, tmp_path / "q", monkeypatch)
-    assert all(f"ffc_row_{f.value}::value" in sources["gather.cu"] for f, _, _ in SHAPES)
-    assert lib.exists()
-    for dtype, row in (("bf16", 6), ("i8", 10)):
-        plan = lower_module(parse(_attn_ir(dtype, row)), target="cuda", prefill_tokens=40, max_batch=8)
-        sources, lib = _cuda_lib(plan, tmp_path / dtype, monkeypatch)
-        assert "ffc_kv_put(kc + off" in sources["attention.cu"] and lib.exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or NVCC is None, reason="needs a CUDA device and nvcc")
-def test_quantized_cuda_kernels_match_interpreter(qkernels, tmp_path, monkeypatch):
-    """On a GPU: the quantized CUDA kernels dequantize the blocks as they load them (fp32
-    activations), so they match the interpreter to fp32 summation order."""
-    module, _, weights, _ = qkernels
-    plan = lower_module(module, target="cuda", prefill_tokens=40, max_batch=8)
-    _, lib = _cuda_lib(plan, tmp_path, monkeypatch)
-    cp = CompiledPlan(plan, build.load_library(lib), weights)
-    for fmt, n, k in SHAPES:
-        for T in (1, 9, 31):
-            g = torch.Generator().manual_seed(T)
-            inputs = {"x": torch.randn(1, T, k, generator=g), "r": torch.randn(1, T, n, generator=g),
-                      "ids": torch.randint(0, n, (1, T), generator=g)}
-            ref = run_graph(module.graphs[fmt.value], weights, dict(inputs))
-            for got, want in zip(cp.run(fmt.value, dict(inputs)), ref):
-                torch.testing.assert_close(got, want, atol=1e-3 * float(want.abs().max()), rtol=1e-4)
-
-
-def test_row_block_decoder_of_the_cuda_kernels(tmp_path):
-    """csrc/ffc_blocks.h (how the CUDA kernels read blocks, host and device code) compiled for
-    the host: every format's rows decode to the reference dequantizer's values bit for bit."""
-    import subprocess
-    from ffc.codegen import CSRC_DIR
-    prog = tmp_path / "decode.cpp"
-    prog.write_text("""#include <cstdio>
-#include <cstring>
-#include <vector>
-#include "ffc_blocks.h"
-template <class F> void run(FILE* in, FILE* out, long n, long k) {
-  std::vector<uint8_t> row(F::bytes(k));
-  std::vector<float> vals(k);
-  for (long r = 0; r < n; ++r) {
-    if (fread(row.data(), 1, row.size(), in) != row.size()) return;
-    for (long j = 0; j < k; ++j) vals[j] = F::value(row.data(), j, k);
-    fwrite(vals.data(), 4, k, out);
-  }
-}
-int main(int argc, char** argv) {
-  FILE* in = fopen(argv[2], "rb"); FILE* out = fopen(argv[3], "wb");
-  long n = atol(argv[4]), k = atol(argv[5]);
-  const char* f = argv[1];
-  if (!strcmp(f, "q4_0")) run<ffc_row_q4_0>(in, out, n, k);
-  if (!strcmp(f, "q4_1")) run<ffc_row_q4_1>(in, out, n, k);
-  if (!strcmp(f, "q8_0")) run<ffc_row_q8_0>(in, out, n, k);
-  if (!strcmp(f, "q4_k")) run<ffc_row_q4_k>(in, out, n, k);
-  if (!strcmp(f, "q6_k")) run<ffc_row_q6_k>(in, out, n, k);
-  if (!strcmp(f, "i4g64")) run<ffc_row_i4g64>(in, out, n, k);
-  if (!strcmp(f, "i8r")) run<ffc_row_i8r>(in, out, n, k);
-  fclose(out);
-  return 0;
-}
-""")
-    exe = tmp_path / "decode"
-    subprocess.run(["g++", "-O2", "-ffp-contract=off", "-std=c++17", f"-I{CSRC_DIR}", str(prog), "-o", str(exe)],
-                   check=True)
-    g = torch.Generator().manual_seed(5)
-    for fmt, n, k in SHAPES:
-        storage = random_blocks(fmt, n, k, g) if QUANT[fmt].gguf else quantize(torch.randn(n, k, generator=g), fmt)
-        (tmp_path / "in.bin").write_bytes(storage.numpy().tobytes())
-        subprocess.run([str(exe), fmt.value, str(tmp_path / "in.bin"), str(tmp_path / "out.bin"), str(n), str(k)],
-                       check=True)
-        got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.float32).reshape(n, k))
-        assert torch.equal(got, dequantize(storage, fmt, k)), fmt
-
-
-# ---------------------------------------------------------------- accuracy and speed tooling
-
-TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Python is a programming language that lets you work "
-        "quickly and integrate systems more effectively. ") * 12
-
-
-def test_perplexity_equals_transformers_on_the_same_windows(smol_llm, smol_hf):
-    """`ffc eval --perplexity` on the fp32 artifact: llama.cpp's windows (the second half of each
-    scored), computed here again with transformers on the same tokens: the same perplexity."""
-    from ffc.evaluate import evaluate, text_tokens, windows
-    res = evaluate(smol_llm, TEXT, ctx=96, max_windows=3)
-    ws = windows(text_tokens(smol_llm, TEXT), 96, None, 3)
-    assert res.windows == 3 and res.scored == 3 * (96 - 48 - 1)
-    nll = 0.0
-    with torch.no_grad():
-        for w in ws:
-            lp = torch.log_softmax(smol_hf(torch.tensor([w])).logits[0, 48:95].double(), -1)
-            nll -= float(lp.gather(1, torch.tensor(w[49:])[:, None]).sum())
-    assert abs(res.perplexity / float(np.exp(nll / res.scored)) - 1) < 1e-4
-    assert res.perplexity_error > 0 and "perplexity" in res.format()
-
-
-def test_kl_divergence_against_a_base(smol_q, smol_llm):
-    import ffc
-    from ffc.evaluate import evaluate
-    q = ffc.load(smol_q)
-    same = evaluate(q, TEXT, ctx=64, base=q, max_windows=2)
-    assert max(same.kl) < 1e-9 and same.top1 == len(same.kl)
-    res = evaluate(q, TEXT, ctx=64, base=smol_llm, max_windows=2)
-    assert 0 < statistics.mean(res.kl) < 0.05 and res.top1 >= 0.9 * len(res.kl)
-    assert "KL divergence from the base" in res.format() and "top-1 agreement" in res.format()
-
-
-def test_eval_cli(smol_q, tmp_path):
-    import subprocess
-    import sys
-    (tmp_path / "t.txt").write_text(TEXT)
-    out = subprocess.run([sys.executable, "-m", "ffc.cli", "eval", str(smol_q), "--perplexity", str(tmp_path / "t.txt"),
-                          "--ctx", "64", "--chunks", "2"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("perplexity ") and "2 windows of 64" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "ffc.cli", "eval", str(smol_q), "--perplexity", str(tmp_path / "no.txt")],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "cannot read the text file" in bad.stderr
-
-
-def test_bench_compares_two_artifacts(smol_q, smol_artifact):
-    """`ffc bench Q --compare FP32`: both run side by side; the bytes a decode step reads and the
-    roofline are reported for each (speed itself is not asserted in tests)."""
-    from ffc.bench import format_bench, run_bench
-    res = run_bench(str(smol_q), compare=str(smol_artifact), runs=1, new_tokens=4, batches=(1,), prefill_lens=(32,))
-    assert res["weights"] == "gguf" and "(f32)" in res["baseline"]
-    ratio = res["weights_bytes_per_step"] / res["base_roofline"]["weights_bytes_per_step"]
-    assert 0.15 < ratio < 0.2                      # q4_1 + q8_0 blocks against fp32: ~96 of ~538 MB
-    assert all(r.base for r in res["rows"])
-    text = format_bench(res)
-    assert "roofline (ffc)" in text and "roofline (baseline)" in text
+def test_kv_pool_holds_more_tokens_in_narrow_types():
+    """The engine's pool in the same memory: 2x the blocks in bf16, ~3.8x in int8 (D + 4 bytes a
+    row against 4 D) for the default model's 3 KV heads of 64."""
+    from ffc.ir.types import TensorType
+    from ffc.runtime.kv_cache import BlockPool
+    blocks = {d: BlockPool.for_budget(TensorType(d, (30, 2, "S", 3, 16, 68 if d == "i8" else 64)), 4, 64 << 20,
+                                      1 << 30, device=None).num_blocks for d in ("f32", "bf16", "i8")}
+    assert blocks["bf16"] == 2 * blocks["f32"] and blocks["i8"] >= 3.7 * blocks["f32"]

@@ -20,14 +20,13 @@ def _raised(model, max_seq_len):
     return run_pipeline(frontend.trace(model, max_seq_len), PIPELINE[:stop], PassContext(max_seq_len)).module
 
 
-@pytest.fixture(scope="module")
-def llama7b():
-    """A Llama-2-7B-shaped model (32 layers, 4096 wide): shapes only, no weights in memory
-    (meta init, then uninitialized storage that tracing never reads)."""
-    path = knobs.cache_dir() / "plans" / "llama-7b-shape.v2.ir"     # v2: nodes carry their layer
+def _llama7b_shape(layers: int):
+    """A Llama-2-7B-shaped model (4096 wide, ``layers`` layers): shapes only, no weights in
+    memory (meta init, then uninitialized storage that tracing never reads)."""
+    path = knobs.cache_dir() / "plans" / f"llama-7b-shape-{layers}.v2.ir"     # v2: nodes carry their layer
     if not path.exists():
         import transformers as tf
-        cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                              max_position_embeddings=4096)
         with torch.device("meta"):
@@ -36,6 +35,18 @@ def llama7b():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(print_module(module))
     return parse(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def llama7b():
+    """Llama-2-7B's shape, all 32 layers."""
+    return _llama7b_shape(32)
+
+
+@pytest.fixture(scope="module")
+def llama7b_4():
+    """Its first 4 layers: what a test of per-layer choices needs, in a MILP a tenth the size."""
+    return _llama7b_shape(4)
 
 
 def _by_origin(st):
@@ -96,19 +107,19 @@ def test_slow_link_picks_fewer_collectives_and_says_why(llama7b):
     assert "link 1000x slower" in text and "fastest ignoring communication" in text
 
 
-def test_memory_limit_shards_what_must_be_sharded(llama7b):
+def test_memory_limit_shards_what_must_be_sharded(llama7b_4):
     prof = load_profile("h100-nvlink").scaled_link(1000)          # sharding only when it must
-    free = search(llama7b, tp=4, profile=prof, workload=W7B, explain=False)
+    free = search(llama7b_4, tp=4, profile=prof, workload=W7B, explain=False)
     need = free.predicted.memory_bytes
     assert len(free.collectives) == 0
     limit = 0.6 * need
-    st = search(llama7b, tp=4, profile=prof, workload=W7B, memory_limit=limit, explain=False)
+    st = search(llama7b_4, tp=4, profile=prof, workload=W7B, memory_limit=limit, explain=False)
     assert st.predicted.memory_bytes <= limit
     sharded = [c for c in st.choices if c.strategy != "replicated" and c.op in ("linear", "attention")]
     total = [c for c in st.choices if c.op in ("linear", "attention")]
     assert 0 < len(sharded) < len(total)
     with pytest.raises(Exception, match="no tp=4 plan fits"):
-        search(llama7b, tp=4, profile=prof, workload=W7B, memory_limit=0.05 * need, explain=False)
+        search(llama7b_4, tp=4, profile=prof, workload=W7B, memory_limit=0.05 * need, explain=False)
 
 
 def test_pipeline_split_balances_cost_not_layers():

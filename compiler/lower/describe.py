@@ -7,12 +7,14 @@ phase; ``describe_plan`` is the whole plan.
 from __future__ import annotations
 
 import dataclasses
+import math
 from enum import Enum
 
+from ffc.ir.types import TensorType
 from ffc.plan import expr as ex
-from ffc.plan.schema import Plan
+from ffc.plan.schema import ArgKind, Plan
 
-_SHOWN = ("K", "N", "wtype", "glu", "act", "residual", "rope", "kind", "gather", "ops")
+_SHOWN = ("K", "N", "wtype", "wformat", "ctype", "glu", "act", "residual", "rope", "kind", "gather", "ops")
 
 
 def _value(v) -> str:
@@ -70,10 +72,27 @@ def memory_dump(graph: str, memory) -> str:
     return "\n".join(lines)
 
 
+def weight_bytes(plan: Plan) -> dict[str, tuple[int, int]]:
+    """{storage format: (weights, bytes)} of the weights the plan's kernels read (each once)."""
+    used = {plan.packed[a.name].param if a.kind is ArgKind.PACKED else a.name
+            for gp in plan.graphs.values() for st in gp.steps for a in st.args
+            if a.kind in (ArgKind.PARAM, ArgKind.PACKED)}
+    out: dict[str, tuple[int, int]] = {}
+    for name in used:
+        info = plan.params[name]
+        t = TensorType(info.dtype, info.shape)
+        n, b = out.get(info.dtype.value, (0, 0))
+        out[info.dtype.value] = (n + 1, b + math.prod(t.storage_shape()) * info.dtype.itemsize)
+    return dict(sorted(out.items()))
+
+
 def describe_plan(plan: Plan) -> str:
-    """Human-readable plan: kernels per graph, fusion groups formed and rejected, arena."""
+    """Human-readable plan: weights by format, kernels per graph, fusion groups formed and
+    rejected, arena."""
     lines = [f"plan v{plan.version} target={plan.target.value}: {len(plan.kernels)} unique kernels, "
-             f"arena {plan.arena_bytes / 2**20:.1f} MiB"]
+             f"arena {plan.arena_bytes / 2**20:.1f} MiB",
+             "weights by format: " + ", ".join(f"{fmt} {n} tensors {b / 2**20:.1f} MiB"
+                                               for fmt, (n, b) in weight_bytes(plan).items())]
     for name, k in plan.kernels.items():
         lines.append(f"  {name}: {spec_fields(k.spec, _SHOWN)}")
     for gname, gp in plan.graphs.items():
