@@ -33,7 +33,7 @@ def materialize_params(params: Mapping[str, Param], raw: Mapping[str, torch.Tens
                 raise KeyError(f"weight {name!r} is not in the model's state dict")
             t = raw[name]
         elif p.recipe.op is Op.QUANTIZE and (t := stored_rows(p.recipe.args[0].name, p.type.dtype)) is not None:
-            t = t.contiguous()
+            t = t.clone()           # its own storage: parts of one block tensor cannot alias in a weights file
         else:
             args = [get(a.name) if isinstance(a, ParamRef) else a for a in p.recipe.args]
             extra = {"rank": rank} if p.recipe.op is Op.LOCAL_SHARD else {}
