@@ -195,10 +195,16 @@ def test_quantized_kernels_match_interpreter(qkernels, fmt, n, k, T):
     _check(module, weights, cp, fmt, n, k, T)
 
 
-@pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar"), ("skylake-avx512", "avx512")])
+AVX_VNNI = "avx_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+
+
+@pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar"), ("skylake-avx512", "avx512"),
+                                      ("alderlake", "avx2")])
 def test_quantized_kernels_on_other_isas(qkernels, arch, isa, tmp_path, monkeypatch):
-    """AVX2 (maddubs), plain C++, and AVX-512 without VNNI (maddubs with the top bit split off);
-    the narrow KV caches' attention too."""
+    """AVX2 (maddubs), plain C++, AVX-512 without VNNI (maddubs with the top bit split off),
+    and AVX2 with AVX-VNNI (256-bit vpdpbusd, Alder Lake's); the narrow KV caches' attention too."""
+    if arch == "alderlake" and not AVX_VNNI:
+        pytest.skip("this CPU has no AVX-VNNI")
     module, plan, weights, _ = qkernels
     monkeypatch.setenv("FFC_CPU_ARCH", arch)
     lib = _build(plan, tmp_path)
