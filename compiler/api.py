@@ -172,8 +172,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log))
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final, strategy = result.module, result.ctx.strategy
-        expected = {"prefill", "decode"} if pp == 1 else {f"{g}_stage{k}" for g in ("prefill", "decode")
-                                                           for k in range(pp)}
+        kinds = ("prefill", "decode") + (("verify",) if any(g.startswith("verify") for g in final.graphs) else ())
+        expected = set(kinds) if pp == 1 else {f"{g}_stage{k}" for g in kinds for k in range(pp)}
         if set(final.graphs) != expected:
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {sorted(expected)}")
         if strategy is not None:

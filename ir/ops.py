@@ -164,20 +164,36 @@ def kv_dequantize(r: torch.Tensor) -> torch.Tensor:
     return r[..., :-KV_SCALE_BYTES].float() * r[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)
 
 
-def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, layer, scale=None, window=None,
-                      form="prefill"):
+TREE_NODES = 64      # nodes of a verify step's token tree per sequence (a bit each in tree_mask)
+
+
+def tree_slots(tree_base: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    """The cache slot of each token of a verify step: node j of a sequence's tree (its highest
+    mask bit: a node sees its ancestors, whose indices are lower) lies at tree_base + j."""
+    bits = (tree_mask[:, None] >> torch.arange(TREE_NODES, device=tree_mask.device)) & 1
+    return tree_base + (TREE_NODES - 1 - bits.flip(-1).argmax(-1))
+
+
+def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_base=None, tree_mask=None, *,
+                      layer, scale=None, window=None, form="prefill"):
     """Write this step's K/V into the paged cache, then attend over each token's sequence.
 
     q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; seq_ids: [T] (row of
     block_tables); block_tables: [N, MB]; kv_cache: [L, 2, S, Hkv, BS, D] (S blocks of BS
-    positions; an int8 cache: rows of D + 4, see kv_quantize). Token t of sequence n at
-    position p writes block block_tables[n, p // BS], offset p % BS, and attends to that
-    sequence's positions 0..p (causal by construction, across chunks and steps).
+    positions; an int8 cache: rows of D + 4, see kv_quantize). Token t of sequence n writes
+    slot s of its sequence, block block_tables[n, s // BS], offset s % BS: s is its position,
+    and it attends to slots 0..s (causal by construction, across chunks and steps). A verify
+    step (form "verify") carries each sequence's token tree: tree_base [T] (the sequence's
+    committed length) and tree_mask [T] (bit j: tree node j, at slot tree_base + j, is visible;
+    a node sees its ancestors and itself); token t writes slot tree_base + (its own node) and
+    attends to slots 0..tree_base - 1 and the tree slots its mask names. Its position (rope)
+    is tree_base + its depth.
     """
     pos = positions[0]
+    slot = pos if tree_base is None else tree_slots(tree_base, tree_mask)
     bs = kv_cache.shape[4]
     kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]               # [S, Hkv, BS, D]
-    blocks, offs = block_tables[seq_ids, pos // bs], pos % bs     # [T], [T]
+    blocks, offs = block_tables[seq_ids, slot // bs], slot % bs   # [T], [T]
     store = kv_quantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(kc.dtype))
     load = kv_dequantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(q.dtype))
     kc[blocks, :, offs] = store(k[0].transpose(0, 1))
@@ -186,7 +202,7 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, la
     t, n = 0, seq_ids.shape[0]
     gqa = q.shape[1] != k.shape[1]
 
-    def gather(c, table, length):  # the sequence's first `length` positions: [1, Hkv, length, D]
+    def gather(c, table, length):  # the sequence's first `length` slots: [1, Hkv, length, D]
         b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, row]
         return load(b.transpose(0, 1).reshape(1, c.shape[1], -1, c.shape[3])[:, :, :length])
 
@@ -195,8 +211,14 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, *, la
         while e < n and seq_ids[e] == seq_ids[t]:
             e += 1
         table = block_tables[int(seq_ids[t])]
-        length = int(pos[t:e].max()) + 1
-        mask = _visible(pos[t:e], torch.arange(length, device=q.device), True, window)
+        length = int(slot[t:e].max()) + 1
+        keys = torch.arange(length, device=q.device)
+        if tree_base is None:
+            mask = _visible(pos[t:e], keys, True, window)
+        else:                                   # committed slots, and the tree nodes each token's mask names
+            base = tree_base[t:e, None]
+            rel = (keys[None, :] - base).clamp(0, TREE_NODES - 1)
+            mask = (keys[None, :] < base) | ((keys[None, :] >= base) & (((tree_mask[t:e, None] >> rel) & 1) == 1))
         out[:, :, t:e] = F.scaled_dot_product_attention(
             q[:, :, t:e], gather(kc, table, length), gather(vc, table, length), attn_mask=mask, scale=scale,
             enable_gqa=gqa)

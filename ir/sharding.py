@@ -150,12 +150,14 @@ def _attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
 
 def _cached_attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
     """Attention over the KV cache (after insert_kv_cache): heads split as for attention, the
-    cache [L, 2, S, Hkv, BS, D] then holding each rank's KV heads; bookkeeping replicated."""
+    cache [L, 2, S, Hkv, BS, D] then holding each rank's KV heads; bookkeeping (and a verify
+    step's tree) replicated."""
     books = (R, R, R)
-    res = [OpStrategy("replicated", (R, R, R) + books + (R,), R)]
+    tree = (R,) * (len(node.inputs) - 7)
+    res = [OpStrategy("replicated", (R, R, R) + books + (R,) + tree, R)]
     q, k = node.inputs[0], node.inputs[1]
     if _divisible(q.type.shape[1], tp) and _divisible(k.type.shape[1], tp):
-        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + books + (S(3),), S(1)))
+        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + books + (S(3),) + tree, S(1)))
     return res
 
 

@@ -12,7 +12,9 @@ writing a position never rescales another). Every causal ``attention`` becomes
 ``cached_attention``, which writes the step's K/V at each token's position and attends over
 its sequence's blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
 tokens (T tokens); ``decode`` is the same graph specialised to one token per sequence
-(T renamed B, attention form "decode").
+(T renamed B, attention form "decode"); ``verify`` is prefill over token trees (speculative
+decoding: ``tree_base`` and ``tree_mask`` per token, see ops._cached_attention), logits at
+every token.
 """
 from __future__ import annotations
 
@@ -77,4 +79,19 @@ def insert_kv_cache(module: Module, ctx) -> Module:
         g.nodes.remove(a)
     out.graphs["prefill"] = _rename(g, "prefill", {}, "prefill")
     out.graphs["decode"] = _rename(g, "decode", {str(tokens): "B"} if isinstance(tokens, str) else {}, "decode")
+    if all(a.attrs.get("window") is None for a in attns):      # trees and sliding windows do not mix
+        out.graphs["verify"] = _verify(out.graphs["prefill"], tokens, book)
     return out
+
+
+def _verify(prefill: Graph, tokens, book) -> Graph:
+    """The prefill graph over token trees: each token also carries its sequence's committed
+    length (tree_base) and which tree nodes it sees (tree_mask); logits at every token."""
+    g = _rename(prefill, "verify", {}, "verify")
+    base = Node(Op.INPUT, type=TensorType(DType.I64, (tokens,), book), name="tree_base")
+    mask = Node(Op.INPUT, type=TensorType(DType.I64, (tokens,), book), name="tree_mask")
+    g.inputs += [base, mask]
+    for n in g.nodes:
+        if n.op is Op.CACHED_ATTENTION:
+            n.inputs = n.inputs + (base, mask)
+    return g

@@ -24,6 +24,7 @@ from .kv_cache import BlockPool
 from .model_runner import Chunk, ModelRunner
 from .sampling import SamplingParams, sample_next
 from .scheduler import Request, Scheduler, SchedulerConfig
+from .speculative import Speculation, Tree, commit_moves
 
 log = logging.getLogger("ffc.engine")
 
@@ -46,6 +47,9 @@ class EngineStats:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.steps = 0
+        self.verify_steps = 0                    # speculative decoding: steps that verified a tree,
+        self.spec_proposed = 0                   # the draft tokens they verified (deepest path),
+        self.spec_accepted = 0                   # and the ones accepted
         self.finished = collections.Counter()
         self.recent: collections.deque = collections.deque()   # (time, tokens generated)
 
@@ -70,6 +74,7 @@ class Engine:
         self.config = config
         self.scheduler = Scheduler(config, pool)
         self.stats = EngineStats()
+        self.speculation = Speculation()            # drafts and how deep to speculate
         self._lock = threading.RLock()              # scheduler state
         self._wake = threading.Condition(self._lock)
         self._step_lock = threading.Lock()          # one step at a time
@@ -79,8 +84,12 @@ class Engine:
 
     # ------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: Optional[str] = None,
-               seed: Optional[int] = None, listener: Optional[Callable[[Request], None]] = None) -> Request:
-        """Queue a request (token ids). ``seed`` overrides ``params.seed`` for its generator."""
+               seed: Optional[int] = None, listener: Optional[Callable[[Request], None]] = None,
+               draft: Optional[str] = None) -> Request:
+        """Queue a request (token ids). ``seed`` overrides ``params.seed`` for its generator;
+        ``draft``: decode it speculatively with that registered draft (``self.speculation.drafts``)."""
+        if draft is not None:
+            self.speculation.check(draft, self.runner)
         if not prompt:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         if len(prompt) >= self.config.max_seq_len:
@@ -92,7 +101,7 @@ class Engine:
             gen = torch.Generator()
             s = seed if seed is not None else params.seed
             gen.manual_seed(s if s is not None else torch.seed())
-        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gen, listener)
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gen, listener, draft=draft)
         with self._wake:
             if self._stopping:
                 raise InvalidRequestError("the engine is shutting down; retry on another server")
@@ -121,13 +130,23 @@ class Engine:
         with self._step_lock:
             with self._lock:
                 ended = self.scheduler.retire()
-                plan = self.scheduler.schedule()
+                plan = self.scheduler.schedule(self.speculation.trees(self.scheduler.running, self.config))
             self._notify(ended)
             if not plan:
                 return 0
-            chunks = [Chunk(s.req.tokens(s.start, s.n), s.start, list(s.req.blocks)) for s in plan]
+            verify = [s for s in plan if s.tree is not None]
+            if verify:       # every decoding sequence joins the verify call (a one-node tree)
+                verify += [s for s in plan if s.tree is None and s.start == s.req.num_tokens - 1]
+            rest = [s for s in plan if s not in verify]
             try:
-                logits = self.runner.forward(chunks, self.pool.tensor)
+                t0 = time.perf_counter()
+                logits = self.runner.forward([Chunk(s.req.tokens(s.start, s.n), s.start, list(s.req.blocks))
+                                              for s in rest], self.pool.tensor) if rest else None
+                t1 = time.perf_counter()
+                trees = [s.tree or Tree([s.req.tokens(s.start, 1)[0]], [-1]) for s in verify]
+                tree_logits = self.runner.verify([(t, s.start, s.req.blocks) for t, s in zip(trees, verify)],
+                                                 self.pool.tensor) if verify else []
+                t2 = time.perf_counter()
             except Exception as e:  # noqa: BLE001 - fail the step's requests, keep the engine alive
                 with self._lock:
                     for s in plan:
@@ -138,33 +157,64 @@ class Engine:
                 raise
             touched = []
             with self._lock:
-                greedy = logits.argmax(-1).tolist()
                 generated = 0
-                for k, s in enumerate(plan):
-                    req = s.req
-                    if req.finished:                  # aborted while the step ran
-                        continue
-                    self.scheduler.computed(req, s.start + s.n)
-                    if req.computed == len(req.prompt) and not req.out:
-                        self.stats.prompt_tokens += len(req.prompt)
-                    if req.computed < req.num_tokens:  # a prompt chunk: nothing to sample yet
-                        continue
-                    p = req.params
-                    if p.greedy and p.repetition_penalty == 1.0:
-                        token = greedy[k]
-                    else:
-                        seen = torch.tensor(req.prompt + req.out, dtype=torch.long) \
-                            if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-                        token = sample_next(logits[k], seen, p, req.generator)
-                    self._append(req, token)
-                    generated += 1
-                    touched.append(req)
+                greedy = logits.argmax(-1).tolist() if logits is not None else []
+                for k, s in enumerate(rest):
+                    generated += self._advance(s, logits[k], greedy[k], touched)
+                for s, tree, lg in zip(verify, trees, tree_logits):
+                    generated += self._accept(s, tree, lg, touched)
+                decoding = [s for s in rest if s.n == 1]
+                if decoding and not verify:
+                    self.speculation.control.observe(len(decoding), len(decoding), t1 - t0)
+                if verify:
+                    self.speculation.control.observe(len(verify), sum(len(t.tokens) for t in trees), t2 - t1)
                 self.stats.steps += 1
                 self.stats.generated_tokens += generated
                 self.stats.record(generated)
                 ended = self.scheduler.retire()
             self._notify(touched, ended)
             return sum(s.n for s in plan)
+
+    def _advance(self, s, logits: torch.Tensor, greedy: int, touched: list) -> int:
+        """A prefill chunk or plain decode step of one request: its next token when due."""
+        req = s.req
+        if req.finished:                  # aborted while the step ran
+            return 0
+        self.scheduler.computed(req, s.start + s.n)
+        if req.computed == len(req.prompt) and not req.out:
+            self.stats.prompt_tokens += len(req.prompt)
+        if req.computed < req.num_tokens:  # a prompt chunk: nothing to sample yet
+            return 0
+        p = req.params
+        if p.greedy and p.repetition_penalty == 1.0:
+            token = greedy
+        else:
+            seen = torch.tensor(req.prompt + req.out, dtype=torch.long) \
+                if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+            token = sample_next(logits, seen, p, req.generator)
+        self._append(req, token)
+        touched.append(req)
+        return 1
+
+    def _accept(self, s, tree: Tree, logits: torch.Tensor, touched: list) -> int:
+        """A verified tree: the accepted nodes' K/V moved to their positions, their tokens and
+        the bonus token appended (as far as stop conditions allow)."""
+        req = s.req
+        if req.finished:
+            return 0
+        acc = self.speculation.accept(req, tree, logits, self.stats)
+        self.runner.copy_slots(req.blocks, commit_moves(tree, acc.path, s.start), self.pool.tensor)
+        n = 0
+        for t in acc.tokens:
+            self._append(req, t)
+            n += 1
+            if req.finished:
+                break
+        if not req.finished:
+            self.scheduler.computed(req, s.start + 1 + len(acc.path))
+            self.scheduler.trim(req)
+        touched.append(req)
+        return n
 
     def _append(self, req: Request, token: int) -> None:
         p = req.params

@@ -207,17 +207,21 @@ class LLM:
         return list(sampling_params)
 
     def submit(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, seed: Optional[int] = None,
-               listener=None, request_id: Optional[str] = None, **sampling) -> Request:
+               listener=None, request_id: Optional[str] = None, speculative: Optional[str] = None,
+               **sampling) -> Request:
         """Queue one request on the engine and return it (``engine.wait`` / ``engine.abort`` it)."""
         ids = self._prompt_ids([prompt], chat)[0]
         return self.engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling),
-                                  seed=seed, listener=listener, request_id=request_id)
+                                  seed=seed, listener=listener, request_id=request_id, draft=speculative)
 
     def generate(self, prompts: Union[str, Sequence], max_new_tokens: int = 64, *, chat: bool = False,
-                 sampling_params: Optional[Sequence[SamplingParams]] = None, **sampling) -> GenerationResult:
+                 sampling_params: Optional[Sequence[SamplingParams]] = None, speculative: Optional[str] = None,
+                 **sampling) -> GenerationResult:
         """Generate for a batch of prompts (strings, token-id lists, or chat messages if ``chat``).
         One set of sampling keywords for all, or ``sampling_params`` with one per prompt; a seed
-        ``s`` gives prompt k the seed ``s + k``."""
+        ``s`` gives prompt k the seed ``s + k``. ``speculative``: a draft ("ngram": prompt lookup)
+        proposes token trees that one verify step checks; the output is what plain decoding
+        gives (greedy: the same tokens; sampling: the same distribution)."""
         if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
         prompt_ids = self._prompt_ids(list(prompts), chat)
@@ -226,7 +230,7 @@ class LLM:
         reqs = []
         try:
             for k, (ids, p) in enumerate(zip(prompt_ids, params)):
-                reqs.append(engine.submit(ids, p, seed=None if p.seed is None else p.seed + k))
+                reqs.append(engine.submit(ids, p, seed=None if p.seed is None else p.seed + k, draft=speculative))
             engine.wait(reqs)
         except BaseException:
             for r in reqs:
@@ -238,13 +242,14 @@ class LLM:
         return GenerationResult([r.text for r in reqs], [list(r.out) for r in reqs], [r.finish for r in reqs],
                                 prompt_ids)
 
-    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, **sampling) -> Iterator[str]:
+    def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, speculative: Optional[str] = None,
+               **sampling) -> Iterator[str]:
         """Yield the text of one generation piece by piece as tokens are produced. Closing the
         iterator early cancels the request."""
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         ids = self._prompt_ids([prompt], chat)[0]
         engine = self.engine
-        req = engine.submit(ids, params)
+        req = engine.submit(ids, params, draft=speculative)
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
         try:

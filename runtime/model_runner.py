@@ -35,12 +35,14 @@ class ModelRunner:
         if stages:   # pipeline stages (run by the ranks): the first takes the inputs, the last gives logits
             last = len(stages) - 1
             self.graphs = {"prefill": module.graphs["prefill_stage0"], "decode": module.graphs["decode_stage0"]}
+            if "verify_stage0" in module.graphs:
+                self.graphs["verify"] = module.graphs["verify_stage0"]
             out_graph = module.graphs[f"decode_stage{last}"]
             # the driver's pool only keeps books; size blocks by the stage with the most layers
             self.cache_type = max((module.graphs[f"prefill_stage{k}"].input("kv_cache").type for k in range(last + 1)),
                                   key=lambda t: t.shape[0])
         else:
-            self.graphs = {"prefill": module.graphs["prefill"], "decode": module.graphs["decode"]}
+            self.graphs = {g: module.graphs[g] for g in ("prefill", "decode", "verify") if g in module.graphs}
             out_graph = self.graphs["decode"]
             self.cache_type = self.graphs["prefill"].input("kv_cache").type
         self.blocks_per_seq = int(self.graphs["prefill"].input("block_tables").type.shape[1])
@@ -95,6 +97,59 @@ class ModelRunner:
             out.append(self._call("prefill", inputs))
         return torch.cat(out, 0)
 
+    # ------------------------------------------------------------ token trees (speculative decoding)
+    @property
+    def can_verify(self) -> bool:
+        return "verify" in self.graphs
+
+    def verify(self, items: Sequence[tuple], cache) -> list[torch.Tensor]:
+        """Token trees, each (tree, base, blocks): the sequence's committed length and KV blocks
+        (covering base + its nodes), in verify calls within the plan's tokens and rows; per tree
+        the logits at its nodes [nodes, V]."""
+        if not self.can_verify:
+            raise InvalidRequestError("this artifact has no verify graph (a model with sliding-window attention, or "
+                                      "compiled by an older ffc); speculative decoding needs one: recompile it")
+        max_t, rows = self.limits("verify")
+        calls, used = [[]], 0
+        for it in items:
+            n = len(it[0].tokens)
+            if calls[-1] and (used + n > max_t or len(calls[-1]) == rows):
+                calls.append([])
+                used = 0
+            calls[-1].append(it)
+            used += n
+        out = []
+        for call in calls:
+            logits = self._call("verify", self.verify_inputs(call, cache))
+            k = 0
+            for tree, _, _ in call:
+                out.append(logits[k:k + len(tree.tokens)])
+                k += len(tree.tokens)
+        return out
+
+    def verify_inputs(self, items: Sequence[tuple], cache) -> dict:
+        ids, pos, seqs, bases, masks = [], [], [], [], []
+        for r, (tree, base, _) in enumerate(items):
+            ids += tree.tokens
+            pos += [base + d for d in tree.depths()]
+            seqs += [r] * len(tree.tokens)
+            bases += [base] * len(tree.tokens)
+            masks += tree.masks()
+        tables = self._tables([Chunk(tree.tokens, base, blocks) for tree, base, blocks in items])
+        return {"input_ids": torch.tensor(ids)[None], "position_ids": torch.tensor(pos)[None],
+                "seq_ids": torch.tensor(seqs), "block_tables": tables, "kv_cache": cache,
+                "tree_base": torch.tensor(bases), "tree_mask": torch.tensor(masks, dtype=torch.long)}
+
+    def copy_slots(self, blocks: Sequence[int], moves: Sequence[tuple[int, int]], cache) -> None:
+        """Copy the K/V of every layer from slot a to slot b of one sequence, for (a, b) in
+        ``moves`` in order (the accepted nodes of a tree, to their positions)."""
+        if not moves:
+            return
+        if self.ranks is not None:
+            self.ranks.copy_slots(list(blocks), list(moves))
+            return
+        copy_kv_slots(cache, blocks, moves)
+
     def decode_inputs(self, chunks: Sequence[Chunk], cache) -> dict:
         """The decode graph's inputs for single-token chunks (one row each)."""
         return {"input_ids": torch.tensor([c.tokens[0] for c in chunks])[None],
@@ -147,6 +202,13 @@ class ModelRunner:
         logits = self._call("prefill", self.prefill_inputs([c for c, _ in call], cache))
         keep = [r for r, (_, final) in enumerate(call) if final]
         return logits if len(keep) == len(call) else logits[keep]
+
+
+def copy_kv_slots(cache: torch.Tensor, blocks: Sequence[int], moves: Sequence[tuple[int, int]]) -> None:
+    """cache [L, 2, S, Hkv, BS, row]: slot a's rows to slot b (all layers, K and V), in order."""
+    bs = cache.shape[4]
+    for a, b in moves:
+        cache[:, :, blocks[b // bs], :, b % bs] = cache[:, :, blocks[a // bs], :, a % bs]
 
 
 def single_sequence_inputs(graph, ids: torch.Tensor, logits: str = "last") -> dict:

@@ -71,12 +71,18 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def target_probs(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [V] a token is drawn from, given the logits [V] of one position: the
+    repetition penalty, then greedy (all mass on the argmax) or temperature, top-k and top-p."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return torch.zeros_like(logits).index_fill(0, logits.argmax().view(1), 1.0)
+    return torch.softmax(filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p), -1)
+
+
 def sample_next(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
                 generator: Optional[torch.Generator]) -> int:
     """One token from the last-position logits [V] of one sequence."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
-        return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(torch.argmax(apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)))
+    return int(torch.multinomial(target_probs(logits, seen, params), 1, generator=generator))

@@ -25,6 +25,7 @@ import torch
 from ffc.errors import InvalidRequestError
 
 from .kv_cache import BlockPool
+from .speculative import Tree
 from .sampling import SamplingParams
 
 _ORDER = itertools.count()
@@ -48,6 +49,10 @@ class Request:
     keys: list[int] = field(default_factory=list)   # prefix-cache keys of its full blocks (kv_cache.py)
     registered: int = 0                # leading blocks indexed in the prefix cache
     preemptions: int = 0
+    draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
+    acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
+    proposed: int = 0                  # draft tokens verified, and accepted (for /metrics)
+    accepted: int = 0
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -84,6 +89,7 @@ class Scheduled:
     req: Request
     start: int
     n: int
+    tree: Optional[Tree] = None        # a decoding request's token tree (n nodes from start)
 
 
 class Scheduler:
@@ -142,7 +148,9 @@ class Scheduler:
             req.blocks += self.pool.allocate(need)
         return True
 
-    def schedule(self) -> list[Scheduled]:
+    def schedule(self, trees: Optional[dict] = None) -> list[Scheduled]:
+        """This step's chunks; ``trees``: a token tree for some decoding requests (speculative
+        decoding), scheduled whole if the token budget has room, else as plain decoding."""
         cfg = self.config
         budget, out = cfg.max_tokens_per_batch, []
         for req in sorted(self.running, key=lambda r: r.order):
@@ -150,11 +158,14 @@ class Scheduler:
                 continue
             if budget == 0 or len(out) == cfg.max_requests_per_batch:
                 break
-            n = min(req.num_tokens - req.computed, budget)
+            tree = (trees or {}).get(req)
+            if tree is not None and len(tree.tokens) > budget:
+                tree = None
+            n = len(tree.tokens) if tree is not None else min(req.num_tokens - req.computed, budget)
             if not self._grow(req, req.computed + n):
                 self._preempt(req)
                 continue
-            out.append(Scheduled(req, req.computed, n))
+            out.append(Scheduled(req, req.computed, n, tree))
             budget -= n
         bs = self.pool.block_size
         while self.waiting and budget > 0 and len(out) < cfg.max_requests_per_batch:
@@ -174,6 +185,13 @@ class Scheduler:
             out.append(Scheduled(req, start, n))
             budget -= n
         return out
+
+    def trim(self, req: Request) -> None:
+        """Return the blocks past ``req``'s tokens (a verify step's rejected tree slots)."""
+        keep = self.pool.blocks_for(req.num_tokens)
+        if len(req.blocks) > keep:
+            self.pool.free(req.blocks[keep:])
+            del req.blocks[keep:]
 
     def computed(self, req: Request, upto: int) -> None:
         """``req``'s tokens before ``upto`` are in the cache: index the blocks that became full."""

@@ -229,7 +229,8 @@ def test_pipeline_stages_equal_one_rank(tiny, tmp_path):
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["parallel"]["pp"] == 2
     # every stage graph is lowered: the stage ranks run generated kernels
-    assert set(manifest["kernels"]["launches"]) == {f"{g}_stage{s}" for g in ("prefill", "decode") for s in (0, 1)}
+    assert set(manifest["kernels"]["launches"]) == {f"{g}_stage{s}" for g in ("prefill", "decode", "verify")
+                                                    for s in (0, 1)}
     ir = (art / manifest["final_ir"]).read_text()
     assert "graph decode_stage1(" in ir and "kv_cache : f32[1,2,S," in ir
     # the residual stream crosses by send/recv ops in the IR (peer: the rank offset)

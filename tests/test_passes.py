@@ -372,7 +372,16 @@ def _kv_graph(name, t, form):
 """
 
 
-KV_AFTER = "param @emb : f32[7,8]\n\n" + _kv_graph("prefill", "T", "prefill") + "\n" + _kv_graph("decode", "B", "decode")
+VERIFY_AFTER = """graph verify(%input_ids : i64[1,T], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,4], %kv_cache : f32[1,2,S,2,4,4], %tree_base : i64[T], %tree_mask : i64[T]) {
+  %0 = embedding(%input_ids, @emb) : f32[1,T,8]
+  %1 = reshape(%0) {shape=[1,"T",2,4]} : f32[1,T,2,4]
+  %2 = transpose(%1) {dim0=1, dim1=2} : f32[1,2,T,4]
+  %3 = cached_attention(%2, %2, %2, %position_ids, %seq_ids, %block_tables, %kv_cache, %tree_base, %tree_mask) {form="verify", layer=0, scale=0.5, window=null} : f32[1,2,T,4]
+  return %3
+}
+"""
+KV_AFTER = ("param @emb : f32[7,8]\n\n" + _kv_graph("prefill", "T", "prefill") + "\n" + _kv_graph("decode", "B", "decode")
+            + "\n" + VERIFY_AFTER)
 
 
 def test_insert_kv_cache_and_its_numbers():
@@ -397,6 +406,12 @@ def test_insert_kv_cache_and_its_numbers():
     torch.testing.assert_close(dec, ref[:, :, 5:], atol=1e-5, rtol=1.3e-6)
     assert (cache[:, :, 1] == 7.0).all() and (cache[:, :, 2:4] == 0).all()
     assert (cache[0, :, 4] != 0).any() and (cache[0, :, 0, :, :2] != 0).any()
+    # the 6th token as a one-node tree on the 5 committed ones: what decode computed
+    ver, = run_graph(m.graphs["verify"], params, {
+        "input_ids": ids[:, 5:], "position_ids": torch.tensor([[5]]), "seq_ids": torch.tensor([0]),
+        "block_tables": torch.tensor([[4, 0, 0, 0]]), "kv_cache": cache, "tree_base": torch.tensor([5]),
+        "tree_mask": torch.tensor([1])})
+    torch.testing.assert_close(ver, dec)
 
 
 def test_select_logits():

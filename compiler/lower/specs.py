@@ -194,6 +194,13 @@ def attention_spec(c: SpecContext, g: Group):
     args += [c.arg(pos, "positions")[0], c.arg(seqs, "sequence ids")[0], c.arg(tables, "block tables")[0],
              Arg(ArgKind.CACHE, cache.name, int(n.attrs["layer"]), ctype.dtype)]
     names = ["out", "q", "k", "v", "pos", "seq", "table", "cache"]
+    tree = n.attrs.get("form") == "verify"
+    if tree:
+        if n.attrs.get("window") is not None:
+            raise LoweringError(f"a verify step's attention (%{n.name}) has a sliding window; trees need none")
+        for role, val in zip(("tree_base", "tree_mask"), n.inputs[7:9]):
+            args.append(c.arg(val, role)[0])
+            names.append(role)
     if g.rope:
         for role, val in (("cos", cos), ("sin", sin)):
             a, vw = c.arg(val, f"rope {role}")
@@ -204,7 +211,7 @@ def attention_spec(c: SpecContext, g: Group):
             names.append(role)
     return AttentionSpec(H=H, Hkv=Hkv, D=D, BS=BS, MB=MB, ctype=ctype.dtype, row=ctype.shape[5],
                          scale=float(n.attrs.get("scale") or 1.0 / math.sqrt(D)), window=n.attrs.get("window"),
-                         rope=g.rope, arg=_slots(names), **strides), args
+                         rope=g.rope, arg=_slots(names), tree=tree, **strides), args
 
 
 def gather_spec(c: SpecContext, g: Group):

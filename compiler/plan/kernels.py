@@ -156,6 +156,7 @@ class AttentionSpec:
     arg: Slots
     cos_ts: Optional[Expr] = None
     sin_ts: Optional[Expr] = None
+    tree: bool = False       # a verify step: each token's tree_base and tree_mask (ops._cached_attention)
 
 
 @dataclass(frozen=True)

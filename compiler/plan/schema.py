@@ -155,9 +155,9 @@ class ParamInfo:
 
 
 def limits(graphs: dict[str, GraphPlan]) -> dict[str, tuple[int, int]]:
-    """Most tokens and rows one prefill / decode call takes (over a pipeline's stage graphs)."""
+    """Most tokens and rows one prefill / decode / verify call takes (over a pipeline's stage graphs)."""
     out = {}
-    for kind in ("prefill", "decode"):
+    for kind in ("prefill", "decode", "verify"):
         gps = [gp for g, gp in graphs.items() if g == kind or g.startswith(kind + "_stage")]
         if gps:
             out[kind] = (min(gp.max_tokens for gp in gps), min(gp.max_rows for gp in gps))

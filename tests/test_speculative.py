@@ -1,0 +1,261 @@
+"""Speculative decoding: the verify graph (token trees over the paged KV cache), acceptance,
+drafts, and the engine running them."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffc import build
+from ffc.codegen import render_sources
+from ffc.ir import parse, run_graph, verify_module
+from ffc.ir.ops import tree_slots
+from ffc.lower import lower_module
+from ffc.runtime.compiled import CompiledPlan
+
+VERIFY_IR = """# ffc ir 1
+meta {}
+param @inv_freq : f32[3]
+graph verify(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : f32[2,2,S,2,8,6], %tree_base : i64[T], %tree_mask : i64[T]) {
+  %0 = unsqueeze(%position_ids) {dim=2} : i64[1,T,1]
+  %1 = cast(%0) {dtype="f32"} : f32[1,T,1]
+  %2 = mul(%1, @inv_freq) : f32[1,T,3]
+  %3 = concat(%2, %2) {dim=2} : f32[1,T,6]
+  %4 = cos(%3) : f32[1,T,6]
+  %5 = sin(%3) : f32[1,T,6]
+  %6 = slice(%qkv) {dim=2, end=24, start=0, step=1} : f32[1,T,24]
+  %7 = slice(%qkv) {dim=2, end=36, start=24, step=1} : f32[1,T,12]
+  %8 = slice(%qkv) {dim=2, end=48, start=36, step=1} : f32[1,T,12]
+  %9 = reshape(%6) {shape=[1,"T",4,6]} : f32[1,T,4,6]
+  %10 = transpose(%9) {dim0=1, dim1=2} : f32[1,4,T,6]
+  %11 = reshape(%7) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %12 = transpose(%11) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %13 = reshape(%8) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %14 = transpose(%13) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %15 = unsqueeze(%4) {dim=1} : f32[1,1,T,6]
+  %16 = unsqueeze(%5) {dim=1} : f32[1,1,T,6]
+  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
+  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
+  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache, %tree_base, %tree_mask) {form="verify", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
+  %20 = transpose(%19) {dim0=1, dim1=2} : f32[1,T,4,6]
+  %21 = reshape(%20) {shape=[1,"T",24]} : f32[1,T,24]
+  return %21
+}
+"""
+
+# two sequences' trees, packed: A (committed 5 slots, table row 2): root, two children of the
+# root, a grandchild under the first child, and its child (an asymmetric tree); B (committed
+# 9 slots, row 0): a chain of three
+TREE_A = [(-1, 0), (0, 1), (0, 1), (1, 2), (3, 3)]          # (parent, depth) per node
+TREE_B = [(-1, 0), (0, 1), (1, 2)]
+
+
+def tree_masks(tree):
+    masks = []
+    for j, (parent, _) in enumerate(tree):
+        masks.append((masks[parent] if parent >= 0 else 0) | (1 << j))
+    return masks
+
+
+def verify_inputs(g, dtype=torch.float32):
+    base = [5] * len(TREE_A) + [9] * len(TREE_B)
+    masks = tree_masks(TREE_A) + tree_masks(TREE_B)
+    pos = [b + d for b, (_, d) in zip(base, TREE_A + TREE_B)]
+    T = len(base)
+    return {"qkv": torch.randn(1, T, 48, generator=g), "position_ids": torch.tensor([pos]),
+            "seq_ids": torch.tensor([2] * len(TREE_A) + [0] * len(TREE_B)),
+            "block_tables": torch.tensor([[5, 1, 7, 0, 0], [0, 0, 0, 0, 0], [2, 6, 3, 4, 0]]),
+            "kv_cache": torch.randn(2, 2, 8, 2, 8, 6, generator=g).to(dtype),
+            "tree_base": torch.tensor(base), "tree_mask": torch.tensor(masks)}
+
+
+def test_tree_slots_are_each_nodes_own_index():
+    masks = torch.tensor(tree_masks(TREE_A) + [(1 << 63 | 1) - (1 << 64)])     # node 63: the sign bit
+    assert tree_slots(torch.tensor([5] * 6), masks).tolist() == [5, 6, 7, 8, 9, 5 + 63]
+
+
+def test_tree_mask_attends_to_ancestors_only():
+    """The interpreter's verify attention: a node's output equals attention over the committed
+    slots and its ancestors' slots alone (computed here with a plain softmax)."""
+    module = parse(VERIFY_IR)
+    verify_module(module)
+    g = torch.Generator().manual_seed(0)
+    inputs = verify_inputs(g)
+    cache = inputs["kv_cache"].clone()
+    out = run_graph(module.graphs["verify"], {"inv_freq": torch.tensor([1.0, 0.1, 0.01])}, inputs)[0]
+    # node 4 of A (slot 9) sees slots 0-4, then nodes 0, 1, 3, 4: slots 5, 6, 8, 9 (not node 2's 7)
+    kc, vc = inputs["kv_cache"][1, 0], inputs["kv_cache"][1, 1]
+    table = inputs["block_tables"][2]
+    slots = [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    k = torch.stack([kc[table[s // 8], :, s % 8] for s in slots])       # [9, Hkv, D]
+    v = torch.stack([vc[table[s // 8], :, s % 8] for s in slots])
+    # q of node 4 (token 4), rotated as the graph does, head 0 (kv head 0)
+    x = inputs["qkv"][0, 4, :6]
+    ang = 8.0 * torch.tensor([1.0, 0.1, 0.01]).repeat(2)                   # position 5 + depth 3
+    qr = x * ang.cos() + torch.cat([-x[3:], x[:3]]) * ang.sin()
+    w = torch.softmax((k[:, 0] @ qr) * 0.4, 0)
+    torch.testing.assert_close(out[0, 4, :6], w @ v[:, 0], atol=1e-5, rtol=1e-5)
+    # committed slots are untouched; tree nodes were written at base + node
+    assert torch.equal(inputs["kv_cache"][1, :, table[0], :, :5], cache[1, :, table[0], :, :5])
+    assert not torch.equal(inputs["kv_cache"][1, :, table[0], :, 5:], cache[1, :, table[0], :, 5:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_kernel_matches_interpreter(dtype, tmp_path):
+    text = VERIFY_IR if dtype == torch.float32 else VERIFY_IR.replace("%kv_cache : f32", "%kv_cache : bf16")
+    module = parse(text)
+    plan = lower_module(module, prefill_tokens=40, max_batch=8)
+    assert any(k.spec.tree for k in plan.kernels.values() if k.family.value == "attention")
+    (tmp_path / "src").mkdir()
+    sources, spans = render_sources(plan)
+    for name, src in sources.items():
+        (tmp_path / "src" / name).write_text(src)
+    weights = {"inv_freq": torch.tensor([1.0, 0.1, 0.01])}
+    cp = CompiledPlan(plan, build.load_library(build.build(tmp_path, "cpu", spans)), weights, threads=2)
+    for seed in range(3):
+        inputs = verify_inputs(torch.Generator().manual_seed(seed), dtype)
+        ref_inputs = {k: v.clone() for k, v in inputs.items()}
+        got = cp.run("verify", inputs)[0]
+        ref = run_graph(module.graphs["verify"], weights, ref_inputs)[0]
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(inputs["kv_cache"].float(), ref_inputs["kv_cache"].float(),
+                                   atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- the default model
+
+def _continuation(llm, ids, n):
+    return llm.generate([ids], max_new_tokens=n, ignore_eos=True).token_ids[0]
+
+
+def test_accepted_kv_equals_plain_decoding(smol_llm):
+    """A verified tree whose accepted path runs through later siblings (so its K/V rows move
+    down to their positions): afterwards the cache holds, at every position, what plain
+    decoding of the same tokens writes (max abs diff <= 1e-5), and the greedy tokens agree."""
+    from ffc.runtime.model_runner import Chunk
+    from ffc.runtime.speculative import Tree, accept_greedy, commit_moves
+    llm, runner = smol_llm, smol_llm.runner
+    ids = llm.encode("The capital of France is")
+    nxt = _continuation(llm, ids, 5)                   # plain greedy: the tokens to accept
+    cache = torch.zeros(llm.cache_type.concrete({"S": 8}), dtype=llm.cache_type.torch_dtype)
+    plain = torch.zeros_like(cache)
+    blocks = list(range(8))
+    base = len(ids)
+    runner.forward([Chunk(ids, 0, blocks)], plain)
+    for k, t in enumerate(nxt[:4]):
+        runner.forward([Chunk([t], base + k, blocks)], plain)
+    runner.forward([Chunk(ids[:-1], 0, blocks)], cache)   # the last prompt token is the tree's root
+    # root = last prompt token; depth 1: a wrong token (node 1) then the right one (node 2);
+    # depth 2: under node 2 a wrong one (3) and the right one (4); depth 3: the right one (5)
+    wrong = (nxt[0] + 1, nxt[1] + 1)
+    tree = Tree([ids[-1], wrong[0], nxt[0], wrong[1], nxt[1], nxt[2]], [-1, 0, 0, 2, 2, 4])
+    logits = runner.verify([(tree, base - 1, blocks)], cache)[0]
+    acc = accept_greedy(tree, logits)
+    assert acc.path == [2, 4, 5] and acc.tokens == nxt[:4]
+    runner.copy_slots(blocks, commit_moves(tree, acc.path, base - 1), cache)
+    n = base + 3                                        # prompt, then three accepted tokens
+    bs = cache.shape[4]
+    got = torch.stack([cache[:, :, blocks[p // bs], :, p % bs] for p in range(n)])
+    want = torch.stack([plain[:, :, blocks[p // bs], :, p % bs] for p in range(n)])
+    assert (got - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_ngram_equals_plain(smol_llm, batch):
+    """Prompt lookup on texts it can copy from and texts it cannot, alone and in a mixed batch
+    (some requests speculate, some do not): the same tokens as plain greedy decoding."""
+    from conftest import PROMPTS
+    text = ("Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over "
+            "the lazy dog, and the quick brown fox")
+    prompts = ([text] + PROMPTS + [text + " again", "def add(a, b):\n    return a + b\n\ndef add("])[:batch]
+    want = smol_llm.generate(prompts, max_new_tokens=64).token_ids
+    stats = smol_llm.engine.stats
+    before = stats.verify_steps, stats.spec_accepted
+    got = smol_llm.generate(prompts, max_new_tokens=64, speculative="ngram").token_ids
+    assert got == want
+    assert stats.verify_steps > before[0] and stats.spec_accepted > before[1]   # it did speculate
+
+
+def test_unknown_draft_is_refused(smol_llm):
+    from ffc.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="draft 'nope' is not available"):
+        smol_llm.generate(["Hi"], max_new_tokens=2, speculative="nope")
+
+
+# ---------------------------------------------------------------- sampling keeps the distribution
+
+class RandomTrees:
+    """A draft that proposes random trees: some children picked (point masses), others drawn
+    i.i.d. from a random distribution q that they carry, as a sampling draft model's are."""
+    kind = "random"
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self.vocab, self.g = vocab, torch.Generator().manual_seed(seed)
+
+    def propose(self, tokens, depth, max_nodes):
+        from ffc.runtime.speculative import Tree
+        toks, parents, q = [tokens[-1]], [-1], [None]
+        frontier = [(0, 0)]
+        while frontier:
+            node, d = frontier.pop(0)
+            if d == depth:
+                continue
+            width = int(torch.randint(1, 4, (), generator=self.g))
+            dist = torch.softmax(torch.randn(self.vocab, generator=self.g) * 2, 0) \
+                if torch.rand((), generator=self.g) < 0.5 else None
+            for _ in range(width):
+                if len(toks) == max_nodes:
+                    break
+                t = int(torch.multinomial(dist, 1, generator=self.g)) if dist is not None else \
+                    int(torch.randint(0, self.vocab, (), generator=self.g))
+                toks.append(t)
+                parents.append(node)
+                q.append(dist)
+                frontier.append((len(toks) - 1, d + 1))
+        return Tree(toks, parents, q)
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory, smol_source):
+    """A random Llama with an 8-token vocabulary (distributions that sampling can be counted on)."""
+    import transformers as tf
+    import ffc
+    from ffc import sources
+    path = tmp_path_factory.mktemp("v8") / "m"
+    torch.manual_seed(1)
+    cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=8, max_position_embeddings=64, bos_token_id=1,
+                         eos_token_id=2)
+    model = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.eval().save_pretrained(path)
+    sources.load_tokenizer(smol_source).save_pretrained(path)
+    return ffc.load(ffc.compile(str(path), str(path.parent / "v8.ffc"), max_seq_len=32))
+
+
+def test_speculative_sampling_keeps_the_distribution(tiny_vocab):
+    """20,000 seeded runs each, temperature 0.8 and top-p 0.9: the first 3 generated tokens'
+    joint distribution with random draft trees (depth up to 3, point-mass and sampled children)
+    matches plain sampling's, by a chi-square test of the two samples (p > 0.01; 343 outcomes
+    seen). The test has power: accepting with 1.5 p / q instead of p / q gives p = 6e-5."""
+    import collections
+    import numpy as np
+    from scipy.stats import chi2_contingency
+    llm = tiny_vocab
+    llm.engine.speculation.drafts["random"] = RandomTrees(8)
+    llm.engine.speculation.control.depth = lambda acceptance: 3     # always speculate, as deep as allowed
+    n, kw = 20_000, dict(max_new_tokens=5, temperature=0.8, top_p=0.9, ignore_eos=True, seed=0)
+    prompt = [[1, 5, 3]] * n
+    before = llm.engine.stats.verify_steps
+    plain = llm.generate(prompt, **kw).token_ids
+    spec = llm.generate(prompt, speculative="random", **kw).token_ids
+    assert llm.engine.stats.verify_steps - before > 1000 and llm.engine.stats.spec_accepted > 1000
+    counts = [collections.Counter(tuple(t[:3]) for t in runs) for runs in (plain, spec)]
+    cells = sorted(set(counts[0]) | set(counts[1]))
+    table = np.array([[c[k] for k in cells] for c in counts])
+    table = table[:, table.sum(0) >= 10]          # cells with enough mass for the chi-square approximation
+    p = chi2_contingency(table)[1]
+    assert p > 0.01, p
+    # the same seeds without speculation reproduce plain sampling exactly (the draft does not leak)
+    assert llm.generate(prompt[:64], **kw).token_ids == plain[:64]
