@@ -109,12 +109,13 @@ def _engine(a) -> dict:
 
 
 def _serve(a) -> None:
-    serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, log_level=a.log_level, **_engine(a))
+    serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, log_level=a.log_level,
+          speculative=a.speculative, **_engine(a))
 
 
 def _sampling(a) -> dict:
     return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                seed=a.seed, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos)
+                seed=a.seed, stop=tuple(a.stop or ()), ignore_eos=a.ignore_eos, speculative=a.speculative)
 
 
 def _run(a) -> None:
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences per step (default: the plan's decode batch)")
         x.add_argument("--no-prefix-caching", action="store_true",
                        help="do not share KV blocks between requests with the same prompt prefix")
+        x.add_argument("--speculative", default=None, metavar="DRAFT",
+                       help="speculative decoding: a draft proposes token trees that one step verifies (output "
+                            "as without it); ngram = prompt lookup")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (in-flight batching, paged KV cache)")
     sv.add_argument("artifact")

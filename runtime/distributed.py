@@ -39,6 +39,7 @@ from ffc.util import free_port
 
 from . import shm_collectives
 from .compiled import open_compiled
+from .model_runner import copy_kv_slots
 
 COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
 START_TIMEOUT_S = 120
@@ -84,7 +85,8 @@ class TorchGroup:
 
 class _Shard:
     """What one rank holds: the graphs, its weights, its slice of the KV pool, and whom its
-    collectives talk to; it answers the driver's messages ("pool", n) and ("run", graph, arrays)."""
+    collectives talk to; it answers the driver's messages ("pool", n), ("run", graph, arrays) and
+    ("copy_slots", blocks, moves): a verified tree's accepted K/V to their positions."""
 
     def __init__(self, art: Artifact, rank: int, backend: Optional[str] = None, threads: int = 1,
                  library: Optional[str] = None, shm: Optional[str] = None):
@@ -110,8 +112,8 @@ class _Shard:
         self.compiled = None
         self.device = torch.device("cpu")
         if backend != "interpreter" and art.kernels and library:   # the same kernels on every rank
-            self.compiled = open_compiled(art, self.weights, library, threads,
-                                          [self.graph("prefill"), self.graph("decode")], self.comm)
+            graphs = [self.graph(g) for g in ("prefill", "decode", "verify") if self.graph(g) in self.module.graphs]
+            self.compiled = open_compiled(art, self.weights, library, threads, graphs, self.comm)
             self.weights = self.compiled.weights   # packed originals are freed
             self.device = self.compiled.device
 
@@ -120,6 +122,9 @@ class _Shard:
             self.cache = None
             self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype,
                                      device=self.device)
+            return None
+        if msg[0] == "copy_slots":
+            copy_kv_slots(self.cache, msg[1], msg[2])
             return None
         _, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
@@ -298,6 +303,9 @@ class RankGroup:
     def allocate_pool(self, num_blocks: int) -> None:
         self.call(("pool", num_blocks), "allocating the KV pool")
 
+    def copy_slots(self, blocks: list, moves: list) -> None:
+        self.call(("copy_slots", blocks, moves), "moving accepted K/V")
+
     def close(self, force: bool = False) -> None:
         procs, conns = self.procs, self.conns
         self.procs, self.conns = [], []
@@ -371,6 +379,9 @@ class TorchrunRanks:
 
     def allocate_pool(self, num_blocks: int) -> None:
         self._send(("pool", num_blocks))
+
+    def copy_slots(self, blocks: list, moves: list) -> None:
+        self._send(("copy_slots", blocks, moves))
 
     def close(self, force: bool = False) -> None:
         if self._open and dist.is_initialized():

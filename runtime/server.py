@@ -108,7 +108,11 @@ class Metrics:
                         ("ffc_kv_blocks_used", "KV-cache blocks in use", pool.used_blocks),
                         ("ffc_kv_blocks_total", "KV-cache blocks in the pool", pool.num_blocks),
                         ("ffc_generation_tokens_per_second", "tokens generated per second, last 10 s",
-                         st.tokens_per_second())):
+                         st.tokens_per_second()),
+                        ("ffc_spec_acceptance_rate", "speculative decoding: draft tokens accepted / verified",
+                         st.spec_accepted / st.spec_proposed if st.spec_proposed else 0.0),
+                        ("ffc_tokens_per_step", "tokens generated per engine step",
+                         st.generated_tokens / st.steps if st.steps else 0.0)):
                     g = GaugeMetricFamily(name, doc)
                     g.add_metric([], value)
                     yield g
@@ -118,7 +122,11 @@ class Metrics:
                         ("ffc_preemptions", "requests preempted for KV blocks", sch.preemptions),
                         ("ffc_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                          pool.hit_tokens),
-                        ("ffc_steps", "engine steps run", st.steps)):
+                        ("ffc_steps", "engine steps run", st.steps),
+                        ("ffc_spec_verify_steps", "steps that verified a draft tree", st.verify_steps),
+                        ("ffc_spec_draft_tokens", "draft tokens verified (deepest path of each tree)",
+                         st.spec_proposed),
+                        ("ffc_spec_accepted_tokens", "draft tokens accepted", st.spec_accepted)):
                     c = CounterMetricFamily(name, doc)
                     c.add_metric([], value)
                     yield c
@@ -151,8 +159,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(llm, model_name: Optional[str] = None) -> FastAPI:
-    """The HTTP app for a loaded ``LLM``; its engine loop runs while the app is up."""
+def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str] = None) -> FastAPI:
+    """The HTTP app for a loaded ``LLM``; its engine loop runs while the app is up.
+    ``speculative``: every request is decoded with this draft (e.g. "ngram")."""
+    if speculative is not None:
+        llm.engine.speculation.check(speculative, llm.runner)
     engine = llm.engine
     name = model_name or llm.manifest.get("model", {}).get("name") or llm.path.name
     created = int(time.time())
@@ -224,7 +235,7 @@ def create_app(llm, model_name: Optional[str] = None) -> FastAPI:
         one), else one JSON body from ``final``."""
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        req = engine.submit(ids, params, listener=lambda _r: loop.call_soon_threadsafe(wake.set))
+        req = engine.submit(ids, params, listener=lambda _r: loop.call_soon_threadsafe(wake.set), draft=speculative)
         hold = max((len(s) for s in params.stop), default=1) - 1
 
         async def events():
@@ -321,12 +332,12 @@ def create_app(llm, model_name: Optional[str] = None) -> FastAPI:
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, model_name: Optional[str] = None,
-          log_level: str = "info", **engine) -> None:
+          log_level: str = "info", speculative: Optional[str] = None, **engine) -> None:
     """Load ``artifact`` and serve it until SIGINT/SIGTERM (which drain the requests in flight)."""
     import uvicorn
 
     llm = ffc.load(artifact, **engine)
-    app = create_app(llm, model_name)
+    app = create_app(llm, model_name, speculative)
     # The engine thread gives up the GIL around every kernel call and torch op; with many streams
     # the HTTP thread is always runnable, and at the default 5 ms switch interval each re-acquire
     # can stall a step that long. A short interval keeps the engine's steps near their kernel time.

@@ -348,3 +348,22 @@ def test_quantized_weights_shard_at_block_boundaries(tiny, fast_link, tmp_path):
         assert statistics.mean(res.kl) < 1e-3 and res.top1 >= 0.9 * len(res.kl)
     finally:
         a.close()
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp):
+    """Prompt-lookup speculation on tensor-parallel and pipeline ranks: the verify graph runs
+    sharded / staged like prefill, accepted K/V move on every rank; greedy tokens equal plain."""
+    folder, _, _ = tiny
+    art = ffc.compile(str(folder), str(tmp_path / "s.ffc"), max_seq_len=64, tp=tp, pp=pp,
+                      profile=free_link if pp == 1 else "a100-nvlink")
+    loop = [5, 17, 99, 5, 17, 99, 5, 17, 99, 5, 17]             # a prompt whose n-grams repeat
+    prompts = [loop, [7, 8, 9, 10] * 3, [3, 4]]
+    llm = ffc.load(art)
+    try:
+        want = llm.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
+        got = llm.generate(prompts, max_new_tokens=24, ignore_eos=True, speculative="ngram").token_ids
+        assert got == want
+        assert llm.engine.stats.verify_steps > 0
+    finally:
+        llm.close()

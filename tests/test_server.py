@@ -224,3 +224,27 @@ def test_sigterm_drains_then_exits(smol_artifact, smol_llm):
             httpx.get(srv.url + "/health", timeout=2)
     finally:
         srv.stop()
+
+
+def test_speculative_server_streams_what_plain_decoding_gives(smol_artifact, smol_llm):
+    """`ffc serve --speculative ngram`: concurrent streamed requests (continuous batching with
+    trees) answer plain greedy decoding's text; /metrics reports the drafts' acceptance."""
+    text = "Repeat exactly: the red fox and the blue fox and the red fox and the blue fox and the red"
+    prompts = [text, PROMPTS[0], text + " fox", PROMPTS[2]]
+    want = smol_llm.generate(prompts, max_new_tokens=32).texts
+    s = Server(smol_artifact, "--kv-cache-memory", "256MiB", "--speculative", "ngram")
+    try:
+        async def one(client, prompt):
+            r = await client.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 32,
+                                                                 "temperature": 0, "stream": True}, timeout=120)
+            return "".join(c["choices"][0]["text"] for c in _sse(r.text))
+
+        async def all_():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*(one(client, p) for p in prompts))
+        assert asyncio.run(all_()) == want
+        m = s.metrics()
+        assert m["ffc_spec_verify_steps_total"] > 0 and 0 < m["ffc_spec_acceptance_rate"] <= 1
+        assert m["ffc_tokens_per_step"] > 1
+    finally:
+        s.stop()
