@@ -1,5 +1,7 @@
 """Speculative decoding: the verify graph (token trees over the paged KV cache), acceptance,
 drafts, and the engine running them."""
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,22 @@ def test_speculative_sampling_keeps_the_distribution(tiny_vocab):
     assert p > 0.01, p
     # the same seeds without speculation reproduce plain sampling exactly (the draft does not leak)
     assert llm.generate(prompt[:64], **kw).token_ids == plain[:64]
+
+
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_verify_cuda_kernel_compiles(tmp_path, monkeypatch):
+    """The CUDA attention's tree variant builds with nvcc (it runs where a GPU is lent)."""
+    monkeypatch.setenv("FFC_CUDA_ARCHS", "80")
+    if shutil.which("nvcc") is None:
+        monkeypatch.setenv("PATH", str(Path(NVCC).parent) + ":" + os.environ["PATH"])
+    plan = lower_module(parse(VERIFY_IR.replace("%kv_cache : f32[2,2,S,2,8,6]", "%kv_cache : i8[2,2,S,2,8,10]")),
+                        target="cuda", prefill_tokens=40, max_batch=8)
+    (tmp_path / "src").mkdir()
+    sources, spans = render_sources(plan)
+    for name, src in sources.items():
+        (tmp_path / "src" / name).write_text(src)
+    assert "__popcll" in sources["attention.cu"]
+    assert build.build(tmp_path, "cuda", spans).exists()

@@ -11,7 +11,7 @@ import math
 from typing import Callable
 
 from ffc.ir import Module, Node, Op, ParamRef
-from ffc.ir.ops import WEIGHT_READS
+from ffc.ir.ops import KV_SCALE_BYTES, WEIGHT_READS
 from ffc.ir.types import DType
 from ffc.plan import expr as ex
 from ffc.plan.expr import Fn
@@ -175,6 +175,10 @@ def attention_spec(c: SpecContext, g: Group):
     Hkv, BS, MB = ctype.shape[3], ctype.shape[4], tables.type.shape[1]
     if tables.type.shape[0] != "N" or not isinstance(MB, int):
         raise LoweringError(f"block tables %{tables.name} must be [N, blocks per sequence], got {tables.type}")
+    row = D + KV_SCALE_BYTES if ctype.dtype is DType.I8 else D
+    if ctype.shape[5] != row:
+        raise LoweringError(f"KV cache %{cache.name} has rows of {ctype.shape[5]}, a {ctype.dtype} cache of head dim {D} "
+                            f"needs {row}")
     if ctype.dtype not in c.policy.kv_dtypes:
         raise LoweringError(f"a {ctype.dtype} KV cache has no {c.policy.target.value} attention kernel; use --kv-dtype "
                             f"{' or '.join(d.value for d in c.policy.kv_dtypes)}")
