@@ -5,7 +5,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from ffc.ir import Module, materialize_params, parse, print_module
 from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy, Workload
+from ffc.ir.types import DType
 from ffc.ir.text import IRParseError
 from ffc.lower import PHASES, LoweringError, lower_module
 from ffc.passes import PIPELINE, PassContext, run_pipeline
@@ -24,12 +25,13 @@ from ffc.plan.schema import Target
 from ffc.runtime.kernel_library import load_library
 
 from . import __version__, build, frontend, gguf_blocks, sources
+from . import self_draft as drafting
 from .artifact import ArtifactWriter
 from .calibrate import profile_for
 from .codegen import render_sources
 from .errors import FfcError, InvalidRequestError
 from .options import CompileOptions
-from .search import search
+from .search import decode_step_costs, search
 from .util import parse_memory
 
 Log = Callable[[str], None]
@@ -126,12 +128,16 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                   prefill_tokens: int = 2048, max_batch: int = 128, kv_block_size: int = 16,
                   tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
                   workload: Optional[str] = None, quant: Optional[str] = None, quant_skip=None,
-                  kv_dtype: str = "fp32") -> Path:
+                  kv_dtype: str = "fp32", self_draft: Optional[str] = None, calibration: Optional[str] = None,
+                  _prepared: Optional[tuple] = None) -> Path:
     """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
     ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
     weights file per rank and ``ffc.load`` starts the ranks. ``quant``: weights stored in blocks
     (``gguf``: as the model's GGUF file holds them; or a format, see ``ffc.ir.quant``),
-    ``quant_skip``: tensor classes kept float; ``kv_dtype``: the KV cache's storage."""
+    ``quant_skip``: tensor classes kept float; ``kv_dtype``: the KV cache's storage.
+    ``self_draft``: also derive a draft for speculative decoding (self_draft.py) with weights in
+    this storage ("auto": the GGUF file's blocks, else int4-g32), layers chosen on the
+    ``calibration`` text file (default: the model's own answers to a few prompts)."""
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
@@ -142,6 +148,20 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         raise InvalidRequestError(f"--quant gguf runs the blocks of a GGUF file, but {model!r} is not one; give a "
                                   ".gguf file or a GGUF alias, or quantize with --quant q4_0|q8_0|int4-g32|int8")
     linear_fmt = gguf_blocks.linear_format(policy, source.gguf)
+    draft_policy = draft_fmt = calib_text = None
+    if self_draft is not None:
+        if self_draft == "auto":
+            self_draft = "gguf" if source.gguf is not None else "int4-g32"
+        draft_policy = QuantPolicy.parse(None if self_draft == "none" else self_draft)
+        if draft_policy.mode == "gguf" and source.gguf is None:
+            raise InvalidRequestError(f"--self-draft gguf takes the blocks of a GGUF file, but {model!r} is not one; "
+                                      "use --self-draft auto or a format (q4_0, int4-g32, ...)")
+        draft_fmt = gguf_blocks.linear_format(draft_policy, source.gguf)
+        if calibration is not None:
+            try:
+                calib_text = Path(calibration).read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise InvalidRequestError(f"cannot read the --calibration text {calibration!r}: {e}") from None
     options = CompileOptions(max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype, target=target,
                              quant=policy, kv_dtype=kv_dtype,
                              codegen=codegen, prefill_tokens=prefill_tokens, max_batch=max_batch,
@@ -150,12 +170,16 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                              workload=Workload.parse(workload, max_seq_len=msl, weight_dtype=linear_fmt or dtype,
                                                      kv_dtype=kv_dtype))
     with ArtifactWriter(output) as art:
-        log(f"loading {model} ({family})")
-        hf = sources.load_model(source, allow_pickle)
-        tokenizer = sources.load_tokenizer(source)
-        raw = frontend.raw_weights(hf)
-        blocks = {}
-        if policy.mode == "gguf":
+        if _prepared is not None:       # a self-draft: the target's model, reduced
+            hf, tokenizer, blocks = _prepared
+            raw = frontend.raw_weights(hf)
+        else:
+            log(f"loading {model} ({family})")
+            hf = sources.load_model(source, allow_pickle)
+            tokenizer = sources.load_tokenizer(source)
+            raw = frontend.raw_weights(hf)
+            blocks = {}
+        if policy.mode == "gguf" and _prepared is None:
             log(f"reading the quantized blocks of {source.gguf}")
             blocks = gguf_blocks.read_blocks(source.gguf, config, raw)
         if from_ir:
@@ -167,9 +191,14 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
 
         def dump(name, payload):
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
+        spec_costs: dict = {}
+
+        def price_draft(module):        # the cost model's step times, on the graph the search plans
+            spec_costs.update(speculation_costs(module, options, draft_fmt or options.workload.weight_dtype, log))
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype, quant=policy,
                           source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
-                          kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log))
+                          kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log),
+                          on_search_point=price_draft if self_draft is not None else None)
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final, strategy = result.module, result.ctx.strategy
         kinds = ("prefill", "decode") + (("verify",) if any(g.startswith("verify") for g in final.graphs) else ())
@@ -197,6 +226,17 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                 # a plan whose collectives read strided views: its ranks run the interpreter
                 log(f"no generated kernels for this tp plan ({e}); the ranks will run the reference interpreter")
                 shutil.rmtree(art.path("kernels"), ignore_errors=True)
+        speculative = None
+        if self_draft is not None:
+            if "verify" not in kinds:
+                raise InvalidRequestError("--self-draft: this model has no verify graph (sliding-window attention), "
+                                          "so it cannot decode speculatively; compile without --self-draft")
+            speculative = {"self_draft": build_self_draft(art, model, hf, tokenizer, blocks, source, spec_costs,
+                                                          draft_policy, calib_text, log,
+                                                          max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype,
+                                                          target=target, codegen=codegen,
+                                                          prefill_tokens=prefill_tokens, max_batch=max_batch,
+                                                          kv_block_size=kv_block_size, kv_dtype=kv_dtype)}
         last = result.records[-1]
         manifest = {
             "ffc_version": __version__,
@@ -218,6 +258,46 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                 "predicted": asdict(strategy.predicted), "collectives": strategy.collective_counts()},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
+        if speculative is not None:
+            manifest["speculative"] = speculative
         out = art.commit(manifest)
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def speculation_costs(module: Module, options: CompileOptions, draft_fmt: DType, log: Log) -> dict:
+    """The cost model's decode steps the self-draft is priced with (one rank): per layer and the
+    rest, in the target's and the draft's weight storage, and the target's step over 9 tokens."""
+    prof = profile_for(options.profile, log).per_rank(1)
+    w = options.workload
+    per_t, rest_t = decode_step_costs(module, prof, w, 1)
+    per_d, rest_d = decode_step_costs(module, prof, replace(w, weight_dtype=draft_fmt), 1)
+    per_9, rest_9 = decode_step_costs(module, prof, w, 9)
+    one = sum(per_t.values()) + rest_t
+    return {"target": one, "layers": per_d, "rest": rest_d,
+            "node_cost": max(0.0, (sum(per_9.values()) + rest_9 - one) / 8 / one)}
+
+
+def build_self_draft(art: ArtifactWriter, model: str, hf, tokenizer, blocks: dict, source, costs: dict,
+                     policy: QuantPolicy, calibration: Optional[str], log: Log, **compile_options) -> dict:
+    """Choose the self-draft's layers and compile it into ``draft/`` (see self_draft.py); its
+    manifest entry."""
+    fmt = gguf_blocks.linear_format(policy, source.gguf) if policy.enabled else None
+    log("self-draft: calibration sequences")
+    seqs = drafting.calibration_sequences(hf, tokenizer, calibration)
+    q_hf = drafting.quantized_copy(hf, None if policy.mode in ("gguf", "none") else fmt)
+
+    def cost(skip: list[int]) -> float:
+        return (sum(t for layer, t in costs["layers"].items() if layer not in skip) + costs["rest"]) / costs["target"]
+    choice = drafting.choose(hf, q_hf, seqs, cost, costs["node_cost"], policy.mode, log)
+    log(f"self-draft: skipping layers {choice.skip_layers or 'none'} ({policy.mode} weights): acceptance "
+        f"{choice.acceptance:.3f}, predicted speed-up {choice.speedup:.2f}x")
+    d_hf, rename = drafting.draft_model(hf, choice.skip_layers)
+    d_blocks = drafting.rename_blocks(blocks, rename) if blocks else {}
+    if policy.mode == "gguf" and not d_blocks:
+        d_blocks = drafting.rename_blocks(gguf_blocks.read_blocks(source.gguf, hf.config, frontend.raw_weights(hf)),
+                                            rename)
+    compile_model(model, str(art.path("draft")), log=lambda s: log(f"  draft: {s}"),
+                  quant=None if policy.mode == "none" else policy.mode, _prepared=(d_hf, tokenizer, d_blocks),
+                  **compile_options)
+    return choice.manifest("draft")

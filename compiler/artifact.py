@@ -156,6 +156,18 @@ def check_manifest(manifest, root: Path) -> dict:
         inside(root, lib, "kernels.library")
         _expect(kernels.get("target", "cpu") in ("cpu", "cuda"), where, "kernels.target", "cpu or cuda",
                 kernels.get("target"))
+    spec = manifest.get("speculative")
+    if spec is not None:
+        _expect(isinstance(spec, dict), where, "speculative", "an object or null", spec)
+        sd = spec.get("self_draft")
+        _expect(isinstance(sd, dict), where, "speculative.self_draft", "an object", sd)
+        inside(root, sd.get("path"), "speculative.self_draft.path")
+        for key in ("acceptance", "draft_cost", "node_cost"):
+            v = sd.get(key)
+            _expect(type(v) in (int, float) and 0 <= v <= 1e3, where, f"speculative.self_draft.{key}",
+                    "a non-negative number", v)
+        _expect(isinstance(sd.get("skip_layers"), list) and all(type(x) is int for x in sd["skip_layers"]),
+                where, "speculative.self_draft.skip_layers", "a list of layer indices", sd.get("skip_layers"))
     return manifest
 
 

@@ -56,7 +56,8 @@ def _compile(a) -> None:
                   log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
                   codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
                   kv_block_size=a.kv_block_size, tp=tp, pp=pp, profile=a.profile, memory_per_device=a.memory_per_device,
-                  workload=a.workload, quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype)
+                  workload=a.workload, quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype,
+                  self_draft=a.self_draft, calibration=a.calibration)
     print(a.output)
 
 
@@ -218,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor classes kept in float with --quant: lm_head, embed (comma-separated)")
     c.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
                    help="storage of the KV cache (int8: a scale per position and head; 4x the tokens of fp32)")
+    c.add_argument("--self-draft", nargs="?", const="auto", default=None, choices=["auto", "none", *QUANT_MODES[1:]],
+                   help="also compile a draft for speculative decoding (ffc run --speculative self): the model "
+                        "without the layers that measured acceptance and the cost model say to skip, its weights "
+                        "in this storage (auto: the GGUF file's blocks, else int4-g32; none: as the target's)")
+    c.add_argument("--calibration", default=None, metavar="TEXT_FILE",
+                   help="text the self-draft's acceptance is measured on (default: the model's own answers to a "
+                        "few prompts)")
     c.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="generated kernels for this device")
     c.add_argument("--no-codegen", action="store_true", help="skip kernel generation (interpreter only)")
     c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")

@@ -440,3 +440,22 @@ def _stage_step_times(pb: _Problem, pick: list[int], colls: list[CollectiveEdge]
         for k, env in enumerate(pb.env):
             out[s][k] += pb.profile.collective_time(CollectiveKind.SEND_RECV, pb._bytes(last, env), 2)
     return out
+
+
+def decode_step_costs(module: Module, profile: DeviceProfile, workload: Workload, tokens: int = 1,
+                      graph: str = "forward") -> tuple[dict[int, float], float]:
+    """Predicted seconds of one decode step over ``tokens`` tokens on one rank (the cost model's
+    kernel families, weights in the workload's storage): per transformer layer, and the rest
+    (embedding, final norm, lm_head). What the self-draft's choice of layers is priced with."""
+    from dataclasses import replace
+    pb = _Problem(module, module.graphs[graph], 1, profile, replace(workload, batch=tokens))
+    k = next(i for i, (phase, _, _) in enumerate(pb.phases) if phase == "decode")
+    per: dict[int, float] = {}
+    rest = 0.0
+    for j, n in enumerate(pb.nodes):
+        t = min(c[k] for c in pb.step_cost[j])
+        if n.origin.layer is None:
+            rest += t
+        else:
+            per[n.origin.layer] = per.get(n.origin.layer, 0.0) + t
+    return per, rest

@@ -35,6 +35,9 @@ class PassContext:
     pp: int = 1              # pipeline stages asked for
     # the strategy search, given by the compiler: (module, context) -> Strategy
     planner: Optional[Callable[[Module, "PassContext"], Strategy]] = None
+    # called with the module where the search plans (any tp): what else the compiler prices on
+    # the cost model there (the self-draft's step times)
+    on_search_point: Optional[Callable[[Module], None]] = None
     strategy: Optional[Strategy] = None   # what the search decided (set by search_parallel_strategy)
 
 

@@ -16,6 +16,8 @@ from .manager import Decision, PassContext
 
 
 def _decide(module: Module, ctx: PassContext) -> PassContext:
+    if ctx.on_search_point is not None:
+        ctx.on_search_point(module)
     if ctx.tp * ctx.pp == 1:
         return ctx
     if ctx.planner is None:

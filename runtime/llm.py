@@ -28,6 +28,7 @@ from .kv_cache import BlockPool
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Request, SchedulerConfig
+from .speculative import ModelDraft
 
 # the safetensors header's dtype names, as the IR spells them
 _SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64", "U8": "u8"}
@@ -73,6 +74,7 @@ class LLM:
                  kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None,
                  prefix_caching: bool = True):
         self.path = art.root
+        self.artifact = art
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.device = compiled.device if compiled is not None else torch.device("cpu")   # of the KV pool
         self.backend = "compiled" if compiled is not None else "interpreter"
@@ -153,7 +155,48 @@ class LLM:
         elif library is not None:
             compiled = open_compiled(art, weights, library, threads)
             weights = compiled.weights   # what the kernels read; packed originals are freed
-        return cls(art, module, weights, tokenizer, compiled, ranks, **engine)
+        llm = cls(art, module, weights, tokenizer, compiled, ranks, **engine)
+        llm._load_options = {"check_hashes": check_hashes, "backend": backend, "kernel_library": kernel_library}
+        return llm
+
+    # ------------------------------------------------------------ speculative decoding
+    def draft(self, speculative: Optional[str]) -> Optional[str]:
+        """The engine's name for a speculative draft, loading a draft model on first use:
+        "ngram" (prompt lookup), "self" (the self-draft this artifact was compiled with, by
+        ``--self-draft``), or the path of a draft artifact whose tokenizer is this one's."""
+        if speculative is None:
+            return None
+        spec = self.engine.speculation
+        if speculative in spec.drafts:
+            return speculative
+        prior = {}
+        if speculative == "self":
+            info = (self.manifest.get("speculative") or {}).get("self_draft")
+            if not info:
+                raise InvalidRequestError(f"{self.path} has no self-draft; recompile it with --self-draft "
+                                          "(or use --speculative ngram, or a draft artifact's path)")
+            path = self.artifact.path(info["path"], "speculative.self_draft.path")
+            prior = {"acceptance": float(info["acceptance"]), "cost": float(info["draft_cost"])}
+            spec.control.cost = float(info["node_cost"])
+        else:
+            path = Path(speculative)
+            if not (path / "manifest.json").is_file():
+                raise InvalidRequestError(f"speculative draft {speculative!r} is not 'ngram', 'self' or the path of "
+                                          "an ffc artifact")
+        opts = getattr(self, "_load_options", {})
+        draft = LLM.load(path, check_hashes=opts.get("check_hashes", True), backend=opts.get("backend"),
+                         kernel_library=opts.get("kernel_library"), kv_cache_memory=None)
+        if draft.ranks is not None:
+            draft.close()
+            raise InvalidRequestError(f"draft artifact {path} has {draft.artifact.ranks} ranks; a draft runs in this "
+                                      "process on one: compile it with --tp 1 --pp 1")
+        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise InvalidRequestError(f"draft artifact {path} has a different tokenizer from {self.path} (its "
+                                      f"{len(draft.tokenizer.get_vocab())} tokens are not this model's "
+                                      f"{len(self.tokenizer.get_vocab())}); a draft must share the target's vocabulary")
+        spec.drafts[speculative] = ModelDraft(draft, speculative, self.runner.vocab_size,
+                                              max_sequences=self.config.max_requests_per_batch, **prior)
+        return speculative
 
     # ------------------------------------------------------------ prompts
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -212,7 +255,7 @@ class LLM:
         """Queue one request on the engine and return it (``engine.wait`` / ``engine.abort`` it)."""
         ids = self._prompt_ids([prompt], chat)[0]
         return self.engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling),
-                                  seed=seed, listener=listener, request_id=request_id, draft=speculative)
+                                  seed=seed, listener=listener, request_id=request_id, draft=self.draft(speculative))
 
     def generate(self, prompts: Union[str, Sequence], max_new_tokens: int = 64, *, chat: bool = False,
                  sampling_params: Optional[Sequence[SamplingParams]] = None, speculative: Optional[str] = None,
@@ -227,6 +270,7 @@ class LLM:
         prompt_ids = self._prompt_ids(list(prompts), chat)
         params = self._params(len(prompt_ids), max_new_tokens, sampling, sampling_params)
         engine = self.engine
+        speculative = self.draft(speculative)
         reqs = []
         try:
             for k, (ids, p) in enumerate(zip(prompt_ids, params)):
@@ -249,7 +293,7 @@ class LLM:
         params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
         ids = self._prompt_ids([prompt], chat)[0]
         engine = self.engine
-        req = engine.submit(ids, params, draft=speculative)
+        req = engine.submit(ids, params, draft=self.draft(speculative))
         hold = max((len(s) for s in params.stop), default=1) - 1
         sent = 0
         try:

@@ -51,6 +51,7 @@ class Request:
     preemptions: int = 0
     draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
     acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
+    unspeculated: int = 0              # steps since it last speculated
     proposed: int = 0                  # draft tokens verified, and accepted (for /metrics)
     accepted: int = 0
     first_token_at: Optional[float] = None

@@ -161,8 +161,10 @@ class Metrics:
 
 def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str] = None) -> FastAPI:
     """The HTTP app for a loaded ``LLM``; its engine loop runs while the app is up.
-    ``speculative``: every request is decoded with this draft (e.g. "ngram")."""
+    ``speculative``: every request is decoded with this draft ("ngram", "self" or a
+    draft artifact's path)."""
     if speculative is not None:
+        speculative = llm.draft(speculative)
         llm.engine.speculation.check(speculative, llm.runner)
     engine = llm.engine
     name = model_name or llm.manifest.get("model", {}).get("name") or llm.path.name

@@ -184,27 +184,65 @@ def _trie(root: int, chains: list[list[int]], max_nodes: int) -> Optional[Tree]:
 
 
 class SpecControl:
-    """How deep to speculate, from measured acceptance and step times: with per-token
-    acceptance a, a chain of k draft tokens yields (1 - a^(k+1)) / (1 - a) tokens per step, and
-    a sequence's k + 1 tokens cost (1 + c k) of its plain decode step, c the extra cost of a
-    verified token (measured on this plan: verify steps against decode steps). The depth with
-    the most tokens per unit of time is used; 0 when none beats plain decoding by 2% (the
-    draft is not consulted: speculation turned down)."""
+    """The shape of the trees, from measured acceptance and step costs (times relative to a
+    sequence's plain decode step, 1):
 
-    def __init__(self, max_depth: int = 8, max_nodes: int = 16, prior_acceptance: float = 0.5):
+      tree cost      1 + c_node * (nodes - 1) + c_draft * depth
+                     c_node: the extra cost of a verified token (verify steps against decode
+                     steps of this plan), c_draft: a draft step per sequence (0 for lookups)
+      tokens/step    1 + sum over depths i of a^(i-1) * (a + (1 - a) * b(w_i))
+                     a: the draft's per-token acceptance along its chain, b(w): how often the
+                     target's token is among the draft's next w - 1 candidates when its first
+                     is rejected (counted at every rejection); w_i: the width at depth i (the
+                     chain node and w_i - 1 leaves beside it)
+
+    The shape with the most tokens per unit of cost is used (a chain as deep as pays, widened
+    where a leaf's expected tokens beat its cost); none when no shape beats plain decoding by
+    2% (the draft is not consulted: speculation turned down). Priors come from the compiler's
+    cost model and calibration where known (a self-draft's manifest) and are replaced by
+    measurements as steps run."""
+
+    MAX_WIDTH = 4
+
+    def __init__(self, max_depth: int = 8, max_nodes: int = 16, prior_acceptance: float = 0.5,
+                 node_cost: float = 0.1):
         self.max_depth, self.max_nodes = max_depth, max_nodes
         self.prior = prior_acceptance
-        self.cost = 0.1                          # extra cost per verified token, smoothed
+        self.cost = node_cost                    # extra cost per verified token, smoothed
         self._decode: Optional[float] = None     # seconds of a decode step per sequence, smoothed
 
-    def depth(self, acceptance: float) -> int:
+    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = ()) -> list[int]:
+        """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w)."""
+        return self.plan(acceptance, draft_cost, alt)[0]
+
+    def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = ()) -> tuple[list[int], float]:
+        """The best shape and its predicted speed-up over plain decoding (1.0 for plain)."""
         a = min(max(acceptance, 0.0), 0.99)
-        best, arg = 1.02, 0
+        b = [0.0, 0.0, *alt][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
+        best, arg = 1.02, []
         for k in range(1, self.max_depth + 1):
-            rate = (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost * k)
+            widths = [1] * k
+            if k + 1 > self.max_nodes:
+                break
+            gain = sum(a ** (i - 1) * a for i in range(1, k + 1))
+            base = 1 + self.cost * k + draft_cost * k
+            while True:     # widen where one more leaf adds the most tokens, while that pays
+                options = [(a ** i * (1 - a) * (b[widths[i] + 1] - b[widths[i]]), i) for i in range(k)
+                           if widths[i] + 1 < len(b)]
+                if not options or sum(widths) + 1 > self.max_nodes:
+                    break
+                g, i = max(options)
+                if g / self.cost <= (1 + gain) / (base + self.cost * (sum(widths) - k)):
+                    break
+                widths[i] += 1
+                gain += g
+            rate = (1 + gain) / (base + self.cost * (sum(widths) - k))
             if rate > best:
-                best, arg = rate, k
-        return arg
+                best, arg = rate, widths
+        return arg, (best if arg else 1.0)
+
+    def depth(self, acceptance: float) -> int:
+        return len(self.shape(acceptance))
 
     def observe(self, sequences: int, tokens: int, seconds: float) -> None:
         """A model step over ``sequences`` decoding sequences and ``tokens`` tokens took ``seconds``."""
@@ -217,6 +255,10 @@ class SpecControl:
             c = max(0.0, (per / self._decode - 1) / ((tokens - sequences) / sequences))
             self.cost = 0.8 * self.cost + 0.2 * c
 
+    def relative(self, seconds_per_sequence: float) -> Optional[float]:
+        """Seconds per sequence as a fraction of a plain decode step (None before one was seen)."""
+        return seconds_per_sequence / self._decode if self._decode else None
+
 
 def update_acceptance(acc: float, depth: int, accepted: int) -> float:
     """A request's per-token acceptance rate, smoothed over its verify steps: a step that
@@ -228,9 +270,138 @@ def update_acceptance(acc: float, depth: int, accepted: int) -> float:
     return 0.8 * acc + 0.2 * (accepted / trials)
 
 
+class ModelDraft:
+    """A draft model: a compiled artifact with the target's tokenizer (another model of the
+    family, a quantized copy, or the compiler's self-draft), run with its own paged KV cache.
+    Per sequence it keeps the tokens whose K/V its cache holds; a proposal first catches up
+    with what the target committed since (one prefill chunk per sequence, all sequences in
+    one call), then runs its chain one decode step per depth for all sequences together. The
+    chain is its argmax at each depth; a depth of width w adds its next w - 1 candidates as
+    leaves beside the chain node. Proposals are point masses (exact under sampling too: see
+    ``accept_sampled``)."""
+
+    kind = "model"
+    RANKS = 4                  # candidates remembered per depth, to learn b(w) at every rejection
+
+    def __init__(self, llm, name: str, vocab_size: int, acceptance: Optional[float] = None,
+                 cost: Optional[float] = None, max_sequences: int = 64):
+        from .kv_cache import BlockPool
+        self.llm, self.name = llm, name
+        self.runner = llm.runner
+        self.vocab_size = vocab_size            # the target's: candidates beyond it are never proposed
+        self.max_len = llm.max_seq_len
+        self.pool = BlockPool.for_budget(llm.cache_type, self.runner.blocks_per_seq, None,
+                                         max_sequences * self.runner.blocks_per_seq, device=llm.device,
+                                         prefix_caching=False)
+        self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known
+        self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step
+        self.misses, self.rank_hits = 8.0, [2.0, 1.0, 0.5]   # b(w) counts with a weak prior
+        self.seqs: dict[str, _DraftSeq] = {}
+        self.calls = 0
+
+    def alt(self) -> list[float]:
+        """b(2), b(3), ...: the target's token among the draft's next candidates after a rejection."""
+        out, acc = [], 0.0
+        for h in self.rank_hits:
+            acc += h
+            out.append(acc / self.misses)
+        return out
+
+    def release(self, alive: set) -> None:
+        """Free the cache of sequences no longer running."""
+        for rid in [r for r in self.seqs if r not in alive]:
+            self.pool.free(self.seqs.pop(rid).blocks)
+
+    def propose_batch(self, items: Sequence[tuple], control: "SpecControl") -> dict:
+        """items: (request, its tokens, widths per depth); a tree per request (within its pool)."""
+        import time
+
+        from .model_runner import Chunk
+        t0 = time.perf_counter()
+        work, chunks = [], []
+        for req, toks, widths in items:
+            n = len(toks)
+            widths = list(widths[:max(0, self.max_len - n)])
+            st = self.seqs.setdefault(req.id, _DraftSeq())
+            if not widths:
+                continue
+            valid = 0
+            for x, y in zip(st.tokens, toks[:n - 1]):
+                if x != y:
+                    break
+                valid += 1
+            need = self.pool.blocks_for(n - 1 + len(widths))
+            if len(st.blocks) < need:
+                more = self.pool.allocate(need - len(st.blocks))
+                if more is None:             # the draft's pool is full: this one decodes plainly
+                    continue
+                st.blocks += more
+            chunks.append(Chunk(list(toks[valid:n]), valid, list(st.blocks)))
+            st.tokens = list(toks)
+            st.alts = []
+            work.append((req, st, widths, Tree([toks[-1]], [-1]), n))
+        if not work:
+            return {}
+        logits = self.runner.forward(chunks, self.pool.tensor)
+        chain = [0] * len(work)            # each tree's chain node at the current depth
+        for d in range(max(len(w[2]) for w in work)):
+            step = []
+            for k, (req, st, widths, tree, n) in enumerate(work):
+                if d >= len(widths):
+                    continue
+                top = logits[k, :self.vocab_size].topk(max(widths[d], self.RANKS)).indices.tolist()
+                st.alts.append(top)
+                parent = chain[k]
+                for r in range(widths[d]):
+                    tree.tokens.append(top[r])
+                    tree.parents.append(parent)
+                    if r == 0:
+                        chain[k] = len(tree.tokens) - 1
+                if d + 1 < len(widths):
+                    step.append(k)
+                    st.tokens.append(top[0])
+            if not step:
+                break
+            part = self.runner.forward([Chunk([work[k][1].tokens[-1]], len(work[k][1].tokens) - 1, work[k][1].blocks)
+                                        for k in step], self.pool.tensor)
+            rows = torch.zeros(len(work), part.shape[1], dtype=part.dtype)
+            rows[step] = part
+            logits = rows
+        rel = control.relative((time.perf_counter() - t0) / len(work) / max(len(w[2]) for w in work))
+        self.calls += 1
+        if rel is not None and self.calls > 1:       # the first call pays one-time set-up
+            self.cost = 0.8 * self.cost + 0.2 * rel
+        out = {}
+        for req, st, widths, tree, _ in work:
+            tree.q = [None] * len(tree.tokens)
+            out[req] = tree
+        return out
+
+    def observe(self, req, chain_accepted: int, target_tokens: Sequence[int]) -> None:
+        """After verification: where the chain was rejected, the rank of the target's token among
+        the draft's candidates at that depth."""
+        st = self.seqs.get(req.id)
+        if st is None or chain_accepted >= len(st.alts) or chain_accepted >= len(target_tokens):
+            return
+        self.misses += 1
+        top = st.alts[chain_accepted]
+        t = target_tokens[chain_accepted]
+        if t in top[1:self.RANKS]:
+            self.rank_hits[top.index(t) - 1] += 1
+
+
+@dataclass
+class _DraftSeq:
+    blocks: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)    # those whose K/V the draft's cache holds
+    alts: list = field(default_factory=list)      # the last proposal's ranked candidates per depth
+
+
 class Speculation:
-    """An engine's speculative decoding: the drafts requests may name, how deep to go, and the
-    acceptance of a verified tree (with the request's and the engine's counters)."""
+    """An engine's speculative decoding: the drafts requests may name, the shape of their trees,
+    and the acceptance of a verified tree (with the request's and the engine's counters)."""
+
+    PROBE_EVERY = 16      # a request not speculating still tries a small tree every this many steps
 
     def __init__(self):
         self.drafts: dict = {"ngram": NgramDraft()}
@@ -239,24 +410,47 @@ class Speculation:
     def check(self, draft: str, runner) -> None:
         if draft not in self.drafts:
             raise InvalidRequestError(f"speculative draft {draft!r} is not available; use one of "
-                                      f"{', '.join(sorted(self.drafts))}")
+                                      f"{', '.join(sorted(self.drafts))}, 'self' (an artifact compiled with "
+                                      "--self-draft) or the path of a draft artifact")
         if not runner.can_verify:
             raise InvalidRequestError("this artifact has no verify graph (a model with sliding-window attention, or "
                                       "compiled by an older ffc); speculative decoding needs one")
 
     def trees(self, running, config) -> dict:
-        """A draft tree for each decoding request that speculates, as deep as the control finds
+        """A draft tree for each decoding request that speculates, shaped as the control finds
         worth it (within its token and length limits)."""
-        out = {}
+        out, batches = {}, {}
         for req in running:
             if req.draft is None or req.finished or req.num_tokens - req.computed != 1:
                 continue
-            depth = min(self.control.depth(req.acceptance), req.params.max_new_tokens - len(req.out) - 1,
+            draft = self.drafts[req.draft]
+            model = isinstance(draft, ModelDraft)
+            if model and not req.proposed and draft.prior_acceptance is not None:
+                req.acceptance = draft.prior_acceptance       # calibrated, until its first verify
+            widths = self.control.shape(req.acceptance, draft.cost, draft.alt()) if model \
+                else self.control.shape(req.acceptance)
+            if not widths:              # turned down: probe now and then, so the measurements can recover
+                req.unspeculated += 1
+                if req.unspeculated < self.PROBE_EVERY:
+                    continue
+                widths = [1, 1]
+            req.unspeculated = 0
+            depth = min(len(widths), req.params.max_new_tokens - len(req.out) - 1,
                         config.max_seq_len - req.num_tokens - 1)
-            if depth > 0:
-                tree = self.drafts[req.draft].propose(req.prompt + req.out, depth, self.control.max_nodes)
-                if tree is not None:
-                    out[req] = tree
+            if depth <= 0:
+                continue
+            if model:
+                batches.setdefault(req.draft, []).append((req, req.prompt + req.out, widths[:depth]))
+                continue
+            tree = draft.propose(req.prompt + req.out, depth, self.control.max_nodes)
+            if tree is not None:
+                out[req] = tree
+        alive = {r.id for r in running if not r.finished}
+        for name, draft in self.drafts.items():
+            if isinstance(draft, ModelDraft):
+                draft.release(alive)
+                if name in batches:
+                    out.update(draft.propose_batch(batches[name], self.control))
         return out
 
     def accept(self, req, tree: Tree, logits: torch.Tensor, stats) -> Accepted:
@@ -266,11 +460,27 @@ class Speculation:
         else:
             acc = accept_sampled(tree, logits, p, req.prompt + req.out, req.generator)
         if len(tree.tokens) > 1:
-            depth = max(tree.depths())
+            draft = self.drafts.get(req.draft)
+            if isinstance(draft, ModelDraft):     # the chain: each depth's first node
+                chain = _chain(tree)
+                depth = len(chain)
+                got = sum(1 for j in acc.path if j in chain)
+                draft.observe(req, got, acc.tokens)
+            else:
+                depth, got = max(tree.depths()), len(acc.path)
             req.proposed += depth
             req.accepted += len(acc.path)
-            req.acceptance = update_acceptance(req.acceptance, depth, len(acc.path))
+            req.acceptance = update_acceptance(req.acceptance, depth, got)
             stats.spec_proposed += depth
             stats.spec_accepted += len(acc.path)
             stats.verify_steps += 1
         return acc
+
+
+def _chain(tree: Tree) -> set:
+    """The first child of every node from the root down (a model draft's chain)."""
+    kids, cur, out = tree.children(), 0, set()
+    while kids[cur]:
+        cur = kids[cur][0]
+        out.add(cur)
+    return out

@@ -39,7 +39,8 @@ def smol_tok(smol_source):
 def smol_artifact(tmp_path_factory):
     import ffc
     out = tmp_path_factory.mktemp("art") / "smol.ffc"
-    return ffc.compile("smollm2-135m", str(out), max_seq_len=512)
+    # with a self-draft (speculative decoding); the rest of the artifact is as without one
+    return ffc.compile("smollm2-135m", str(out), max_seq_len=512, self_draft="auto")
 
 
 @pytest.fixture(scope="session")

@@ -352,18 +352,21 @@ def test_quantized_weights_shard_at_block_boundaries(tiny, fast_link, tmp_path):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp):
-    """Prompt-lookup speculation on tensor-parallel and pipeline ranks: the verify graph runs
-    sharded / staged like prefill, accepted K/V move on every rank; greedy tokens equal plain."""
+    """Speculation on tensor-parallel and pipeline ranks, with every kind of draft (prompt
+    lookup, the self-draft, a draft artifact): the verify graph runs sharded / staged like
+    prefill, accepted K/V move on every rank; greedy tokens equal plain, 64 of them."""
     folder, _, _ = tiny
-    art = ffc.compile(str(folder), str(tmp_path / "s.ffc"), max_seq_len=64, tp=tp, pp=pp,
-                      profile=free_link if pp == 1 else "a100-nvlink")
+    art = ffc.compile(str(folder), str(tmp_path / "s.ffc"), max_seq_len=128, tp=tp, pp=pp,
+                      profile=free_link if pp == 1 else "a100-nvlink", self_draft="auto")
     loop = [5, 17, 99, 5, 17, 99, 5, 17, 99, 5, 17]             # a prompt whose n-grams repeat
     prompts = [loop, [7, 8, 9, 10] * 3, [3, 4]]
     llm = ffc.load(art)
     try:
-        want = llm.generate(prompts, max_new_tokens=24, ignore_eos=True).token_ids
-        got = llm.generate(prompts, max_new_tokens=24, ignore_eos=True, speculative="ngram").token_ids
-        assert got == want
-        assert llm.engine.stats.verify_steps > 0
+        want = llm.generate(prompts, max_new_tokens=64, ignore_eos=True).token_ids
+        for draft in ("ngram", "self", str(art / "draft")):
+            before = llm.engine.stats.verify_steps
+            got = llm.generate(prompts, max_new_tokens=64, ignore_eos=True, speculative=draft).token_ids
+            assert got == want, draft
+            assert llm.engine.stats.verify_steps > before, draft
     finally:
         llm.close()

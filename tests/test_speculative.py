@@ -177,10 +177,70 @@ def test_greedy_ngram_equals_plain(smol_llm, batch):
     assert stats.verify_steps > before[0] and stats.spec_accepted > before[1]   # it did speculate
 
 
-def test_unknown_draft_is_refused(smol_llm):
+def mixed_batch(llm, prompts, drafts, max_new_tokens=64):
+    """Requests submitted together, each with its own draft (None: plain): their tokens."""
+    reqs = [llm.submit(p, max_new_tokens, speculative=d) for p, d in zip(prompts, drafts)]
+    llm.engine.wait(reqs)
+    assert all(r.finish in ("stop", "length") for r in reqs)
+    return [list(r.out) for r in reqs]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_greedy_model_drafts_equal_plain(smol_llm, smol_artifact, batch):
+    """The self-draft and a draft artifact (here the self-draft's own directory, loaded as any
+    artifact is): the same tokens as plain greedy decoding, alone and in a batch of 8 whose
+    requests use different drafts or none."""
+    from conftest import PROMPTS
+    code = "def add(a, b):\n    return a + b\n\ndef add("
+    prompts = (PROMPTS + [code, "Tell me about the moon.", "1, 2, 3, 4,"])[:batch]
+    want = smol_llm.generate(prompts, max_new_tokens=64).token_ids
+    path = str(smol_artifact / "draft")
+    stats = smol_llm.engine.stats
+    for draft in ("self", path):
+        before = stats.verify_steps
+        assert smol_llm.generate(prompts, max_new_tokens=64, speculative=draft).token_ids == want, draft
+        assert stats.verify_steps > before
+    if batch > 1:
+        kinds = [None, "ngram", "self", path]
+        assert mixed_batch(smol_llm, prompts, [kinds[k % 4] for k in range(batch)]) == want
+
+
+def test_self_draft_is_recorded(smol_artifact):
+    """The manifest says which layers the self-draft skips and why (acceptance, costs, the
+    candidates measured); the draft is an artifact of its own with those layers gone."""
+    import json
+    sd = json.loads((smol_artifact / "manifest.json").read_text())["speculative"]["self_draft"]
+    assert sd["path"] == "draft" and sd["quant"] == "gguf"
+    assert 0 < sd["acceptance"] <= 1 and 0 < sd["draft_cost"] < 1 and sd["speedup"] >= 1
+    assert sd["candidates"][0]["skip"] == 0 and len(sd["candidates"]) > 1     # skipping was measured
+    best = max(sd["candidates"], key=lambda c: c["speedup"])
+    assert best["skip_layers"] == sd["skip_layers"]
+    draft = json.loads((smol_artifact / "draft" / "manifest.json").read_text())
+    assert draft["model"]["config"]["num_hidden_layers"] == 30 - len(sd["skip_layers"])
+
+
+def test_bad_drafts_are_refused(smol_llm, smol_artifact, tiny_vocab, tmp_path):
+    import hashlib
+    import json
     from ffc.errors import InvalidRequestError
-    with pytest.raises(InvalidRequestError, match="draft 'nope' is not available"):
+    with pytest.raises(InvalidRequestError, match="draft 'nope' is not 'ngram', 'self' or the path"):
         smol_llm.generate(["Hi"], max_new_tokens=2, speculative="nope")
+    with pytest.raises(InvalidRequestError, match="has no self-draft; recompile it with --self-draft"):
+        tiny_vocab.generate([[1, 3]], max_new_tokens=2, speculative="self")
+    # a draft whose tokenizer is not the target's
+    other = tmp_path / "other.ffc"
+    shutil.copytree(smol_artifact / "draft", other)
+    tj = other / "tokenizer" / "tokenizer.json"
+    tok = json.loads(tj.read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = (next(k for k, v in vocab.items() if v == i) for i in (500, 501))
+    vocab[a], vocab[b] = 501, 500                # two tokens' ids swapped
+    tj.write_text(json.dumps(tok))
+    man = json.loads((other / "manifest.json").read_text())
+    man["files"]["tokenizer/tokenizer.json"] = hashlib.sha256(tj.read_bytes()).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(InvalidRequestError, match="different tokenizer"):
+        smol_llm.generate(["Hi"], max_new_tokens=2, speculative=str(other))
 
 
 # ---------------------------------------------------------------- sampling keeps the distribution
