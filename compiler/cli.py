@@ -76,6 +76,21 @@ def _build(a) -> None:
 
 
 def _bench(a) -> None:
+    if a.speculative:
+        import torch
+
+        import ffc
+        from .spec_bench import format_spec_bench, run_spec_bench
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        llm = ffc.load(a.artifact)
+        try:
+            rows = run_spec_bench(llm, a.speculative, batches=a.batch, rounds=a.runs, new_tokens=a.new_tokens,
+                                  log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+        finally:
+            llm.close()
+        print(format_spec_bench(rows, torch.get_num_threads()))
+        return
     res = run_bench(a.artifact, compare=a.compare, runs=a.runs, new_tokens=a.new_tokens,
                     batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
                     log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
@@ -290,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     be.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
     be.add_argument("--threads", type=int, default=None)
+    be.add_argument("--speculative", nargs="+", default=None, metavar="DRAFT",
+                    help="instead: plain decoding against each draft (ngram, self, DRAFT.ffc) on chat, rewrite and "
+                         "edit workloads at each --batch (--runs rounds, --new-tokens per request)")
     be.set_defaults(fn=_bench)
 
     ev = sub.add_parser("eval", help="perplexity on a text (llama.cpp's windows), KL divergence against a base "

@@ -163,11 +163,10 @@ class Engine:
                     generated += self._advance(s, logits[k], greedy[k], touched)
                 for s, tree, lg in zip(verify, trees, tree_logits):
                     generated += self._accept(s, tree, lg, touched)
-                decoding = [s for s in rest if s.n == 1]
-                if decoding and not verify:
-                    self.speculation.control.observe(len(decoding), len(decoding), t1 - t0)
+                if rest and all(s.n == 1 for s in rest):      # plain decode steps, and verify steps:
+                    self.speculation.control.observe(len(rest), t1 - t0)   # t(tokens) for the tree shapes
                 if verify:
-                    self.speculation.control.observe(len(verify), sum(len(t.tokens) for t in trees), t2 - t1)
+                    self.speculation.control.observe(sum(len(t.tokens) for t in trees), t2 - t1)
                 self.stats.steps += 1
                 self.stats.generated_tokens += generated
                 self.stats.record(generated)

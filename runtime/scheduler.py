@@ -52,6 +52,7 @@ class Request:
     draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
     acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
     unspeculated: int = 0              # steps since it last speculated
+    probe_gap: int = 16                # steps a turned-down request waits before probing its draft
     proposed: int = 0                  # draft tokens verified, and accepted (for /metrics)
     accepted: int = 0
     first_token_at: Optional[float] = None

@@ -150,12 +150,14 @@ class NgramDraft:
 
     def propose(self, tokens: Sequence[int], depth: int, max_nodes: int) -> Optional[Tree]:
         n_tok = len(tokens)
+        last = tokens[-1]
+        ends = [p for p in range(n_tok - 2, -1, -1) if tokens[p] == last]     # latest occurrence first
         for n in range(min(self.max_ngram, n_tok - 1), 0, -1):
             tail = list(tokens[n_tok - n:])
             conts: list[list[int]] = []
-            for start in range(n_tok - n - 1, -1, -1):       # latest occurrence first
-                if list(tokens[start:start + n]) == tail:
-                    cont = list(tokens[start + n:start + n + depth])
+            for end in ends:
+                if end >= n - 1 and list(tokens[end - n + 1:end + 1]) == tail:
+                    cont = list(tokens[end + 1:end + 1 + depth])
                     if cont and cont not in conts:
                         conts.append(cont)
                         if len(conts) == self.branches:
@@ -184,12 +186,15 @@ def _trie(root: int, chains: list[list[int]], max_nodes: int) -> Optional[Tree]:
 
 
 class SpecControl:
-    """The shape of the trees, from measured acceptance and step costs (times relative to a
-    sequence's plain decode step, 1):
+    """The shape of the trees, from measured acceptance and step times.
 
-      tree cost      1 + c_node * (nodes - 1) + c_draft * depth
-                     c_node: the extra cost of a verified token (verify steps against decode
-                     steps of this plan), c_draft: a draft step per sequence (0 for lookups)
+    A step's time depends on how many tokens it runs: t(T), measured on every plain decode
+    step (T = its sequences) and verify step (T = its tree nodes), interpolated between the
+    counts seen, and before any are seen t(T) = t(1) (1 + c (T - 1)), c the extra cost of a
+    token the cost model predicts. With B sequences speculating, each with a tree of n nodes
+    and depth k, against plain decoding's t(B) for B tokens:
+
+      cost           t(B n) / t(B) + d k          d: a draft step per sequence over t(B) / B
       tokens/step    1 + sum over depths i of a^(i-1) * (a + (1 - a) * b(w_i))
                      a: the draft's per-token acceptance along its chain, b(w): how often the
                      target's token is among the draft's next w - 1 candidates when its first
@@ -198,9 +203,10 @@ class SpecControl:
 
     The shape with the most tokens per unit of cost is used (a chain as deep as pays, widened
     where a leaf's expected tokens beat its cost); none when no shape beats plain decoding by
-    2% (the draft is not consulted: speculation turned down). Priors come from the compiler's
-    cost model and calibration where known (a self-draft's manifest) and are replaced by
-    measurements as steps run."""
+    2% (the draft is not consulted: speculation turned down). On a CPU a decode step reads the
+    weights once for any small T, so extra nodes are nearly free at batch 1 and not at batch 8.
+    Priors come from the compiler's cost model and calibration where known (a self-draft's
+    manifest) and are replaced by measurements as steps run."""
 
     MAX_WIDTH = 4
 
@@ -208,35 +214,70 @@ class SpecControl:
                  node_cost: float = 0.1):
         self.max_depth, self.max_nodes = max_depth, max_nodes
         self.prior = prior_acceptance
-        self.cost = node_cost                    # extra cost per verified token, smoothed
-        self._decode: Optional[float] = None     # seconds of a decode step per sequence, smoothed
+        self.cost = node_cost                    # predicted extra cost of a token (relative to t(1))
+        self.times: dict[int, float] = {}        # tokens in a step -> its seconds, smoothed
 
-    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = ()) -> list[int]:
-        """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w)."""
-        return self.plan(acceptance, draft_cost, alt)[0]
+    def step_time(self, tokens: int) -> Optional[float]:
+        """t(tokens): measured, interpolated, or extrapolated (None before any step was seen)."""
+        if tokens in self.times:
+            return self.times[tokens]
+        if not self.times:
+            return None
+        below = max((t for t in self.times if t < tokens), default=None)
+        above = min((t for t in self.times if t > tokens), default=None)
+        if below is not None and above is not None:
+            f = (tokens - below) / (above - below)
+            return self.times[below] * (1 - f) + self.times[above] * f
+        ref = below if below is not None else above
+        per = self.times[ref] / (1 + self.cost * (ref - 1))      # t(1) by the prior's slope
+        slope = per * self.cost
+        if below is not None:
+            pts = sorted(self.times)
+            if len(pts) > 1:          # the measured slope at the top, if steeper
+                slope = max(slope, (self.times[pts[-1]] - self.times[pts[-2]]) / (pts[-1] - pts[-2]))
+        return max(self.times[ref] + slope * (tokens - ref), 1e-9)
 
-    def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = ()) -> tuple[list[int], float]:
+    def relative(self, tokens: int, batch: int) -> float:
+        """t(tokens) / t(batch)."""
+        a, b = self.step_time(tokens), self.step_time(batch)
+        if a is None or b is None:
+            return (1 + self.cost * (tokens - 1)) / (1 + self.cost * (batch - 1))
+        return a / b
+
+    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1) -> list[int]:
+        """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w);
+        ``draft_cost``: a draft step per sequence relative to a plain step's share, t(B) / B."""
+        return self.plan(acceptance, draft_cost, alt, batch)[0]
+
+    def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (),
+             batch: int = 1) -> tuple[list[int], float]:
         """The best shape and its predicted speed-up over plain decoding (1.0 for plain)."""
         a = min(max(acceptance, 0.0), 0.99)
         b = [0.0, 0.0, *alt][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
+        B = max(batch, 1)
+
+        def cost(nodes: int, k: int) -> float:
+            return self.relative(B * nodes, B) + draft_cost * k
+
         best, arg = 1.02, []
         for k in range(1, self.max_depth + 1):
-            widths = [1] * k
             if k + 1 > self.max_nodes:
                 break
-            gain = sum(a ** (i - 1) * a for i in range(1, k + 1))
-            base = 1 + self.cost * k + draft_cost * k
-            while True:     # widen where one more leaf adds the most tokens, while that pays
+            widths = [1] * k
+            gain = sum(a ** i for i in range(1, k + 1))
+            rate = (1 + gain) / cost(k + 1, k)
+            while sum(widths) + 1 <= self.max_nodes:   # widen where one more leaf adds the most tokens
                 options = [(a ** i * (1 - a) * (b[widths[i] + 1] - b[widths[i]]), i) for i in range(k)
                            if widths[i] + 1 < len(b)]
-                if not options or sum(widths) + 1 > self.max_nodes:
+                if not options:
                     break
                 g, i = max(options)
-                if g / self.cost <= (1 + gain) / (base + self.cost * (sum(widths) - k)):
+                wider = (1 + gain + g) / cost(sum(widths) + 2, k)
+                if wider <= rate:
                     break
                 widths[i] += 1
                 gain += g
-            rate = (1 + gain) / (base + self.cost * (sum(widths) - k))
+                rate = wider
             if rate > best:
                 best, arg = rate, widths
         return arg, (best if arg else 1.0)
@@ -244,20 +285,18 @@ class SpecControl:
     def depth(self, acceptance: float) -> int:
         return len(self.shape(acceptance))
 
-    def observe(self, sequences: int, tokens: int, seconds: float) -> None:
-        """A model step over ``sequences`` decoding sequences and ``tokens`` tokens took ``seconds``."""
-        if sequences <= 0:
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A model step over ``tokens`` tokens (decode or verify) took ``seconds``."""
+        if tokens <= 0:
             return
-        per = seconds / sequences
-        if tokens == sequences:
-            self._decode = per if self._decode is None else 0.8 * self._decode + 0.2 * per
-        elif self._decode:
-            c = max(0.0, (per / self._decode - 1) / ((tokens - sequences) / sequences))
-            self.cost = 0.8 * self.cost + 0.2 * c
+        old = self.times.get(tokens)
+        self.times[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
-    def relative(self, seconds_per_sequence: float) -> Optional[float]:
-        """Seconds per sequence as a fraction of a plain decode step (None before one was seen)."""
-        return seconds_per_sequence / self._decode if self._decode else None
+    def share(self, batch: int) -> Optional[float]:
+        """A sequence's share of a plain decode step of ``batch`` sequences, t(B) / B (None
+        before any step was seen)."""
+        t = self.step_time(max(batch, 1))
+        return None if t is None else t / max(batch, 1)
 
 
 def update_acceptance(acc: float, depth: int, accepted: int) -> float:
@@ -294,10 +333,18 @@ class ModelDraft:
                                          max_sequences * self.runner.blocks_per_seq, device=llm.device,
                                          prefix_caching=False)
         self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known
-        self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step
+        self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step's share
+        self.costs: dict[int, float] = {}       # the same measured, by the sequences drafted together
         self.misses, self.rank_hits = 8.0, [2.0, 1.0, 0.5]   # b(w) counts with a weak prior
         self.seqs: dict[str, _DraftSeq] = {}
         self.calls = 0
+
+    def cost_at(self, batch: int) -> float:
+        """A draft step per sequence relative to a plain step's share, with ``batch`` sequences:
+        measured at that batch, else at the nearest measured, else the prior."""
+        if not self.costs:
+            return self.cost
+        return self.costs[min(self.costs, key=lambda b: (abs(b - batch), b))]
 
     def alt(self) -> list[float]:
         """b(2), b(3), ...: the target's token among the draft's next candidates after a rejection."""
@@ -367,10 +414,12 @@ class ModelDraft:
             rows = torch.zeros(len(work), part.shape[1], dtype=part.dtype)
             rows[step] = part
             logits = rows
-        rel = control.relative((time.perf_counter() - t0) / len(work) / max(len(w[2]) for w in work))
+        per = (time.perf_counter() - t0) / len(work) / max(len(w[2]) for w in work)
+        share = control.share(len(work))
         self.calls += 1
-        if rel is not None and self.calls > 1:       # the first call pays one-time set-up
-            self.cost = 0.8 * self.cost + 0.2 * rel
+        if share is not None and self.calls > 1:       # the first call pays one-time set-up
+            old = self.costs.get(len(work), self.cost)
+            self.costs[len(work)] = 0.8 * old + 0.2 * per / share
         out = {}
         for req, st, widths, tree, _ in work:
             tree.q = [None] * len(tree.tokens)
@@ -401,7 +450,8 @@ class Speculation:
     """An engine's speculative decoding: the drafts requests may name, the shape of their trees,
     and the acceptance of a verified tree (with the request's and the engine's counters)."""
 
-    PROBE_EVERY = 16      # a request not speculating still tries a small tree every this many steps
+    PROBE_EVERY = 16      # a request not speculating still tries a small tree after this many steps,
+    PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
 
     def __init__(self):
         self.drafts: dict = {"ngram": NgramDraft()}
@@ -420,6 +470,7 @@ class Speculation:
         """A draft tree for each decoding request that speculates, shaped as the control finds
         worth it (within its token and length limits)."""
         out, batches = {}, {}
+        batch = sum(1 for r in running if not r.finished and r.num_tokens - r.computed == 1)   # decoding now
         for req in running:
             if req.draft is None or req.finished or req.num_tokens - req.computed != 1:
                 continue
@@ -427,13 +478,16 @@ class Speculation:
             model = isinstance(draft, ModelDraft)
             if model and not req.proposed and draft.prior_acceptance is not None:
                 req.acceptance = draft.prior_acceptance       # calibrated, until its first verify
-            widths = self.control.shape(req.acceptance, draft.cost, draft.alt()) if model \
-                else self.control.shape(req.acceptance)
+            widths = self.control.shape(req.acceptance, draft.cost_at(batch), draft.alt(), batch) if model \
+                else self.control.shape(req.acceptance, batch=batch)
             if not widths:              # turned down: probe now and then, so the measurements can recover
                 req.unspeculated += 1
-                if req.unspeculated < self.PROBE_EVERY:
+                if req.unspeculated < req.probe_gap:
                     continue
                 widths = [1, 1]
+                req.probe_gap = min(2 * req.probe_gap, self.PROBE_MAX)   # probes that keep failing: rarer
+            else:
+                req.probe_gap = self.PROBE_EVERY
             req.unspeculated = 0
             depth = min(len(widths), req.params.max_new_tokens - len(req.out) - 1,
                         config.max_seq_len - req.num_tokens - 1)
