@@ -20,6 +20,7 @@ from . import build
 from .api import compile_model
 from .artifact import REBUILT, Artifact, read_manifest, refresh_manifest
 from .bench import format_bench, run_bench
+from .spec_bench import format_spec_bench, run_spec_bench
 from .calibrate import calibrate, profile_for, save
 from .codegen import render_sources
 from .debug import compare
@@ -77,10 +78,6 @@ def _build(a) -> None:
 
 def _bench(a) -> None:
     if a.speculative:
-        import torch
-
-        import ffc
-        from .spec_bench import format_spec_bench, run_spec_bench
         if a.threads:
             torch.set_num_threads(a.threads)
         llm = ffc.load(a.artifact)
@@ -280,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="do not share KV blocks between requests with the same prompt prefix")
         x.add_argument("--speculative", default=None, metavar="DRAFT",
                        help="speculative decoding: a draft proposes token trees that one step verifies (output "
-                            "as without it); ngram = prompt lookup")
+                            "as without it): ngram (prompt lookup), self (the artifact's --self-draft) or a draft artifact's path")
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (in-flight batching, paged KV cache)")
     sv.add_argument("artifact")

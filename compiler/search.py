@@ -13,6 +13,7 @@ stored in the manifest, and applied by a separate pass.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -447,7 +448,6 @@ def decode_step_costs(module: Module, profile: DeviceProfile, workload: Workload
     """Predicted seconds of one decode step over ``tokens`` tokens on one rank (the cost model's
     kernel families, weights in the workload's storage): per transformer layer, and the rest
     (embedding, final norm, lm_head). What the self-draft's choice of layers is priced with."""
-    from dataclasses import replace
     pb = _Problem(module, module.graphs[graph], 1, profile, replace(workload, batch=tokens))
     k = next(i for i, (phase, _, _) in enumerate(pb.phases) if phase == "decode")
     per: dict[int, float] = {}

@@ -22,57 +22,18 @@ rows to copy down to base + depth (no recomputation).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ffc.errors import InvalidRequestError
-from ffc.ir.ops import TREE_NODES
 
+from .drafts import ModelDraft, NgramDraft, Tree
 from .sampling import SamplingParams, target_probs
 
-
-@dataclass
-class Tree:
-    """A token tree on top of a sequence. ``q[j]``: the distribution node j's token was drawn
-    from (over the vocabulary), None when the draft picked it (a point mass)."""
-    tokens: list[int]
-    parents: list[int]
-    q: list[Optional[torch.Tensor]] = field(default_factory=list)
-
-    def __post_init__(self):
-        n = len(self.tokens)
-        if not 1 <= n <= TREE_NODES or len(self.parents) != n or self.parents[0] != -1 \
-                or any(not 0 <= p < j for j, p in enumerate(self.parents) if j):
-            raise InvalidRequestError(f"a token tree needs 1..{TREE_NODES} nodes, node 0 the root and every "
-                                      f"parent before its child; got parents {self.parents}")
-        if not self.q:
-            self.q = [None] * n
-
-    @staticmethod
-    def chain(root: int, tokens: Sequence[int]) -> "Tree":
-        return Tree([root, *tokens], list(range(-1, len(tokens))))
-
-    def depths(self) -> list[int]:
-        d = [0] * len(self.tokens)
-        for j in range(1, len(d)):
-            d[j] = d[self.parents[j]] + 1
-        return d
-
-    def masks(self) -> list[int]:
-        """Per node, the bits of itself and its ancestors, as signed int64 (node 63: the sign bit)."""
-        m = [0] * len(self.tokens)
-        for j, p in enumerate(self.parents):
-            m[j] = (m[p] if p >= 0 else 0) | (1 << j)
-        return [x - (1 << 64) if x >= 1 << 63 else x for x in m]
-
-    def children(self) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in self.tokens]
-        for j, p in enumerate(self.parents):
-            if p >= 0:
-                out[p].append(j)
-        return out
+__all__ = ["Tree", "Accepted", "accept_greedy", "accept_sampled", "commit_moves", "SpecControl", "Speculation",
+           "ModelDraft", "NgramDraft"]
 
 
 @dataclass(frozen=True)
@@ -134,55 +95,6 @@ def commit_moves(tree: Tree, path: Sequence[int], base: int) -> list[tuple[int, 
     row still to be read: j >= d, and a later node's index exceeds an earlier node's depth)."""
     depth = tree.depths()
     return [(base + j, base + depth[j]) for j in path if j != depth[j]]
-
-
-# ---------------------------------------------------------------- drafts
-
-class NgramDraft:
-    """Prompt lookup: the continuation that followed the latest earlier occurrence of the
-    sequence's last n tokens (n from ``max_ngram`` down to 1) is proposed; several occurrences
-    with different continuations become branches of one tree (their common prefixes shared)."""
-
-    kind = "ngram"
-
-    def __init__(self, max_ngram: int = 3, branches: int = 3):
-        self.max_ngram, self.branches = max_ngram, branches
-
-    def propose(self, tokens: Sequence[int], depth: int, max_nodes: int) -> Optional[Tree]:
-        n_tok = len(tokens)
-        last = tokens[-1]
-        ends = [p for p in range(n_tok - 2, -1, -1) if tokens[p] == last]     # latest occurrence first
-        for n in range(min(self.max_ngram, n_tok - 1), 0, -1):
-            tail = list(tokens[n_tok - n:])
-            conts: list[list[int]] = []
-            for end in ends:
-                if end >= n - 1 and list(tokens[end - n + 1:end + 1]) == tail:
-                    cont = list(tokens[end + 1:end + 1 + depth])
-                    if cont and cont not in conts:
-                        conts.append(cont)
-                        if len(conts) == self.branches:
-                            break
-            if conts:
-                return _trie(tokens[-1], conts, max_nodes)
-        return None
-
-
-def _trie(root: int, chains: list[list[int]], max_nodes: int) -> Optional[Tree]:
-    tokens, parents = [root], [-1]
-    child: dict[tuple[int, int], int] = {}
-    for chain in chains:
-        cur = 0
-        for t in chain:
-            nxt = child.get((cur, t))
-            if nxt is None:
-                if len(tokens) == max_nodes:
-                    break
-                nxt = len(tokens)
-                tokens.append(t)
-                parents.append(cur)
-                child[(cur, t)] = nxt
-            cur = nxt
-    return Tree(tokens, parents) if len(tokens) > 1 else None
 
 
 class SpecControl:
@@ -282,9 +194,6 @@ class SpecControl:
                 best, arg = rate, widths
         return arg, (best if arg else 1.0)
 
-    def depth(self, acceptance: float) -> int:
-        return len(self.shape(acceptance))
-
     def observe(self, tokens: int, seconds: float) -> None:
         """A model step over ``tokens`` tokens (decode or verify) took ``seconds``."""
         if tokens <= 0:
@@ -307,143 +216,6 @@ def update_acceptance(acc: float, depth: int, accepted: int) -> float:
         return acc
     trials = accepted + (1 if accepted < depth else 0)
     return 0.8 * acc + 0.2 * (accepted / trials)
-
-
-class ModelDraft:
-    """A draft model: a compiled artifact with the target's tokenizer (another model of the
-    family, a quantized copy, or the compiler's self-draft), run with its own paged KV cache.
-    Per sequence it keeps the tokens whose K/V its cache holds; a proposal first catches up
-    with what the target committed since (one prefill chunk per sequence, all sequences in
-    one call), then runs its chain one decode step per depth for all sequences together. The
-    chain is its argmax at each depth; a depth of width w adds its next w - 1 candidates as
-    leaves beside the chain node. Proposals are point masses (exact under sampling too: see
-    ``accept_sampled``)."""
-
-    kind = "model"
-    RANKS = 4                  # candidates remembered per depth, to learn b(w) at every rejection
-
-    def __init__(self, llm, name: str, vocab_size: int, acceptance: Optional[float] = None,
-                 cost: Optional[float] = None, max_sequences: int = 64):
-        from .kv_cache import BlockPool
-        self.llm, self.name = llm, name
-        self.runner = llm.runner
-        self.vocab_size = vocab_size            # the target's: candidates beyond it are never proposed
-        self.max_len = llm.max_seq_len
-        self.pool = BlockPool.for_budget(llm.cache_type, self.runner.blocks_per_seq, None,
-                                         max_sequences * self.runner.blocks_per_seq, device=llm.device,
-                                         prefix_caching=False)
-        self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known
-        self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step's share
-        self.costs: dict[int, float] = {}       # the same measured, by the sequences drafted together
-        self.misses, self.rank_hits = 8.0, [2.0, 1.0, 0.5]   # b(w) counts with a weak prior
-        self.seqs: dict[str, _DraftSeq] = {}
-        self.calls = 0
-
-    def cost_at(self, batch: int) -> float:
-        """A draft step per sequence relative to a plain step's share, with ``batch`` sequences:
-        measured at that batch, else at the nearest measured, else the prior."""
-        if not self.costs:
-            return self.cost
-        return self.costs[min(self.costs, key=lambda b: (abs(b - batch), b))]
-
-    def alt(self) -> list[float]:
-        """b(2), b(3), ...: the target's token among the draft's next candidates after a rejection."""
-        out, acc = [], 0.0
-        for h in self.rank_hits:
-            acc += h
-            out.append(acc / self.misses)
-        return out
-
-    def release(self, alive: set) -> None:
-        """Free the cache of sequences no longer running."""
-        for rid in [r for r in self.seqs if r not in alive]:
-            self.pool.free(self.seqs.pop(rid).blocks)
-
-    def propose_batch(self, items: Sequence[tuple], control: "SpecControl") -> dict:
-        """items: (request, its tokens, widths per depth); a tree per request (within its pool)."""
-        import time
-
-        from .model_runner import Chunk
-        t0 = time.perf_counter()
-        work, chunks = [], []
-        for req, toks, widths in items:
-            n = len(toks)
-            widths = list(widths[:max(0, self.max_len - n)])
-            st = self.seqs.setdefault(req.id, _DraftSeq())
-            if not widths:
-                continue
-            valid = 0
-            for x, y in zip(st.tokens, toks[:n - 1]):
-                if x != y:
-                    break
-                valid += 1
-            need = self.pool.blocks_for(n - 1 + len(widths))
-            if len(st.blocks) < need:
-                more = self.pool.allocate(need - len(st.blocks))
-                if more is None:             # the draft's pool is full: this one decodes plainly
-                    continue
-                st.blocks += more
-            chunks.append(Chunk(list(toks[valid:n]), valid, list(st.blocks)))
-            st.tokens = list(toks)
-            st.alts = []
-            work.append((req, st, widths, Tree([toks[-1]], [-1]), n))
-        if not work:
-            return {}
-        logits = self.runner.forward(chunks, self.pool.tensor)
-        chain = [0] * len(work)            # each tree's chain node at the current depth
-        for d in range(max(len(w[2]) for w in work)):
-            step = []
-            for k, (req, st, widths, tree, n) in enumerate(work):
-                if d >= len(widths):
-                    continue
-                top = logits[k, :self.vocab_size].topk(max(widths[d], self.RANKS)).indices.tolist()
-                st.alts.append(top)
-                parent = chain[k]
-                for r in range(widths[d]):
-                    tree.tokens.append(top[r])
-                    tree.parents.append(parent)
-                    if r == 0:
-                        chain[k] = len(tree.tokens) - 1
-                if d + 1 < len(widths):
-                    step.append(k)
-                    st.tokens.append(top[0])
-            if not step:
-                break
-            part = self.runner.forward([Chunk([work[k][1].tokens[-1]], len(work[k][1].tokens) - 1, work[k][1].blocks)
-                                        for k in step], self.pool.tensor)
-            rows = torch.zeros(len(work), part.shape[1], dtype=part.dtype)
-            rows[step] = part
-            logits = rows
-        per = (time.perf_counter() - t0) / len(work) / max(len(w[2]) for w in work)
-        share = control.share(len(work))
-        self.calls += 1
-        if share is not None and self.calls > 1:       # the first call pays one-time set-up
-            old = self.costs.get(len(work), self.cost)
-            self.costs[len(work)] = 0.8 * old + 0.2 * per / share
-        out = {}
-        for req, st, widths, tree, _ in work:
-            tree.q = [None] * len(tree.tokens)
-            out[req] = tree
-        return out
-
-    def observe(self, req, chain_accepted: int, target_tokens: Sequence[int]) -> None:
-        """After verification: where the chain was rejected, the rank of the target's token among
-        the draft's candidates at that depth."""
-        st = self.seqs.get(req.id)
-        if st is None or chain_accepted >= len(st.alts) or chain_accepted >= len(target_tokens):
-            return
-        self.misses += 1
-        top = st.alts[chain_accepted]
-        t = target_tokens[chain_accepted]
-        if t in top[1:self.RANKS]:
-            self.rank_hits[top.index(t) - 1] += 1
-
-
-@dataclass
-class _DraftSeq:
-    blocks: list = field(default_factory=list)
-    tokens: list = field(default_factory=list)    # those whose K/V the draft's cache holds
-    alts: list = field(default_factory=list)      # the last proposal's ranked candidates per depth
 
 
 class Speculation:
