@@ -193,12 +193,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
         spec_costs: dict = {}
 
-        def price_draft(module):        # the cost model's step times, on the graph the search plans
+        def price_steps(module):        # the cost model's step times, on the graph the search plans
             spec_costs.update(speculation_costs(module, options, draft_fmt or options.workload.weight_dtype, log))
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype, quant=policy,
                           source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log),
-                          on_search_point=price_draft if self_draft is not None else None)
+                          on_search_point=price_steps)
         result = run_pipeline(module, PIPELINE, ctx, dump)
         final, strategy = result.module, result.ctx.strategy
         kinds = ("prefill", "decode") + (("verify",) if any(g.startswith("verify") for g in final.graphs) else ())
@@ -226,17 +226,17 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                 # a plan whose collectives read strided views: its ranks run the interpreter
                 log(f"no generated kernels for this tp plan ({e}); the ranks will run the reference interpreter")
                 shutil.rmtree(art.path("kernels"), ignore_errors=True)
-        speculative = None
+        speculative = {"verify_cost": spec_costs["curve"]} if "verify" in kinds and spec_costs else {}
         if self_draft is not None:
             if "verify" not in kinds:
                 raise InvalidRequestError("--self-draft: this model has no verify graph (sliding-window attention), "
                                           "so it cannot decode speculatively; compile without --self-draft")
-            speculative = {"self_draft": build_self_draft(art, model, hf, tokenizer, blocks, source, spec_costs,
+            speculative["self_draft"] = build_self_draft(art, model, hf, tokenizer, blocks, source, spec_costs,
                                                           draft_policy, calib_text, log,
                                                           max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype,
                                                           target=target, codegen=codegen,
                                                           prefill_tokens=prefill_tokens, max_batch=max_batch,
-                                                          kv_block_size=kv_block_size, kv_dtype=kv_dtype)}
+                                                          kv_block_size=kv_block_size, kv_dtype=kv_dtype)
         last = result.records[-1]
         manifest = {
             "ffc_version": __version__,
@@ -258,24 +258,29 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                 "predicted": asdict(strategy.predicted), "collectives": strategy.collective_counts()},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
-        if speculative is not None:
+        if speculative:
             manifest["speculative"] = speculative
         out = art.commit(manifest)
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out
 
 
+VERIFY_COST_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
 def speculation_costs(module: Module, options: CompileOptions, draft_fmt: DType, log: Log) -> dict:
-    """The cost model's decode steps the self-draft is priced with (one rank): per layer and the
-    rest, in the target's and the draft's weight storage, and the target's step over 9 tokens."""
+    """The cost model's step times speculative decoding is planned with (one rank): the
+    target's step over T tokens against one (the manifest's speculative.verify_cost, the tree
+    shapes' prior), and per layer and the rest in a self-draft's weight storage."""
     prof = profile_for(options.profile, log).per_rank(1)
     w = options.workload
-    per_t, rest_t = decode_step_costs(module, prof, w, 1)
+    steps = {}
+    for t in VERIFY_COST_TOKENS:
+        per, rest = decode_step_costs(module, prof, w, t)
+        steps[t] = sum(per.values()) + rest
     per_d, rest_d = decode_step_costs(module, prof, replace(w, weight_dtype=draft_fmt), 1)
-    per_9, rest_9 = decode_step_costs(module, prof, w, 9)
-    one = sum(per_t.values()) + rest_t
-    return {"target": one, "layers": per_d, "rest": rest_d,
-            "node_cost": max(0.0, (sum(per_9.values()) + rest_9 - one) / 8 / one)}
+    return {"target": steps[1], "layers": per_d, "rest": rest_d,
+            "curve": {str(t): round(steps[t] / steps[1], 4) for t in VERIFY_COST_TOKENS}}
 
 
 def build_self_draft(art: ArtifactWriter, model: str, hf, tokenizer, blocks: dict, source, costs: dict,
@@ -289,7 +294,7 @@ def build_self_draft(art: ArtifactWriter, model: str, hf, tokenizer, blocks: dic
 
     def cost(skip: list[int]) -> float:
         return (sum(t for layer, t in costs["layers"].items() if layer not in skip) + costs["rest"]) / costs["target"]
-    choice = drafting.choose(hf, q_hf, seqs, cost, costs["node_cost"], policy.mode, log)
+    choice = drafting.choose(hf, q_hf, seqs, cost, costs["curve"], policy.mode, log)
     log(f"self-draft: skipping layers {choice.skip_layers or 'none'} ({policy.mode} weights): acceptance "
         f"{choice.acceptance:.3f}, predicted speed-up {choice.speedup:.2f}x")
     d_hf, rename = drafting.draft_model(hf, choice.skip_layers)

@@ -159,7 +159,12 @@ def check_manifest(manifest, root: Path) -> dict:
     spec = manifest.get("speculative")
     if spec is not None:
         _expect(isinstance(spec, dict), where, "speculative", "an object or null", spec)
-        sd = spec.get("self_draft")
+        curve = spec.get("verify_cost", {})
+        _expect(isinstance(curve, dict) and all(k.isdigit() and 1 <= int(k) <= 1 << 20 and type(v) in (int, float)
+                                                and 0 < v < 1e6 for k, v in curve.items()),
+                where, "speculative.verify_cost", "an object of token count -> relative step time", curve)
+    sd = (spec or {}).get("self_draft")
+    if sd is not None:
         _expect(isinstance(sd, dict), where, "speculative.self_draft", "an object", sd)
         inside(root, sd.get("path"), "speculative.self_draft.path")
         for key in ("acceptance", "draft_cost", "node_cost"):

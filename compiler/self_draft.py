@@ -11,8 +11,8 @@ and the cost model:
               PyTorch with the draft's weights; first for each layer skipped alone, then for
               the k least harmful skipped together, k = 0 .. L/2;
   cost        the cost model's predicted decode step of the kept layers plus the rest, in the
-              draft's weight format, against the target's step; a verified tree node's extra
-              cost from the target's predicted step over 9 tokens against one;
+              draft's weight format, against the target's step; the verify step's cost by
+              tree size from the target's predicted step over T tokens against one;
   choice      the k whose best tree shape (SpecControl) promises the most tokens per unit of time.
 
 The draft is compiled as an artifact of its own inside the target's (``draft/``), and the
@@ -45,7 +45,7 @@ class SelfDraftChoice:
     skip_layers: list[int]
     acceptance: float          # measured on the calibration sequences
     draft_cost: float          # a draft step / a target decode step, predicted
-    node_cost: float           # the extra cost of a verified tree node, predicted
+    node_cost: float           # the extra cost of a verified tree node (of 9), predicted
     widths: list[int]          # the tree shape the cost model picks at that acceptance
     speedup: float             # predicted tokens per unit of time over plain decoding
     quant: str                 # the draft's weight storage
@@ -116,10 +116,10 @@ def quantized_copy(hf, fmt: Optional[DType]):
     return q
 
 
-def choose(hf, q_hf, seqs, costs: Callable[[list[int]], float], node_cost: float, quant: str,
+def choose(hf, q_hf, seqs, costs: Callable[[list[int]], float], curve: dict, quant: str,
            log: Callable[[str], None] = lambda s: None) -> SelfDraftChoice:
     """The skipped layers (see the module doc). ``costs(skip)``: the draft's predicted step
-    relative to the target's."""
+    relative to the target's; ``curve``: the target's predicted step over T tokens against one."""
     layers, parent = _layer_list(hf)
     q_layers, _ = _layer_list(q_hf)
     n = len(layers)
@@ -133,7 +133,9 @@ def choose(hf, q_hf, seqs, costs: Callable[[list[int]], float], node_cost: float
 
     alone = {i: agreement({i}) for i in range(n)} if n > 1 else {}
     order = sorted(alone, key=lambda i: -alone[i])       # least harmful first
-    control = SpecControl(node_cost=node_cost)
+    control = SpecControl()
+    control.set_curve(curve)
+    node_cost = (control.predicted(9) - 1) / 8
     cands = []
     for k in range(0, n // 2 + 1):
         skip = sorted(order[:k])

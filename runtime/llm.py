@@ -105,6 +105,9 @@ class LLM:
             if self.ranks is not None:
                 self.ranks.allocate_pool(pool.num_blocks)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
+            curve = (self.manifest.get("speculative") or {}).get("verify_cost")
+            if curve:    # the cost model's step time by tokens: the tree shapes' prior
+                self._engine.speculation.control.set_curve(curve)
         return self._engine
 
     def close(self) -> None:
@@ -177,7 +180,6 @@ class LLM:
                                           "(or use --speculative ngram, or a draft artifact's path)")
             path = self.artifact.path(info["path"], "speculative.self_draft.path")
             prior = {"acceptance": float(info["acceptance"]), "cost": float(info["draft_cost"])}
-            spec.control.cost = float(info["node_cost"])
         else:
             path = Path(speculative)
             if not (path / "manifest.json").is_file():

@@ -102,8 +102,8 @@ class SpecControl:
 
     A step's time depends on how many tokens it runs: t(T), measured on every plain decode
     step (T = its sequences) and verify step (T = its tree nodes), interpolated between the
-    counts seen, and before any are seen t(T) = t(1) (1 + c (T - 1)), c the extra cost of a
-    token the cost model predicts. With B sequences speculating, each with a tree of n nodes
+    counts seen; elsewhere (and before any step) shaped by the cost model's predicted t(T) /
+    t(1), which the compiler records in the manifest (speculative.verify_cost). With B sequences speculating, each with a tree of n nodes
     and depth k, against plain decoding's t(B) for B tokens:
 
       cost           t(B n) / t(B) + d k          d: a draft step per sequence over t(B) / B
@@ -126,11 +126,28 @@ class SpecControl:
                  node_cost: float = 0.1):
         self.max_depth, self.max_nodes = max_depth, max_nodes
         self.prior = prior_acceptance
-        self.cost = node_cost                    # predicted extra cost of a token (relative to t(1))
+        self.curve = {1: 1.0, 2: 1.0 + node_cost}   # predicted t(T) / t(1), the cost model's where known
         self.times: dict[int, float] = {}        # tokens in a step -> its seconds, smoothed
 
+    def set_curve(self, curve: dict) -> None:
+        """The cost model's predicted t(T) / t(1) at some T (the manifest's speculative.verify_cost)."""
+        pts = {int(t): float(v) for t, v in curve.items() if int(t) >= 1 and float(v) > 0}
+        if len(pts) >= 2:
+            self.curve = pts
+
+    def predicted(self, tokens: int) -> float:
+        """t(tokens) / t(1) by the curve: interpolated, extended linearly past its ends."""
+        pts = sorted(self.curve)
+        lo = max((t for t in pts if t <= tokens), default=pts[0])
+        hi = min((t for t in pts if t > lo), default=None)
+        if hi is None:                    # past the last point: the last segment's slope
+            lo, hi = pts[-2], pts[-1]
+        f = (tokens - lo) / (hi - lo)
+        return max(self.curve[lo] + f * (self.curve[hi] - self.curve[lo]), 1e-6)
+
     def step_time(self, tokens: int) -> Optional[float]:
-        """t(tokens): measured, interpolated, or extrapolated (None before any step was seen)."""
+        """t(tokens): measured, interpolated between measured counts, or scaled from the nearest
+        measured count by the predicted curve (None before any step was seen)."""
         if tokens in self.times:
             return self.times[tokens]
         if not self.times:
@@ -141,19 +158,18 @@ class SpecControl:
             f = (tokens - below) / (above - below)
             return self.times[below] * (1 - f) + self.times[above] * f
         ref = below if below is not None else above
-        per = self.times[ref] / (1 + self.cost * (ref - 1))      # t(1) by the prior's slope
-        slope = per * self.cost
-        if below is not None:
-            pts = sorted(self.times)
-            if len(pts) > 1:          # the measured slope at the top, if steeper
-                slope = max(slope, (self.times[pts[-1]] - self.times[pts[-2]]) / (pts[-1] - pts[-2]))
-        return max(self.times[ref] + slope * (tokens - ref), 1e-9)
+        scaled = self.times[ref] * self.predicted(tokens) / self.predicted(ref)
+        pts = sorted(self.times)
+        if below is not None and len(pts) > 1:     # the measured slope at the top, if steeper
+            slope = (self.times[pts[-1]] - self.times[pts[-2]]) / (pts[-1] - pts[-2])
+            scaled = max(scaled, self.times[ref] + slope * (tokens - ref))
+        return scaled
 
     def relative(self, tokens: int, batch: int) -> float:
         """t(tokens) / t(batch)."""
         a, b = self.step_time(tokens), self.step_time(batch)
         if a is None or b is None:
-            return (1 + self.cost * (tokens - 1)) / (1 + self.cost * (batch - 1))
+            return self.predicted(tokens) / self.predicted(batch)
         return a / b
 
     def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1) -> list[int]:

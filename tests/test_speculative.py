@@ -215,8 +215,36 @@ def test_self_draft_is_recorded(smol_artifact):
     assert sd["candidates"][0]["skip"] == 0 and len(sd["candidates"]) > 1     # skipping was measured
     best = max(sd["candidates"], key=lambda c: c["speedup"])
     assert best["skip_layers"] == sd["skip_layers"]
+    curve = json.loads((smol_artifact / "manifest.json").read_text())["speculative"]["verify_cost"]
+    assert curve["1"] == 1.0 and curve["8"] < curve["64"] < curve["128"]   # the cost model's t(T) / t(1)
     draft = json.loads((smol_artifact / "draft" / "manifest.json").read_text())
     assert draft["model"]["config"]["num_hidden_layers"] == 30 - len(sd["skip_layers"])
+
+
+def test_tree_shapes_follow_step_costs():
+    """Extra tree nodes nearly free (a bandwidth-bound step): deep trees, widened where the
+    draft's second choices often hit; every token costing its own time (compute-bound, or a
+    large batch) or an expensive draft: plain decoding."""
+    from ffc.runtime.speculative import SpecControl
+    flat = SpecControl()
+    for t in (1, 8, 16, 64, 128):
+        flat.observe(t, 0.010 + 1e-5 * t)
+    assert len(flat.shape(0.8)) >= 6
+    assert flat.shape(0.8, draft_cost=2.0) == []              # a draft step costing 2 plain steps
+    assert max(flat.shape(0.4, alt=[0.6, 0.7])) > 1           # leaves beside the chain pay
+    steep = SpecControl()
+    for t in (1, 8, 16, 64):
+        steep.observe(t, 0.004 + 0.002 * t)                   # every token mostly its own time
+    assert steep.shape(0.6, batch=8) == [] and steep.shape(0.95, batch=8) != []
+    linear = SpecControl()
+    for t in (1, 8, 64):
+        linear.observe(t, 0.002 * t)
+    assert linear.shape(0.99) == []                           # k + 1 tokens at most for k + 1 times the cost
+    c = SpecControl()                                         # before any step: the cost model's curve
+    c.set_curve({"1": 1.0, "8": 1.1, "64": 3.0})
+    assert c.predicted(8) == pytest.approx(1.1) and c.predicted(36) == pytest.approx(2.05)
+    assert c.predicted(128) == pytest.approx(3.0 + 64 * 1.9 / 56)
+    assert len(c.shape(0.7)) >= 3
 
 
 def test_bad_drafts_are_refused(smol_llm, smol_artifact, tiny_vocab, tmp_path):
@@ -306,7 +334,7 @@ def test_speculative_sampling_keeps_the_distribution(tiny_vocab):
     from scipy.stats import chi2_contingency
     llm = tiny_vocab
     llm.engine.speculation.drafts["random"] = RandomTrees(8)
-    llm.engine.speculation.control.depth = lambda acceptance: 3     # always speculate, as deep as allowed
+    llm.engine.speculation.control.shape = lambda *a, **k: [1, 1, 1]   # always speculate, 3 deep
     n, kw = 20_000, dict(max_new_tokens=5, temperature=0.8, top_p=0.9, ignore_eos=True, seed=0)
     prompt = [[1, 5, 3]] * n
     before = llm.engine.stats.verify_steps
