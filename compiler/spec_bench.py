@@ -46,6 +46,9 @@ CHAT = ["Give me three tips for staying healthy.", "What is the difference betwe
         "Why is the sky blue?", "Suggest a name for a bakery and explain it."]
 
 
+SERIAL = 4     # requests run one at a time for batch 1
+
+
 def workloads(batch: int) -> dict[str, list]:
     """Chat messages per workload, ``batch`` of each."""
     rewrite = [f"{REWRITES[k % len(REWRITES)]}\n\n{PASSAGES[k % len(PASSAGES)]}" for k in range(batch)]
@@ -66,7 +69,9 @@ def run_spec_bench(llm, drafts: Sequence[str], *, batches: Sequence[int] = (1, 8
     stats = llm.engine.stats
     rows = []
     for batch in batches:
-        for work, msgs in workloads(batch).items():
+        # batch 1: several requests of the workload one after another (one prompt would measure
+        # one answer's luck); batch B: B requests together
+        for work, msgs in workloads(max(batch, SERIAL)).items():
             if names and work not in names:
                 continue
             modes = [None, *drafts]
@@ -77,13 +82,14 @@ def run_spec_bench(llm, drafts: Sequence[str], *, batches: Sequence[int] = (1, 8
                 for m in modes:
                     before = (stats.verify_steps, stats.spec_proposed, stats.spec_accepted)
                     t = time.perf_counter()
-                    out = llm.generate(msgs, new_tokens, chat=True, speculative=m)
+                    groups = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
+                    ids = [x for g in groups for x in llm.generate(g, new_tokens, chat=True, speculative=m).token_ids]
                     dt = time.perf_counter() - t
-                    n = sum(len(x) for x in out.token_ids)
+                    n = sum(len(x) for x in ids)
                     if m is None:
-                        want = out.token_ids
+                        want = ids
                     else:
-                        same[m] = same.get(m, True) and out.token_ids == want
+                        same[m] = same.get(m, True) and ids == want
                     if r == 0:
                         continue                  # warm-up
                     times[m].append(n / dt)

@@ -129,16 +129,57 @@ class ModelDraft:
         self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known
         self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step's share
         self.costs: dict[int, float] = {}       # the same measured, by the sequences drafted together
+        self.catchup: Optional[float] = None    # seconds per token of catching up, measured
+        self.sunk = 0.0                         # seconds of large catch-ups (one-off), since read
         self.misses, self.rank_hits = 8.0, [2.0, 1.0, 0.5]   # b(w) counts with a weak prior
         self.seqs: dict[str, _DraftSeq] = {}
         self.calls = 0
 
-    def cost_at(self, batch: int) -> float:
+    def _measure(self, control, batch: int, catch_s: float, caught: int, steps_s: float, steps: int) -> None:
+        """The chain's decode steps (and a catch-up call over the one or few tokens the target
+        committed since: another step) give the cost of a draft step per sequence, relative to
+        a plain step's share at this batch; a catch-up call over many tokens, the seconds per
+        token of catching up (what a sequence the draft fell behind on costs to resume)."""
+        self.calls += 1
+        if self.calls == 1:                  # the first call pays one-time set-up
+            return
+        share = control.share(batch)
+        if caught <= 4 * batch:              # steady state: the catch-up call is one more step
+            steps_s, steps = steps_s + catch_s, steps + batch
+        if share is not None and steps:
+            now = steps_s / steps / share
+            old = self.costs.get(batch)       # a batch size not seen before: its first measurement
+            self.costs[batch] = now if old is None else 0.8 * old + 0.2 * now
+        if caught >= 8 * batch:
+            self.catchup = catch_s / caught if self.catchup is None else 0.8 * self.catchup + 0.2 * catch_s / caught
+            self.sunk += catch_s
+
+    def lag(self, req) -> int:
+        """Tokens of ``req`` the draft's cache lacks (all of them before its first proposal)."""
+        st = self.seqs.get(req.id)
+        return req.num_tokens - (len(st.tokens) if st is not None else 0)
+
+    def catchup_cost(self, req, control, batch: int) -> float:
+        """Catching up with ``req`` (see ``lag``), spread over the steps it has left, relative to
+        a plain step's share: what speculating on it costs per step beyond the draft's steps."""
+        share = control.share(batch)
+        if share is None:
+            return 0.0
+        per_token = self.catchup if self.catchup is not None else self.cost * share / 5   # prefill ~5x decode
+        left = max(1, req.params.max_new_tokens - len(req.out))
+        return max(0, self.lag(req) - 1) * per_token / left / share
+
+    def cost_at(self, batch: int, control: "SpecControl") -> float:
         """A draft step per sequence relative to a plain step's share, with ``batch`` sequences:
-        measured at that batch, else at the nearest measured, else the prior."""
-        if not self.costs:
-            return self.cost
-        return self.costs[min(self.costs, key=lambda b: (abs(b - batch), b))]
+        measured at that batch; else from the nearest measured batch, taking the draft's step
+        time as unchanged while the target's changes as measured (cautious for larger batches:
+        a draft step is not assumed to get cheaper per sequence as fast as the target's)."""
+        if batch in self.costs:
+            return self.costs[batch]
+        ref = min(self.costs, key=lambda b: (abs(b - batch), b)) if self.costs else 1
+        base = self.costs.get(ref, self.cost)
+        a, b = control.step_time(ref, verify=False), control.step_time(batch, verify=False)
+        return base if a is None or b is None else base * (batch / ref) * (a / b)
 
     def alt(self) -> list[float]:
         """b(2), b(3), ...: the target's token among the draft's next candidates after a rejection."""
@@ -181,7 +222,10 @@ class ModelDraft:
         if not work:
             return {}
         logits = self.runner.forward(chunks, self.pool.tensor)
+        t1 = time.perf_counter()
+        caught = sum(len(c.tokens) for c in chunks)
         chain = [0] * len(work)            # each tree's chain node at the current depth
+        steps = 0
         for d in range(max(len(w[2]) for w in work)):
             step = []
             for k, (req, st, widths, tree, n) in enumerate(work):
@@ -202,15 +246,11 @@ class ModelDraft:
                 break
             part = self.runner.forward([Chunk([work[k][1].tokens[-1]], len(work[k][1].tokens) - 1, work[k][1].blocks)
                                         for k in step], self.pool.tensor)
+            steps += len(step)
             rows = torch.zeros(len(work), part.shape[1], dtype=part.dtype)
             rows[step] = part
             logits = rows
-        per = (time.perf_counter() - t0) / len(work) / max(len(w[2]) for w in work)
-        share = control.share(len(work))
-        self.calls += 1
-        if share is not None and self.calls > 1:       # the first call pays one-time set-up
-            old = self.costs.get(len(work), self.cost)
-            self.costs[len(work)] = 0.8 * old + 0.2 * per / share
+        self._measure(control, len(work), t1 - t0, caught, time.perf_counter() - t1, steps)
         out = {}
         for req, st, widths, tree, _ in work:
             tree.q = [None] * len(tree.tokens)

@@ -130,7 +130,9 @@ class Engine:
         with self._step_lock:
             with self._lock:
                 ended = self.scheduler.retire()
+                td = time.perf_counter()
                 plan = self.scheduler.schedule(self.speculation.trees(self.scheduler.running, self.config))
+                td = time.perf_counter() - td          # drafting (and scheduling) this step
             self._notify(ended)
             if not plan:
                 return 0
@@ -161,12 +163,18 @@ class Engine:
                 greedy = logits.argmax(-1).tolist() if logits is not None else []
                 for k, s in enumerate(rest):
                     generated += self._advance(s, logits[k], greedy[k], touched)
-                for s, tree, lg in zip(verify, trees, tree_logits):
-                    generated += self._accept(s, tree, lg, touched)
+                verified = sum(self._accept(s, tree, lg, touched) for s, tree, lg in zip(verify, trees, tree_logits))
+                generated += verified
+                control = self.speculation.control
                 if rest and all(s.n == 1 for s in rest):      # plain decode steps, and verify steps:
-                    self.speculation.control.observe(len(rest), t1 - t0)   # t(tokens) for the tree shapes
+                    control.observe(len(rest), t1 - t0, verify=False)   # t(tokens) for the tree shapes,
+                    control.realized(len(rest), len(rest), t1 - t0 + td, None)   # and tokens per second
                 if verify:
-                    self.speculation.control.observe(sum(len(t.tokens) for t in trees), t2 - t1)
+                    control.observe(sum(len(t.tokens) for t in trees), t2 - t1)
+                    drafts = {s.req.draft for s in verify if s.tree is not None}
+                    if len(drafts) == 1:
+                        # a draft's one-off catch-up is not what a speculative step costs
+                        control.realized(len(verify), verified, t2 - t1 + td - self.speculation.sunk, drafts.pop())
                 self.stats.steps += 1
                 self.stats.generated_tokens += generated
                 self.stats.record(generated)

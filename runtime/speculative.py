@@ -127,13 +127,17 @@ class SpecControl:
         self.max_depth, self.max_nodes = max_depth, max_nodes
         self.prior = prior_acceptance
         self.curve = {1: 1.0, 2: 1.0 + node_cost}   # predicted t(T) / t(1), the cost model's where known
-        self.times: dict[int, float] = {}        # tokens in a step -> its seconds, smoothed
+        self.times: dict[int, float] = {}        # verify steps: tokens -> seconds, smoothed
+        self.decode_times: dict[int, float] = {}  # plain decode steps: sequences -> seconds, smoothed
+        self._rel_key, self._rel = None, []      # plan()'s t(B n) / t(B), until a step is observed
+        self.rates: dict[tuple, float] = {}      # (draft or None, batch) -> tokens per second
 
     def set_curve(self, curve: dict) -> None:
         """The cost model's predicted t(T) / t(1) at some T (the manifest's speculative.verify_cost)."""
         pts = {int(t): float(v) for t, v in curve.items() if int(t) >= 1 and float(v) > 0}
         if len(pts) >= 2:
             self.curve = pts
+            self._rel_key = None
 
     def predicted(self, tokens: int) -> float:
         """t(tokens) / t(1) by the curve: interpolated, extended linearly past its ends."""
@@ -145,49 +149,60 @@ class SpecControl:
         f = (tokens - lo) / (hi - lo)
         return max(self.curve[lo] + f * (self.curve[hi] - self.curve[lo]), 1e-6)
 
-    def step_time(self, tokens: int) -> Optional[float]:
-        """t(tokens): measured, interpolated between measured counts, or scaled from the nearest
-        measured count by the predicted curve (None before any step was seen)."""
-        if tokens in self.times:
-            return self.times[tokens]
-        if not self.times:
+    def step_time(self, tokens: int, verify: bool = True) -> Optional[float]:
+        """t(tokens) of a verify step (or a plain decode step): measured, interpolated between
+        measured counts, or scaled from the nearest measured count by the predicted curve; from
+        the other kind's steps while this kind has none (None before any step was seen)."""
+        times = (self.times or self.decode_times) if verify else (self.decode_times or self.times)
+        if tokens in times:
+            return times[tokens]
+        if not times:
             return None
-        below = max((t for t in self.times if t < tokens), default=None)
-        above = min((t for t in self.times if t > tokens), default=None)
+        below = max((t for t in times if t < tokens), default=None)
+        above = min((t for t in times if t > tokens), default=None)
         if below is not None and above is not None:
             f = (tokens - below) / (above - below)
-            return self.times[below] * (1 - f) + self.times[above] * f
+            return times[below] * (1 - f) + times[above] * f
         ref = below if below is not None else above
-        scaled = self.times[ref] * self.predicted(tokens) / self.predicted(ref)
-        pts = sorted(self.times)
+        scaled = times[ref] * self.predicted(tokens) / self.predicted(ref)
+        pts = sorted(times)
         if below is not None and len(pts) > 1:     # the measured slope at the top, if steeper
-            slope = (self.times[pts[-1]] - self.times[pts[-2]]) / (pts[-1] - pts[-2])
-            scaled = max(scaled, self.times[ref] + slope * (tokens - ref))
+            slope = (times[pts[-1]] - times[pts[-2]]) / (pts[-1] - pts[-2])
+            scaled = max(scaled, times[ref] + slope * (tokens - ref))
         return scaled
 
     def relative(self, tokens: int, batch: int) -> float:
-        """t(tokens) / t(batch)."""
-        a, b = self.step_time(tokens), self.step_time(batch)
+        """A verify step over ``tokens`` against a plain decode step of ``batch`` sequences."""
+        a, b = self.step_time(tokens), self.step_time(batch, verify=False)
         if a is None or b is None:
             return self.predicted(tokens) / self.predicted(batch)
         return a / b
 
-    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1) -> list[int]:
+    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1,
+              extra: float = 0.0, min_gain: float = 1.02) -> list[int]:
         """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w);
-        ``draft_cost``: a draft step per sequence relative to a plain step's share, t(B) / B."""
-        return self.plan(acceptance, draft_cost, alt, batch)[0]
+        ``draft_cost``: a draft step per sequence relative to a plain step's share, t(B) / B;
+        ``extra``: a further cost of speculating this step, in the same unit; ``min_gain``: the
+        predicted speed-up a shape must reach."""
+        return self.plan(acceptance, draft_cost, alt, batch, extra, min_gain)[0]
 
     def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (),
-             batch: int = 1) -> tuple[list[int], float]:
+             batch: int = 1, extra: float = 0.0, min_gain: float = 1.02) -> tuple[list[int], float]:
         """The best shape and its predicted speed-up over plain decoding (1.0 for plain)."""
         a = min(max(acceptance, 0.0), 0.99)
         b = [0.0, 0.0, *alt][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
         B = max(batch, 1)
 
-        def cost(nodes: int, k: int) -> float:
-            return self.relative(B * nodes, B) + draft_cost * k
+        key = (B, len(self.times), len(self.decode_times))
+        if self._rel_key != key:     # t(B n) / t(B) for every tree size, once per batch and step seen
+            self._rel = [0.0] + [self.relative(B * n, B) for n in range(1, self.max_nodes + 2)]
+            self._rel_key = key
+        rel = self._rel
 
-        best, arg = 1.02, []
+        def cost(nodes: int, k: int) -> float:
+            return rel[nodes] + draft_cost * k + extra
+
+        best, arg = min_gain, []
         for k in range(1, self.max_depth + 1):
             if k + 1 > self.max_nodes:
                 break
@@ -210,17 +225,36 @@ class SpecControl:
                 best, arg = rate, widths
         return arg, (best if arg else 1.0)
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        """A model step over ``tokens`` tokens (decode or verify) took ``seconds``."""
+    def observe(self, tokens: int, seconds: float, verify: bool = True) -> None:
+        """A verify step (or a plain decode step) over ``tokens`` tokens took ``seconds``."""
         if tokens <= 0:
             return
-        old = self.times.get(tokens)
-        self.times[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        times = self.times if verify else self.decode_times
+        old = times.get(tokens)
+        times[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._rel_key = None
+
+    def realized(self, batch: int, tokens: int, seconds: float, draft: Optional[str]) -> None:
+        """What a step of ``batch`` decoding sequences gave: ``tokens`` in ``seconds`` (with the
+        drafting), verifying one draft's trees or (None) decoding plainly; tokens per second,
+        smoothed, per batch size."""
+        if seconds <= 0:
+            return
+        old = self.rates.get((draft, batch))
+        self.rates[(draft, batch)] = tokens / seconds if old is None else 0.8 * old + 0.2 * tokens / seconds
+
+    def losing(self, batch: int, draft: str) -> bool:
+        """This draft's speculative steps at this batch size have given fewer tokens per second
+        than plain ones (the estimates behind the shapes were wrong here): turned down."""
+        if batch < 2:         # one sequence: the shapes' own measurements are exact enough
+            return False
+        plain, spec = self.rates.get((None, batch)), self.rates.get((draft, batch))
+        return plain is not None and spec is not None and spec < plain
 
     def share(self, batch: int) -> Optional[float]:
         """A sequence's share of a plain decode step of ``batch`` sequences, t(B) / B (None
         before any step was seen)."""
-        t = self.step_time(max(batch, 1))
+        t = self.step_time(max(batch, 1), verify=False)
         return None if t is None else t / max(batch, 1)
 
 
@@ -240,10 +274,13 @@ class Speculation:
 
     PROBE_EVERY = 16      # a request not speculating still tries a small tree after this many steps,
     PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
+    MODEL_MARGIN = 1.1    # a draft model's predicted speed-up must reach this (its costs are estimates)
 
     def __init__(self):
         self.drafts: dict = {"ngram": NgramDraft()}
         self.control = SpecControl()
+        self.gate = True      # verify only steps expected to pay (off: every tree proposed is verified)
+        self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
 
     def check(self, draft: str, runner) -> None:
         if draft not in self.drafts:
@@ -257,7 +294,7 @@ class Speculation:
     def trees(self, running, config) -> dict:
         """A draft tree for each decoding request that speculates, shaped as the control finds
         worth it (within its token and length limits)."""
-        out, batches = {}, {}
+        out, batches, probes = {}, {}, set()
         batch = sum(1 for r in running if not r.finished and r.num_tokens - r.computed == 1)   # decoding now
         for req in running:
             if req.draft is None or req.finished or req.num_tokens - req.computed != 1:
@@ -265,14 +302,23 @@ class Speculation:
             draft = self.drafts[req.draft]
             model = isinstance(draft, ModelDraft)
             if model and not req.proposed and draft.prior_acceptance is not None:
-                req.acceptance = draft.prior_acceptance       # calibrated, until its first verify
-            widths = self.control.shape(req.acceptance, draft.cost_at(batch), draft.alt(), batch) if model \
-                else self.control.shape(req.acceptance, batch=batch)
-            if not widths:              # turned down: probe now and then, so the measurements can recover
-                req.unspeculated += 1
-                if req.unspeculated < req.probe_gap:
+                # calibrated (in eager PyTorch, without the kernels' int8 activations), until its first verify
+                req.acceptance = min(draft.prior_acceptance, 0.9)
+            cost, alt = (draft.cost_at(batch, self.control), draft.alt()) if model else (0.0, ())
+            if self.control.losing(batch, req.draft):
+                widths = []
+            elif model:
+                widths = self.control.shape(req.acceptance, cost, alt, batch,
+                                            extra=draft.catchup_cost(req, self.control, batch),
+                                            min_gain=self.MODEL_MARGIN)
+            else:
+                widths = self.control.shape(req.acceptance, batch=batch)
+            if not widths:              # turned down: probe now and then, so the measurements can recover,
+                req.unspeculated += 1   # where even a perfect draft would pay at this batch
+                if req.unspeculated < req.probe_gap or not self.control.shape(0.99, cost, alt, batch):
                     continue
                 widths = [1, 1]
+                probes.add(req)
                 req.probe_gap = min(2 * req.probe_gap, self.PROBE_MAX)   # probes that keep failing: rarer
             else:
                 req.probe_gap = self.PROBE_EVERY
@@ -288,12 +334,28 @@ class Speculation:
             if tree is not None:
                 out[req] = tree
         alive = {r.id for r in running if not r.finished}
+        self.sunk = 0.0
         for name, draft in self.drafts.items():
             if isinstance(draft, ModelDraft):
                 draft.release(alive)
                 if name in batches:
+                    draft.sunk = 0.0
                     out.update(draft.propose_batch(batches[name], self.control))
-        return out
+                    self.sunk += draft.sunk
+        return self._worth_a_verify_step(out, probes, batch)
+
+    def _worth_a_verify_step(self, trees: dict, probes: set, batch: int) -> dict:
+        """The trees, if verifying them (every decoding sequence joins the verify step) is
+        expected to give more tokens per second than a plain decode step; else only the probes.
+        A few trees in a large batch make the whole step a verify step, which costs more."""
+        if not trees or not self.gate:
+            return trees
+        tokens = batch + sum(len(t.tokens) - 1 for t in trees.values())
+        gain = sum(sum(min(req.acceptance, 0.99) ** d for d in range(1, max(t.depths()) + 1))
+                   for req, t in trees.items())
+        if (batch + gain) / batch >= 1.02 * self.control.relative(tokens, batch):
+            return trees
+        return {req: t for req, t in trees.items() if req in probes}
 
     def accept(self, req, tree: Tree, logits: torch.Tensor, stats) -> Accepted:
         p = req.params
