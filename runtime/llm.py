@@ -172,32 +172,7 @@ class LLM:
         spec = self.engine.speculation
         if speculative in spec.drafts:
             return speculative
-        prior = {}
-        if speculative == "self":
-            info = (self.manifest.get("speculative") or {}).get("self_draft")
-            if not info:
-                raise InvalidRequestError(f"{self.path} has no self-draft; recompile it with --self-draft "
-                                          "(or use --speculative ngram, or a draft artifact's path)")
-            path = self.artifact.path(info["path"], "speculative.self_draft.path")
-            prior = {"acceptance": float(info["acceptance"]), "cost": float(info["draft_cost"])}
-        else:
-            path = Path(speculative)
-            if not (path / "manifest.json").is_file():
-                raise InvalidRequestError(f"speculative draft {speculative!r} is not 'ngram', 'self' or the path of "
-                                          "an ffc artifact")
-        opts = getattr(self, "_load_options", {})
-        draft = LLM.load(path, check_hashes=opts.get("check_hashes", True), backend=opts.get("backend"),
-                         kernel_library=opts.get("kernel_library"), kv_cache_memory=None)
-        if draft.ranks is not None:
-            draft.close()
-            raise InvalidRequestError(f"draft artifact {path} has {draft.artifact.ranks} ranks; a draft runs in this "
-                                      "process on one: compile it with --tp 1 --pp 1")
-        if draft.tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise InvalidRequestError(f"draft artifact {path} has a different tokenizer from {self.path} (its "
-                                      f"{len(draft.tokenizer.get_vocab())} tokens are not this model's "
-                                      f"{len(self.tokenizer.get_vocab())}); a draft must share the target's vocabulary")
-        spec.drafts[speculative] = ModelDraft(draft, speculative, self.runner.vocab_size,
-                                              max_sequences=self.config.max_requests_per_batch, **prior)
+        spec.drafts[speculative] = load_draft(self, speculative)
         return speculative
 
     # ------------------------------------------------------------ prompts
@@ -320,3 +295,33 @@ class LLM:
 
     def chat(self, messages: Union[str, Sequence[dict]], max_new_tokens: int = 256, **sampling) -> str:
         return self.generate([messages], max_new_tokens, chat=True, **sampling).texts[0]
+
+
+def load_draft(llm: "LLM", speculative: str) -> ModelDraft:
+    """The draft model ``speculative`` names for ``llm`` ("self" or an artifact's path), checked."""
+    prior = {}
+    if speculative == "self":
+        info = (llm.manifest.get("speculative") or {}).get("self_draft")
+        if not info:
+            raise InvalidRequestError(f"{llm.path} has no self-draft; recompile it with --self-draft "
+                                      "(or use --speculative ngram, or a draft artifact's path)")
+        path = llm.artifact.path(info["path"], "speculative.self_draft.path")
+        prior = {"acceptance": float(info["acceptance"]), "cost": float(info["draft_cost"])}
+    else:
+        path = Path(speculative)
+        if not (path / "manifest.json").is_file():
+            raise InvalidRequestError(f"speculative draft {speculative!r} is not 'ngram', 'self' or the path of "
+                                      "an ffc artifact")
+    opts = getattr(llm, "_load_options", {})
+    draft = LLM.load(path, check_hashes=opts.get("check_hashes", True), backend=opts.get("backend"),
+                     kernel_library=opts.get("kernel_library"), kv_cache_memory=None)
+    if draft.ranks is not None:
+        draft.close()
+        raise InvalidRequestError(f"draft artifact {path} has {draft.artifact.ranks} ranks; a draft runs in this "
+                                  "process on one: compile it with --tp 1 --pp 1")
+    if draft.tokenizer.get_vocab() != llm.tokenizer.get_vocab():
+        raise InvalidRequestError(f"draft artifact {path} has a different tokenizer from {llm.path} (its "
+                                  f"{len(draft.tokenizer.get_vocab())} tokens are not this model's "
+                                  f"{len(llm.tokenizer.get_vocab())}); a draft must share the target's vocabulary")
+    return ModelDraft(draft, speculative, llm.runner.vocab_size,
+                      max_sequences=llm.config.max_requests_per_batch, **prior)
