@@ -8,6 +8,30 @@ import torch
 os.environ.setdefault("FFC_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".ffc-cache"))
 torch.manual_seed(0)
 
+# IR of a test attention layer's front: q/k/v sliced from %qkv [1,T,48] (4 query heads, 2 KV
+# heads of 6), rotated by rope at %position_ids (@inv_freq f32[3]); %17 = q, %18 = k, %14 = v
+QKV_ROPE_IR = """\
+  %0 = unsqueeze(%position_ids) {dim=2} : i64[1,T,1]
+  %1 = cast(%0) {dtype="f32"} : f32[1,T,1]
+  %2 = mul(%1, @inv_freq) : f32[1,T,3]
+  %3 = concat(%2, %2) {dim=2} : f32[1,T,6]
+  %4 = cos(%3) : f32[1,T,6]
+  %5 = sin(%3) : f32[1,T,6]
+  %6 = slice(%qkv) {dim=2, end=24, start=0, step=1} : f32[1,T,24]
+  %7 = slice(%qkv) {dim=2, end=36, start=24, step=1} : f32[1,T,12]
+  %8 = slice(%qkv) {dim=2, end=48, start=36, step=1} : f32[1,T,12]
+  %9 = reshape(%6) {shape=[1,"T",4,6]} : f32[1,T,4,6]
+  %10 = transpose(%9) {dim0=1, dim1=2} : f32[1,4,T,6]
+  %11 = reshape(%7) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %12 = transpose(%11) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %13 = reshape(%8) {shape=[1,"T",2,6]} : f32[1,T,2,6]
+  %14 = transpose(%13) {dim0=1, dim1=2} : f32[1,2,T,6]
+  %15 = unsqueeze(%4) {dim=1} : f32[1,1,T,6]
+  %16 = unsqueeze(%5) {dim=1} : f32[1,1,T,6]
+  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
+  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
+"""
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

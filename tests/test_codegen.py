@@ -17,6 +17,8 @@ from ffc.lower.describe import describe_plan
 from ffc.plan.schema import Packed, Target
 from ffc.runtime.compiled import CompiledPlan
 
+from conftest import QKV_ROPE_IR
+
 KERNEL_IR = """# ffc ir 1
 meta {}
 param @w1 : f32[13,37]
@@ -76,26 +78,7 @@ graph pw(%x : f32[1,T,7]) {
   return %7
 }
 graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : f32[2,2,S,2,8,6]) {
-  %0 = unsqueeze(%position_ids) {dim=2} : i64[1,T,1]
-  %1 = cast(%0) {dtype="f32"} : f32[1,T,1]
-  %2 = mul(%1, @inv_freq) : f32[1,T,3]
-  %3 = concat(%2, %2) {dim=2} : f32[1,T,6]
-  %4 = cos(%3) : f32[1,T,6]
-  %5 = sin(%3) : f32[1,T,6]
-  %6 = slice(%qkv) {dim=2, end=24, start=0, step=1} : f32[1,T,24]
-  %7 = slice(%qkv) {dim=2, end=36, start=24, step=1} : f32[1,T,12]
-  %8 = slice(%qkv) {dim=2, end=48, start=36, step=1} : f32[1,T,12]
-  %9 = reshape(%6) {shape=[1,"T",4,6]} : f32[1,T,4,6]
-  %10 = transpose(%9) {dim0=1, dim1=2} : f32[1,4,T,6]
-  %11 = reshape(%7) {shape=[1,"T",2,6]} : f32[1,T,2,6]
-  %12 = transpose(%11) {dim0=1, dim1=2} : f32[1,2,T,6]
-  %13 = reshape(%8) {shape=[1,"T",2,6]} : f32[1,T,2,6]
-  %14 = transpose(%13) {dim0=1, dim1=2} : f32[1,2,T,6]
-  %15 = unsqueeze(%4) {dim=1} : f32[1,1,T,6]
-  %16 = unsqueeze(%5) {dim=1} : f32[1,1,T,6]
-  %17 = rope(%10, %15, %16) : f32[1,4,T,6]
-  %18 = rope(%12, %15, %16) : f32[1,2,T,6]
-  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
+""" + QKV_ROPE_IR + """  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
   %20 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=0, scale=null, window=3} : f32[1,4,T,6]
   %21 = add(%19, %20) : f32[1,4,T,6]
   %22 = transpose(%21) {dim0=1, dim1=2} : f32[1,T,4,6]
