@@ -351,16 +351,22 @@ def test_quantized_weights_shard_at_block_boundaries(tiny, fast_link, tmp_path):
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp):
+def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp, monkeypatch):
     """Speculation on tensor-parallel and pipeline ranks, with every kind of draft (prompt
     lookup, the self-draft, a draft artifact): the verify graph runs sharded / staged like
-    prefill, accepted K/V move on every rank; greedy tokens equal plain, 64 of them."""
+    prefill, accepted K/V move on every rank; greedy tokens equal plain, 64 of them. Trees
+    are forced: whether a draft pays off at batch 3 on a shared 2-core machine is the cost
+    model's call on measured times (tested in test_speculative), not this test's subject."""
     folder, _, _ = tiny
     art = ffc.compile(str(folder), str(tmp_path / "s.ffc"), max_seq_len=128, tp=tp, pp=pp,
                       profile=free_link if pp == 1 else "a100-nvlink", self_draft="auto")
     loop = [5, 17, 99, 5, 17, 99, 5, 17, 99, 5, 17]             # a prompt whose n-grams repeat
     prompts = [loop, [7, 8, 9, 10] * 3, [3, 4]]
     llm = ffc.load(art)
+    spec = llm.engine.speculation
+    monkeypatch.setattr(spec, "gate", False)
+    monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
+    monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
     try:
         want = llm.generate(prompts, max_new_tokens=64, ignore_eos=True).token_ids
         for draft in ("ngram", "self", str(art / "draft")):
