@@ -58,32 +58,77 @@ class Tree:
 
 
 class NgramDraft:
-    """Prompt lookup: the continuation that followed the latest earlier occurrence of the
-    sequence's last n tokens (n from ``max_ngram`` down to 1) is proposed; several occurrences
-    with different continuations become branches of one tree (their common prefixes shared)."""
+    """Prompt lookup: the continuations that followed earlier occurrences of the sequence's
+    ending (the prompt's and the text's so far) are proposed, the occurrences whose match with
+    the ending is longest first (the latest among equals); up to ``branches`` different
+    continuations become branches of one tree (their common prefixes shared).
+
+    How far a continuation holds depends mostly on how long the match is: an ending of one
+    common token recurs everywhere, eight tokens matched verbatim mean the text is being copied.
+    So acceptance is counted per match length (buckets of ``BUCKETS``, smoothed, with priors),
+    over every verified proposal of any request, and a proposal's tree is shaped by its own
+    bucket's rate (``expect``)."""
 
     kind = "ngram"
+    MAX_MATCH = 32                           # match lengths counted up to
+    BUCKETS = (1, 2, 3, 4, 8, 16)            # bucket i: matches of at least BUCKETS[i] tokens
+    PRIOR = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)  # per-token acceptance before any is measured
+    WEIGHT = 8.0                             # the prior counts as this many trials
 
-    def __init__(self, max_ngram: int = 3, branches: int = 3):
-        self.max_ngram, self.branches = max_ngram, branches
+    def __init__(self, branches: int = 2):
+        self.branches = branches
+        self.hits = [p * self.WEIGHT for p in self.PRIOR]
+        self.trials = [self.WEIGHT] * len(self.PRIOR)
+        self._found: tuple = (None, [])      # the last lookup: (the token list looked in, its matches)
+
+    def lookup(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
+        """(match length, end position) of earlier occurrences of the tokens' ending, longest
+        match first, the latest among equals."""
+        if self._found[0] is tokens:          # expect() then propose() on the same list
+            return self._found[1]
+        n_tok, last = len(tokens), tokens[-1]
+        found = []
+        for p in range(n_tok - 2, -1, -1):
+            if tokens[p] != last:
+                continue
+            n = 1
+            while n < self.MAX_MATCH and p - n >= 0 and tokens[p - n] == tokens[n_tok - 1 - n]:
+                n += 1
+            found.append((n, p))
+        found.sort(key=lambda f: -f[0])       # stable: the latest first among equal lengths
+        self._found = (tokens, found)
+        return found
+
+    def bucket(self, match: int) -> int:
+        return max(i for i, lo in enumerate(self.BUCKETS) if match >= lo)
+
+    def expect(self, tokens: Sequence[int]) -> Optional[tuple[float, int]]:
+        """(per-token acceptance, bucket) of the proposal ``propose`` would make now; None when
+        the ending occurs nowhere before (nothing to propose)."""
+        found = self.lookup(tokens)
+        if not found:
+            return None
+        b = self.bucket(found[0][0])
+        return self.hits[b] / self.trials[b], b
+
+    def observe(self, bucket: int, depth: int, accepted: int) -> None:
+        """A verified proposal of this bucket: ``accepted`` of ``depth`` tokens (geometric
+        trials: that many successes and, short of the whole depth, one failure)."""
+        if depth <= 0:
+            return
+        decay = 1 - 1 / (4 * self.WEIGHT)     # old counts fade: the text being written changes
+        self.hits[bucket] = self.hits[bucket] * decay + accepted
+        self.trials[bucket] = self.trials[bucket] * decay + accepted + (1 if accepted < depth else 0)
 
     def propose(self, tokens: Sequence[int], depth: int, max_nodes: int) -> Optional[Tree]:
-        n_tok = len(tokens)
-        last = tokens[-1]
-        ends = [p for p in range(n_tok - 2, -1, -1) if tokens[p] == last]     # latest occurrence first
-        for n in range(min(self.max_ngram, n_tok - 1), 0, -1):
-            tail = list(tokens[n_tok - n:])
-            conts: list[list[int]] = []
-            for end in ends:
-                if end >= n - 1 and list(tokens[end - n + 1:end + 1]) == tail:
-                    cont = list(tokens[end + 1:end + 1 + depth])
-                    if cont and cont not in conts:
-                        conts.append(cont)
-                        if len(conts) == self.branches:
-                            break
-            if conts:
-                return _trie(tokens[-1], conts, max_nodes)
-        return None
+        conts: list[list[int]] = []
+        for _, end in self.lookup(tokens):
+            cont = list(tokens[end + 1:end + 1 + depth])
+            if cont and cont not in conts:
+                conts.append(cont)
+                if len(conts) == self.branches:
+                    break
+        return _trie(tokens[-1], conts, max_nodes) if conts else None
 
 
 def _trie(root: int, chains: list[list[int]], max_nodes: int) -> Optional[Tree]:
@@ -116,6 +161,7 @@ class ModelDraft:
 
     kind = "model"
     RANKS = 4                  # candidates remembered per depth, to learn b(w) at every rejection
+    MIN_LEFT = 16              # tokens a request is taken to have left, at least (catch-up's amortisation)
 
     def __init__(self, llm, name: str, vocab_size: int, acceptance: Optional[float] = None,
                  cost: Optional[float] = None, max_sequences: int = 64):
@@ -126,7 +172,8 @@ class ModelDraft:
         self.pool = BlockPool.for_budget(llm.cache_type, self.runner.blocks_per_seq, None,
                                          max_sequences * self.runner.blocks_per_seq, device=llm.device,
                                          prefix_caching=False)
-        self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known
+        self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known,
+        self.acceptance: Optional[float] = None  # and as measured over all requests (a new one's prior)
         self.cost = 0.25 if cost is None else cost     # a draft step per sequence / a target decode step's share
         self.costs: dict[int, float] = {}       # the same measured, by the sequences drafted together
         self.catchup: Optional[float] = None    # seconds per token of catching up, measured
@@ -161,13 +208,20 @@ class ModelDraft:
 
     def catchup_cost(self, req, control, batch: int) -> float:
         """Catching up with ``req`` (see ``lag``), spread over the steps it has left, relative to
-        a plain step's share: what speculating on it costs per step beyond the draft's steps."""
+        a plain step's share: what speculating on it costs per step beyond the draft's steps.
+        Most answers stop well before their token limit, so a request that has written n tokens
+        is taken to have about as many left (at least MIN_LEFT), within its limit."""
         share = control.share(batch)
         if share is None:
             return 0.0
-        per_token = self.catchup if self.catchup is not None else self.cost * share / 5   # prefill ~5x decode
-        left = max(1, req.params.max_new_tokens - len(req.out))
-        return max(0, self.lag(req) - 1) * per_token / left / share
+        left = max(1, min(req.params.max_new_tokens - len(req.out), max(len(req.out), self.MIN_LEFT)))
+        return self.catchup_seconds(req, share) / left / share
+
+    def catchup_seconds(self, req, share: float) -> float:
+        """Seconds to catch up with ``req`` (measured per token; before that, a prefill token
+        taken as a fifth of a draft decode step); ``share``: a plain step's share t(B) / B."""
+        per_token = self.catchup if self.catchup is not None else self.cost * share / 5
+        return max(0, self.lag(req) - 1) * per_token
 
     def cost_at(self, batch: int, control: "SpecControl") -> float:
         """A draft step per sequence relative to a plain step's share, with ``batch`` sequences:
@@ -261,6 +315,11 @@ class ModelDraft:
         """After verification: where the chain was rejected, the rank of the target's token among
         the draft's candidates at that depth."""
         st = self.seqs.get(req.id)
+        if st is not None and st.alts:
+            depth = len(st.alts)
+            trials = chain_accepted + (1 if chain_accepted < depth else 0)
+            rate = chain_accepted / trials
+            self.acceptance = rate if self.acceptance is None else 0.95 * self.acceptance + 0.05 * rate
         if st is None or chain_accepted >= len(st.alts) or chain_accepted >= len(target_tokens):
             return
         self.misses += 1

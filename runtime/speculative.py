@@ -121,16 +121,21 @@ class SpecControl:
     manifest) and are replaced by measurements as steps run."""
 
     MAX_WIDTH = 4
+    REFRESH = 8           # steps observed between recomputing t(B n) / t(B) from the smoothed times
+    EVIDENCE = 8          # steps of a draft and of plain decoding at a batch size before comparing them
 
-    def __init__(self, max_depth: int = 8, max_nodes: int = 16, prior_acceptance: float = 0.5,
+    def __init__(self, max_depth: int = 16, max_nodes: int = 32, prior_acceptance: float = 0.5,
                  node_cost: float = 0.1):
         self.max_depth, self.max_nodes = max_depth, max_nodes
         self.prior = prior_acceptance
         self.curve = {1: 1.0, 2: 1.0 + node_cost}   # predicted t(T) / t(1), the cost model's where known
         self.times: dict[int, float] = {}        # verify steps: tokens -> seconds, smoothed
         self.decode_times: dict[int, float] = {}  # plain decode steps: sequences -> seconds, smoothed
-        self._rel_key, self._rel = None, []      # plan()'s t(B n) / t(B), until a step is observed
-        self.rates: dict[tuple, float] = {}      # (draft or None, batch) -> tokens per second
+        self._rel_key, self._rel = None, []      # plan()'s t(B n) / t(B), and its plans by their inputs,
+        self._plans: dict[tuple, tuple] = {}     # until a new token count is seen or REFRESH more steps
+        self._observed = 0
+        self.rates: dict[tuple, float] = {}      # (draft or None, batch) -> tokens per second, smoothed,
+        self.counts: dict[tuple, int] = {}       # and the steps it is from
 
     def set_curve(self, curve: dict) -> None:
         """The cost model's predicted t(T) / t(1) at some T (the manifest's speculative.verify_cost)."""
@@ -189,14 +194,23 @@ class SpecControl:
     def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (),
              batch: int = 1, extra: float = 0.0, min_gain: float = 1.02) -> tuple[list[int], float]:
         """The best shape and its predicted speed-up over plain decoding (1.0 for plain)."""
-        a = min(max(acceptance, 0.0), 0.99)
-        b = [0.0, 0.0, *alt][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
+        a = round(min(max(acceptance, 0.0), 0.99), 2)      # inputs rounded: plans are reused
+        b = [0.0, 0.0, *(round(x, 2) for x in alt)][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
         B = max(batch, 1)
+        draft_cost, extra = round(draft_cost, 2), round(extra, 2)
 
-        key = (B, len(self.times), len(self.decode_times))
-        if self._rel_key != key:     # t(B n) / t(B) for every tree size, once per batch and step seen
+        key = (B, len(self.times), len(self.decode_times), self._observed // self.REFRESH)
+        if self._rel_key != key:     # t(B n) / t(B) for every tree size
             self._rel = [0.0] + [self.relative(B * n, B) for n in range(1, self.max_nodes + 2)]
             self._rel_key = key
+            self._plans = {}
+        memo = (a, tuple(b), draft_cost, extra, min_gain)
+        if memo not in self._plans:
+            self._plans[memo] = self._best(a, b, draft_cost, extra, min_gain)
+        widths, gain = self._plans[memo]
+        return list(widths), gain
+
+    def _best(self, a: float, b: list, draft_cost: float, extra: float, min_gain: float) -> tuple[list[int], float]:
         rel = self._rel
 
         def cost(nodes: int, k: int) -> float:
@@ -232,7 +246,7 @@ class SpecControl:
         times = self.times if verify else self.decode_times
         old = times.get(tokens)
         times[tokens] = seconds if old is None else 0.8 * old + 0.2 * seconds
-        self._rel_key = None
+        self._observed += 1
 
     def realized(self, batch: int, tokens: int, seconds: float, draft: Optional[str]) -> None:
         """What a step of ``batch`` decoding sequences gave: ``tokens`` in ``seconds`` (with the
@@ -242,14 +256,17 @@ class SpecControl:
             return
         old = self.rates.get((draft, batch))
         self.rates[(draft, batch)] = tokens / seconds if old is None else 0.8 * old + 0.2 * tokens / seconds
+        self.counts[(draft, batch)] = self.counts.get((draft, batch), 0) + 1
 
     def losing(self, batch: int, draft: str) -> bool:
         """This draft's speculative steps at this batch size have given fewer tokens per second
-        than plain ones (the estimates behind the shapes were wrong here): turned down."""
+        than plain ones (the estimates behind the shapes were wrong here): turned down, once
+        EVIDENCE steps of each were seen (one step's rate is mostly its luck and the machine's)."""
         if batch < 2:         # one sequence: the shapes' own measurements are exact enough
             return False
         plain, spec = self.rates.get((None, batch)), self.rates.get((draft, batch))
-        return plain is not None and spec is not None and spec < plain
+        seen = min(self.counts.get((None, batch), 0), self.counts.get((draft, batch), 0))
+        return plain is not None and spec is not None and seen >= self.EVIDENCE and spec < plain
 
     def share(self, batch: int) -> Optional[float]:
         """A sequence's share of a plain decode step of ``batch`` sequences, t(B) / B (None
@@ -275,12 +292,15 @@ class Speculation:
     PROBE_EVERY = 16      # a request not speculating still tries a small tree after this many steps,
     PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
     MODEL_MARGIN = 1.1    # a draft model's predicted speed-up must reach this (its costs are estimates)
+    PROBE_COST = 1.1      # a probe alone may make a step's verify cost this much of its decode step's
 
     def __init__(self):
         self.drafts: dict = {"ngram": NgramDraft()}
         self.control = SpecControl()
         self.gate = True      # verify only steps expected to pay (off: every tree proposed is verified)
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
+        self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
+        self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length's bucket)
 
     def check(self, draft: str, runner) -> None:
         if draft not in self.drafts:
@@ -295,42 +315,68 @@ class Speculation:
         """A draft tree for each decoding request that speculates, shaped as the control finds
         worth it (within its token and length limits)."""
         out, batches, probes = {}, {}, set()
+        self.expected, self.keys = {}, {}
         batch = sum(1 for r in running if not r.finished and r.num_tokens - r.computed == 1)   # decoding now
+        terms: dict = {}            # per draft, this step: its step cost and b(w), whether it lost here
+        # a probe's tree verified alone makes the whole step a verify step: in a large batch, dear
+        cheap_probe = self.control.relative(batch + 2, batch) <= self.PROBE_COST
         for req in running:
             if req.draft is None or req.finished or req.num_tokens - req.computed != 1:
                 continue
             draft = self.drafts[req.draft]
             model = isinstance(draft, ModelDraft)
-            if model and not req.proposed and draft.prior_acceptance is not None:
-                # calibrated (in eager PyTorch, without the kernels' int8 activations), until its first verify
-                req.acceptance = min(draft.prior_acceptance, 0.9)
-            cost, alt = (draft.cost_at(batch, self.control), draft.alt()) if model else (0.0, ())
-            if self.control.losing(batch, req.draft):
-                widths = []
-            elif model:
-                widths = self.control.shape(req.acceptance, cost, alt, batch,
-                                            extra=draft.catchup_cost(req, self.control, batch),
-                                            min_gain=self.MODEL_MARGIN)
-            else:
-                widths = self.control.shape(req.acceptance, batch=batch)
-            if not widths:              # turned down: probe now and then, so the measurements can recover,
-                req.unspeculated += 1   # where even a perfect draft would pay at this batch
-                if req.unspeculated < req.probe_gap or not self.control.shape(0.99, cost, alt, batch):
+            if req.draft not in terms:
+                cost, alt = (draft.cost_at(batch, self.control), draft.alt()) if model else (0.0, ())
+                terms[req.draft] = (cost, alt, self.control.losing(batch, req.draft),
+                                    bool(self.control.shape(0.99, cost, alt, batch)))   # would a perfect draft pay?
+            cost, alt, losing, could = terms[req.draft]
+            if not could:               # not at this batch size, whatever the acceptance: nothing to try
+                continue
+            toks = req.prompt + req.out
+            if model and not req.proposed:      # until its first verify: the draft's rate over earlier
+                if draft.acceptance is not None:  # requests, else its calibrated one (in eager PyTorch,
+                    req.acceptance = draft.acceptance   # without the kernels' int8 activations: capped)
+                elif draft.prior_acceptance is not None:
+                    req.acceptance = min(draft.prior_acceptance, 0.9)
+            acceptance, key = req.acceptance, None
+            if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
+                found = draft.expect(toks)
+                if found is None:
                     continue
+                acceptance, key = found
+            margin = self.MODEL_MARGIN if model else 1.02
+            widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
+            if widths and model:        # the draft's catch-up on this request, where it lags
+                widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin,
+                                            extra=draft.catchup_cost(req, self.control, batch))
+            if not widths:              # turned down: probe now and then, so the request's acceptance can
+                req.unspeculated += 1   # recover (a draft rating its own proposals learns from all requests')
+                if key is not None or req.unspeculated < req.probe_gap or not cheap_probe:
+                    continue
+                if model and draft.catchup_seconds(req, self.control.share(batch) or 0.0) > \
+                        (self.control.step_time(batch, verify=False) or 0.0):
+                    continue            # a probe catching the draft up on more than a step's time: not worth it
                 widths = [1, 1]
                 probes.add(req)
                 req.probe_gap = min(2 * req.probe_gap, self.PROBE_MAX)   # probes that keep failing: rarer
             else:
                 req.probe_gap = self.PROBE_EVERY
             req.unspeculated = 0
-            depth = min(len(widths), req.params.max_new_tokens - len(req.out) - 1,
-                        config.max_seq_len - req.num_tokens - 1)
+            room = config.max_seq_len - req.num_tokens + 1       # the tree's nodes fill slots base .. base + n - 1
+            depth = min(len(widths), req.params.max_new_tokens - len(req.out) - 1, room - 2)
             if depth <= 0:
                 continue
+            self.expected[req], self.keys[req] = acceptance, key
+            nodes = min(self.control.max_nodes, room)
             if model:
-                batches.setdefault(req.draft, []).append((req, req.prompt + req.out, widths[:depth]))
+                widths = widths[:depth]
+                while 1 + sum(widths) > nodes:
+                    widths[-1] -= 1
+                    if not widths[-1]:
+                        widths.pop()
+                batches.setdefault(req.draft, []).append((req, toks, widths))
                 continue
-            tree = draft.propose(req.prompt + req.out, depth, self.control.max_nodes)
+            tree = draft.propose(toks, depth, nodes)
             if tree is not None:
                 out[req] = tree
         alive = {r.id for r in running if not r.finished}
@@ -351,7 +397,7 @@ class Speculation:
         if not trees or not self.gate:
             return trees
         tokens = batch + sum(len(t.tokens) - 1 for t in trees.values())
-        gain = sum(sum(min(req.acceptance, 0.99) ** d for d in range(1, max(t.depths()) + 1))
+        gain = sum(sum(min(self.expected[req], 0.99) ** d for d in range(1, max(t.depths()) + 1))
                    for req, t in trees.items())
         if (batch + gain) / batch >= 1.02 * self.control.relative(tokens, batch):
             return trees
@@ -372,6 +418,9 @@ class Speculation:
                 draft.observe(req, got, acc.tokens)
             else:
                 depth, got = max(tree.depths()), len(acc.path)
+                key = self.keys.get(req)
+                if key is not None:
+                    draft.observe(key, depth, got)
             req.proposed += depth
             req.accepted += len(acc.path)
             req.acceptance = update_acceptance(req.acceptance, depth, got)

@@ -160,6 +160,32 @@ def test_greedy_ngram_equals_plain(smol_llm, batch):
     assert stats.verify_steps > before[0] and stats.spec_accepted > before[1]   # it did speculate
 
 
+def test_prompt_lookup_rates_its_proposals_by_match_length():
+    """The occurrence matching most of the text's ending is proposed first; its match length's
+    bucket rates the proposal (a verbatim copy of 8 tokens is trusted far more than a repeated
+    common token), the rate learns from what verification accepts, and a long match gets a
+    deeper tree than a short one under the same step costs."""
+    from ffc.runtime.speculative import NgramDraft, SpecControl
+    ng = NgramDraft()
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40, 9, 50, 51, 52, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    found = ng.lookup(text)
+    assert found[0] == (9, 8) and (1, 13) in found           # 9 tokens match ending at 8, "40 9" only the 9
+    tree = ng.propose(text, 3, 16)
+    assert tree.tokens[:4] == [9, 10, 11, 12] and 50 in tree.tokens   # the long match first, a branch
+    long_rate, long_bucket = ng.expect(text)
+    short_rate, short_bucket = ng.expect([7, 3, 8, 3])
+    assert long_bucket > short_bucket and long_rate > short_rate
+    assert ng.expect([1, 2, 3]) is None                      # the ending occurs nowhere before
+    for _ in range(40):                                       # this bucket's proposals keep failing
+        ng.observe(long_bucket, 4, 0)
+    assert ng.expect(text)[0] < 0.1 and ng.expect([7, 3, 8, 3])[0] == short_rate
+    c = SpecControl()
+    for t in (1, 8, 16, 33):
+        c.observe(t, 0.010 + 2e-4 * t)
+        c.observe(t, 0.010 + 2e-4 * t, verify=False)
+    assert len(c.shape(0.95)) > len(c.shape(0.3)) >= 1
+
+
 def mixed_batch(llm, prompts, drafts, max_new_tokens=64):
     """Requests submitted together, each with its own draft (None: plain): their tokens."""
     reqs = [llm.submit(p, max_new_tokens, speculative=d) for p, d in zip(prompts, drafts)]
