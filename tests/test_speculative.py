@@ -145,9 +145,15 @@ def test_accepted_kv_equals_plain_decoding(smol_llm):
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_greedy_ngram_equals_plain(smol_llm, batch):
+def test_greedy_ngram_equals_plain(smol_llm, batch, monkeypatch):
     """Prompt lookup on texts it can copy from and texts it cannot, alone and in a mixed batch
-    (some requests speculate, some do not): the same tokens as plain greedy decoding."""
+    (some requests speculate, some do not): the same tokens as plain greedy decoding. At 8 the
+    trees are forced (whether they pay there is the cost model's call on this machine's times)."""
+    if batch > 1:
+        spec = smol_llm.engine.speculation
+        monkeypatch.setattr(spec, "gate", False)
+        monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
+        monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
     from conftest import PROMPTS
     text = ("Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over "
             "the lazy dog, and the quick brown fox")
