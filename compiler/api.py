@@ -22,7 +22,7 @@ from ffc.lower import PHASES, LoweringError, lower_module
 from ffc.passes import PIPELINE, PassContext, run_pipeline
 from ffc.passes.manager import dump_name
 from ffc.plan.schema import Target
-from ffc.runtime.kernel_library import load_library
+from ffc.runtime.kernel_library import load_library, vouch
 
 from . import __version__, build, frontend, gguf_blocks, sources
 from . import self_draft as drafting
@@ -50,6 +50,7 @@ def build_kernels(root: Path, module: Module, options: CompileOptions, log: Log)
     for k, phase in enumerate(PHASES, 1):
         (kdir / "lowering" / f"{k}-{phase}.txt").write_text("\n\n".join(dumps[phase]) + "\n")
     (kdir / "plan.json").write_text(json.dumps(plan.to_json(), indent=1))
+    vouch(kdir / "plan.json")      # lowered here: loads need not lower it again
     srcs, spans = render_sources(plan)
     for name, text in srcs.items():
         (kdir / "src" / name).write_text(text)
@@ -141,7 +142,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     t0 = time.perf_counter()
     source = sources.resolve(model, allow_pickle=allow_pickle)
     config = sources.load_config(source)
-    family = sources.check_architecture(config)
+    family = sources.check_architecture(config, log)
     msl = sources.resolve_max_seq_len(config, max_seq_len)
     policy = QuantPolicy.parse(quant, quant_skip)
     if policy.mode == "gguf" and source.gguf is None:

@@ -180,6 +180,11 @@ def check_manifest(manifest, root: Path) -> dict:
 REBUILT = ("kernels/src/", "kernels/lib/", "kernels/build.ninja")
 
 
+def _ranks(manifest: dict) -> int:
+    par = manifest.get("parallel") if isinstance(manifest.get("parallel"), dict) else {}
+    return int(par.get("tp", 1) or 1) * int(par.get("pp", 1) or 1)
+
+
 def read_manifest(path: str | os.PathLike, check_hashes: bool = True, skip: tuple[str, ...] = ()) -> dict:
     """The manifest of the artifact at ``path`` after checking format version and the hashes of
     its files (but those whose path starts with one of ``skip``)."""
@@ -208,6 +213,15 @@ def read_manifest(path: str | os.PathLike, check_hashes: bool = True, skip: tupl
         raise ArtifactError(f"{path}: {links[0]} is a symbolic link out of the artifact; refusing it "
                             "(recompile the artifact)")
     files = manifest["files"]
+    # what the runtime reads must be covered by a hash (an empty list would check nothing)
+    needed = [manifest.get("final_ir"), *(f"weights/rank{r}.safetensors" for r in range(_ranks(manifest))),
+              *(f"tokenizer/{p.name}" for p in sorted((root / "tokenizer").glob("*")) if p.is_file())]
+    if isinstance(manifest.get("kernels"), dict):
+        needed += [manifest["kernels"].get("plan"), manifest["kernels"].get("library")]
+    unlisted = [f for f in needed if isinstance(f, str) and f not in files and not f.startswith(skip)]
+    if unlisted:
+        raise ArtifactError(f"{path}: artifact file {unlisted[0]} has no hash in the manifest's files; "
+                            "recompile the artifact")
     if check_hashes:
         for rel, digest in files.items():
             if rel.startswith(skip):
@@ -293,8 +307,20 @@ class Artifact:
         try:
             module = parse(self.path(self.final_ir).read_text())
             verify_module(module)
-        except (OSError, IRParseError, VerifyError) as e:
+        except (OSError, UnicodeDecodeError, IRParseError, VerifyError) as e:
             raise ArtifactError(f"artifact IR {self.final_ir} is unreadable: {e}; recompile the artifact") from None
+        kinds = ("prefill", "decode")
+        need = set(kinds) if self.pp == 1 else {f"{g}_stage{k}" for g in kinds for k in range(self.pp)}
+        missing = sorted(need - set(module.graphs))
+        if missing:
+            raise ArtifactError(f"artifact IR {self.final_ir} has no graph {missing[0]} (it has "
+                                f"{', '.join(sorted(module.graphs)) or 'none'}); recompile the artifact")
+        for name in need:
+            inputs = {v.name for v in module.graphs[name].inputs}
+            for want in ("kv_cache", "block_tables"):
+                if want not in inputs:
+                    raise ArtifactError(f"artifact IR {self.final_ir}: graph {name} has no input %{want}; "
+                                        "recompile the artifact")
         return module
 
     @cached_property

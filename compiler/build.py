@@ -7,13 +7,16 @@ also copied into the artifact (``kernels/lib``) so a load needs no compiler.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,8 +24,9 @@ import ninja
 import pybind11
 import torch
 
+from ffc.lower import lower_module
 from ffc.plan.schema import Target
-from ffc.runtime.kernel_library import load_library
+from ffc.runtime.kernel_library import load_library, trusted, vouch
 
 from . import knobs
 from .artifact import Artifact
@@ -98,8 +102,8 @@ def write_ninja(src_dir: Path, build_dir: Path, target: Target, tc: dict, key: s
         "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
         "  depfile = $out.d",
         "  description = CXX $in",
-        "rule link",
-        "  command = $cxx $in -o $out $ldflags",
+        "rule link",          # linked aside and renamed: a killed link never leaves a half library
+        "  command = $cxx $in -o $out.tmp $ldflags && mv -f $out.tmp $out",
         "  description = LINK $out",
     ]
     if target is Target.CUDA:
@@ -156,14 +160,17 @@ def _build_cached(src_dir: Path, target: Target, spans: list[KernelSpan], ninja_
     lib = build_dir / f"{module_name(key)}{tc['ext_suffix']}"
     ninja_file.parent.mkdir(parents=True, exist_ok=True)
     ninja_file.write_text(write_ninja(src_dir, build_dir, target, tc, key))
-    if lib.exists():
-        log(f"kernels: cached build {key}")
-    else:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        log(f"kernels: building {len(sources)} sources with ninja")
-        r = subprocess.run([_ninja(), "-f", str(ninja_file)], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BuildError(_explain(r.stdout + r.stderr, src_dir, spans, ninja_file))
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{key}.lock", "w") as lock:   # one build per key at a time (processes
+        fcntl.flock(lock, fcntl.LOCK_EX)                         # sharing a cache wait, then find it built)
+        if lib.exists():
+            log(f"kernels: cached build {key}")
+        else:
+            build_dir.mkdir(parents=True, exist_ok=True)
+            log(f"kernels: building {len(sources)} sources with ninja")
+            r = subprocess.run([_ninja(), "-f", str(ninja_file)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise BuildError(_explain(r.stdout + r.stderr, src_dir, spans, ninja_file))
     return lib
 
 
@@ -179,19 +186,64 @@ def build(kernels_dir: Path, target: Target, spans: Optional[list[KernelSpan]] =
             old.unlink()
     if not out.exists():
         shutil.copy2(lib, out)
+    if (kernels_dir / "plan.json").is_file():      # built by ffc here, for this plan: may be loaded with it
+        vouch(out, kernels_dir / "plan.json")
     return out
 
 
-def library_for(art: Artifact, log=lambda s: None) -> Path:
-    """A kernel library of ``art`` that loads in this process: the shipped one, or, when it does
-    not load here (built on another machine), one built from the artifact's sources into the
-    cache; the artifact itself is not modified. This is the hook ``ffc.load`` gives the runtime."""
-    shipped = art.path(art.kernels["library"])
+def check_plan(art: Artifact, log=lambda s: None) -> None:
+    """The artifact's plan must be what ffc lowers from its final IR with the recorded options:
+    the kernels trust its offsets and sizes, so a crafted plan could make them read or write
+    anywhere. A plan ffc wrote or checked on this machine is known by its digest; another is
+    lowered again (well under a second) and, when equal, vouched for."""
+    rel = art.kernels["plan"]
+    path = art.path(rel)
+    if trusted(path):
+        return
+    log(f"checking {rel} against {art.final_ir}")
+    opts = art.manifest.get("options") or {}
     try:
-        load_library(shipped)
-        return shipped
-    except ArtifactError as e:
-        log(f"{e}; rebuilding from {art.path('kernels/src')}")
-    _, spans = render_sources(art.plan)
-    ninja_file = knobs.cache_dir() / "kernels" / "rebuilt" / f"{shipped.stem}.ninja"
-    return _build_cached(art.path("kernels/src"), art.plan.target, spans, ninja_file, log)
+        want = lower_module(art.read_module(), target=art.plan.target, prefill_tokens=int(opts["prefill_tokens"]),
+                            max_batch=int(opts["max_batch"])).to_json()
+        same = json.loads(path.read_text()) == want
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a crafted IR or option makes lowering raise
+        raise ArtifactError(f"{rel} cannot be checked against {art.final_ir} ({type(e).__name__}: {e}); "
+                            "recompile the artifact") from None
+    if not same:
+        raise ArtifactError(f"{rel} is not what ffc lowers from {art.final_ir} (edited, crafted, or written by "
+                            "another ffc); recompile the artifact")
+    vouch(path)
+
+
+def library_for(art: Artifact, log=lambda s: None) -> Path:
+    """A kernel library of ``art`` that loads in this process: the shipped one if ffc built
+    that very file on this machine (kernel_library.trusted) and it loads; else one built into
+    the cache from the sources ffc's templates generate from the artifact's plan (never from
+    the artifact's own sources or binary: native code from elsewhere is not run). The artifact
+    itself is not modified. This is the hook ``ffc.load`` gives the runtime."""
+    check_plan(art, log)
+    shipped = art.path(art.kernels["library"])
+    if shipped.is_file() and trusted(shipped, art.path(art.kernels["plan"])):
+        try:
+            load_library(shipped)
+            return shipped
+        except ArtifactError as e:
+            log(f"{e}; rebuilding from the plan")
+    else:
+        log(f"{art.kernels['library']} was not built by ffc here; building the kernels from the plan")
+    sources, spans = render_sources(art.plan)
+    key = hashlib.sha256(repr(sorted(sources.items())).encode()).hexdigest()[:24]
+    src_dir = knobs.cache_dir() / "kernels" / "generated" / key
+    if not src_dir.is_dir():                 # published whole: concurrent loads never see half of it
+        src_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=src_dir.parent, prefix=".tmp-"))
+        for name, text in sources.items():
+            (tmp / name).write_text(text)
+        try:
+            os.rename(tmp, src_dir)
+        except OSError:                      # another process published it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    ninja_file = knobs.cache_dir() / "kernels" / "generated" / f"{key}.ninja"
+    return _build_cached(src_dir, art.plan.target, spans, ninja_file, log)

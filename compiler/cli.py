@@ -68,9 +68,11 @@ def _build(a) -> None:
     art = Artifact(a.artifact, read_manifest(a.artifact, skip=REBUILT))
     if not art.kernels:
         raise FfcError(f"{art.root} has no generated kernels (compiled with --no-codegen); recompile it")
+    log = lambda s: print(f"[ffc] {s}", file=sys.stderr)  # noqa: E731
+    build.check_plan(art, log)     # the edited sources may be vouched for, a crafted plan may not
     _, spans = render_sources(art.plan)
     root = art.root
-    lib = build.build(root / "kernels", art.plan.target, spans, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    lib = build.build(root / "kernels", art.plan.target, spans, log=log)
     kernels = dict(art.kernels, library=str(lib.relative_to(root)))
     refresh_manifest(root, {"kernels": kernels})
     print(lib)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -124,8 +125,13 @@ def _from_hub_cache(spec: str, allow_pickle: bool) -> ModelSource:
     return ModelSource(spec, "hub-cache", folder)
 
 
-def check_architecture(config) -> str:
+def check_architecture(config, log=None) -> str:
+    """The supported family of ``config`` (an error naming the supported ones); ``log`` is told
+    when the config asks for custom code (auto_map) that ffc does not run."""
     family = SUPPORTED.get(getattr(config, "model_type", None))
+    if family is not None and getattr(config, "auto_map", None) and log is not None:
+        log(f"the config's auto_map names custom code ({', '.join(sorted(config.auto_map))}); ffc never runs it "
+            f"and compiles transformers' built-in {family} class for model_type {config.model_type!r}")
     if family is None:
         arch = ",".join(getattr(config, "architectures", None) or []) or config.model_type
         raise UnsupportedModelError(
@@ -147,9 +153,21 @@ def load_model(source: ModelSource, allow_pickle: bool = False):
     from transformers import AutoModelForCausalLM
     config = load_config(source)
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=torch.float32, trust_remote_code=False, local_files_only=True,
-        use_safetensors=None if allow_pickle else True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch.float32, trust_remote_code=False, local_files_only=True,
+            use_safetensors=None if allow_pickle else True)
+    except Exception as e:  # noqa: BLE001 - torch's weights-only unpickler refusing an object: one line
+        text = str(e)
+        if allow_pickle and (isinstance(e, pickle.UnpicklingError) or "weights_only" in text
+                             or "Weights only load failed" in text):
+            first = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln or "GLOBAL" in ln),
+                         text.splitlines()[0] if text else type(e).__name__)
+            raise UnsupportedModelError(
+                f"{source.spec!r}: torch's weights-only loader refuses its pickle checkpoint ({first[:200]}); "
+                "ffc never unpickles arbitrary objects, even with --allow-pickle: convert the checkpoint to "
+                "safetensors where it can be trusted") from None
+        raise
     return model.eval()
 
 

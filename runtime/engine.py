@@ -22,7 +22,7 @@ from ffc.errors import InvalidRequestError
 
 from .kv_cache import BlockPool
 from .model_runner import Chunk, ModelRunner
-from .sampling import SamplingParams, sample_next
+from .sampling import SamplingParams, check_seed, sample_next
 from .scheduler import Request, Scheduler, SchedulerConfig
 from .speculative import Speculation, Tree, commit_moves
 
@@ -90,6 +90,7 @@ class Engine:
         ``draft``: decode it speculatively with that registered draft (``self.speculation.drafts``)."""
         if draft is not None:
             self.speculation.check(draft, self.runner)
+        check_seed(seed)
         if not prompt:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         if len(prompt) >= self.config.max_seq_len:

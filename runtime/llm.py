@@ -6,7 +6,8 @@ are batched step by step (in-flight batching), whether they come from ``generate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -24,9 +25,10 @@ from ffc.util import parse_memory
 from . import distributed
 from .compiled import open_compiled
 from .engine import Engine, releasable
+from .kernel_library import trusted
 from .kv_cache import BlockPool
 from .model_runner import ModelRunner
-from .sampling import SamplingParams
+from .sampling import MAX_SEED, SamplingParams
 from .scheduler import Request, SchedulerConfig
 from .speculative import ModelDraft
 
@@ -36,8 +38,19 @@ LibraryHook = Callable[[Artifact], Path]
 
 
 def shipped_library(art: Artifact) -> Path:
-    """The kernel library the artifact ships (what ``load`` uses when given no hook)."""
-    return art.path(art.kernels["library"])
+    """The kernel library the artifact ships (what ``load`` uses when given no hook), if ffc
+    built that file on this machine (kernel_library.trusted); native code from elsewhere is
+    never loaded."""
+    lib, plan = art.path(art.kernels["library"]), art.path(art.kernels["plan"])
+    if not plan.is_file() or not trusted(plan):
+        raise ArtifactError(f"{art.kernels['plan']} was not written or checked by ffc on this machine, so it is "
+                            "not run (its kernels trust its offsets); load the artifact with ffc.load, which checks "
+                            "it against the final IR")
+    if not lib.is_file() or not trusted(lib, plan):
+        raise ArtifactError(f"{art.kernels['library']} was not built by ffc on this machine for this plan, so it is "
+                            "not loaded (it is native code); load the artifact with ffc.load, which builds its "
+                            "kernels from the plan, or run `ffc build ARTIFACT` to build and vouch for its sources")
+    return lib
 
 
 def _check_weights(art: Artifact, module) -> dict:
@@ -67,6 +80,7 @@ class GenerationResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]          # "stop" (EOS or a stop string) or "length"
     prompt_token_ids: list[list[int]]
+    warnings: list[str] = field(default_factory=list)   # e.g. a request cut short by max_seq_len
 
 
 class LLM:
@@ -85,7 +99,11 @@ class LLM:
         self.runner = ModelRunner(module, weights, compiled, ranks)
         self.ranks = ranks                # RankGroup of a tensor-parallel artifact
         self.cache_type = self.runner.cache_type
-        self.max_seq_len = art.max_seq_len or self.runner.blocks_per_seq * self.runner.block_size
+        holds = self.runner.blocks_per_seq * self.runner.block_size      # positions the IR's block tables hold
+        if art.max_seq_len is not None and not 0 < art.max_seq_len <= holds:
+            raise ArtifactError(f"the manifest's options.max_seq_len {art.max_seq_len} does not fit the IR "
+                                f"{art.final_ir}, whose KV block tables hold {holds} positions; recompile the artifact")
+        self.max_seq_len = art.max_seq_len or holds
         self.eos_ids = art.eos_token_ids
         rows = min(self.runner.limits("decode")[1], 256)
         self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
@@ -134,8 +152,18 @@ class LLM:
         tp, pp = art.tp, art.pp
         weights = _check_weights(art, module)
         from transformers import AutoTokenizer   # heavy: imported when an artifact is loaded
-        tokenizer = AutoTokenizer.from_pretrained(str(art.path("tokenizer")), local_files_only=True,
-                                                  trust_remote_code=False)
+        for f in sorted(art.path("tokenizer").glob("*.json")):     # each file named when it is bad
+            try:
+                json.loads(f.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ArtifactError(f"artifact file tokenizer/{f.name} in {art.root} is not valid JSON ({e}); "
+                                    "recompile the artifact") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(art.path("tokenizer")), local_files_only=True,
+                                                      trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizer libraries raise on a bad file
+            raise ArtifactError(f"the artifact's tokenizer/ in {art.root} does not load ({type(e).__name__}: "
+                                f"{str(e)[:200]}); recompile the artifact") from None
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -183,9 +211,19 @@ class LLM:
         """The tokenizer's chat template applied to ``messages`` (a string is one user turn)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidRequestError(f"messages must be a non-empty list of {{'role': ..., 'content': ...}} "
+                                      f"dicts (or one string); got {type(messages).__name__} {messages!r:.60}")
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{k}] must be a dict with string 'role' and 'content'; "
+                                          f"got {m!r:.80}")
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template; use a plain prompt")
-        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template's own refusal (a role it does not know, an order)
+            raise InvalidRequestError(f"messages: the chat template refused them: {type(e).__name__}: {e}") from None
 
     def prompt_ids(self, prompt, chat: bool = False, index: int = 0) -> list[int]:
         """Token ids of one prompt: a string, token ids, or (``chat``) messages for the chat template."""
@@ -220,19 +258,34 @@ class LLM:
     def _params(self, n: int, max_new_tokens: int, sampling: dict,
                 sampling_params: Optional[Sequence[SamplingParams]]) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams(max_new_tokens=max_new_tokens, **sampling)] * n
-        if sampling or len(sampling_params) != n:
+            out = [SamplingParams(max_new_tokens=max_new_tokens, **sampling)] * n
+        elif sampling or len(sampling_params) != n or not all(isinstance(p, SamplingParams) for p in sampling_params):
             raise InvalidRequestError(f"sampling_params must be one SamplingParams per prompt ({n}), "
                                       "without other sampling keywords")
-        return list(sampling_params)
+        else:
+            out = list(sampling_params)
+        for p in out:
+            if p.max_new_tokens >= self.max_seq_len:
+                raise InvalidRequestError(f"invalid max_new_tokens={p.max_new_tokens}: this artifact's max_seq_len is "
+                                          f"{self.max_seq_len} (prompt and output together); ask for fewer tokens "
+                                          "or recompile with a larger --max-seq-len")
+        return out
+
+    def _cut_short(self, ids: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[str]:
+        """Where a prompt plus its max_new_tokens pass max_seq_len: generation stops there
+        (finish "length"), said in the result instead of silently."""
+        return [f"prompt {k}: {len(x)} tokens + max_new_tokens {p.max_new_tokens} exceed max_seq_len "
+                f"{self.max_seq_len}; at most {self.max_seq_len - len(x)} tokens will be generated"
+                for k, (x, p) in enumerate(zip(ids, params)) if len(x) + p.max_new_tokens > self.max_seq_len]
 
     def submit(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, seed: Optional[int] = None,
                listener=None, request_id: Optional[str] = None, speculative: Optional[str] = None,
                **sampling) -> Request:
         """Queue one request on the engine and return it (``engine.wait`` / ``engine.abort`` it)."""
         ids = self._prompt_ids([prompt], chat)[0]
-        return self.engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, **sampling),
-                                  seed=seed, listener=listener, request_id=request_id, draft=self.draft(speculative))
+        params = self._params(1, max_new_tokens, sampling, None)[0]
+        return self.engine.submit(ids, params, seed=seed, listener=listener, request_id=request_id,
+                                  draft=self.draft(speculative))
 
     def generate(self, prompts: Union[str, Sequence], max_new_tokens: int = 64, *, chat: bool = False,
                  sampling_params: Optional[Sequence[SamplingParams]] = None, speculative: Optional[str] = None,
@@ -251,7 +304,8 @@ class LLM:
         reqs = []
         try:
             for k, (ids, p) in enumerate(zip(prompt_ids, params)):
-                reqs.append(engine.submit(ids, p, seed=None if p.seed is None else p.seed + k, draft=speculative))
+                seed = None if p.seed is None else (p.seed + k) % (MAX_SEED + 1)
+                reqs.append(engine.submit(ids, p, seed=seed, draft=speculative))
             engine.wait(reqs)
         except BaseException:
             for r in reqs:
@@ -261,13 +315,13 @@ class LLM:
             if r.finish == "error":
                 raise FfcError(f"generation failed: {r.error}")
         return GenerationResult([r.text for r in reqs], [list(r.out) for r in reqs], [r.finish for r in reqs],
-                                prompt_ids)
+                                prompt_ids, self._cut_short(prompt_ids, params))
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, speculative: Optional[str] = None,
                **sampling) -> Iterator[str]:
         """Yield the text of one generation piece by piece as tokens are produced. Closing the
         iterator early cancels the request."""
-        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        params = self._params(1, max_new_tokens, sampling, None)[0]
         ids = self._prompt_ids([prompt], chat)[0]
         engine = self.engine
         req = engine.submit(ids, params, draft=self.draft(speculative))

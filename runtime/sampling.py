@@ -9,6 +9,14 @@ import torch
 from ffc.errors import InvalidRequestError
 
 
+MAX_SEED = 2 ** 63 - 1     # a generator's seed (torch takes < 2**64: room for generate()'s seed + k per prompt)
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise InvalidRequestError(f"invalid {name}={seed!r}: must be an integer in 0..{MAX_SEED} or None")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
@@ -34,8 +42,9 @@ class SamplingParams:
             bad("top_p", self.top_p, "must be in (0, 1]")
         if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < float("inf"):
             bad("repetition_penalty", self.repetition_penalty, "must be a number > 0 (1 disables it)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", self.seed, "must be an integer or None")
+        check_seed(self.seed)
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            bad("stop", self.stop, "must be a string or a list of strings")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
             bad("stop", self.stop, "must be non-empty strings")

@@ -25,7 +25,7 @@ import ffc
 from ffc.errors import InvalidRequestError
 
 from .engine import releasable
-from .sampling import SamplingParams
+from .sampling import MAX_SEED, SamplingParams
 from .scheduler import Request
 
 MAX_STOP = 4
@@ -40,7 +40,7 @@ class _Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] = 1.0
     frequency_penalty: Annotated[float, Field(ge=0, le=0)] = 0.0   # accepted only at their defaults
     presence_penalty: Annotated[float, Field(ge=0, le=0)] = 0.0
-    seed: Optional[int] = None
+    seed: Optional[Annotated[int, Field(ge=0, le=MAX_SEED)]] = None
     stop: Optional[Union[str, Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]]] = None
     stream: bool = False
     n: Annotated[int, Field(ge=1, le=1)] = 1
@@ -159,6 +159,26 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _JsonBodies:
+    """A POST body is read as JSON whatever content type it declares, as llama.cpp's server
+    does: ``curl URL -d '{...}'`` declares a form. Not for a request from a web page (it sends
+    an Origin header): a page can post a form or plain text to localhost without a CORS
+    preflight, and only a JSON content type (which needs one) may reach the endpoints then."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = list(scope["headers"])
+            names = {k.lower() for k, _ in headers}
+            declared = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
+            if b"json" not in declared and b"origin" not in names:
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str] = None) -> FastAPI:
     """The HTTP app for a loaded ``LLM``; its engine loop runs while the app is up.
     ``speculative``: every request is decoded with this draft ("ngram", "self" or a
@@ -180,6 +200,7 @@ def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str]
             engine.stop(drain=True, timeout=60)
 
     app = FastAPI(title="ffc", lifespan=lifespan)
+    app.add_middleware(_JsonBodies)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

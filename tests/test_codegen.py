@@ -205,6 +205,13 @@ def test_default_model_plan_structure(smol_artifact):
     assert manifest["kernels"]["isa"] in ("avx512", "avx2", "scalar")
 
 
+def test_sources_regenerate_from_the_plan(smol_llm, smol_artifact):
+    """What ffc.load builds when it does not trust a shipped library: the plan read back from
+    the artifact renders exactly the sources the compile wrote (so the build cache has it)."""
+    src = {p.name: p.read_text() for p in (smol_artifact / "kernels" / "src").iterdir() if p.is_file()}
+    assert render_sources(smol_llm.artifact.plan)[0] == src
+
+
 def test_build_is_cached_by_content(kernel_lib, tmp_path):
     _, _, _, _, kdir, spans = kernel_lib
     copy = tmp_path / "k"

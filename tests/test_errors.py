@@ -43,6 +43,34 @@ def test_pickle_checkpoints_are_refused(tmp_path, smol_source):
         ffc.compile(str(folder), str(tmp_path / "x.ffc"))
 
 
+def test_pickle_that_torch_refuses_is_one_clear_error(tmp_path, smol_source):
+    """--allow-pickle on a checkpoint holding an object torch's weights-only loader refuses: an
+    UnsupportedModelError saying so, not the unpickler's traceback."""
+    import fractions
+    import torch
+    from safetensors.torch import load_file
+    folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
+    sd = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**sd, "meta": fractions.Fraction(1, 3)}, folder / "pytorch_model.bin")
+    with pytest.raises(ffc.UnsupportedModelError, match="weights-only loader refuses its pickle checkpoint"):
+        ffc.compile(str(folder), str(tmp_path / "x.ffc"), allow_pickle=True)
+
+
+def test_auto_map_is_said():
+    """A config naming custom code (auto_map) with a model_type ffc knows compiles with the
+    built-in class: said in one line, not silently."""
+    import transformers as tf
+    from ffc import sources
+    said = []
+    cfg = tf.LlamaConfig(auto_map={"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    assert sources.check_architecture(cfg, said.append) == sources.SUPPORTED["llama"]
+    assert len(said) == 1 and "auto_map" in said[0] and "never runs it" in said[0]
+    said.clear()
+    sources.check_architecture(tf.LlamaConfig(), said.append)
+    assert said == []
+
+
 def test_unmapped_aten_op_names_op_module_and_architecture(tmp_path, smol_source, monkeypatch):
     from ffc import frontend
     import torch
@@ -170,6 +198,58 @@ def test_symbolic_links_out_of_the_artifact_are_refused(art_copy, tmp_path):
         ffc.load(art_copy)
 
 
+def test_a_foreign_kernel_library_is_never_loaded(art_copy, tmp_path, smol_llm):
+    """The artifact's kernel library swapped for another shared library (its hash in the
+    manifest made to match) whose constructor would leave a mark: in a fresh process ffc.load
+    never runs it (it builds the kernels from the plan with ffc's own templates and generates
+    what the original does); the runtime's loader alone refuses it, naming the file."""
+    import hashlib
+    from ffc.runtime.llm import LLM
+    marker = tmp_path / "it-ran"
+    src = tmp_path / "foreign.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void mark(void) '
+                   f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    man = art_copy / "manifest.json"
+    m = json.loads(man.read_text())
+    lib = art_copy / m["kernels"]["library"]
+    subprocess.run(["cc", "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    m["files"][m["kernels"]["library"]] = hashlib.sha256(lib.read_bytes()).hexdigest()
+    man.write_text(json.dumps(m))
+    with pytest.raises(ffc.ArtifactError, match=r"kernels/lib/ffc_kernels_.* was not built by ffc on this machine"):
+        LLM.load(art_copy)
+    code = ("import ffc; llm = ffc.load(%r); print(llm.generate('The capital of France is', max_new_tokens=6)"
+            ".token_ids[0]); llm.close()" % str(art_copy))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not marker.exists()
+    want = smol_llm.generate("The capital of France is", max_new_tokens=6).token_ids[0]
+    assert r.stdout.strip().splitlines()[-1] == str(want)
+
+
+@pytest.mark.parametrize("edit", ["offset", "drop", "arena"])
+def test_a_crafted_plan_is_refused(art_copy, edit):
+    """A plan is offsets and sizes the kernels trust: one edited (an argument far past its
+    buffer, a step dropped, a smaller arena; the manifest's hashes made to match) is refused
+    before any kernel runs, as not what ffc lowers from the artifact's final IR."""
+    import hashlib
+    man = art_copy / "manifest.json"
+    m = json.loads(man.read_text())
+    path = art_copy / m["kernels"]["plan"]
+    plan = json.loads(path.read_text())
+    decode = plan["graphs"]["decode"]
+    if edit == "offset":
+        decode["steps"][1]["args"][0]["offset"] = 1 << 40
+    elif edit == "drop":
+        del decode["steps"][5]
+    else:
+        decode["arena_bytes"] //= 2
+    path.write_text(json.dumps(plan))
+    m["files"][m["kernels"]["plan"]] = hashlib.sha256(path.read_bytes()).hexdigest()
+    man.write_text(json.dumps(m))
+    with pytest.raises(ffc.ArtifactError, match=r"kernels/plan.json is not what ffc lowers from ir/"):
+        ffc.load(art_copy)
+
+
 def test_prompt_errors(smol_llm):
     with pytest.raises(ffc.InvalidRequestError, match="prompt 1 is empty"):
         smol_llm.generate(["hello", ""])
@@ -180,11 +260,28 @@ def test_prompt_errors(smol_llm):
 @pytest.mark.parametrize("kw,field", [
     ({"temperature": -1}, "temperature"), ({"top_k": -3}, "top_k"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": "x"}, "seed"), ({"stop": [""]}, "stop")])
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"seed": "x"}, "seed"), ({"stop": [""]}, "stop"),
+    ({"seed": 2**64, "temperature": 0.7}, "seed"), ({"seed": -2**70}, "seed"), ({"stop": 5}, "stop"),
+    ({"max_new_tokens": 10**9}, "max_new_tokens")])
 def test_invalid_sampling_values(smol_llm, kw, field):
     with pytest.raises(ffc.InvalidRequestError, match=f"invalid {field}="):
         args = {"max_new_tokens": 4, **kw}
         smol_llm.generate("hi", **args)
+
+
+def test_bad_chat_messages_and_cut_short_requests(smol_llm):
+    """Chat messages the template cannot take are refused naming them (not the template
+    engine's own exception); a prompt plus max_new_tokens past max_seq_len still runs, and the
+    result says it was cut short."""
+    for bad, what in (([], "non-empty list"), ([{"content": "hi"}], r"messages\[0\]"),
+                      ([{"role": "user", "content": 5}], r"messages\[0\]"), ("", "messages"), (7, "list")):
+        with pytest.raises(ffc.InvalidRequestError, match=what):
+            smol_llm.chat(bad, max_new_tokens=2) if bad != "" else smol_llm.generate([[]], 2, chat=True)
+    prompt = "word " * 500
+    res = smol_llm.generate(prompt, max_new_tokens=100, ignore_eos=True)
+    assert res.finish_reasons == ["length"] and len(res.prompt_token_ids[0]) + len(res.token_ids[0]) == 512
+    assert len(res.warnings) == 1 and "exceed max_seq_len 512" in res.warnings[0]
+    assert smol_llm.generate("hi", max_new_tokens=2).warnings == []
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

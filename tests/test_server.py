@@ -124,6 +124,7 @@ def _bad_requests(model_len: int) -> list:
         (C, {"prompt": "x", "n": 2}), (C, {"prompt": "x", "stop": 3}), (C, {"prompt": "x", "stop": [""]}),
         (C, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), (C, {"prompt": "x", "stream": "yes"}),
         (C, {"prompt": "x", "seed": "1"}), (C, {"prompt": "x", "repetition_penalty": 0}),
+        (C, {"prompt": "x", "seed": 2**64, "temperature": 0.5}), (C, {"prompt": "x", "seed": -2**70}),
         (C, {"prompt": "x", "model": "no-such-model"}), (C, {"prompt": "x", "frequency_penalty": 1.0}),
         (C, {"prompt": "hello " * (model_len + 10)}), (C, {"prompt": "x", "max_tokens": model_len * 4}),
         (CH, {}), (CH, {"messages": []}), (CH, {"messages": "hi"}), (CH, {"messages": [{"role": "user"}]}),
@@ -155,6 +156,17 @@ def test_hundred_bad_requests_get_4xx(server, smol_llm):
         assert err["message"] and err["type"], (path, body)
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "temperature": 3})
     assert r.json()["error"]["param"] == "temperature"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "seed": 2**64, "temperature": 0.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    # the README's curl -d examples declare a form: the body is JSON all the same, but not from a web page
+    body = json.dumps({"prompt": PROMPTS[3], "max_tokens": 4, "temperature": 0}).encode()
+    want4 = smol_llm.generate(PROMPTS[3], max_new_tokens=4).texts[0]
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}, {}):
+        r = httpx.post(server.url + "/v1/completions", content=body, headers=headers, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want4, headers
+    r = httpx.post(server.url + "/v1/completions", content=body, timeout=120,
+                   headers={"content-type": "text/plain", "origin": "https://elsewhere.example"})
+    assert 400 <= r.status_code < 500
     assert httpx.get(server.url + "/health").status_code == 200
     want = smol_llm.generate(PROMPTS[3], max_new_tokens=12).texts[0]
     r = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0},
