@@ -37,6 +37,31 @@ _SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64",
 LibraryHook = Callable[[Artifact], Path]
 
 
+def load_tokenizer(art: Artifact):
+    """The artifact's tokenizer; a file that does not parse, or that the tokenizer libraries
+    refuse, is an ArtifactError naming it (the files are untrusted input)."""
+    from transformers import AutoTokenizer   # heavy: imported when an artifact is loaded
+    for f in sorted(art.path("tokenizer").glob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"artifact file tokenizer/{f.name} in {art.root} is not valid JSON ({e}); "
+                                "recompile the artifact") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(art.path("tokenizer")), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer libraries raise on a bad file
+        raise ArtifactError(f"the artifact's tokenizer/ in {art.root} does not load ({type(e).__name__}: "
+                            f"{str(e)[:200]}); recompile the artifact") from None
+
+
+def cut_short(ids: Sequence[list[int]], params: Sequence[SamplingParams], max_seq_len: int) -> list[str]:
+    """Where a prompt plus its max_new_tokens pass max_seq_len: generation stops there (finish
+    "length"), said in the result instead of silently."""
+    return [f"prompt {k}: {len(x)} tokens + max_new_tokens {p.max_new_tokens} exceed max_seq_len {max_seq_len}; "
+            f"at most {max_seq_len - len(x)} tokens will be generated"
+            for k, (x, p) in enumerate(zip(ids, params)) if len(x) + p.max_new_tokens > max_seq_len]
+
+
 def shipped_library(art: Artifact) -> Path:
     """The kernel library the artifact ships (what ``load`` uses when given no hook), if ffc
     built that file on this machine (kernel_library.trusted); native code from elsewhere is
@@ -151,19 +176,7 @@ class LLM:
         module = art.read_module()
         tp, pp = art.tp, art.pp
         weights = _check_weights(art, module)
-        from transformers import AutoTokenizer   # heavy: imported when an artifact is loaded
-        for f in sorted(art.path("tokenizer").glob("*.json")):     # each file named when it is bad
-            try:
-                json.loads(f.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ArtifactError(f"artifact file tokenizer/{f.name} in {art.root} is not valid JSON ({e}); "
-                                    "recompile the artifact") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(art.path("tokenizer")), local_files_only=True,
-                                                      trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001 - whatever the tokenizer libraries raise on a bad file
-            raise ArtifactError(f"the artifact's tokenizer/ in {art.root} does not load ({type(e).__name__}: "
-                                f"{str(e)[:200]}); recompile the artifact") from None
+        tokenizer = load_tokenizer(art)
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -271,12 +284,6 @@ class LLM:
                                           "or recompile with a larger --max-seq-len")
         return out
 
-    def _cut_short(self, ids: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[str]:
-        """Where a prompt plus its max_new_tokens pass max_seq_len: generation stops there
-        (finish "length"), said in the result instead of silently."""
-        return [f"prompt {k}: {len(x)} tokens + max_new_tokens {p.max_new_tokens} exceed max_seq_len "
-                f"{self.max_seq_len}; at most {self.max_seq_len - len(x)} tokens will be generated"
-                for k, (x, p) in enumerate(zip(ids, params)) if len(x) + p.max_new_tokens > self.max_seq_len]
 
     def submit(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, seed: Optional[int] = None,
                listener=None, request_id: Optional[str] = None, speculative: Optional[str] = None,
@@ -315,7 +322,7 @@ class LLM:
             if r.finish == "error":
                 raise FfcError(f"generation failed: {r.error}")
         return GenerationResult([r.text for r in reqs], [list(r.out) for r in reqs], [r.finish for r in reqs],
-                                prompt_ids, self._cut_short(prompt_ids, params))
+                                prompt_ids, cut_short(prompt_ids, params, self.max_seq_len))
 
     def stream(self, prompt, max_new_tokens: int = 64, *, chat: bool = False, speculative: Optional[str] = None,
                **sampling) -> Iterator[str]:
