@@ -161,7 +161,7 @@ class ModelDraft:
 
     kind = "model"
     RANKS = 4                  # candidates remembered per depth, to learn b(w) at every rejection
-    MIN_LEFT = 16              # tokens a request is taken to have left, at least (catch-up's amortisation)
+    MIN_LEFT = 16              # tokens a request is taken to have left before answers' lengths are known
 
     def __init__(self, llm, name: str, vocab_size: int, acceptance: Optional[float] = None,
                  cost: Optional[float] = None, max_sequences: int = 64):
@@ -206,16 +206,14 @@ class ModelDraft:
         st = self.seqs.get(req.id)
         return req.num_tokens - (len(st.tokens) if st is not None else 0)
 
-    def catchup_cost(self, req, control, batch: int) -> float:
-        """Catching up with ``req`` (see ``lag``), spread over the steps it has left, relative to
-        a plain step's share: what speculating on it costs per step beyond the draft's steps.
-        Most answers stop well before their token limit, so a request that has written n tokens
-        is taken to have about as many left (at least MIN_LEFT), within its limit."""
+    def catchup_cost(self, req, control, batch: int, left: int) -> float:
+        """Catching up with ``req`` (see ``lag``), spread over the ``left`` tokens it is likely
+        still to write (most answers stop well before their limit), relative to a plain step's
+        share: what speculating on it costs per token beyond the draft's steps."""
         share = control.share(batch)
         if share is None:
             return 0.0
-        left = max(1, min(req.params.max_new_tokens - len(req.out), max(len(req.out), self.MIN_LEFT)))
-        return self.catchup_seconds(req, share) / left / share
+        return self.catchup_seconds(req, share) / max(1, left) / share
 
     def catchup_seconds(self, req, share: float) -> float:
         """Seconds to catch up with ``req`` (measured per token; before that, a prefill token

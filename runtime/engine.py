@@ -120,6 +120,8 @@ class Engine:
     def _end(self, req: Request, reason: str, error: Optional[str] = None) -> None:
         req.finish, req.error, req.finished_at = reason, error, time.monotonic()
         self.stats.finished[reason] += 1
+        if reason == "stop":                 # how long answers run: what a request is likely to have left
+            self.speculation.answered(len(req.out))
 
     # ------------------------------------------------------------ stepping
     def has_work(self) -> bool:

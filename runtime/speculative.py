@@ -22,6 +22,7 @@ rows to copy down to base + depth (no recomputation).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -106,7 +107,9 @@ class SpecControl:
     t(1), which the compiler records in the manifest (speculative.verify_cost). With B sequences speculating, each with a tree of n nodes
     and depth k, against plain decoding's t(B) for B tokens:
 
-      cost           t(B n) / t(B) + d k          d: a draft step per sequence over t(B) / B
+      cost           t(B n) / t(B) + d k + c x    d: a draft step per sequence over t(B) / B;
+                                                  c: a draft's catch-up per token the request is
+                                                  likely to have left, x: the step's tokens
       tokens/step    1 + sum over depths i of a^(i-1) * (a + (1 - a) * b(w_i))
                      a: the draft's per-token acceptance along its chain, b(w): how often the
                      target's token is among the draft's next w - 1 candidates when its first
@@ -187,8 +190,9 @@ class SpecControl:
               extra: float = 0.0, min_gain: float = 1.02) -> list[int]:
         """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w);
         ``draft_cost``: a draft step per sequence relative to a plain step's share, t(B) / B;
-        ``extra``: a further cost of speculating this step, in the same unit; ``min_gain``: the
-        predicted speed-up a shape must reach."""
+        ``extra``: a further cost of speculating per token it yields, in the same unit (a draft's
+        catch-up spread over the tokens left); ``min_gain``: the predicted speed-up a shape must
+        reach."""
         return self.plan(acceptance, draft_cost, alt, batch, extra, min_gain)[0]
 
     def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (),
@@ -213,8 +217,8 @@ class SpecControl:
     def _best(self, a: float, b: list, draft_cost: float, extra: float, min_gain: float) -> tuple[list[int], float]:
         rel = self._rel
 
-        def cost(nodes: int, k: int) -> float:
-            return rel[nodes] + draft_cost * k + extra
+        def cost(nodes: int, k: int, tokens: float) -> float:
+            return rel[nodes] + draft_cost * k + extra * tokens
 
         best, arg = min_gain, []
         for k in range(1, self.max_depth + 1):
@@ -222,14 +226,14 @@ class SpecControl:
                 break
             widths = [1] * k
             gain = sum(a ** i for i in range(1, k + 1))
-            rate = (1 + gain) / cost(k + 1, k)
+            rate = (1 + gain) / cost(k + 1, k, 1 + gain)
             while sum(widths) + 1 <= self.max_nodes:   # widen where one more leaf adds the most tokens
                 options = [(a ** i * (1 - a) * (b[widths[i] + 1] - b[widths[i]]), i) for i in range(k)
                            if widths[i] + 1 < len(b)]
                 if not options:
                     break
                 g, i = max(options)
-                wider = (1 + gain + g) / cost(sum(widths) + 2, k)
+                wider = (1 + gain + g) / cost(sum(widths) + 2, k, 1 + gain + g)
                 if wider <= rate:
                     break
                 widths[i] += 1
@@ -293,6 +297,7 @@ class Speculation:
     PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
     MODEL_MARGIN = 1.1    # a draft model's predicted speed-up must reach this (its costs are estimates)
     PROBE_COST = 1.1      # a probe alone may make a step's verify cost this much of its decode step's
+    LENGTHS = 256         # answers' lengths remembered (their tail says how long a running one may go on)
 
     def __init__(self):
         self.drafts: dict = {"ngram": NgramDraft()}
@@ -301,6 +306,21 @@ class Speculation:
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
         self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
         self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length's bucket)
+        self.lengths: deque = deque(maxlen=self.LENGTHS)   # tokens of answers that ended by themselves
+
+    def answered(self, tokens: int) -> None:
+        self.lengths.append(tokens)
+
+    def tokens_left(self, req) -> int:
+        """How many tokens ``req`` is likely still to write: the mean excess over what it wrote of
+        the answers seen that ran longer (as many as it wrote, at least ModelDraft.MIN_LEFT, until
+        8 answers were seen), within its max_new_tokens."""
+        n = len(req.out)
+        cap = max(1, req.params.max_new_tokens - n)
+        if len(self.lengths) < 8:
+            return min(cap, max(n, ModelDraft.MIN_LEFT))
+        longer = [x - n for x in self.lengths if x > n]
+        return min(cap, max(1, round(sum(longer) / len(longer))) if longer else ModelDraft.MIN_LEFT)
 
     def check(self, draft: str, runner) -> None:
         if draft not in self.drafts:
@@ -348,7 +368,7 @@ class Speculation:
             widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
             if widths and model:        # the draft's catch-up on this request, where it lags
                 widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin,
-                                            extra=draft.catchup_cost(req, self.control, batch))
+                                            extra=draft.catchup_cost(req, self.control, batch, self.tokens_left(req)))
             if not widths:              # turned down: probe now and then, so the request's acceptance can
                 req.unspeculated += 1   # recover (a draft rating its own proposals learns from all requests')
                 if key is not None or req.unspeculated < req.probe_gap or not cheap_probe:
