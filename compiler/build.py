@@ -3,7 +3,9 @@
 The artifact keeps ``kernels/src`` (readable and editable) and ``kernels/build.ninja``; objects
 and the library are built under ``$FFC_CACHE_DIR/kernels/<hash>/``, so a recompile of an
 unchanged model, or a second artifact with the same kernels, rebuilds nothing. The library is
-also copied into the artifact (``kernels/lib``) so a load needs no compiler.
+also copied into the artifact (``kernels/lib``): a load on the machine that built it needs no
+compiler; elsewhere the kernels are built again from the plan (runtime/kernel_library.py says
+which files ffc vouches for).
 """
 from __future__ import annotations
 
