@@ -57,6 +57,12 @@ class Tree:
         return out
 
 
+def trials(depth: int, accepted: int) -> int:
+    """A verified chain ``depth`` deep of which ``accepted`` tokens were taken, counted as
+    geometric trials: that many acceptances and, short of the whole depth, one rejection."""
+    return accepted + (1 if accepted < depth else 0)
+
+
 class NgramDraft:
     """Prompt lookup: the continuations that followed earlier occurrences of the sequence's
     ending (the prompt's and the text's so far) are proposed, the occurrences whose match with
@@ -112,13 +118,12 @@ class NgramDraft:
         return self.hits[b] / self.trials[b], b
 
     def observe(self, bucket: int, depth: int, accepted: int) -> None:
-        """A verified proposal of this bucket: ``accepted`` of ``depth`` tokens (geometric
-        trials: that many successes and, short of the whole depth, one failure)."""
+        """A verified proposal of this bucket: ``accepted`` of ``depth`` tokens (see ``trials``)."""
         if depth <= 0:
             return
         decay = 1 - 1 / (4 * self.WEIGHT)     # old counts fade: the text being written changes
         self.hits[bucket] = self.hits[bucket] * decay + accepted
-        self.trials[bucket] = self.trials[bucket] * decay + accepted + (1 if accepted < depth else 0)
+        self.trials[bucket] = self.trials[bucket] * decay + trials(depth, accepted)
 
     def propose(self, tokens: Sequence[int], depth: int, max_nodes: int) -> Optional[Tree]:
         conts: list[list[int]] = []
@@ -314,9 +319,7 @@ class ModelDraft:
         the draft's candidates at that depth."""
         st = self.seqs.get(req.id)
         if st is not None and st.alts:
-            depth = len(st.alts)
-            trials = chain_accepted + (1 if chain_accepted < depth else 0)
-            rate = chain_accepted / trials
+            rate = chain_accepted / trials(len(st.alts), chain_accepted)
             self.acceptance = rate if self.acceptance is None else 0.95 * self.acceptance + 0.05 * rate
         if st is None or chain_accepted >= len(st.alts) or chain_accepted >= len(target_tokens):
             return

@@ -15,7 +15,6 @@ builds an artifact's edited sources and so vouches for them).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Optional
 import torch  # noqa: F401 - the library links libtorch_cpu for torch's OpenMP runtime (one thread pool)
 
 from ffc import knobs
+from ffc.artifact import sha256
 from ffc.errors import ArtifactError
 
 
@@ -33,21 +33,13 @@ def _registry() -> Path:
     return knobs.cache_dir() / "kernels" / "trusted"
 
 
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def vouch(path: Path, plan: Optional[Path] = None) -> None:
     """Record the file at ``path`` (a plan ffc lowered or checked here, or a library ffc built
     here from ``plan``'s kernels) as one that may be used; a library is vouched for per plan."""
     reg = _registry()
     reg.mkdir(parents=True, exist_ok=True)
-    entry = reg / digest(path)
-    want = digest(plan) if plan is not None else "any"
+    entry = reg / sha256(path)
+    want = sha256(plan) if plan is not None else "any"
     have = entry.read_text().split() if entry.is_file() else []
     if want not in have:
         fd, tmp = tempfile.mkstemp(dir=reg, prefix=".tmp-")
@@ -60,10 +52,10 @@ def trusted(path: Path, plan: Optional[Path] = None) -> bool:
     """Whether the file at ``path`` is byte for byte one ffc vouched for on this machine (a
     library: built for the plan at ``plan``, byte for byte too)."""
     try:
-        entry = _registry() / digest(path)
+        entry = _registry() / sha256(path)
         if not entry.is_file():
             return False
-        return plan is None or digest(plan) in entry.read_text().split()
+        return plan is None or sha256(plan) in entry.read_text().split()
     except OSError:
         return False
 

@@ -30,7 +30,7 @@ import torch
 
 from ffc.errors import InvalidRequestError
 
-from .drafts import ModelDraft, NgramDraft, Tree
+from .drafts import ModelDraft, NgramDraft, Tree, trials
 from .sampling import SamplingParams, target_probs
 
 __all__ = ["Tree", "Accepted", "accept_greedy", "accept_sampled", "commit_moves", "SpecControl", "Speculation",
@@ -280,13 +280,11 @@ class SpecControl:
 
 
 def update_acceptance(acc: float, depth: int, accepted: int) -> float:
-    """A request's per-token acceptance rate, smoothed over its verify steps: a step that
-    accepted ``accepted`` of a tree ``depth`` deep saw that many acceptances and one rejection
-    (none if it accepted the whole depth), as a geometric trial counts them."""
+    """A request's per-token acceptance rate, smoothed over its verify steps (each counted as
+    drafts.trials does)."""
     if depth <= 0:
         return acc
-    trials = accepted + (1 if accepted < depth else 0)
-    return 0.8 * acc + 0.2 * (accepted / trials)
+    return 0.8 * acc + 0.2 * (accepted / trials(depth, accepted))
 
 
 class Speculation:
