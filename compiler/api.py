@@ -83,10 +83,6 @@ def strategy_planner(options: CompileOptions, log: Log) -> Callable[[Module, Pas
         prof = profile_for(options.profile, log).per_rank(options.tp * options.pp)
         log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
         st = search(module, options.tp, options.pp, prof, options.workload, options.memory_per_device)
-        empty = [k for k, stage in enumerate(st.stages) if not stage.has_layers]
-        if empty:
-            raise InvalidRequestError(f"pipeline stage {empty[0]} would hold no transformer layer (only the "
-                                      f"embedding or the lm_head); use fewer stages than --pp {options.pp}")
         log(f"strategy: {st.predicted.collectives} collectives, predicted decode step "
             f"{st.predicted.decode_s * 1e3:.2f} ms")
         return st

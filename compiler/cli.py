@@ -40,6 +40,12 @@ def _degree(text: str):
 
 def _compile(a) -> None:
     tp, pp = _degree(a.tp), _degree(a.pp)
+    if a.devices is not None:
+        if a.devices < 1:
+            raise FfcError(f"--devices {a.devices} must be a positive number of devices")
+        if "auto" not in (tp, pp) and tp * pp > a.devices:
+            raise FfcError(f"--tp {tp} --pp {pp} needs {tp * pp} devices but --devices gives {a.devices}: lower the "
+                           "degrees, or pass --tp auto / --pp auto to search the splits of the devices")
     if a.dry_run or tp == "auto" or pp == "auto":
         if not a.dry_run:
             raise FfcError("--tp auto / --pp auto choose degrees in a --dry-run; then compile with the degrees it "
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-block-size", type=int, default=16, help="positions per paged-KV-cache block")
     c.add_argument("--tp", default="1", help="tensor-parallel degree, or 'auto' (with --devices)")
     c.add_argument("--pp", default="1", help="pipeline-parallel degree, or 'auto' (with --devices)")
-    c.add_argument("--devices", type=int, default=None, help="devices to plan for with --tp/--pp auto")
+    c.add_argument("--devices", type=int, default=None, help="devices there are: the splits --tp/--pp auto try; with fixed degrees a check that tp*pp fits")
     c.add_argument("--profile", default="local",
                    help="device profile for the cost model: local (this machine, measured by `ffc calibrate`; "
                         "measured on first use), a100-nvlink, a100-pcie, h100-nvlink, h100-pcie, h200-nvlink, "

@@ -371,12 +371,22 @@ def _segments(pb: _Problem) -> list[list[int]]:
     return [segs[k] for k in sorted(segs)]
 
 
+def check_stage_count(pp: int, layers: int) -> None:
+    """Every pipeline stage holds at least one transformer layer (a stage of only the embedding
+    or the lm_head would pass activations on and add a hop): pp above the layer count is refused."""
+    if pp > layers:
+        raise InvalidRequestError(f"--pp {pp} needs a transformer layer on every pipeline stage but the model has "
+                                  f"{layers}: use --pp {layers} or fewer")
+
+
 def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple:
     """Contiguous segments into pp stages minimising the slowest stage (with its send to the
     next), each within the memory limit: DP over (segments used, stages used)."""
     segs = _segments(pb)
-    if pp > len(segs):
-        raise InvalidRequestError(f"pp={pp} exceeds the model's {len(segs)} pipeline segments (layers + ends)")
+    has_layer = [any(pb.nodes[j].origin.layer is not None for j in s) for s in segs]
+    check_stage_count(pp, sum(has_layer))
+    # stages must each hold a transformer layer: pre_l counts layer segments before each index
+    pre_l = np.concatenate([[0], np.cumsum(has_layer)])
     secs = [sum(pb.cost[j][pick[j]] for j in s) for s in segs]
     mem = [sum(pb.memory[j][pick[j]] for j in s) for s in segs]
     boundary = []
@@ -393,7 +403,7 @@ def _split_stages(pb: _Problem, pick: list[int], pp: int, limit: float) -> tuple
     for i in range(1, m + 1):
         for k in range(1, pp + 1):
             for a in range(k - 1, i):
-                if best[a][k - 1] == INF or pre_m[i] - pre_m[a] > limit:
+                if best[a][k - 1] == INF or pre_m[i] - pre_m[a] > limit or pre_l[i] == pre_l[a]:
                     continue
                 stage = pre_t[i] - pre_t[a] + (boundary[i - 1] if i < m else 0.0)
                 v = max(best[a][k - 1], stage)

@@ -148,6 +148,30 @@ def test_pipeline_split_balances_cost_not_layers():
     assert max(secs) < 0.8 * max(even)
 
 
+def test_every_pipeline_stage_holds_a_layer():
+    """Two small layers and a 49152-token lm_head: the slowest-stage minimum alone would put both
+    layers on stage 0 and the lm_head alone on stage 1, which compile cannot build. Every stage
+    holds a layer (a constraint of the split), and the dry run refuses pp above the layer count
+    with compile's message instead of listing it as fitting."""
+    import transformers as tf
+    from ffc.errors import InvalidRequestError
+    from ffc.parallel import plan_candidates
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg).eval()
+    m = _raised(model.to_empty(device="cpu"), 256)
+    prof, w = load_profile("a100-nvlink"), Workload(max_seq_len=256)
+    st = search(m, tp=1, pp=2, profile=prof, workload=w, explain=False)
+    assert [(s.first_layer, s.last_layer) for s in st.stages] == [(0, 0), (1, 1)]
+    msg = "--pp 3 needs a transformer layer on every pipeline stage but the model has 2: use --pp 2 or fewer"
+    with pytest.raises(InvalidRequestError, match=msg):
+        search(m, tp=1, pp=3, profile=prof, workload=w, explain=False)
+    rows = {(t, p): (st, err) for t, p, st, err in plan_candidates(m, prof, w, "auto", "auto", 4, None)}
+    assert rows[(1, 4)][0] is None and rows[(1, 4)][1].startswith("--pp 4 needs a transformer layer")
+    assert rows[(1, 2)][0] is not None and all(s.has_layers for s in rows[(1, 2)][0].stages)
+
+
 def test_tp_on_the_default_model_respects_head_counts(smol_source):
     """SmolLM2 has 9 query / 3 KV heads: attention cannot split in 2, the MLP can."""
     from ffc import sources
@@ -181,6 +205,8 @@ def test_dry_run_prints_every_candidate():
     (["--tp", "2", "--profile", "tpu-v9", "--dry-run"], "unknown device profile 'tpu-v9'"),
     (["--tp", "2", "--profile", "a100-nvlink", "--workload", "prompt=lots", "--dry-run"], "--workload"),
     (["--tp", "auto", "--profile", "a100-nvlink", "--dry-run"], "need --devices"),
+    (["--tp", "2", "--pp", "2", "--devices", "2", "--dry-run"], "--tp 2 --pp 2 needs 4 devices but --devices gives 2"),
+    (["--tp", "2", "--devices", "1", "-o", "x.ffc"], "--tp 2 --pp 1 needs 2 devices but --devices gives 1"),
 ])
 def test_bad_parallel_options(args, msg):
     r = _cli("compile", "smollm2-135m", *args)
