@@ -37,9 +37,10 @@ from .util import parse_memory
 Log = Callable[[str], None]
 
 
-def build_kernels(root: Path, module: Module, options: CompileOptions, log: Log) -> dict:
+def build_kernels(root: Path, module: Module, options: CompileOptions, log: Log, final: Path) -> dict:
     """Lower ``module`` to a plan, generate sources, build them; the manifest's ``kernels`` entry.
-    Each lowering phase's dump goes to ``kernels/lowering/N-phase.txt``."""
+    Each lowering phase's dump goes to ``kernels/lowering/N-phase.txt``. ``final``: where the
+    artifact being written at ``root`` will be."""
     t0 = time.perf_counter()
     dumps: dict[str, list[str]] = {p: [] for p in PHASES}
     plan = lower_module(module, target=options.target, prefill_tokens=options.prefill_tokens,
@@ -55,7 +56,7 @@ def build_kernels(root: Path, module: Module, options: CompileOptions, log: Log)
     for name, text in srcs.items():
         (kdir / "src" / name).write_text(text)
     t1 = time.perf_counter()
-    lib = build.build(kdir, options.target, spans, log)
+    lib = build.build(kdir, options.target, spans, log, final=final / "kernels")
     info = {"plan": "kernels/plan.json", "target": options.target.value, "library": str(lib.relative_to(root)),
             "unique_kernels": len(plan.kernels),
             "launches": {g: len(p.steps) for g, p in plan.graphs.items()},
@@ -126,7 +127,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                   tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
                   workload: Optional[str] = None, quant: Optional[str] = None, quant_skip=None,
                   kv_dtype: str = "fp32", self_draft: Optional[str] = None, calibration: Optional[str] = None,
-                  _prepared: Optional[tuple] = None) -> Path:
+                  _prepared: Optional[tuple] = None, _final: Optional[Path] = None) -> Path:
     """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
     ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
     weights file per rank and ``ffc.load`` starts the ranks. ``quant``: weights stored in blocks
@@ -216,7 +217,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         kernels = None
         if options.codegen:
             try:
-                kernels = build_kernels(art.root, final, options, log)
+                kernels = build_kernels(art.root, final, options, log, Path(_final or art.output))
             except LoweringError as e:
                 if tp == 1:
                     raise
@@ -258,6 +259,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
         if speculative:
             manifest["speculative"] = speculative
         out = art.commit(manifest)
+    if _final is None:      # the outermost artifact is in place: its builds read its sources there
+        build.settle(out)
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return out
 
@@ -301,5 +304,6 @@ def build_self_draft(art: ArtifactWriter, model: str, hf, tokenizer, blocks: dic
                                             rename)
     compile_model(model, str(art.path("draft")), log=lambda s: log(f"  draft: {s}"),
                   quant=None if policy.mode == "none" else policy.mode, _prepared=(d_hf, tokenizer, d_blocks),
+                  _final=art.output / "draft",
                   **compile_options)
     return choice.manifest("draft")

@@ -78,7 +78,7 @@ def _build(a) -> None:
     build.check_plan(art, log)     # the edited sources may be vouched for, a crafted plan may not
     _, spans = render_sources(art.plan)
     root = art.root
-    lib = build.build(root / "kernels", art.plan.target, spans, log=log)
+    lib = build.build(root / "kernels", art.plan.target, spans, log=log, reuse=False)
     kernels = dict(art.kernels, library=str(lib.relative_to(root)))
     refresh_manifest(root, {"kernels": kernels})
     print(lib)

@@ -80,3 +80,47 @@ def test_build_after_editing_a_source_and_not_after_corruption(smol_artifact, sm
     assert r.returncode == 2 and "weights/rank0.safetensors" in r.stderr and "corrupted" in r.stderr
     with pytest.raises(ffc.ArtifactError, match="weights/rank0.safetensors"):
         ffc.load(art)
+
+
+@pytest.fixture(scope="module")
+def tiny_art(tmp_path_factory, smol_source):
+    from conftest import tiny_model_folder
+    folder = tiny_model_folder(tmp_path_factory.mktemp("tiny") / "llama", "llama", smol_source)
+    return ffc.compile(str(folder), str(folder.parent / "t.ffc"), max_seq_len=48)
+
+
+def test_build_ninja_builds_the_artifact_and_an_edit_rebuilds_one_object(tiny_art):
+    """A fresh artifact's kernels/build.ninja reads the artifact's own sources (not the compile's
+    temporary directory) and runs from any directory; after one source is edited, `ffc build`
+    compiles that source's object only (and the one-line entry point named after the build)."""
+    import shutil
+    from pathlib import Path
+    from ffc import build
+    nf = tiny_art / "kernels" / "build.ninja"
+    assert ".tmp-" not in nf.read_text()
+    r = subprocess.run([build._ninja(), "-f", str(nf)], cwd=Path(nf.anchor), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    prompt = "The capital of France is"
+    want = ffc.load(tiny_art).generate(prompt, max_new_tokens=6).token_ids
+    copy = tiny_art.parent / "moved.ffc"       # a moved artifact builds in its own place
+    shutil.copytree(tiny_art, copy)
+    ffc_cli("build", copy)
+    objs = build.builddir_for(copy / "kernels") / "obj"
+    before = {p.name: p.stat().st_mtime_ns for p in objs.glob("*.o")}
+    assert {"norm.cpp.o", "linear.cpp.o", "executor.cpp.o"} <= set(before)
+    src = copy / "kernels" / "src" / "norm.cpp"
+    src.write_text("// edited by hand\n" + src.read_text())
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "build", str(copy)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "compiled norm.cpp;" in r.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in objs.glob("*.o")}
+    assert {n for n in before if after[n] != before[n]} == {"norm.cpp.o", "module_init.o"}
+    assert ffc.load(copy).generate(prompt, max_new_tokens=6).token_ids == want
+
+
+def test_bench_on_a_short_artifact(tiny_art):
+    """`ffc bench` with its default sizes on an artifact of max_seq_len 48: prompts, new tokens
+    and batches come from the artifact's limits (the fixed 128-token prompt once failed here)."""
+    out = ffc_cli("bench", tiny_art, "--compare", "none", "--runs", "1")
+    assert "decode batch 32" in out and "time to first token" in out
