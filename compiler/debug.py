@@ -1,9 +1,14 @@
 """Divergence finder: transformers and the IR side by side on one prompt.
 
-For the frontend's IR and after every pass it reports the largest error of the final
-logits; then, for the first IR whose logits depart (or the final IR), it walks the
-nodes in order and reports the first one whose output departs from the output of the
-HF module it came from, with the module path and the printed IR line.
+For a model: for the frontend's IR and after every pass it reports the largest error of the
+final logits; then, for the first IR whose logits depart (or the final IR), it walks the
+nodes in order and reports the first one whose output departs from the output of the HF
+module it came from, with the module path and the printed IR line.
+
+For an artifact: what that artifact runs, not a fresh trace of its source model - its own
+final IR on its own weights (the interpreter) and its generated kernels, each against
+transformers on the artifact's source model; then the node walk on its final IR. An
+artifact compiled ``--from-ir`` with an edited IR is checked as edited.
 """
 from __future__ import annotations
 
@@ -16,10 +21,12 @@ import torch
 from ffc.ir import Module, Node, materialize_params, run_graph
 from ffc.ir.text import format_node, node_names
 from ffc.passes import PIPELINE, PassContext, run_pipeline
-from ffc.runtime.model_runner import single_sequence_inputs
+from ffc.runtime.llm import LLM
+from ffc.runtime.model_runner import Chunk, single_sequence_inputs
 
 from . import frontend, sources
 from .artifact import read_manifest
+from .build import library_for
 
 
 @dataclass
@@ -28,6 +35,7 @@ class Divergence:
     module_path: str
     ir_line: str
     error: float
+    module_lines: tuple = ()     # the IR lines of every node that came from that module itself
 
 
 @dataclass
@@ -43,9 +51,9 @@ class CompareReport:
         return next((s for s, e in self.stages if e > self.tolerance), None)
 
     def format(self) -> str:
-        lines = [f"{'stage':36s} max |logits - transformers|"]
+        lines = [f"{'stage':44s} max |logits - transformers| / (1 + max |transformers|)"]
         for s, e in self.stages:
-            lines.append(f"{s:36s} {e:.3e}{'   <-- departs' if e > self.tolerance else ''}")
+            lines.append(f"{s:44s} {e:.3e}{'   <-- departs' if e > self.tolerance else ''}")
         lines.append("")
         if self.first_divergence is None:
             lines.append(f"{self.checked_stage}: all {self.modules_compared} HF module outputs match within "
@@ -55,6 +63,10 @@ class CompareReport:
             lines.append(f"first divergent node in {d.stage} (relative error {d.error:.3e} > {self.tolerance:g}):")
             lines.append(f"  HF module: {d.module_path}")
             lines.append(f"  IR:        {d.ir_line}")
+            others = [ln for ln in d.module_lines if ln != d.ir_line]
+            if others:
+                lines.append(f"  the module's other nodes ({len(others)}):")
+                lines += [f"    {ln}" for ln in others[:12]]
         return "\n".join(lines)
 
 
@@ -119,26 +131,25 @@ def first_divergence(stage: str, module: Module, weights, ids, hf_outputs, tol) 
         v = values[node]
         err = min(_rel_err(v, o) for o in outs if tuple(o.shape) == tuple(v.shape))
         if err > tol:
-            return Divergence(stage, path, format_node(node, names), err), len(candidates)
+            own = tuple(format_node(n, names) for n in g.nodes if n.origin.module == path)
+            return Divergence(stage, path, format_node(node, names), err, own), len(candidates)
     return None, len(candidates)
 
 
 def compare(model_or_artifact: str, prompt: str, tolerance: float = 1e-4, pipeline=None,
             max_seq_len: Optional[int] = None) -> CompareReport:
-    spec = model_or_artifact
-    if (Path(spec) / "manifest.json").is_file():
-        manifest = read_manifest(spec)
-        spec = manifest["model"]["source"]
-        max_seq_len = max_seq_len or manifest["options"]["max_seq_len"]
-    source = sources.resolve(spec)
+    """A model (as for compile) through a fresh trace and every pass; an artifact directory
+    through what it holds (compare_artifact)."""
+    if (Path(model_or_artifact) / "manifest.json").is_file():
+        return compare_artifact(model_or_artifact, prompt, tolerance)
+    source = sources.resolve(model_or_artifact)
     model = sources.load_model(source)
-    tok = sources.load_tokenizer(source)
-    ids = torch.tensor([tok(prompt)["input_ids"]])
+    ids = _prompt_ids(source, prompt)
     msl = sources.resolve_max_seq_len(model.config, max_seq_len)
     raw = frontend.raw_weights(model)
     stages: list[tuple[str, Module]] = []
     run_pipeline(frontend.trace(model, msl), pipeline if pipeline is not None else PIPELINE,
-                 PassContext(max_seq_len=msl, model=spec),
+                 PassContext(max_seq_len=msl, model=model_or_artifact),
                  dump=lambda name, mod: stages.append((name[:-3], mod)) if isinstance(mod, Module) else None)
     hf_outputs, ref = hf_module_outputs(model, ids)
     report = CompareReport(tolerance)
@@ -147,10 +158,56 @@ def compare(model_or_artifact: str, prompt: str, tolerance: float = 1e-4, pipeli
         weights_of[name] = materialize_params(mod.params, raw)
         g, inputs = _graph_inputs(mod, ids)
         logits, = run_graph(g, weights_of[name], inputs)
-        report.stages.append((name, float((logits - ref).abs().max())))
+        report.stages.append((name, _rel_err(logits, ref)))
     bad = report.first_bad_stage
     report.checked_stage = bad or stages[-1][0]
     mod = dict(stages)[report.checked_stage]
     report.first_divergence, report.modules_compared = first_divergence(
         report.checked_stage, mod, weights_of[report.checked_stage], ids, hf_outputs, tolerance)
     return report
+
+
+def _prompt_ids(source, prompt: str) -> torch.Tensor:
+    return torch.tensor([sources.load_tokenizer(source)(prompt)["input_ids"]])
+
+
+def compare_artifact(path: str, prompt: str, tolerance: float = 1e-4) -> CompareReport:
+    """The artifact's final IR (the interpreter, on the artifact's weights) and its kernels
+    (last position's logits) against transformers on the artifact's source model; then the
+    node walk on the final IR. An artifact of several ranks has its kernels checked only."""
+    manifest = read_manifest(path)
+    source = sources.resolve(manifest["model"]["source"])
+    model = sources.load_model(source)
+    ids = _prompt_ids(source, prompt)
+    hf_outputs, ref = hf_module_outputs(model, ids)
+    report = CompareReport(tolerance)
+    final = f"artifact IR {manifest['final_ir']}"
+    one_rank = not manifest.get("parallel") or manifest["parallel"]["tp"] * manifest["parallel"]["pp"] == 1
+    if one_rank:
+        interp = LLM.load(path, backend="interpreter")
+        g, inputs = _graph_inputs(interp.module, ids)
+        logits, = run_graph(g, interp.weights, inputs)
+        interp.close()
+        report.stages.append((final, _rel_err(logits, ref)))
+    if manifest.get("kernels"):
+        llm = LLM.load(path, kernel_library=library_for)
+        try:
+            report.stages.append(("artifact kernels (last position)",
+                                  _rel_err(_kernel_logits(llm, ids[0].tolist()), ref[0, -1])))
+        finally:
+            llm.close()
+    report.checked_stage = final
+    if one_rank:
+        report.first_divergence, report.modules_compared = first_divergence(
+            final, interp.module, interp.weights, ids, hf_outputs, tolerance)
+    return report
+
+
+def _kernel_logits(llm, ids: list[int]) -> torch.Tensor:
+    """The compiled plan's logits after a prefill of ``ids`` (blocks of the engine's pool)."""
+    pool = llm.engine.pool
+    blocks = pool.allocate(pool.blocks_for(len(ids)))
+    try:
+        return llm.runner.forward([Chunk(list(ids), 0, blocks)], pool.tensor)[0]
+    finally:
+        pool.free(blocks)

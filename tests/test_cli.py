@@ -41,6 +41,12 @@ def test_compile_from_edited_ir(smol_artifact, tmp_path, smol_llm):
     art = ffc.compile("smollm2-135m", str(tmp_path / "e.ffc"), from_ir=str(edited), max_seq_len=512)
     llm = ffc.load(art)
     assert "eps=0.5" in (art / llm.manifest["final_ir"]).read_text()
+    # `ffc debug compare` on that artifact checks what it runs: its edited IR and its kernels
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "debug", "compare", str(art), "--prompt", "Hello there",
+                        "--fail"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "artifact IR ir/" in r.stdout and "artifact kernels" in r.stdout and "<-- departs" in r.stdout
+    assert "HF module: model.norm" in r.stdout and "eps=0.5" in r.stdout
     unedited = tmp_path / "same.ir"
     unedited.write_text(src)
     same = ffc.load(ffc.compile("smollm2-135m", str(tmp_path / "s.ffc"), from_ir=str(unedited), max_seq_len=512))
