@@ -24,7 +24,7 @@ from ffc.passes.manager import dump_name
 from ffc.plan.schema import Target
 from ffc.runtime.kernel_library import load_library, vouch
 
-from . import __version__, build, frontend, gguf_blocks, sources
+from . import __version__, build, frontend, gguf_blocks, provenance, sources
 from . import self_draft as drafting
 from .artifact import ArtifactWriter
 from .calibrate import profile_for
@@ -191,8 +191,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
         spec_costs: dict = {}
 
+        one_rank = []
+
         def price_steps(module):        # the cost model's step times, on the graph the search plans
             spec_costs.update(speculation_costs(module, options, draft_fmt or options.workload.weight_dtype, log))
+            one_rank.append(search(module, 1, 1, profile_for(options.profile, log).per_rank(1), options.workload,
+                                   options.memory_per_device, explain=False).predicted)
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype, quant=policy,
                           source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log),
@@ -236,6 +240,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                                                           prefill_tokens=prefill_tokens, max_batch=max_batch,
                                                           kv_block_size=kv_block_size, kv_dtype=kv_dtype)
         last = result.records[-1]
+        prof = profile_for(options.profile, log)
         manifest = {
             "ffc_version": __version__,
             "torch_version": torch.__version__,
@@ -254,6 +259,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             "parallel": None if strategy is None else {
                 "tp": tp, "pp": pp, "profile": strategy.profile, "strategy": "parallel/strategy.txt",
                 "predicted": asdict(strategy.predicted), "collectives": strategy.collective_counts()},
+            "provenance": provenance.record(source, options, prof, one_rank[0] if one_rank else None,
+                                            options.memory_per_device or prof.per_rank(tp * pp).memory_bytes),
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         if speculative:

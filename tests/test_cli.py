@@ -1,6 +1,7 @@
 """The command line on a real artifact: inspect, run, and --from-ir with an edited dump."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,24 @@ def test_compile_from_edited_ir(smol_artifact, tmp_path, smol_llm):
     assert same.generate(p, max_new_tokens=8).token_ids == smol_llm.generate(p, max_new_tokens=8).token_ids
 
 
+def test_manifest_records_what_the_build_came_from(smol_artifact):
+    """The manifest's provenance: the input file's SHA-256, the toolchain with versions, the
+    profile's numbers, the workload and memory limit the search priced, the one-rank prediction."""
+    import json
+    from ffc import sources
+    from ffc.artifact import sha256
+    prov = json.loads((smol_artifact / "manifest.json").read_text())["provenance"]
+    gguf = sources.resolve("smollm2-135m").gguf
+    assert prov["inputs"][Path(gguf).name] == sha256(Path(gguf))
+    assert "config.json (from the GGUF)" in prov["inputs"]
+    tc = prov["toolchain"]
+    assert tc["cxx_version"] and tc["march"] and tc["march"] != "native" and "-O3" in tc["cflags"]
+    assert tc["ninja"] and tc["pybind11"]
+    assert prov["profile"]["memory_bandwidth"] > 0 and prov["profile"]["peak_flops"]
+    assert prov["search"]["workload"]["max_seq_len"] == 512 and prov["search"]["memory_limit_bytes"] > 0
+    assert prov["search"]["predicted_one_rank"]["decode_s"] > 0
+
+
 def test_bench_reads_the_plan(smol_artifact):
     """`ffc bench` end to end on a short setting (no baseline): every figure it derives from the
     plan (weights a decode step reads, the prefill GEMMs) comes out; speed is not asserted."""
@@ -100,7 +119,6 @@ def test_build_ninja_builds_the_artifact_and_an_edit_rebuilds_one_object(tiny_ar
     temporary directory) and runs from any directory; after one source is edited, `ffc build`
     compiles that source's object only (and the one-line entry point named after the build)."""
     import shutil
-    from pathlib import Path
     from ffc import build
     nf = tiny_art / "kernels" / "build.ninja"
     assert ".tmp-" not in nf.read_text()
