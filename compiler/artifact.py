@@ -42,6 +42,26 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
+
+
+def _remove_stale(output: Path) -> None:
+    """Temporary and replaced directories of ``output`` that a killed compile left (SIGKILL, a
+    crash): their writer's process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.(?:tmp|old)-(\d+)(?:-|$)")
+    for p in output.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not p.is_symlink() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class ArtifactWriter:
     """Build an artifact in a temporary sibling directory; ``commit`` renames it into place."""
 
@@ -50,7 +70,9 @@ class ArtifactWriter:
         if self.output.exists() and not (self.output / MANIFEST).is_file():
             raise ArtifactError(f"{self.output} exists and is not an ffc artifact; choose another -o path")
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        _remove_stale(self.output)
+        # the writer's pid in the name: a later compile removes what a killed one left
+        self.root = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-{os.getpid()}-", dir=self.output.parent))
 
     def __enter__(self) -> "ArtifactWriter":
         return self

@@ -1,8 +1,8 @@
 """The `ffc` command line: compile, run, inspect, debug compare."""
 from __future__ import annotations
 
-import argparse
 import difflib
+import signal
 import json
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import ffc
-from ffc.ir.quant import QUANT_MODES, QuantPolicy
+from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Workload
 from ffc.lower import PHASES
 from ffc.lower.describe import describe_plan
@@ -22,6 +22,7 @@ from .artifact import REBUILT, Artifact, read_manifest, refresh_manifest
 from .bench import format_bench, run_bench
 from .spec_bench import format_spec_bench, run_spec_bench
 from .calibrate import calibrate, profile_for, save
+from .cli_args import build_parser
 from .codegen import render_sources
 from .debug import compare
 from .errors import FfcError
@@ -219,157 +220,20 @@ def _debug_compare(a) -> None:
         sys.exit(1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ffc", description="ffc: a compiler for LLM inference")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    c = sub.add_parser("compile", help="compile a model into an artifact")
-    c.add_argument("model", help="alias (smollm2-135m), .gguf file, HF folder, or model id in the local HF cache")
-    c.add_argument("-o", "--output", help="artifact directory to write (not needed with --dry-run)")
-    c.add_argument("--max-seq-len", type=int, default=None, help="KV-cache length per sequence")
-    c.add_argument("--from-ir", default=None, help="compile this (edited) IR dump instead of tracing")
-    c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
-    c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="storage type of weights (computation is fp32)")
-    c.add_argument("--quant", default="none", choices=list(QUANT_MODES),
-                   help="weights in quantized blocks: gguf (each weight as the model's GGUF file stores it, no "
-                        "round trip through float), q4_0, q4_1, q8_0, int4-g32, int4-g64 (group-wise min/scale), "
-                        "int8 (a scale per row); the lm_head and embedding get q8_0 with 4-bit formats")
-    c.add_argument("--quant-skip", default=None, metavar="CLASSES",
-                   help="tensor classes kept in float with --quant: lm_head, embed (comma-separated)")
-    c.add_argument("--kv-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
-                   help="storage of the KV cache (int8: a scale per position and head; 4x the tokens of fp32)")
-    c.add_argument("--self-draft", nargs="?", const="auto", default=None, choices=["auto", "none", *QUANT_MODES[1:]],
-                   help="also compile a draft for speculative decoding (ffc run --speculative self): the model "
-                        "without the layers that measured acceptance and the cost model say to skip, its weights "
-                        "in this storage (auto: the GGUF file's blocks, else int4-g32; none: as the target's)")
-    c.add_argument("--calibration", default=None, metavar="TEXT_FILE",
-                   help="text the self-draft's acceptance is measured on (default: the model's own answers to a "
-                        "few prompts)")
-    c.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="generated kernels for this device")
-    c.add_argument("--no-codegen", action="store_true", help="skip kernel generation (interpreter only)")
-    c.add_argument("--prefill-tokens", type=int, default=2048, help="tokens per prefill step (longer: chunks)")
-    c.add_argument("--max-batch", type=int, default=128, help="sequences per decode step")
-    c.add_argument("--kv-block-size", type=int, default=16, help="positions per paged-KV-cache block")
-    c.add_argument("--tp", default="1", help="tensor-parallel degree, or 'auto' (with --devices)")
-    c.add_argument("--pp", default="1", help="pipeline-parallel degree, or 'auto' (with --devices)")
-    c.add_argument("--devices", type=int, default=None, help="devices there are: the splits --tp/--pp auto try; with fixed degrees a check that tp*pp fits")
-    c.add_argument("--profile", default="local",
-                   help="device profile for the cost model: local (this machine, measured by `ffc calibrate`; "
-                        "measured on first use), a100-nvlink, a100-pcie, h100-nvlink, h100-pcie, h200-nvlink, "
-                        "or a JSON file")
-    c.add_argument("--memory-per-device", default=None, help="memory limit per rank, e.g. 24GiB (default: the "
-                                                             "profile's device memory)")
-    c.add_argument("--workload", default=None, help="what to optimise for: prompt=512,output=128,batch=8")
-    c.add_argument("--dry-run", action="store_true",
-                   help="stop before codegen: print per (tp, pp) each rank's memory and predicted latency")
-    c.set_defaults(fn=_compile)
-
-    ca = sub.add_parser("calibrate", help="measure this machine (GEMM, bandwidth, gloo collectives) into a profile")
-    ca.add_argument("--ranks", type=int, default=2, help="local processes for the collectives")
-    ca.add_argument("--threads", type=int, default=None)
-    ca.add_argument("--artifact", default=None,
-                    help="also fit the cost of this artifact's generated kernels per family (linear, attention, ...)")
-    ca.add_argument("-o", "--output", default=None, help="where to write it (default $FFC_CACHE_DIR/profiles/"
-                                                         "local.json)")
-    ca.set_defaults(fn=_calibrate)
-
-    def engine_options(x):
-        x.add_argument("--kv-cache-memory", default=None,
-                       help="KV-cache pool: a size (2GiB, 512MB) or a fraction of available memory (0.3); "
-                            "default 0.2 of it")
-        x.add_argument("--max-tokens-per-batch", type=int, default=256, help="prefill + decode tokens per step")
-        x.add_argument("--max-requests-per-batch", type=int, default=None,
-                       help="sequences per step (default: the plan's decode batch)")
-        x.add_argument("--no-prefix-caching", action="store_true",
-                       help="do not share KV blocks between requests with the same prompt prefix")
-        x.add_argument("--speculative", default=None, metavar="DRAFT",
-                       help="speculative decoding: a draft proposes token trees that one step verifies (output "
-                            "as without it): ngram (prompt lookup), self (the artifact's --self-draft) or a draft artifact's path")
-
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (in-flight batching, paged KV cache)")
-    sv.add_argument("artifact")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--model-name", default=None, help="the model id clients send (default: the model's name)")
-    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    engine_options(sv)
-    sv.set_defaults(fn=_serve)
-
-    b = sub.add_parser("build", help="rebuild an artifact's kernels from its kernels/src")
-    b.add_argument("artifact")
-    b.set_defaults(fn=_build)
-
-    be = sub.add_parser("bench", help="benchmark an artifact against transformers eager in one run")
-    be.add_argument("artifact")
-    be.add_argument("--compare", default="transformers", metavar="transformers|none|OTHER.ffc",
-                    help="the baseline run side by side: transformers eager, nothing, or another artifact "
-                         "(e.g. the fp32 one next to a quantized one)")
-    be.add_argument("--runs", type=int, default=5)
-    be.add_argument("--new-tokens", type=int, default=128)
-    be.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    be.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
-    be.add_argument("--threads", type=int, default=None)
-    be.add_argument("--speculative", nargs="+", default=None, metavar="DRAFT",
-                    help="instead: plain decoding against each draft (ngram, self, DRAFT.ffc) on chat, rewrite and "
-                         "edit workloads at each --batch (--runs rounds, --new-tokens per request)")
-    be.set_defaults(fn=_bench)
-
-    ev = sub.add_parser("eval", help="perplexity on a text (llama.cpp's windows), KL divergence against a base "
-                                     "artifact")
-    ev.add_argument("artifact")
-    ev.add_argument("--perplexity", required=True, metavar="FILE.txt", help="the text to score")
-    ev.add_argument("--ctx", type=int, default=512, help="tokens per window (the second half of each is scored)")
-    ev.add_argument("--chunks", type=int, default=None, help="score only the first N windows")
-    ev.add_argument("--kl-divergence", default=None, metavar="BASE.ffc",
-                    help="also compare the next-token distributions with this artifact's (e.g. fp32): mean KL, "
-                         "top-1 agreement")
-    ev.add_argument("--kv-cache-memory", default="256MiB", help="KV pool for the windows")
-    ev.set_defaults(fn=_eval)
-
-    r = sub.add_parser("run", help="generate text with an artifact")
-    r.add_argument("artifact")
-    r.add_argument("--prompt")
-    r.add_argument("--chat", help="a user message, formatted with the tokenizer's chat template")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--repetition-penalty", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--stop", action="append", help="stop string (repeatable)")
-    r.add_argument("--ignore-eos", action="store_true")
-    r.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
-    r.add_argument("--interpreter", action="store_true", help="run the reference interpreter, not the kernels")
-    engine_options(r)
-    r.set_defaults(fn=_run)
-
-    i = sub.add_parser("inspect", help="passes, node counts, times, options; IR after a pass; IR diffs")
-    i.add_argument("artifact")
-    i.add_argument("--ir", metavar="PASS", help="print the IR after PASS (name or part of it)")
-    i.add_argument("--plan", nargs="?", const="", default=None, metavar="PHASE",
-                   help="kernels, fusion groups (and rejections), arena; with a lowering phase "
-                        f"({', '.join(PHASES)}): that phase's dump")
-    i.add_argument("--strategy", action="store_true",
-                   help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
-    i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")
-    i.set_defaults(fn=_inspect)
-
-    d = sub.add_parser("debug", help="debugging tools")
-    dsub = d.add_subparsers(dest="debug_cmd", required=True)
-    dc = dsub.add_parser("compare", help="find where the IR departs from transformers")
-    dc.add_argument("model", help="model (as for compile) or an artifact")
-    dc.add_argument("--prompt", required=True)
-    dc.add_argument("--tolerance", type=float, default=1e-4)
-    dc.add_argument("--fail", action="store_true", help="exit 1 when something departs")
-    dc.set_defaults(fn=_debug_compare)
-    return p
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a job scheduler, a container stop) unwinds like Ctrl-C: a compile removes its
+    # temporary directory, child processes and ranks are stopped (the server drains on its own)
+    if args.cmd != "serve":
+        signal.signal(signal.SIGTERM, _terminated)
+    handler = {"compile": _compile, "calibrate": _calibrate, "serve": _serve, "build": _build, "bench": _bench,
+               "eval": _eval, "run": _run, "inspect": _inspect, "debug": _debug_compare}[args.cmd]
     try:
-        args.fn(args)
+        handler(args)
     except FfcError as e:
         print(f"ffc: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import shutil
@@ -136,16 +137,34 @@ def check_architecture(config, log=None) -> str:
         arch = ",".join(getattr(config, "architectures", None) or []) or config.model_type
         raise UnsupportedModelError(
             f"architecture {arch!r} (model_type {config.model_type!r}) is not supported; supported "
-            f"families: {', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+            f"families: {_families()}")
     return family
 
 
+def _families() -> str:
+    return ", ".join(f"{v} ({k})" for k, v in SUPPORTED.items())
+
+
 def load_config(source: ModelSource):
+    """The model's config, read by transformers without running any code shipped with the model;
+    a config transformers cannot read is one line naming why and the supported families."""
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=False, local_files_only=True)
-    except ValueError as e:
-        raise UnsupportedModelError(f"cannot read the config of {source.spec!r}: {e}") from None
+    except (ValueError, KeyError, OSError) as e:
+        try:
+            raw = json.loads((Path(source.path) / "config.json").read_text())
+        except (OSError, ValueError):
+            raw = {}
+        raw = raw if isinstance(raw, dict) else {}
+        kind = f"model_type {raw.get('model_type')!r}"
+        if raw.get("auto_map"):
+            raise UnsupportedModelError(
+                f"{source.spec!r} ({kind}) is defined by Python code shipped with the model (its config's "
+                f"auto_map), which ffc never runs; supported families: {_families()}") from None
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise UnsupportedModelError(f"cannot read the config of {source.spec!r} ({kind}): {first}; supported "
+                                    f"families: {_families()}") from None
 
 
 def load_model(source: ModelSource, allow_pickle: bool = False):

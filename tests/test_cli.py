@@ -148,3 +148,27 @@ def test_bench_on_a_short_artifact(tiny_art):
     and batches come from the artifact's limits (the fixed 128-token prompt once failed here)."""
     out = ffc_cli("bench", tiny_art, "--compare", "none", "--runs", "1")
     assert "decode batch 32" in out and "time to first token" in out
+
+
+def test_every_option_has_help_and_is_in_the_readme():
+    """Every option of every subcommand has help text, and the README's option reference is the
+    parser's (regenerate it with `python -m ffc.cli_args`)."""
+    from ffc.cli_args import _subcommands, build_parser, options_markdown
+    missing = [f"{cmd} {'/'.join(a.option_strings) or a.dest}" for cmd, p in _subcommands(build_parser())
+               for a in p._actions if not a.help]
+    assert not missing, missing
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert options_markdown() in readme, "README's option reference is stale: python -m ffc.cli_args"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["compile", "smollm2-135m", "--memory-per-device", "abc", "-o", "x.ffc"], "argument --memory-per-device: 'abc'"),
+    (["serve", "x.ffc", "--kv-cache-memory", "lots"], "argument --kv-cache-memory: 'lots' is not a size"),
+    (["serve", "x.ffc", "--port", "70000"], "argument --port: 70000 is out of range"),
+    (["run", "x.ffc", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 must be >= 1"),
+    (["bench", "x.ffc", "--batch", "8", "-2"], "argument --batch: -2 must be >= 1"),
+    (["run", "x.ffc", "--temperature", "hot"], "argument --temperature: 'hot' is not a number"),
+])
+def test_bad_option_values_name_the_option(args, msg):
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr

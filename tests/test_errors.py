@@ -32,6 +32,27 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     assert not (tmp_path / "x.ffc").exists()
 
 
+def test_remote_code_is_refused_in_one_line(tmp_path):
+    """A model defined by its own Python code (auto_map, a model_type transformers does not know):
+    one line that names it and the supported families, and no option ffc does not have."""
+    import torch
+    from safetensors.torch import save_file
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_custom", "architectures": ["MyModel"],
+                                                    "auto_map": {"AutoModelForCausalLM": "modeling_x.MyModel"}}))
+    save_file({"x": torch.zeros(2)}, str(folder / "model.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "compile", str(folder), "-o", str(tmp_path / "x.ffc")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "auto_map" in r.stderr and "never runs" in r.stderr and "supported families: Llama" in r.stderr
+    assert "trust_remote_code=True" not in r.stderr and "--trust" not in r.stderr
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_custom"}))
+    with pytest.raises(ffc.UnsupportedModelError, match=r"^cannot read the config .*'my_custom'.*; supported"):
+        ffc.compile(str(folder), str(tmp_path / "x.ffc"))
+    assert not (tmp_path / "x.ffc").exists()
+
+
 def test_pickle_checkpoints_are_refused(tmp_path, smol_source):
     folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
     import torch
@@ -289,3 +310,33 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "ffc: error: artifact" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_terminated_or_killed_compile_leaves_nothing(tmp_path, smol_source):
+    """SIGTERM during a compile: the temporary directory is removed and nothing is at the final
+    path. SIGKILL cannot be caught: the next compile to that path removes what the dead one left."""
+    import os
+    import signal
+    import time
+    from ffc.artifact import ArtifactWriter
+    folder = tiny_model_folder(tmp_path / "llama", "llama", smol_source)
+    out = tmp_path / "t.ffc"
+    p = subprocess.Popen([sys.executable, "-m", "ffc.cli", "compile", str(folder), "-o", str(out),
+                          "--max-seq-len", "32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".t.ffc.tmp-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the compile ended before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["llama"]
+    # what a SIGKILLed writer leaves: its pid is in the name, and it is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".t.ffc.tmp-{dead.pid}-x1", tmp_path / f".t.ffc.old-{dead.pid}"]
+    live = tmp_path / f".t.ffc.tmp-{os.getppid()}-x2"      # a running compile's is kept
+    for d in stale + [live]:
+        (d / "weights").mkdir(parents=True)
+    with ArtifactWriter(out) as w:
+        assert w.root.name.startswith(f".t.ffc.tmp-{os.getpid()}-")
+        assert not any(d.exists() for d in stale) and live.exists()
