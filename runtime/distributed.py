@@ -43,6 +43,7 @@ from .model_runner import copy_kv_slots
 
 COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
 START_TIMEOUT_S = 120
+STEP_TIMEOUT_FLOOR_S = 60     # a step's deadline: 50x its predicted time, never less than this
 
 
 class RankError(FfcError):
@@ -199,6 +200,28 @@ def _plan_limits(art: Artifact, backend: Optional[str]) -> Optional[dict]:
     return art.plan.limits()
 
 
+def step_timeout(manifest: dict) -> float:
+    """Seconds a step's reply may take: 50x the longest step the cost model predicted (the
+    manifest is checked data but its numbers are not trusted: a floor of 60 s, at most an hour)."""
+    pred = (manifest.get("parallel") or {}).get("predicted") or {}
+    try:
+        longest = max(float(pred.get("prefill_s", 0) or 0), float(pred.get("decode_s", 0) or 0))
+    except (TypeError, ValueError):
+        longest = 0.0
+    if not longest >= 0:        # NaN
+        longest = 0.0
+    return min(3600.0, max(STEP_TIMEOUT_FLOOR_S, 50 * longest))
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T or t in /proc; False where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 class RankGroup:
     """``world`` local worker processes for one artifact (``python -m ffc.runtime.distributed``,
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
@@ -207,6 +230,7 @@ class RankGroup:
                  backend: Optional[str] = None, stages: int = 1, library: Optional[Path] = None):
         self.world, self.stages = world, stages
         self.limits = _plan_limits(art, backend)
+        self.step_timeout = step_timeout(art.manifest)
         port = free_port()
         threads = threads or max(1, (os.cpu_count() or world) // world)
         self.procs, self.conns, self._segments = [], [], []
@@ -235,6 +259,7 @@ class RankGroup:
         replies: list = [None] * self.world
         pending = set(range(self.world))
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_check = time.monotonic() + 1.0
         while pending:
             for r in sorted(pending):
                 conn, proc = self.conns[r], self.procs[r]
@@ -253,8 +278,16 @@ class RankGroup:
                     pending.discard(r)
                 elif proc.poll() is not None:
                     self._fail(f"rank {r} died while {what} (exit code {proc.returncode}); all ranks stopped")
-            if deadline is not None and time.monotonic() > deadline:
-                self._fail(f"ranks {sorted(pending)} did not answer within {timeout:.0f} s while {what}")
+            now = time.monotonic()
+            if pending and now >= next_check:      # a stopped process (SIGSTOP, a debugger) is alive but never answers
+                next_check = now + 1.0
+                stopped = [r for r in sorted(pending) if _stopped(self.procs[r].pid)]
+                if stopped:
+                    self._fail(f"rank {stopped[0]} is stopped (SIGSTOP or a debugger) while {what}; all ranks "
+                               "stopped")
+            if pending and deadline is not None and now > deadline:
+                self._fail(f"rank {sorted(pending)[0]} did not answer within {timeout:.3g} s while {what} (hung; "
+                           f"ranks {sorted(pending)} pending); all ranks stopped")
         return replies
 
     def _cause(self, r: int, error: str, what: str) -> str:
@@ -285,7 +318,7 @@ class RankGroup:
 
     def call(self, msg: tuple, what: str) -> list:
         self._send_all(msg)
-        return self._gather(None, what)
+        return self._gather(self.step_timeout, what)
 
     def run(self, graph: str, inputs: dict) -> torch.Tensor:
         return self.run_many(graph, [inputs])[0]
@@ -296,7 +329,7 @@ class RankGroup:
             self._send_all(("run", graph, _arrays(inputs)))
         outs = []
         for _ in batches:
-            replies = self._gather(None, f"running a {graph} step")
+            replies = self._gather(self.step_timeout, f"running a {graph} step")
             outs.append(torch.from_numpy(next(r for r in replies if r is not None)))  # tp rank 0 of the last stage
         return outs
 

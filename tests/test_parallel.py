@@ -2,6 +2,7 @@
 per rank, local worker ranks over gloo; greedy tokens equal one rank; a dead rank ends all."""
 import json
 import re
+import os
 import threading
 import time
 
@@ -183,6 +184,37 @@ def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny, free_link):
     assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
     with pytest.raises(RankError, match="stopped"):
         llm.generate(prompts[:1], max_new_tokens=2)
+
+
+def test_a_hung_rank_ends_every_rank_with_a_clear_error(tiny, free_link, monkeypatch):
+    """A rank that never answers: stopped (SIGSTOP) it is named within seconds; stuck (as in a
+    kernel: not in the stopped state, which the check is told here) it is named when its step's
+    deadline (here shortened to 3 s) passes. Every rank is stopped."""
+    import signal
+    from ffc.runtime import distributed
+    folder, prompts, _ = tiny
+    art = folder.parent / "tp2-free.ffc"
+    if not art.exists():
+        ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
+    for how in ("stopped", "deadline"):
+        llm = ffc.load(art)
+        procs = list(llm.ranks.procs)
+        assert llm.ranks.step_timeout >= 60
+        threading.Timer(1.0, os.kill, (procs[1].pid, signal.SIGSTOP)).start()
+        match = "rank 1 is stopped"
+        if how == "deadline":
+            monkeypatch.setattr(distributed, "_stopped", lambda pid: False)
+            llm.ranks.step_timeout = 3.0
+            match = "did not answer within 3 s"
+        t0 = time.monotonic()
+        with pytest.raises(RankError, match=match):
+            for _ in range(200):
+                llm.generate(prompts, max_new_tokens=60, ignore_eos=True)
+        assert time.monotonic() - t0 < 30
+        deadline = time.monotonic() + 10
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
 
 
 def test_torchrun_two_nodes_on_localhost(tiny, free_link):
