@@ -195,8 +195,11 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
 
         def price_steps(module):        # the cost model's step times, on the graph the search plans
             spec_costs.update(speculation_costs(module, options, draft_fmt or options.workload.weight_dtype, log))
-            one_rank.append(search(module, 1, 1, profile_for(options.profile, log).per_rank(1), options.workload,
-                                   options.memory_per_device, explain=False).predicted)
+            try:    # the one-rank plan next to the chosen one (it may not fit the memory limit)
+                one_rank.append(search(module, 1, 1, profile_for(options.profile, log).per_rank(1),
+                                       options.workload, options.memory_per_device, explain=False).predicted)
+            except InvalidRequestError as e:
+                one_rank.append(str(e))
         ctx = PassContext(max_seq_len=options.max_seq_len, model=model, dtype=options.dtype, quant=policy,
                           source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log),

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import ninja
 import pybind11
@@ -81,12 +81,14 @@ def toolchain_record(options: CompileOptions) -> dict:
 
 
 def record(source: ModelSource, options: CompileOptions, profile: DeviceProfile,
-           one_rank: Optional[Prediction], memory_limit: float) -> dict:
+           one_rank: Union[Prediction, str, None], memory_limit: float) -> dict:
+    """``one_rank``: the search's prediction for tp = pp = 1, or why no one-rank plan fits."""
     return {
         "inputs": input_digests(source),
         "toolchain": toolchain_record(options),
         "host": {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine()},
         "profile": asdict(profile),
         "search": {"workload": options.to_dict()["workload"], "memory_limit_bytes": memory_limit,
-                   "predicted_one_rank": asdict(one_rank) if one_rank is not None else None},
+                   "predicted_one_rank": asdict(one_rank) if isinstance(one_rank, Prediction) else None,
+                   **({"one_rank_refused": one_rank} if isinstance(one_rank, str) else {})},
     }
