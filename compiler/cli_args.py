@@ -32,19 +32,11 @@ def _size(text: str) -> str:
     """A memory size ("2GiB", "512MB", bytes) or a fraction of available memory (0.3): checked
     here, resolved where it is used (a fraction depends on the device)."""
     try:
-        parse_memory(float(text) if _is_number(text) else text, what="it")
+        parse_memory(text, what="it")
     except FfcError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give e.g. 2GiB, 512MB, a byte count, or a "
                                          "fraction of available memory such as 0.3") from None
     return text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _nonneg_float(text: str) -> float:

@@ -164,6 +164,19 @@ def test_default_model_tp2_equals_one_rank(smol_llm, fast_link, tmp_path):
         llm.close()
 
 
+def _every_rank_ends(llm, procs, prompts, match: str) -> None:
+    """Generating until the failure: a RankError matching ``match`` within 30 s, then no rank left."""
+    t0 = time.monotonic()
+    with pytest.raises(RankError, match=match):
+        for _ in range(200):     # keep generating until the rank fails
+            llm.generate(prompts, max_new_tokens=60, ignore_eos=True)
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 10
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
+
+
 def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny, free_link):
     folder, prompts, _ = tiny
     art = folder.parent / "tp2-free.ffc"
@@ -171,17 +184,8 @@ def test_a_killed_rank_ends_every_rank_with_a_clear_error(tiny, free_link):
         ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
     llm = ffc.load(art)
     procs = list(llm.ranks.procs)
-    victim = procs[1]
-    threading.Timer(1.5, victim.kill).start()
-    t0 = time.monotonic()
-    with pytest.raises(RankError, match="rank 1"):
-        for _ in range(200):     # keep generating until the rank is gone
-            llm.generate(prompts, max_new_tokens=60, ignore_eos=True)
-    assert time.monotonic() - t0 < 30
-    deadline = time.monotonic() + 10
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
+    threading.Timer(1.5, procs[1].kill).start()
+    _every_rank_ends(llm, procs, prompts, "rank 1")
     with pytest.raises(RankError, match="stopped"):
         llm.generate(prompts[:1], max_new_tokens=2)
 
@@ -206,15 +210,7 @@ def test_a_hung_rank_ends_every_rank_with_a_clear_error(tiny, free_link, monkeyp
             monkeypatch.setattr(distributed, "_stopped", lambda pid: False)
             llm.ranks.step_timeout = 3.0
             match = "did not answer within 3 s"
-        t0 = time.monotonic()
-        with pytest.raises(RankError, match=match):
-            for _ in range(200):
-                llm.generate(prompts, max_new_tokens=60, ignore_eos=True)
-        assert time.monotonic() - t0 < 30
-        deadline = time.monotonic() + 10
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(p.poll() is not None for p in procs), "a rank outlived the failure"
+        _every_rank_ends(llm, procs, prompts, match)
 
 
 def test_torchrun_two_nodes_on_localhost(tiny, free_link):
