@@ -135,9 +135,9 @@ def write_ninja(build_dir: Path, target: Target, tc: dict, key: str, sources: li
         objs.append(obj)
         lines.append(f"build {obj}: {'nvcc' if name.endswith('.cu') else 'cxx'} $builddir/src/{name}")
     lines.append(f"build $builddir/$module{tc['ext_suffix']}: link {' '.join(objs)}")
-    if target is Target.CUDA:  # device code needs nvcc's link step and the CUDA runtime, not libtorch_cpu
-        lines.append("  cxx = $nvcc")
-        lines.append("  ldflags = -shared -Xcompiler -fPIC -Xlinker -Bsymbolic -lcudart")
+    if target is Target.CUDA:  # nvcc's link step; the CUDA runtime linked in (it finds the driver when first
+        lines.append("  cxx = $nvcc")   # called), so the library needs no libcudart or CUDA torch where it runs
+        lines.append("  ldflags = -shared -Xcompiler -fPIC -Xlinker -Bsymbolic --cudart static")
     lines.append(f"default $builddir/$module{tc['ext_suffix']}")
     return "\n".join(lines) + "\n"
 

@@ -25,3 +25,9 @@ def cpu_arch() -> str:
     """FFC_CPU_ARCH: the -march CPU kernels are built for (default native: the building machine's
     ISA; e.g. haswell for AVX2, x86-64 for no SIMD, or the oldest machine an artifact must run on)."""
     return os.environ.get("FFC_CPU_ARCH") or "native"
+
+
+def own_memory() -> bool:
+    """FFC_OWN_MEMORY=1: a CPU plan's weights, arena and KV cache live in its kernel library's own
+    allocations, the path every CUDA plan takes (so that path runs without a GPU); default 0."""
+    return os.environ.get("FFC_OWN_MEMORY", "0") not in ("", "0")

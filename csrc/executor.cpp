@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -34,7 +36,7 @@ struct Step {
 
 class Executor {
  public:
-  explicit Executor(int threads) : threads_(threads > 0 ? threads : omp_get_max_threads()) {
+  Executor(int threads, int) : threads_(threads > 0 ? threads : omp_get_max_threads()) {
     for (int i = 0; i < ffc_num_kernels; ++i) kernels_[ffc_kernel_names[i]] = ffc_kernel_table[i];
   }
 
@@ -86,7 +88,28 @@ class Executor {
 
   int threads() const { return threads_; }
 
+  // Host memory of its own (ffc_module.h): the CPU twin of the CUDA executor's device memory.
+  static std::string device_check(int) { return ""; }
+  uintptr_t alloc(int64_t bytes) {
+    if (bytes < 0) throw std::invalid_argument("alloc: negative size");
+    void* p = std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64 + 64));
+    if (p == nullptr) throw std::bad_alloc();
+    return reinterpret_cast<uintptr_t>(p);
+  }
+  void release(uintptr_t p) { std::free(reinterpret_cast<void*>(p)); }
+  void upload(uintptr_t dst, uintptr_t src, int64_t bytes) { copy(dst, src, bytes); }
+  void download(uintptr_t dst, uintptr_t src, int64_t bytes) { copy(dst, src, bytes); }
+  void copy_rows(uintptr_t dst, uintptr_t src, int64_t width, int64_t height, int64_t pitch, int64_t count,
+                 int64_t stride) {
+    for (int64_t g = 0; g < count; ++g)
+      for (int64_t r = 0; r < height; ++r) copy(dst + g * stride + r * pitch, src + g * stride + r * pitch, width);
+  }
+  std::pair<int64_t, int64_t> memory_info() const { return {-1, -1}; }
+
  private:
+  static void copy(uintptr_t dst, uintptr_t src, int64_t bytes) {
+    if (bytes > 0) std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), size_t(bytes));
+  }
   const std::vector<Step>& get(const std::string& graph) const {
     auto it = graphs_.find(graph);
     if (it == graphs_.end()) throw std::runtime_error("graph " + graph + " is not bound");

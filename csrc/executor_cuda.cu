@@ -1,10 +1,13 @@
 // ffc plan executor for CUDA: runs a whole graph as a sequence of kernel launches on one
 // stream from a single Python call (optionally captured once into a CUDA graph per shape).
-// Pointers bound from Python are device pointers (torch CUDA tensors).
+// Pointers bound from Python are device pointers this executor allocated (ffc_module.h): the
+// library links the CUDA runtime statically and the runtime finds the driver (libcuda.so.1) when
+// first called, so a GPU machine needs only its driver, neither a CUDA torch nor libcudart.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -30,11 +33,75 @@ struct Step {
 
 class Executor {
  public:
-  explicit Executor(int) {
+  Executor(int, int device) : device_(device) {
+    const std::string why = device_check(device);
+    if (!why.empty()) throw std::runtime_error(why);
     for (int i = 0; i < ffc_num_kernels; ++i) kernels_[ffc_kernel_names[i]] = ffc_kernel_table[i];
+    use();
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
   }
-  ~Executor() { cudaStreamDestroy(stream_); }
+  ~Executor() {
+    cudaSetDevice(device_);
+    cudaStreamDestroy(stream_);
+  }
+
+  // "" when GPU `ordinal` can run kernels, else why not, in words a user can act on.
+  static std::string device_check(int ordinal) {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaErrorNoDevice || (e == cudaSuccess && n == 0))
+      return "the CUDA driver sees no GPU (is CUDA_VISIBLE_DEVICES empty?)";
+    if (e != cudaSuccess) {
+      int driver = 0;
+      cudaDriverGetVersion(&driver);
+      const std::string runtime = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+      std::string why = driver == 0
+          ? "no CUDA driver could be loaded (libcuda.so.1 is missing or broken: install the NVIDIA driver)"
+          : "the CUDA driver (" + std::to_string(driver / 1000) + "." + std::to_string(driver % 1000 / 10) +
+                ") is older than the CUDA runtime " + runtime + " these kernels were built with: update the driver";
+      return why + " [" + cudaGetErrorName(e) + "]";
+    }
+    if (ordinal < 0 || ordinal >= n)
+      return "GPU " + std::to_string(ordinal) + " was asked for, but the CUDA driver sees " + std::to_string(n);
+    return "";
+  }
+
+  uintptr_t alloc(int64_t bytes) {
+    if (bytes < 0) throw std::invalid_argument("alloc: negative size");
+    use();
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, size_t(std::max<int64_t>(bytes, 1)));
+    if (e != cudaSuccess) {
+      cudaGetLastError();   // an out-of-memory error is not sticky: clear it
+      throw std::runtime_error("cannot allocate " + std::to_string(bytes >> 20) + " MiB on GPU " +
+                               std::to_string(device_) + ": " + cudaGetErrorString(e));
+    }
+    return reinterpret_cast<uintptr_t>(p);
+  }
+  void release(uintptr_t p) {
+    use();
+    cudaFree(reinterpret_cast<void*>(p));
+  }
+  void upload(uintptr_t dst, uintptr_t src, int64_t bytes) { copy(dst, src, bytes, cudaMemcpyHostToDevice, "upload"); }
+  void download(uintptr_t dst, uintptr_t src, int64_t bytes) { copy(dst, src, bytes, cudaMemcpyDeviceToHost, "download"); }
+  void copy_rows(uintptr_t dst, uintptr_t src, int64_t width, int64_t height, int64_t pitch, int64_t count,
+                 int64_t stride) {
+    if (width <= 0 || height <= 0 || count <= 0) return;
+    use();
+    py::gil_scoped_release nogil;
+    for (int64_t g = 0; g < count; ++g)   // in order on one stream: a group may read what the one before wrote
+      check(cudaMemcpy2DAsync(reinterpret_cast<void*>(dst + g * stride), size_t(pitch),
+                              reinterpret_cast<const void*>(src + g * stride), size_t(pitch), size_t(width),
+                              size_t(height), cudaMemcpyDeviceToDevice, stream_),
+            "copy_rows");
+    check(cudaStreamSynchronize(stream_), "copy_rows");
+  }
+  std::pair<int64_t, int64_t> memory_info() {
+    use();
+    size_t free = 0, total = 0;
+    check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return {int64_t(free), int64_t(total)};
+  }
 
   void bind(const std::string& graph, const std::vector<std::pair<std::string, std::vector<uintptr_t>>>& steps) {
     std::vector<Step> prog;
@@ -52,6 +119,7 @@ class Executor {
     auto it = graphs_.find(graph);
     if (it == graphs_.end()) throw std::runtime_error("graph " + graph + " is not bound");
     const int64_t dims[3] = {T, N, S};
+    use();
     py::gil_scoped_release nogil;
     for (const Step& s : it->second) {
       s.fn(s.args.data(), dims, stream_);
@@ -66,6 +134,7 @@ class Executor {
     if (it == graphs_.end()) throw std::runtime_error("graph " + graph + " is not bound");
     const int64_t dims[3] = {T, N, S};
     std::vector<double> out;
+    use();
     cudaEvent_t a, b;
     cudaEventCreate(&a);
     cudaEventCreate(&b);
@@ -86,6 +155,19 @@ class Executor {
   int threads() const { return 1; }
 
  private:
+  // The runtime's current device is per host thread: every entry point selects this executor's.
+  void use() const { check(cudaSetDevice(device_), "cudaSetDevice"); }
+  // Host <-> device on the executor's stream, so a copy is ordered after the kernels launched before it.
+  void copy(uintptr_t dst, uintptr_t src, int64_t bytes, cudaMemcpyKind kind, const char* what) {
+    if (bytes <= 0) return;
+    use();
+    py::gil_scoped_release nogil;
+    check(cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), size_t(bytes), kind, stream_),
+          what);
+    check(cudaStreamSynchronize(stream_), what);
+  }
+
+  int device_;
   cudaStream_t stream_{};
   std::unordered_map<std::string, ffc_kernel_fn> kernels_;
   std::unordered_map<std::string, std::vector<Step>> graphs_;
@@ -101,6 +183,8 @@ __global__ void ffc_read_kernel(const float4* a, int64_t n, float* sink) {
 }
 
 double read_bandwidth(int64_t bytes, int reps, int) {
+  const std::string why = Executor::device_check(0);
+  if (!why.empty()) throw std::runtime_error(why);
   const int64_t n = bytes / sizeof(float4);
   float4* a = nullptr;
   float* sink = nullptr;

@@ -5,9 +5,10 @@ offsets, weights are tensors, the KV cache is bound per cache tensor); a step th
 few input ids into the arena, runs the whole graph in one C++ call, and copies logits out.
 Linear weights are repacked in the plan's panel layout when the plan is opened; the plan keeps
 only the weights its kernels read, so the unpacked originals can be freed.
-A CUDA plan holds its weights, arena and KV cache on the GPU (torch CUDA tensors; the kernel
-library's executor launches on its own stream, so every hand-over between torch's stream and
-the executor's is synchronized); inputs are copied in and logits copied back to the host.
+A CUDA plan holds its weights, arena and KV cache in GPU memory its kernel library's executor
+allocated (``device_memory``: no CUDA build of torch needed; every copy runs on the executor's
+stream); inputs are copied in and logits copied back to the host. Collective steps view that
+memory as torch tensors for NCCL, which needs a CUDA torch.
 The runtime reads only the plan (``ffc.plan``): it never imports the lowering or codegen.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ from ffc.ir.ops import REGISTRY, Comm, Op
 from ffc.plan.expr import X
 from ffc.plan.schema import PLAN_VERSION, Arg, ArgKind, GraphPlan, Plan, Step, Target, limits
 
+from ffc import knobs
+
+from .device_memory import HOST, OwnMemory, as_torch, read, write
 from .kernel_library import load_library
 from .qpanels import pack_qpanels
 
@@ -57,30 +61,39 @@ class CompiledPlan:
         self.lib = lib
         self.comm = comm
         self.device = torch.device("cuda" if plan.target is Target.CUDA else "cpu")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ArtifactError(f"the plan is for CUDA, but this process sees no CUDA device (torch "
-                                f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
         self.graphs: dict[str, GraphPlan] = {g: plan.graphs[g] for g in (graphs or plan.graphs)}
-        args = [a for gp in self.graphs.values() for st in gp.steps for a in st.args]
-        # copies: a view would keep the whole weights file mapped after the originals are dropped
-        self.weights = {a.name: weights[a.name].to(self.device, copy=True) for a in args if a.kind is ArgKind.PARAM}
-        self.packed = {}
-        for a in args:
-            if a.kind is ArgKind.PACKED and a.name not in self.packed:
-                p = plan.packed[a.name]
-                info = plan.params[p.param]
-                self.packed[a.name] = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
-                                       if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
         names = set(lib.kernel_names())
         missing = sorted(names - set(plan.kernels)) + sorted(set(plan.kernels) - names)
         if missing:
             raise ArtifactError(f"the kernel library does not match the plan (kernels {missing[:4]}); "
                                 "rebuild it with `ffc build ARTIFACT`")
-        self.exe = lib.Executor(int(threads or torch.get_num_threads()))
-        self._arena = torch.empty(max(gp.arena_bytes for gp in self.graphs.values()) + 64, dtype=torch.uint8,
-                                  device=self.device)
+        ordinal = 0
+        if self.device.type == "cuda":
+            ordinal = torch.cuda.current_device() if torch.cuda.is_available() else 0   # a rank's GPU
+            why = lib.device_check(ordinal)
+            if why:
+                raise ArtifactError(f"the plan is for CUDA, but this process cannot run it: {why}; load it with "
+                                    "backend='interpreter' or compile with --target cpu")
+            if any(st.kernel is None for gp in self.graphs.values() for st in gp.steps) and not torch.cuda.is_available():
+                raise ArtifactError(f"the plan's collective steps (tensor/pipeline parallel) on CUDA go through NCCL, "
+                                    f"which needs a CUDA build of torch (this is {torch.__version__}); compile with "
+                                    "--tp 1 --pp 1 to run on one GPU")
+        self.exe = lib.Executor(int(threads or torch.get_num_threads()), ordinal)
+        self.memory = OwnMemory(self.exe, self.device) if self.device.type == "cuda" or knobs.own_memory() else HOST
+        args = [a for gp in self.graphs.values() for st in gp.steps for a in st.args]
+        self.weights = {a.name: self.memory.to_device(weights[a.name]) for a in args if a.kind is ArgKind.PARAM}
+        self.packed = {}
+        for a in args:
+            if a.kind is ArgKind.PACKED and a.name not in self.packed:
+                p = plan.packed[a.name]
+                info = plan.params[p.param]
+                packed = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
+                          if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
+                self.packed[a.name] = self.memory.to_device(packed) if self.memory.own else packed
+        self._arena = self.memory.empty((max(gp.arena_bytes for gp in self.graphs.values()) + 64,), torch.uint8)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
+        self._host_cache: Optional[torch.Tensor] = None
         self._segments = {g: self.segments(g) for g in self.graphs}
 
     @property
@@ -88,9 +101,14 @@ class CompiledPlan:
         """Most tokens and rows one prefill / decode call takes (as ranks running kernels report)."""
         return limits(self.graphs)
 
+    def _offset(self, gp: GraphPlan, name: str) -> int:
+        """Byte offset of buffer ``name`` in the arena."""
+        return self.base - self._arena.data_ptr() + gp.buffers[name].offset
+
     def _view(self, gp: GraphPlan, name: str, dtype, numel: int) -> torch.Tensor:
-        off = self.base - self._arena.data_ptr() + gp.buffers[name].offset
-        return self._arena[off:off + numel * dtype.itemsize].view(dtype.torch)
+        """A torch view of arena memory (collective steps; executor memory needs a CUDA torch)."""
+        off = self._offset(gp, name)
+        return as_torch(self._arena)[off:off + numel * dtype.itemsize].view(dtype.torch)
 
     def arg_tensor(self, a: Arg) -> torch.Tensor:
         """The weight tensor a param or packed argument reads."""
@@ -126,8 +144,10 @@ class CompiledPlan:
             return
         if cache.numel() and not cache.is_contiguous():
             raise InvalidRequestError("the KV cache must be contiguous")
-        if cache.numel() and cache.device.type != self.device.type:
-            raise InvalidRequestError(f"the KV cache is on {cache.device}, the plan runs on {self.device}")
+        if cache.numel() and (cache.device.type != self.device.type or
+                              isinstance(cache, torch.Tensor) == self.memory.own):
+            raise InvalidRequestError(f"the KV cache is {type(cache).__name__} on {cache.device}; the plan runs on "
+                                      f"{type(self.memory).__name__} of {self.device}: allocate it with .memory.empty")
         for name, gp in self.graphs.items():
             for kind, seg in self.segments(name):
                 if kind == "kernels":
@@ -148,7 +168,7 @@ class CompiledPlan:
                 return t[a.offset:].view(shape)
             st_ = _env_of(env, strides)
             extent = a.offset + sum((d - 1) * s for d, s in zip(shape, st_)) + 1
-            base = self.arg_tensor(a).reshape(-1) if a.kind is ArgKind.PARAM else \
+            base = as_torch(self.arg_tensor(a)).reshape(-1) if a.kind is ArgKind.PARAM else \
                 self._view(gp, a.name, a.dtype, extent)
             return base.as_strided(shape, st_, base.storage_offset() + a.offset)
         y = view(st.args[0], spec.out_shape)
@@ -172,8 +192,9 @@ class CompiledPlan:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def run(self, graph: str, inputs: Mapping[str, torch.Tensor], to_host: bool = True) -> list[torch.Tensor]:
-        """The graph's outputs (on the host; ``to_host=False``: on the plan's device)."""
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: bool = True) -> list[torch.Tensor]:
+        """The graph's outputs, copied to the host (``outputs=False``: none; a pipeline stage that
+        sends its activations on)."""
         gp = self.graphs[graph]
         env = self._stage(graph, inputs)
         for kind, seg in self._segments[graph]:
@@ -181,12 +202,15 @@ class CompiledPlan:
                 self.exe.run(seg[0], env["T"], env["N"], env["S"])
             else:
                 self._collective(gp, seg, env)
-        outs = []
-        for o in gp.outputs:
-            shape = _env_of(env, o.shape)
-            t = self._view(gp, o.buffer, o.dtype, math.prod(shape)).view(shape)
-            outs.append(t.to("cpu", copy=True) if to_host else t.clone())
-        return outs
+        self._write_back()
+        return [read(self._arena, self._offset(gp, o.buffer), o.dtype.torch, _env_of(env, o.shape))
+                for o in (gp.outputs if outputs else ())]
+
+    def _write_back(self) -> None:
+        """A host KV cache given to a plan on its own memory gets what the step wrote."""
+        if self._host_cache is not None:
+            self._host_cache.copy_(self._cache.cpu())
+            self._host_cache = None
 
     def dims(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict:
         """T, N, S read off the inputs' shapes (checked against the plan), and the cache bound."""
@@ -209,6 +233,9 @@ class CompiledPlan:
         if env["T"] > gp.max_tokens or env["N"] > gp.max_rows:
             raise InvalidRequestError(f"{graph} step of {env['T']} tokens / {env['N']} rows exceeds the plan's "
                                       f"{gp.max_tokens} / {gp.max_rows}; split the batch")
+        if cache is not None and self.memory.own and isinstance(cache, torch.Tensor) and cache.numel():
+            self._host_cache = cache           # a host cache (debug, bench): run on a copy, copied back
+            cache = self.memory.to_device(cache)
         self.bind(cache if cache is not None else torch.zeros(0))
         return env
 
@@ -218,9 +245,7 @@ class CompiledPlan:
         env = self.dims(graph, inputs)
         for name, spec in gp.inputs.items():
             if spec.buffer is not None:
-                src = inputs[name].reshape(-1)
-                self._view(gp, spec.buffer, spec.dtype, src.numel()).copy_(src)
-        self._sync()       # host-to-device copies land before the executor's stream reads them
+                write(self._arena, self._offset(gp, spec.buffer), inputs[name].to(spec.dtype.torch))
         return env
 
     def profile(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> list[float]:
@@ -236,6 +261,7 @@ class CompiledPlan:
                 t0 = time.perf_counter()
                 self._collective(self.graphs[graph], seg, env)
                 out.append(time.perf_counter() - t0)
+        self._write_back()
         return out
 
 
@@ -243,7 +269,7 @@ def open_compiled(artifact: Artifact, weights, library, threads: Optional[int] =
                   graphs: Optional[list[str]] = None, comm: Optional[Comm] = None) -> CompiledPlan:
     """The artifact's plan bound to the kernel library at ``library`` (which the loader chose:
     the shipped one, or one rebuilt for this machine)."""
-    if artifact.target == "cuda" and not torch.cuda.is_available():
-        raise ArtifactError(f"{artifact.root} was compiled for CUDA, but this process sees no CUDA device (torch "
-                            f"{torch.__version__}); load it with backend='interpreter' or compile with --target cpu")
-    return CompiledPlan(artifact.plan, load_library(library), weights, threads, graphs, comm)
+    try:
+        return CompiledPlan(artifact.plan, load_library(library), weights, threads, graphs, comm)
+    except ArtifactError as e:
+        raise ArtifactError(f"{artifact.root}: {e}") from None

@@ -32,14 +32,14 @@ from safetensors.torch import load_file
 
 import ffc
 from ffc.artifact import Artifact
-from ffc.errors import FfcError
+from ffc.errors import ArtifactError, FfcError
 from ffc.ir import Comm, run_graph
 from ffc.ir.graph import stage_graph
 from ffc.util import free_port
 
 from . import shm_collectives
 from .compiled import open_compiled
-from .model_runner import copy_kv_slots
+from .device_memory import HOST, copy_kv_slots
 
 COLLECTIVE_TIMEOUT_S = 20     # a collective whose peer is gone fails after this long
 START_TIMEOUT_S = 120
@@ -111,18 +111,17 @@ class _Shard:
         self.cache_type = self.module.graphs[self.graph("prefill")].input("kv_cache").type
         self.cache = None
         self.compiled = None
-        self.device = torch.device("cpu")
+        self.memory = HOST
         if backend != "interpreter" and art.kernels and library:   # the same kernels on every rank
             graphs = [self.graph(g) for g in ("prefill", "decode", "verify") if self.graph(g) in self.module.graphs]
             self.compiled = open_compiled(art, self.weights, library, threads, graphs, self.comm)
             self.weights = self.compiled.weights   # packed originals are freed
-            self.device = self.compiled.device
+            self.memory = self.compiled.memory
 
     def handle(self, msg: tuple):
         if msg[0] == "pool":
             self.cache = None
-            self.cache = torch.empty(self.cache_type.concrete({"S": msg[1]}), dtype=self.cache_type.torch_dtype,
-                                     device=self.device)
+            self.cache = self.memory.empty(self.cache_type.concrete({"S": msg[1]}), self.cache_type.torch_dtype)
             return None
         if msg[0] == "copy_slots":
             copy_kv_slots(self.cache, msg[1], msg[2])
@@ -131,7 +130,7 @@ class _Shard:
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
         # a pipeline stage's graph receives from the previous stage and sends to the next itself
         if self.compiled is not None:
-            outs = self.compiled.run(self.graph(graph), inputs, to_host=self.stage == self.pp - 1)
+            outs = self.compiled.run(self.graph(graph), inputs, outputs=self.stage == self.pp - 1)
         else:
             outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs, comm=self.comm)
         if self.stage < self.pp - 1:
@@ -147,8 +146,11 @@ def collective_backend(art: Artifact, backend: Optional[str], local_rank: int = 
     GPU ``local_rank`` modulo the GPUs it sees)."""
     if backend == "interpreter" or art.target != "cuda":
         return "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    if not torch.cuda.is_available():   # a single GPU needs only the driver; NCCL comes with a CUDA torch
+        raise ArtifactError(f"{art.root} runs CUDA kernels on {art.tp * art.pp} ranks, whose collectives go "
+                            f"through NCCL, which needs a CUDA build of torch (this is {torch.__version__}); "
+                            "compile with --tp 1 --pp 1 for one GPU, or load it with backend='interpreter'")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
     return "nccl"
 
 
@@ -236,7 +238,8 @@ class RankGroup:
         self.procs, self.conns, self._segments = [], [], []
         tp = world // stages
         shm = None     # CPU ranks on this machine: collectives through shared memory
-        if tp > 1 and shm_collectives.available() and collective_backend(art, backend) == "gloo":
+        kind = collective_backend(art, backend)    # refused here, before a rank starts, if it cannot run
+        if tp > 1 and shm_collectives.available() and kind == "gloo":
             shm = f"ffc{os.getpid()}_{port}"
             self._segments = [shm_collectives.create_segment(shm_collectives.segment_name(shm, s), tp)
                               for s in range(stages)]

@@ -175,7 +175,7 @@ class ModelDraft:
         self.vocab_size = vocab_size            # the target's: candidates beyond it are never proposed
         self.max_len = llm.max_seq_len
         self.pool = BlockPool.for_budget(llm.cache_type, self.runner.blocks_per_seq, None,
-                                         max_sequences * self.runner.blocks_per_seq, device=llm.device,
+                                         max_sequences * self.runner.blocks_per_seq, memory=llm.memory,
                                          prefix_caching=False)
         self.prior_acceptance = acceptance      # from calibration (a self-draft's manifest), if known,
         self.acceptance: Optional[float] = None  # and as measured over all requests (a new one's prior)

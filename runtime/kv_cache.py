@@ -21,7 +21,8 @@ import torch
 
 from ffc.errors import InvalidRequestError
 from ffc.ir.types import TensorType
-from ffc.util import available_memory_bytes
+
+from .device_memory import HOST
 
 DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
 
@@ -29,15 +30,16 @@ DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
 class BlockPool:
     """S blocks of one cache tensor: a free list, reference counts, and the prefix index."""
 
-    def __init__(self, cache_type: TensorType, blocks_per_seq: int, num_blocks: int, device="cpu",
+    def __init__(self, cache_type: TensorType, blocks_per_seq: int, num_blocks: int, memory=HOST,
                  prefix_caching: bool = True):
-        """``device=None``: bookkeeping only (the ranks of a tensor-parallel artifact hold the tensors)."""
+        """``memory``: where the pool lives (a plan's ``.memory``; ``device_memory``); None:
+        bookkeeping only (the ranks of a tensor-parallel artifact hold the tensors)."""
         self.layers, _, _, self.kv_heads, self.block_size, self.head_dim = cache_type.shape
         self.blocks_per_seq = blocks_per_seq         # block-table columns: ceil(max_seq_len / BS)
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
-        self.tensor = None if device is None else torch.empty(cache_type.concrete({"S": num_blocks}),
-                                                              dtype=cache_type.torch_dtype, device=device)
+        self.tensor = None if memory is None else memory.empty(cache_type.concrete({"S": num_blocks}),
+                                                               cache_type.torch_dtype)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
         self._index: dict[int, int] = {}             # prefix key -> block holding it
@@ -51,12 +53,12 @@ class BlockPool:
 
     @classmethod
     def for_budget(cls, cache_type: TensorType, blocks_per_seq: int, budget: Optional[int],
-                   want_blocks: int, device="cpu", prefix_caching: bool = True) -> "BlockPool":
+                   want_blocks: int, memory=HOST, prefix_caching: bool = True) -> "BlockPool":
         """A pool within ``budget`` bytes (default: a fraction of available memory), no larger
         than ``want_blocks``, and at least one full-length sequence."""
         per = cls.bytes_per_block(cache_type)
         if budget is None:
-            n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * available_memory_bytes(device)) // per)
+            n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * (memory or HOST).available()) // per)
             n = max(n, blocks_per_seq)
         else:
             n = budget // per
@@ -65,7 +67,7 @@ class BlockPool:
                     f"kv_cache_memory of {budget / 2**20:.1f} MiB holds {n} blocks of {per / 2**20:.2f} MiB, but one "
                     f"sequence of max_seq_len needs {blocks_per_seq}; give at least "
                     f"{blocks_per_seq * per / 2**20:.0f} MiB")
-        return cls(cache_type, blocks_per_seq, int(n), device, prefix_caching)
+        return cls(cache_type, blocks_per_seq, int(n), memory, prefix_caching)
 
     @property
     def free_blocks(self) -> int:

@@ -24,6 +24,7 @@ from ffc.util import parse_memory
 
 from . import distributed
 from .compiled import open_compiled
+from .device_memory import HOST
 from .engine import Engine, releasable
 from .kernel_library import trusted
 from .kv_cache import BlockPool
@@ -115,7 +116,8 @@ class LLM:
         self.path = art.root
         self.artifact = art
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
-        self.device = compiled.device if compiled is not None else torch.device("cpu")   # of the KV pool
+        self.memory = compiled.memory if compiled is not None else HOST   # where the KV pool lives
+        self.device = self.memory.device
         self.backend = "compiled" if compiled is not None else "interpreter"
         self.manifest = art.manifest
         self.module = module
@@ -134,7 +136,7 @@ class LLM:
         self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
                                       max_requests_per_batch=max_requests_per_batch or rows,
                                       max_seq_len=self.max_seq_len)
-        self._kv_budget = parse_memory(kv_cache_memory, self.device)
+        self._kv_budget = parse_memory(kv_cache_memory, self.memory.available)
         self._prefix_caching = prefix_caching
         self._engine: Optional[Engine] = None
 
@@ -144,7 +146,7 @@ class LLM:
         if self._engine is None:
             pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
                                         self.config.max_requests_per_batch * self.runner.blocks_per_seq,
-                                        device=None if self.ranks else self.device, prefix_caching=self._prefix_caching)
+                                        memory=None if self.ranks else self.memory, prefix_caching=self._prefix_caching)
             if self.ranks is not None:
                 self.ranks.allocate_pool(pool.num_blocks)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)

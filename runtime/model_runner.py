@@ -15,6 +15,8 @@ import torch
 from ffc.errors import InvalidRequestError
 from ffc.ir import run_graph
 
+from .device_memory import copy_kv_slots
+
 
 MICROBATCH_MIN_ROWS = 16   # sequences per pipeline micro-batch at least
 
@@ -202,13 +204,6 @@ class ModelRunner:
         logits = self._call("prefill", self.prefill_inputs([c for c, _ in call], cache))
         keep = [r for r, (_, final) in enumerate(call) if final]
         return logits if len(keep) == len(call) else logits[keep]
-
-
-def copy_kv_slots(cache: torch.Tensor, blocks: Sequence[int], moves: Sequence[tuple[int, int]]) -> None:
-    """cache [L, 2, S, Hkv, BS, row]: slot a's rows to slot b (all layers, K and V), in order."""
-    bs = cache.shape[4]
-    for a, b in moves:
-        cache[:, :, blocks[b // bs], :, b % bs] = cache[:, :, blocks[a // bs], :, a % bs]
 
 
 def single_sequence_inputs(graph, ids: torch.Tensor, logits: str = "last") -> dict:

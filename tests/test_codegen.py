@@ -3,18 +3,17 @@ structure of the default model's plan, the build cache and build errors."""
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from ffc import build
 from ffc.codegen import render_sources
-from ffc.errors import ArtifactError, FfcError
+from ffc.errors import FfcError
 from ffc.ir import DType, materialize_params, parse, run_graph, verify_module
 from ffc.lower import lower_module
 from ffc.lower.describe import describe_plan
-from ffc.plan.schema import Packed, Target
+from ffc.plan.schema import Packed
 from ffc.runtime.compiled import CompiledPlan
 
 from conftest import QKV_ROPE_IR
@@ -256,74 +255,6 @@ def test_bad_backend_is_refused(smol_artifact):
     import ffc
     with pytest.raises(FfcError, match="backend"):
         ffc.load(smol_artifact, backend="gpu")
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
-                    reason="nvcc is not installed")
-def test_cuda_sources_compile_with_nvcc(tmp_path, monkeypatch):
-    """The same plan emitted as .cu kernels and a CUDA executor builds with nvcc (it cannot run here)."""
-    monkeypatch.setenv("FFC_CUDA_ARCHS", "80")
-    if shutil.which("nvcc") is None:
-        monkeypatch.setenv("PATH", "/usr/local/cuda/bin:" + __import__("os").environ["PATH"])
-    module = parse(KERNEL_IR)
-    plan = lower_module(module, target="cuda", prefill_tokens=40, max_batch=8)
-    (tmp_path / "src").mkdir()
-    sources, spans = render_sources(plan)
-    assert {"linear.cu", "norm.cu", "attention.cu", "gather.cu", "pointwise.cu", "table.cu",
-            "executor_cuda.cu", "ffc_cuda.h"} <= set(sources)
-    assert "ffc_warp_sum" in sources["linear.cu"] and "_gemm<<<" in sources["linear.cu"]
-    for name, text in sources.items():
-        (tmp_path / "src" / name).write_text(text)
-    lib = build.build(tmp_path, "cuda", spans)
-    assert lib.exists() and lib.stat().st_size > 0
-    assert "nvcc" in (tmp_path / "build.ninja").read_text()
-
-
-CUDA = pytest.mark.skipif(not torch.cuda.is_available() or
-                          (shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists()),
-                          reason="needs a CUDA device, a CUDA build of torch and nvcc")
-
-
-@CUDA
-def test_cuda_kernels_match_interpreter(kernel_lib, tmp_path):
-    """Every generated CUDA kernel on the GPU against the interpreter on the CPU (the same plan)."""
-    module, _, _, weights, _, _ = kernel_lib
-    plan = lower_module(module, target="cuda", prefill_tokens=40, max_batch=8)
-    (tmp_path / "src").mkdir()
-    sources, spans = render_sources(plan)
-    for name, text in sources.items():
-        (tmp_path / "src" / name).write_text(text)
-    cp = CompiledPlan(plan, build.load_library(build.build(tmp_path, "cuda", spans)), weights)
-    assert cp.device.type == "cuda"
-    for graph in ("lin", "narrow", "tied", "norm", "pw", "attn"):
-        for T in (1, 3, 9, 31):
-            inputs = _inputs(graph, T)
-            ref_inputs = {k: v.clone() for k, v in inputs.items()}
-            if "kv_cache" in inputs:
-                inputs["kv_cache"] = inputs["kv_cache"].cuda()
-            ref = run_graph(module.graphs[graph], weights, ref_inputs)
-            tol = TOL["bf16"] if graph == "narrow" else dict(atol=1e-4, rtol=1e-4)   # other summation orders
-            for g, r in zip(cp.run(graph, inputs), ref):
-                torch.testing.assert_close(g, r, **tol)
-            if graph == "attn":
-                torch.testing.assert_close(inputs["kv_cache"].cpu(), ref_inputs["kv_cache"], **tol)
-
-
-@CUDA
-def test_cuda_artifact_generates_what_the_cpu_one_does(smol_llm, tmp_path):
-    import ffc
-    from conftest import PROMPTS
-    art = ffc.compile("smollm2-135m", str(tmp_path / "smol-cuda.ffc"), max_seq_len=512, target="cuda")
-    llm = ffc.load(art)
-    assert llm.compiled.device.type == "cuda" and llm.engine.pool.tensor.is_cuda
-    assert llm.generate(PROMPTS, max_new_tokens=32).token_ids == smol_llm.generate(PROMPTS, max_new_tokens=32).token_ids
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_cuda_plan_without_a_gpu_says_so(kernel_lib):
-    _, plan, _, weights, _, _ = kernel_lib
-    with pytest.raises(ArtifactError, match="plan is for CUDA, but this process sees no CUDA device"):
-        CompiledPlan(replace(plan, target=Target.CUDA), None, weights)
 
 
 @pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])

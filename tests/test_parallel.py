@@ -328,9 +328,12 @@ def test_default_model_pp2_equals_one_rank(smol_llm, tmp_path):
         llm.close()
 
 
-def test_tp2_by_pp2_equals_one_rank(tiny, fast_link, tmp_path):
+def test_tp2_by_pp2_equals_one_rank(tiny, fast_link, tmp_path, monkeypatch):
     """Four ranks: two stages of two tensor-parallel ranks each (collectives inside a stage's
-    group; each tp rank sends its part of the residual stream to the same tp rank of the next)."""
+    group; each tp rank sends its part of the residual stream to the same tp rank of the next).
+    The ranks run on memory their kernel library allocates (FFC_OWN_MEMORY, a CUDA plan's path:
+    collectives and sends read it through torch views); other tests cover torch's memory."""
+    monkeypatch.setenv("FFC_OWN_MEMORY", "1")
     folder, prompts, want = tiny
     # plans for at most 8 rows per call: the driver splits larger decode batches for the ranks
     art = ffc.compile(str(folder), str(tmp_path / "tp2pp2.ffc"), max_seq_len=64, tp=2, pp=2, profile=fast_link,

@@ -376,5 +376,5 @@ def test_kv_pool_holds_more_tokens_in_narrow_types():
     from ffc.ir.types import TensorType
     from ffc.runtime.kv_cache import BlockPool
     blocks = {d: BlockPool.for_budget(TensorType(d, (30, 2, "S", 3, 16, 68 if d == "i8" else 64)), 4, 64 << 20,
-                                      1 << 30, device=None).num_blocks for d in ("f32", "bf16", "i8")}
+                                      1 << 30, memory=None).num_blocks for d in ("f32", "bf16", "i8")}
     assert blocks["bf16"] == 2 * blocks["f32"] and blocks["i8"] >= 3.7 * blocks["f32"]
