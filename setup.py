@@ -30,6 +30,6 @@ setup(
         "httpx",        # the serving benchmark's HTTP client
         "scipy",        # the parallelization search's MILP (HiGHS)
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},   # two test files at a time (CI: 2 cores)
+    extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},
 )
