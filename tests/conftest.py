@@ -79,10 +79,24 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
     from ffc import sources
     torch.manual_seed(0)
     common = dict(vocab_size=49152, max_position_embeddings=256)
+    # the seeds' and newer families: odd sizes (6 heads, head_dim 12 or 20, one KV head where the
+    # family has grouped/multi-query attention, MLP width 136)
+    odd = dict(vocab_size=49152, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":
         cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=49152,
                             bos_token_id=1, eos_token_id=2)
         model = tf.GPT2LMHeadModel(cfg)
+    elif family == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(hidden_size=72, ffn_dim=136, num_hidden_layers=2, num_attention_heads=6,
+                                               max_position_embeddings=256, word_embed_proj_dim=72, pad_token_id=0,
+                                               **odd))
+    elif family == "gpt_bigcode":
+        model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_embd=72, n_inner=136, n_layer=2, n_head=6,
+                                                             n_positions=256, multi_query=True, **odd))
+    elif family == "qwen3":
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                                                   num_attention_heads=6, num_key_value_heads=1, head_dim=20,
+                                                   max_position_embeddings=256, **odd))
     else:
         kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)

@@ -1,13 +1,20 @@
-"""Random-weight tiny Llama, Mistral, Qwen2 and GPT-2 made by transformers: prefill and
-several decode steps against transformers within 1e-4, and greedy generation equal."""
+"""Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
+Qwen2, GPT-2, OPT, GPTBigCode, Qwen3): prefill and several decode steps against transformers
+within 1e-4, greedy generation equal batched and alone, and on two tensor-parallel ranks and
+two pipeline stages."""
+import json
+
 import pytest
 import torch
 
 import ffc
 from conftest import Sequences, tiny_model_folder
+from test_parallel import free_link  # noqa: F401 - a profile whose search shards what it can
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3"]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_transformers(family, tmp_path, smol_source):
     from transformers import AutoModelForCausalLM
     folder = tiny_model_folder(tmp_path / family, family, smol_source)
@@ -23,11 +30,36 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
         for row, ref in zip(logits, refs):
             assert (row - ref).abs().max() < 1e-4, (family, step)
         seqs.append(ref.argmax() for ref in refs)
-    # and the whole generate loop, batched, against transformers' generate
-    out = llm.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    # and the whole generate loop, batched and alone, against transformers' generate
+    out = llm.generate(prompts, max_new_tokens=32, ignore_eos=True)
     for p, got in zip(prompts, out.token_ids):
-        want = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, len(p):]
+        want = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p):]
         assert got == want.tolist()
+    assert llm.generate([prompts[1]], max_new_tokens=32, ignore_eos=True).token_ids[0] == out.token_ids[1]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])   # llama: test_parallel
+def test_family_on_ranks(family, tmp_path, smol_source, free_link):  # noqa: F811
+    """Two tensor-parallel ranks (heads, MLP and vocabulary sharded as the search finds cheapest
+    on a free interconnect; one KV head replicated) and two pipeline stages give the one-rank
+    artifact's greedy tokens."""
+    folder = tiny_model_folder(tmp_path / family, family, smol_source)
+    torch.manual_seed(3)
+    prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11)]
+    one = ffc.load(ffc.compile(str(folder), str(tmp_path / "one.ffc"), max_seq_len=64))
+    want = one.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids
+    for tp, pp in ((2, 1), (1, 2)):
+        art = ffc.compile(str(folder), str(tmp_path / f"tp{tp}pp{pp}.ffc"), max_seq_len=64, tp=tp, pp=pp,
+                          profile=free_link)
+        manifest = json.loads((art / "manifest.json").read_text())
+        assert (manifest["parallel"]["tp"], manifest["parallel"]["pp"]) == (tp, pp)
+        if tp > 1:
+            assert sum(manifest["parallel"]["collectives"].values()) > 0
+        llm = ffc.load(art)
+        try:
+            assert llm.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids == want, (tp, pp)
+        finally:
+            llm.close()
 
 
 def test_gpt2_conv1d_is_folded_to_linear(tmp_path, smol_source):
