@@ -286,6 +286,12 @@ def _split(c: Converter, n, x, sizes, dim=0):
     return outs
 
 
+def _chunk(c: Converter, n, x, chunks, dim=0):
+    """chunk: slices of ceil(size / chunks) each, the last shorter (as torch.chunk)."""
+    total = x.meta["val"].shape[_pos(dim, c.rank(x))]
+    return _split(c, n, x, -(-total // chunks), dim)
+
+
 def _getitem(c: Converter, n, xs, k):
     return c.arg(xs)[k]
 
@@ -406,6 +412,7 @@ ATEN: dict[Any, Callable] = {
     aten.slice.Tensor: _slice,
     aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split,
+    aten.chunk.default: _chunk,
     aten.cat.default: _cat,
     aten.contiguous.default: _identity,
     aten.clone.default: _identity,

@@ -1,5 +1,6 @@
 """Remove ops that return their input unchanged: same-dtype casts, identity reshapes,
-expands and transposes, full slices, x*1 and x+0."""
+expands and transposes, full slices, x*1 and x+0, and a concat's empty operands (a partial
+rotary whose rotated part is the whole head concatenates an empty pass-through slice)."""
 from __future__ import annotations
 
 from ffc.ir import Node, Op
@@ -29,7 +30,15 @@ def _identity_scalar(value):
     return rule
 
 
+def _concat_empty(node: Node, m: Match):
+    """concat(x, empty) is x: operands with no extent along the concat dim add nothing."""
+    d = node.attrs["dim"]
+    keep = [x for x in node.inputs if not (isinstance(x, Node) and x.type.shape[d] == 0)]
+    return [keep[0]] if len(keep) == 1 and len(node.inputs) > 1 and keep[0].type == node.type else None
+
+
 RULES = {
+    Op.CONCAT: [_concat_empty],
     Op.CAST: [_same_type],
     Op.RESHAPE: [_same_type],
     Op.EXPAND: [_same_type],

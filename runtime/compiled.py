@@ -74,7 +74,8 @@ class CompiledPlan:
             if why:
                 raise ArtifactError(f"the plan is for CUDA, but this process cannot run it: {why}; load it with "
                                     "backend='interpreter' or compile with --target cpu")
-            if any(st.kernel is None for gp in self.graphs.values() for st in gp.steps) and not torch.cuda.is_available():
+            collectives = any(st.kernel is None for gp in self.graphs.values() for st in gp.steps)
+            if collectives and not torch.cuda.is_available():
                 raise ArtifactError(f"the plan's collective steps (tensor/pipeline parallel) on CUDA go through NCCL, "
                                     f"which needs a CUDA build of torch (this is {torch.__version__}); compile with "
                                     "--tp 1 --pp 1 to run on one GPU")

@@ -93,6 +93,14 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
     elif family == "gpt_bigcode":
         model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(n_embd=72, n_inner=136, n_layer=2, n_head=6,
                                                              n_positions=256, multi_query=True, **odd))
+    elif family == "gpt_neox":
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                                                       num_attention_heads=6, rotary_pct=0.5,
+                                                       max_position_embeddings=256, **odd))
+    elif family == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+                                                 num_attention_heads=6, num_key_value_heads=2,
+                                                 max_position_embeddings=256, pad_token_id=0, **odd))
     elif family == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                    num_attention_heads=6, num_key_value_heads=1, head_dim=20,

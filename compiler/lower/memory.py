@@ -56,7 +56,9 @@ def plan_memory(g: Graph, steps: list, max_tokens: int, max_rows: int) -> Memory
         for a in args:
             if a.kind is ArgKind.BUF:
                 if a.name not in live:
-                    raise LoweringError(f"graph {g.name}: %{a.name} is read but never written")
+                    reader = steps[k][0]
+                    raise LoweringError(f"graph {g.name}: %{a.name} is read but never written (by the "
+                                        f"{reader.family.value} kernel of %{', %'.join(n.name for n in reader.nodes)})")
                 live[a.name][1] = max(live[a.name][1], k)
     outputs = []
     for o in g.outputs:

@@ -65,7 +65,10 @@ def _inlined(gr: Grouping, root: Node, roots: set) -> list[Node]:
             if i in roots or i.op is Op.INPUT or (i in gr.owner and gr.materialized(i)):
                 continue
             if i.op in POINTWISE_OPS or i.op in VIEW_OPS:
-                if i.op in VIEW_OPS and strip_views(i) in gr.owner:
+                # a view of another kernel's result reads its buffer; a view of pointwise work
+                # another kernel inlines without writing it out is recomputed here too
+                base = strip_views(i)
+                if i.op in VIEW_OPS and base in gr.owner and (gr.materialized(base) or base.op not in POINTWISE_OPS):
                     continue
                 stack.append(i)
     return out
@@ -91,9 +94,16 @@ def _pointwise(gr: Grouping) -> list[FusionDecision]:
         return r
     seen: dict[Node, Node] = {}
     rootset = set(roots)
-    for r in roots:   # roots that share inlined work and have the same shape form one kernel
+
+    def reads(r) -> frozenset:      # the kernels a root's inlined work reads
+        return frozenset(id(gr.owner.get(i) or gr.owner[strip_views(i)]) for m in _inlined(gr, r, rootset)
+                         for i in m.node_inputs if i in gr.owner or strip_views(i) in gr.owner)
+    deps = {r: reads(r) for r in roots}
+    # roots that share inlined work, have the same shape and read the same kernels form one
+    # kernel (two layers' rotary embeddings share cos/sin, but one layer's waits for the other)
+    for r in roots:
         for m in _inlined(gr, r, rootset):
-            if m in seen and seen[m].type.shape == r.type.shape:
+            if m in seen and seen[m].type.shape == r.type.shape and deps[seen[m]] == deps[r]:
                 parent[find(r)] = find(seen[m])
             seen.setdefault(m, r)
     buckets: dict[Node, list[Node]] = {}
@@ -123,8 +133,11 @@ def _order(gr: Grouping) -> list[Group]:
     deps: dict[int, set[int]] = {id(g): set() for g in gr.groups}
     by_id = {id(g): g for g in gr.groups}
     for g in gr.groups:
+        inside = set(g.nodes)    # pointwise work several kernels recompute is inside each of them
         for n in g.nodes:
             for i in n.node_inputs:
+                if i in inside:
+                    continue
                 og = gr.owner.get(strip_views(i))
                 if og is not None and og is not g:
                     deps[id(g)].add(id(og))
@@ -147,7 +160,10 @@ def _order(gr: Grouping) -> list[Group]:
             if indeg[u] == 0:
                 heapq.heappush(heap, (first(u), u))
     if len(out) != len(gr.groups):
-        raise LoweringError(f"graph {gr.graph.name}: fused kernels form a cycle; this is a bug in fusion")
+        left = [by_id[k] for k in deps if indeg[k] > 0]
+        names = "; ".join(f"{g.family.value}[{', '.join('%' + n.name + ':' + n.op.value for n in g.nodes[:8])}]"
+                          for g in left[:12])
+        raise LoweringError(f"graph {gr.graph.name}: fused kernels form a cycle ({names}); this is a bug in fusion")
     return out
 
 
