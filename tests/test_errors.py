@@ -24,11 +24,10 @@ def test_missing_model_path(tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     import transformers as tf
-    cfg = tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                           vocab_size=128)
-    tf.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
-    with pytest.raises(ffc.UnsupportedModelError, match=r"GPTNeoXForCausalLM.*supported families: Llama"):
-        ffc.compile(str(tmp_path / "neox"), str(tmp_path / "x.ffc"))
+    cfg = tf.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=128)
+    tf.FalconForCausalLM(cfg).save_pretrained(tmp_path / "falcon")
+    with pytest.raises(ffc.UnsupportedModelError, match=r"FalconForCausalLM.*supported families: Llama.*Phi-3"):
+        ffc.compile(str(tmp_path / "falcon"), str(tmp_path / "x.ffc"))
     assert not (tmp_path / "x.ffc").exists()
 
 
