@@ -90,7 +90,7 @@ class CompiledPlan:
                 info = plan.params[p.param]
                 packed = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
                           if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
-                self.packed[a.name] = self.memory.to_device(packed) if self.memory.own else packed
+                self.packed[a.name] = self.memory.to_device(packed, copy=False)
         self._arena = self.memory.empty((max(gp.arena_bytes for gp in self.graphs.values()) + 64,), torch.uint8)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None

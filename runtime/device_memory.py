@@ -124,9 +124,10 @@ class HostMemory:
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(tuple(shape), dtype=dtype)
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A copy of ``t`` (a view would keep a whole mapped weights file alive)."""
-        return t.to("cpu", copy=True)
+    def to_device(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
+        """``t`` in host memory: a copy unless ``copy=False`` (a view of a mapped weights file would
+        keep the whole file alive; a tensor made for the plan, such as packed panels, needs none)."""
+        return t.to("cpu", copy=copy)
 
     def available(self) -> int:
         return available_memory_bytes()
@@ -143,7 +144,8 @@ class OwnMemory:
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> DeviceArray:
         return DeviceArray(self.exe, shape, dtype, self.device)
 
-    def to_device(self, t: torch.Tensor) -> DeviceArray:
+    def to_device(self, t: torch.Tensor, copy: bool = True) -> DeviceArray:
+        """``t`` uploaded (always a copy: it crosses to the executor's memory)."""
         a = self.empty(t.shape, t.dtype)
         a.write(0, t)
         return a

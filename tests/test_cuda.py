@@ -62,14 +62,10 @@ def cuda_build(kernel_lib, tmp_path_factory):  # noqa: F811
     sources, spans = render_sources(plan)
     for name, text in sources.items():
         (kdir / "src" / name).write_text(text)
-    env = {"FFC_CUDA_ARCHS": gpu_arch() or "80", "PATH": f"{Path(NVCC).parent}:{os.environ['PATH']}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FFC_CUDA_ARCHS", gpu_arch() or "80")
+        mp.setenv("PATH", f"{Path(NVCC).parent}:{os.environ['PATH']}")
         lib = build.build(kdir, "cuda", spans)
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return module, plan, lib, weights, sources, kdir
 
 

@@ -95,14 +95,14 @@ def _pointwise(gr: Grouping) -> list[FusionDecision]:
     seen: dict[Node, Node] = {}
     rootset = set(roots)
 
-    def reads(r) -> frozenset:      # the kernels a root's inlined work reads
-        return frozenset(id(gr.owner.get(i) or gr.owner[strip_views(i)]) for m in _inlined(gr, r, rootset)
-                         for i in m.node_inputs if i in gr.owner or strip_views(i) in gr.owner)
-    deps = {r: reads(r) for r in roots}
+    inlined = {r: _inlined(gr, r, rootset) for r in roots}
+    # the kernels each root's inlined work reads
+    deps = {r: frozenset(id(gr.owner.get(i) or gr.owner[strip_views(i)]) for m in inlined[r] for i in m.node_inputs
+                         if i in gr.owner or strip_views(i) in gr.owner) for r in roots}
     # roots that share inlined work, have the same shape and read the same kernels form one
     # kernel (two layers' rotary embeddings share cos/sin, but one layer's waits for the other)
     for r in roots:
-        for m in _inlined(gr, r, rootset):
+        for m in inlined[r]:
             if m in seen and seen[m].type.shape == r.type.shape and deps[seen[m]] == deps[r]:
                 parent[find(r)] = find(seen[m])
             seen.setdefault(m, r)
