@@ -15,6 +15,7 @@ from .remove_noops import remove_noops
 from .search_parallel_strategy import search_parallel_strategy
 from .select_logits import select_logits
 from .set_weight_dtype import set_weight_dtype
+from .split_grouped_projections import split_grouped_projections
 from .split_pipeline_stages import split_pipeline_stages
 
 PIPELINE = [
@@ -23,6 +24,7 @@ PIPELINE = [
     eliminate_dead_code,
     fold_constants,
     eliminate_common_subexpressions,
+    split_grouped_projections,
     # raise ATen-level patterns to LLM ops
     raise_rms_norm,
     raise_rope,

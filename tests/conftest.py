@@ -101,6 +101,12 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
         model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                  num_attention_heads=6, num_key_value_heads=2,
                                                  max_position_embeddings=256, pad_token_id=0, **odd))
+    elif family in ("falcon", "falcon_mq"):   # Falcon-40B/180B's grouped layout; Falcon-7B's multi-query
+        arch = (dict(new_decoder_architecture=True, num_kv_heads=2) if family == "falcon" else
+                dict(new_decoder_architecture=False, multi_query=True))
+        model = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=72, num_hidden_layers=2, num_attention_heads=6,
+                                                     parallel_attn=True, bias=False, alibi=False,
+                                                     max_position_embeddings=256, **arch, **odd))
     elif family == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                    num_attention_heads=6, num_key_value_heads=1, head_dim=20,

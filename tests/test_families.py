@@ -1,7 +1,7 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
-Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3): prefill and several decode steps against transformers
-within 1e-4, greedy generation equal batched and alone, and on two tensor-parallel ranks and
-two pipeline stages."""
+Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
+layouts): prefill and several decode steps against transformers within 1e-4, greedy
+generation equal batched and alone, and on two tensor-parallel ranks and two pipeline stages."""
 import json
 
 import pytest
@@ -11,7 +11,8 @@ import ffc
 from conftest import Sequences, tiny_model_folder
 from test_parallel import free_link  # noqa: F401 - a profile whose search shards what it can
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
+            "falcon_mq"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
