@@ -26,9 +26,13 @@ ATTN_IMPL = "ffc"
 
 def _ffc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    sliding_window=None, **kwargs):
-    """HF attention-interface function used while exporting: causal SDPA over repeated K/V."""
+    """HF attention-interface function used while exporting: causal SDPA over repeated K/V. A
+    sliding window (the layer's own, as HF passes it to every attention backend) is noted on the
+    module: trace() gives it to the attention ops of that module."""
     if kwargs.get("softcap") is not None:
         raise UnsupportedModelError("attention logit soft-capping is not supported yet")
+    if sliding_window is not None:
+        module._ffc_window = int(sliding_window)
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         b, h, s, d = key.shape
@@ -95,11 +99,6 @@ def export(model, max_seq_len: int):
     """torch.export of ``model`` on (input_ids[1,T], position_ids[1,T]) -> logits[1,T,V]."""
     _register_attention()
     cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < max_seq_len:
-        raise UnsupportedModelError(
-            f"sliding-window attention (window {window}) shorter than max_seq_len {max_seq_len} is not "
-            f"supported yet; compile with --max-seq-len {window} or less")
     previous = cfg._attn_implementation
     if model._can_set_attn_implementation():
         model.set_attn_implementation(ATTN_IMPL)
@@ -121,7 +120,13 @@ def trace(model, max_seq_len: int) -> Module:
     """The model's forward pass as an ffc Module with one graph, ``forward``."""
     arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     ep = export(model, max_seq_len)
-    return Converter(ep, arch, decoder_layers(model)).convert()
+    windows = {}
+    for path, m in model.named_modules():            # sliding windows the attention hook saw
+        if "_ffc_window" in vars(m):
+            window = vars(m).pop("_ffc_window")
+            if window < max_seq_len:                  # else it never hides a key
+                windows[path] = window
+    return Converter(ep, arch, decoder_layers(model), windows).convert()
 
 
 def raw_weights(model) -> dict[str, torch.Tensor]:

@@ -416,8 +416,9 @@ REGISTRY: dict[Op, OpDef] = {
                          cost=_cost_norm, attrs=("eps",)),
     Op.ROPE: OpDef(ref=lambda x, cos, sin: x * cos + _rotate_half(x) * sin, cost=_cost_norm,
                    shape=_shape_same_as_first),
-    Op.SDPA: OpDef(ref=lambda q, k, v, *, causal, scale=None: F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale), cost=_cost_attention, attrs=("causal", "scale")),
+    Op.SDPA: OpDef(ref=lambda q, k, v, *, causal, scale=None, window=None: F.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, scale=scale) if window is None else _attention(
+        q, k, v, causal=causal, scale=scale, window=window), cost=_cost_attention, attrs=("causal", "scale", "window")),
     Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window")),
     Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention,
                                shape=_shape_same_as_first,

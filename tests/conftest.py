@@ -107,6 +107,11 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
         model = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=72, num_hidden_layers=2, num_attention_heads=6,
                                                      parallel_attn=True, bias=False, alibi=False,
                                                      max_position_embeddings=256, **arch, **odd))
+    elif family == "gemma3":    # a sliding window of 8 on the first layer (prompts and generation go past it)
+        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            head_dim=12, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=256, pad_token_id=0, **odd))
     elif family == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                    num_attention_heads=6, num_key_value_heads=1, head_dim=20,
@@ -116,8 +121,8 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
                   num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)
         if family == "llama":
             model = tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
-        elif family == "mistral":
-            model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **kw))
+        elif family in ("mistral", "mistral_sw"):      # _sw: every layer a sliding window of 8
+            model = tf.MistralForCausalLM(tf.MistralConfig(sliding_window=8 if family == "mistral_sw" else None, **kw))
         elif family == "qwen2":
             model = tf.Qwen2ForCausalLM(tf.Qwen2Config(tie_word_embeddings=True, **kw))
         else:

@@ -1,6 +1,6 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
 Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
-layouts): prefill and several decode steps against transformers within 1e-4, greedy
+layouts, Gemma 3 with a sliding-window layer): prefill and several decode steps against transformers within 1e-4, greedy
 generation equal batched and alone, and on two tensor-parallel ranks and two pipeline stages."""
 import json
 
@@ -11,8 +11,9 @@ import ffc
 from conftest import Sequences, tiny_model_folder
 from test_parallel import free_link  # noqa: F401 - a profile whose search shards what it can
 
+WINDOWED = {"gemma3": 1, "mistral_sw": 2}     # family -> layers with a sliding window of 8
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
-            "falcon_mq"]
+            "falcon_mq", "gemma3", "mistral_sw"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -22,6 +23,9 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
     art = ffc.compile(str(folder), str(tmp_path / f"{family}.ffc"), max_seq_len=64)
     llm = ffc.load(art)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if family in WINDOWED:          # the layers' windows reach the kernels (HF applies them too)
+        final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
+        assert final.count("window=8") == WINDOWED[family] * 2      # prefill and decode
     torch.manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11)]
     seqs = Sequences(llm, prompts)
@@ -39,7 +43,8 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
     assert llm.generate([prompts[1]], max_new_tokens=32, ignore_eos=True).token_ids[0] == out.token_ids[1]
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])   # llama: test_parallel
+# llama: test_parallel; falcon_mq and mistral_sw differ from falcon and mistral in attention only
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "falcon_mq", "mistral_sw")])
 def test_family_on_ranks(family, tmp_path, smol_source, free_link):  # noqa: F811
     """Two tensor-parallel ranks (heads, MLP and vocabulary sharded as the search finds cheapest
     on a free interconnect; one KV head replicated) and two pipeline stages give the one-rank
