@@ -187,7 +187,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    shipped = sources._package_file(*sources.ALIASES["smollm2-135m"])
+    shipped = sources.alias_file("smollm2-135m")
     files = {"Q4_1 (shipped)": shipped}
     if llama_cpp is None:
         print("llama-cpp-python is not installed: ffc's figures only (build it with "

@@ -51,7 +51,7 @@ def _nonneg_float(text: str) -> float:
 
 def _compile_args(sub) -> None:
     c = sub.add_parser("compile", help="compile a model into an artifact")
-    c.add_argument("model", help="alias (smollm2-135m), .gguf file, HF folder, or model id in the local HF cache")
+    c.add_argument("model", help="alias (smollm2-135m, gemma3-270m), .gguf file, HF folder, or model id in the local HF cache")
     c.add_argument("-o", "--output", help="artifact directory to write (not needed with --dry-run)")
     c.add_argument("--max-seq-len", type=_count(), default=None,
                    help="KV-cache length per sequence (default: the model's context, capped)")

