@@ -260,7 +260,7 @@ def _build_runtime(rt_dir: Path, target: Target, sources: dict[str, str], build_
         r = subprocess.run([_ninja(), "-f", str(build_file), str(obj)], capture_output=True, text=True)
         if r.returncode != 0:
             raise BuildError(_explain(r.stdout + r.stderr, src, [], build_file))
-        log(f"kernels: compiled the executor ({runtime}) into {rt_dir}, for every model")
+        log(f"kernels: {runtime} (the executor) built into {rt_dir}, once for every model")
 
 
 def _library(build_dir: Path, src_dir: Path, target: Target, sources: dict[str, str], spans: list[KernelSpan],

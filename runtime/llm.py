@@ -135,7 +135,7 @@ class LLM:
         rows = min(self.runner.limits("decode")[1], 256)
         self.config = SchedulerConfig(max_tokens_per_batch=max_tokens_per_batch,
                                       max_requests_per_batch=max_requests_per_batch or rows,
-                                      max_seq_len=self.max_seq_len)
+                                      max_seq_len=self.max_seq_len, kv_window=self.runner.kv_window)
         self._kv_budget = parse_memory(kv_cache_memory, self.memory.available)
         self._prefix_caching = prefix_caching
         self._engine: Optional[Engine] = None

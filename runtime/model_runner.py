@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ffc.errors import InvalidRequestError
-from ffc.ir import run_graph
+from ffc.ir import Op, run_graph
 
 from .device_memory import copy_kv_slots
 
@@ -50,6 +50,10 @@ class ModelRunner:
         self.blocks_per_seq = int(self.graphs["prefill"].input("block_tables").type.shape[1])
         self.block_size = int(self.cache_type.shape[4])
         self.vocab_size = int(out_graph.outputs[0].type.shape[-1])
+        # positions behind the last `kv_window` no layer reads (every layer has a sliding window)
+        windows = [n.attrs.get("window") for name, g in module.graphs.items() if name.startswith("decode")
+                   for n in g.nodes if n.op is Op.CACHED_ATTENTION]
+        self.kv_window: Optional[int] = max(windows) if windows and None not in windows else None
 
     def limits(self, graph: str) -> tuple[int, int]:
         """Most tokens and most sequences (rows) one call of ``graph`` takes."""

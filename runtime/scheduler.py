@@ -48,6 +48,7 @@ class Request:
     computed: int = 0                  # tokens whose K/V are in the cache
     keys: list[int] = field(default_factory=list)   # prefix-cache keys of its full blocks (kv_cache.py)
     registered: int = 0                # leading blocks indexed in the prefix cache
+    released: int = 0                  # leading blocks freed behind every layer's sliding window
     preemptions: int = 0
     draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
     acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
@@ -78,12 +79,16 @@ class SchedulerConfig:
     max_tokens_per_batch: int = 256    # prefill and decode tokens per step
     max_requests_per_batch: int = 128  # sequences per step
     max_seq_len: int = 2048            # positions per sequence (prompt + generated)
+    kv_window: Optional[int] = None    # every layer sees only the last this many positions: older blocks are freed
 
     def __post_init__(self):
         for name in ("max_tokens_per_batch", "max_requests_per_batch", "max_seq_len"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.kv_window is not None and (isinstance(self.kv_window, bool) or not isinstance(self.kv_window, int)
+                                           or self.kv_window < 1):
+            raise InvalidRequestError(f"kv_window must be an integer >= 1 or None, got {self.kv_window!r}")
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,28 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         longest = min(len(req.prompt) + req.params.max_new_tokens, self.config.max_seq_len)
-        if self.pool.blocks_for(longest) > self.pool.num_blocks:
+        need = self.pool.blocks_for(longest)
+        if self.config.kv_window is not None:     # blocks behind the window are freed as it moves on
+            need = min(need, self.pool.blocks_for(self.config.kv_window + self.config.max_tokens_per_batch) + 1)
+        if need > self.pool.num_blocks:
             raise InvalidRequestError(
-                f"request {req.id} may grow to {longest} tokens = {self.pool.blocks_for(longest)} KV blocks, but the "
+                f"request {req.id} may grow to {longest} tokens = {need} KV blocks at once, but the "
                 f"pool has {self.pool.num_blocks}; lower max_tokens or give the KV cache more memory")
         self.waiting.append(req)
+
+    def _release(self, req: Request) -> None:
+        """Free the blocks no layer reads any more: with every layer's window W, a query at
+        position p >= req.computed sees keys from p - W + 1 on."""
+        window = self.config.kv_window
+        if window is None:
+            return
+        behind = max(0, req.computed - window + 1) // self.pool.block_size
+        if behind > req.released:
+            self.pool.free(req.blocks[req.released:behind])   # the table keeps their ids: never read
+            req.released = behind
+
+    def _owned(self, req: Request) -> list[int]:
+        return req.blocks[req.released:]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -122,13 +144,13 @@ class Scheduler:
             self.running = [r for r in self.running if not r.finished]
             self.waiting = deque(r for r in self.waiting if not r.finished)
             for r in done:
-                self.pool.free(r.blocks)
+                self.pool.free(self._owned(r))
         return done
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.pool.free(req.blocks)
-        req.computed = req.registered = 0
+        self.pool.free(self._owned(req))
+        req.computed = req.registered = req.released = 0
         req.preemptions += 1
         self.preemptions += 1
         # back to the queue in arrival order, ahead of newer waiting requests
@@ -203,3 +225,4 @@ class Scheduler:
             keys = self.pool.keys(req.prompt + req.out, req.keys, full)
             self.pool.register(req.blocks[req.registered:full], keys[req.registered:full])
             req.registered = full
+        self._release(req)

@@ -68,6 +68,29 @@ def test_blocks_return_when_requests_end():
     assert pool.free_blocks == 32
 
 
+def test_blocks_behind_every_layers_window_are_freed():
+    """Every layer with a sliding window of 6 (kv_window): the blocks no query can see any more
+    go back to the pool as a request grows, so one of 50 positions runs in a pool of 24; without
+    the window it is refused up front."""
+    pool = BlockPool(CACHE, blocks_per_seq=16, num_blocks=6)
+    sched = Scheduler(SchedulerConfig(4, 8, 64, kv_window=6), pool)
+    r = _req(10, new=40)
+    sched.add(r)
+    while sched.has_work():
+        for s in sched.schedule():
+            sched.computed(s.req, s.start + s.n)
+            # every block it still holds has a position a next query sees (p - 6 + 1 and on)
+            assert r.released == max(0, r.computed - 5) // 4
+            assert pool.used_blocks == len(r.blocks) - r.released <= 4
+            if r.computed == r.num_tokens:
+                r.out.append(7)
+                r.finish = "length" if len(r.out) == 40 else None
+        sched.retire()
+    assert len(r.out) == 40 and r.released == 11 and pool.free_blocks == 6
+    with pytest.raises(ffc.InvalidRequestError, match="may grow to 50 tokens = 13 KV blocks"):
+        Scheduler(SchedulerConfig(4, 8, 64), pool).add(_req(10, new=40))
+
+
 def test_newest_is_preempted_and_recomputed():
     # 5 blocks of 4 positions; two requests that grow past what both can hold
     sched, pool = _sched(blocks=5, budget=64)
