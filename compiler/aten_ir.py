@@ -440,3 +440,16 @@ ATEN: dict[Any, Callable] = {
     aten._assert_tensor_metadata.default: _skip,
 }
 ATEN[operator.getitem] = _getitem
+
+
+def unmapped_ops(ep) -> dict[str, list[str]]:
+    """ATen ops of an exported graph that have no ``ATEN`` entry -> the HF modules they come from."""
+    out: dict[str, list[str]] = {}
+    for n in _live_nodes(ep.graph):
+        if n.op == "call_function" and n.target not in ATEN:
+            stack = n.meta.get("nn_module_stack") or {}
+            module = _hf_path(list(stack.values())[-1][0]) if stack else ""
+            where = out.setdefault(str(n.target), [])
+            if (module or "<model root>") not in where:
+                where.append(module or "<model root>")
+    return out

@@ -10,6 +10,7 @@ came from. Raising to LLM ops (rms_norm, rope, attention, ...) is the passes' wo
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from ffc.ir import Module
 
-from .aten_ir import ATEN, Converter, decoder_layers  # noqa: F401 - ATEN: the table, where tests and users look
+from .aten_ir import ATEN, Converter, decoder_layers, unmapped_ops  # noqa: F401 - ATEN: where tests look
 from .errors import UnsupportedModelError
 ATTN_IMPL = "ffc"
 
@@ -95,7 +96,7 @@ class _LogitsOnly(torch.nn.Module):
         return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-def export(model, max_seq_len: int):
+def export(model, max_seq_len: int, device: str = "cpu"):
     """torch.export of ``model`` on (input_ids[1,T], position_ids[1,T]) -> logits[1,T,V]."""
     _register_attention()
     cfg = model.config
@@ -104,8 +105,8 @@ def export(model, max_seq_len: int):
         model.set_attn_implementation(ATTN_IMPL)
     try:
         t = torch.export.Dim("T", min=2, max=max_seq_len)
-        ids = torch.zeros(1, 8, dtype=torch.long)
-        pos = torch.arange(8)[None]
+        ids = torch.zeros(1, 8, dtype=torch.long, device=device)
+        pos = torch.arange(8, device=device)[None]
         with torch.no_grad(), _direct_sdpa(model):
             return torch.export.export(_LogitsOnly(model), (ids, pos), strict=False,
                                        dynamic_shapes={"input_ids": {1: t}, "position_ids": {1: t}})
@@ -114,6 +115,29 @@ def export(model, max_seq_len: int):
             model.set_attn_implementation(previous)
 
 
+
+
+def diagnose(config) -> str:
+    """Why an architecture outside the tested families would not compile: its model built from
+    ``config`` on the meta device (no weights, one or two layers), exported as ffc exports, and
+    the ATen ops ffc has no mapping for, with the HF modules they come from."""
+    from transformers import AutoModelForCausalLM
+    cfg = copy.deepcopy(config)
+    layers = min(int(getattr(cfg, "num_hidden_layers", 2) or 2), 2)
+    cfg.num_hidden_layers = layers
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:layers]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False).eval()
+        found = unmapped_ops(export(model, 64, device="meta"))
+    except Exception as e:  # noqa: BLE001 - a diagnosis: whatever stops it is the answer
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        return f"tracing it stops at {type(e).__name__}: {first[:300]}"
+    if not found:
+        return "every ATen op of its graph has an ffc mapping, but the family is not tested"
+    ops = [f"{op} (from {', '.join(mods[:2])}{', ...' if len(mods) > 2 else ''})" for op, mods in sorted(found.items())]
+    return "ATen ops with no ffc mapping: " + "; ".join(ops[:12]) + ("; ..." if len(ops) > 12 else "")
 
 
 def trace(model, max_seq_len: int) -> Module:

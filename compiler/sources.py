@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import knobs
+from . import frontend, knobs
 from .errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from .options import MAX_SEQ_LEN_CAP
 
@@ -191,8 +191,8 @@ def check_architecture(config, log=None) -> str:
     if family is None:
         arch = ",".join(getattr(config, "architectures", None) or []) or config.model_type
         raise UnsupportedModelError(
-            f"architecture {arch!r} (model_type {config.model_type!r}) is not supported; supported "
-            f"families: {_families()}")
+            f"architecture {arch!r} (model_type {config.model_type!r}) is not supported; traced on the meta "
+            f"device, {frontend.diagnose(config)}; supported families: {_families()}")
     return family
 
 

@@ -27,8 +27,11 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     cfg = tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=128, num_local_experts=4)
     tf.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "mixtral")
-    with pytest.raises(ffc.UnsupportedModelError, match=r"MixtralForCausalLM.*supported families: Llama.*Falcon"):
+    with pytest.raises(ffc.UnsupportedModelError, match=r"MixtralForCausalLM.*supported families: Llama.*Falcon") as e:
         ffc.compile(str(tmp_path / "mixtral"), str(tmp_path / "x.ffc"))
+    # what stops it: the routing's ATen ops, with the HF module they come from
+    assert "ATen ops with no ffc mapping: " in str(e.value)
+    assert "aten.topk.default (from model.layers.0.mlp" in str(e.value)
     assert not (tmp_path / "x.ffc").exists()
 
 
