@@ -87,6 +87,55 @@ def _direct_sdpa(model):
             setattr(modeling, name, fn)
 
 
+def _longrope_forward(module):
+    """A LongRoPE rotary embedding's forward with its factor set chosen per token: the long
+    factors for positions past the original context (``original_max_position_embeddings``),
+    the short ones before. HF picks one set per forward call by the call's largest position:
+    the same for every decode step and for every prompt no longer than the original context
+    (all of them when max_seq_len <= it), the long set for all of a longer prompt."""
+    orig = _longrope_buffers(module)
+
+    def forward(x, position_ids):
+        pos = position_ids[..., None].float()
+        past = torch.relu(pos + (1 - orig)) - torch.relu(pos - orig)     # 1 from position orig on, else 0
+        freqs = pos * (module._ffc_short_inv_freq + past * module._ffc_long_minus_short)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * module.attention_scaling).to(x.dtype), (emb.sin() * module.attention_scaling).to(x.dtype))
+    return forward
+
+
+def _longrope_modules(model) -> list:
+    return [m for m in model.modules()
+            if getattr(m, "rope_type", None) == "longrope" and hasattr(m, "original_inv_freq")]
+
+
+def _longrope_buffers(module) -> int:
+    """The short factors' frequencies and long minus short as buffers of ``module`` (so they are
+    weights, found by name); the original context length."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    orig = int(module.config.rope_parameters["original_max_position_embeddings"])
+    if "_ffc_short_inv_freq" not in module._buffers:
+        short = module.original_inv_freq.float()
+        long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=orig + 1)
+        module.register_buffer("_ffc_short_inv_freq", short.clone(), persistent=False)
+        module.register_buffer("_ffc_long_minus_short", long.float() - short, persistent=False)
+    return orig
+
+
+@contextlib.contextmanager
+def _static_rope(model):
+    """Rotary embeddings whose frequencies HF updates during the forward (LongRoPE: Phi-3) traced
+    as a function of each token's position instead."""
+    patched = _longrope_modules(model)
+    try:
+        for m in patched:
+            m.forward = _longrope_forward(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 class _LogitsOnly(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -107,7 +156,7 @@ def export(model, max_seq_len: int, device: str = "cpu"):
         t = torch.export.Dim("T", min=2, max=max_seq_len)
         ids = torch.zeros(1, 8, dtype=torch.long, device=device)
         pos = torch.arange(8, device=device)[None]
-        with torch.no_grad(), _direct_sdpa(model):
+        with torch.no_grad(), _direct_sdpa(model), _static_rope(model):
             return torch.export.export(_LogitsOnly(model), (ids, pos), strict=False,
                                        dynamic_shapes={"input_ids": {1: t}, "position_ids": {1: t}})
     finally:
@@ -155,6 +204,8 @@ def trace(model, max_seq_len: int) -> Module:
 
 def raw_weights(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the model by its HF name (tied ones under each name)."""
+    for m in _longrope_modules(model):
+        _longrope_buffers(m)
     out = dict(model.named_parameters(remove_duplicate=False))
     out.update(dict(model.named_buffers(remove_duplicate=False)))
     return {k: v.detach() for k, v in out.items()}

@@ -97,10 +97,13 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
         model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                        num_attention_heads=6, rotary_pct=0.5,
                                                        max_position_embeddings=256, **odd))
-    elif family == "phi3":
+    elif family in ("phi3", "phi3_longrope"):     # _longrope: the 128k models' scaling, original context 32
+        rope = dict(original_max_position_embeddings=32, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(6)],
+            "long_factor": [2.0 + 0.3 * i for i in range(6)]}) if family == "phi3_longrope" else {}
         model = tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                  num_attention_heads=6, num_key_value_heads=2,
-                                                 max_position_embeddings=256, pad_token_id=0, **odd))
+                                                 max_position_embeddings=256, pad_token_id=0, **rope, **odd))
     elif family in ("falcon", "falcon_mq"):   # Falcon-40B/180B's grouped layout; Falcon-7B's multi-query
         arch = (dict(new_decoder_architecture=True, num_kv_heads=2) if family == "falcon" else
                 dict(new_decoder_architecture=False, multi_query=True))

@@ -96,3 +96,29 @@ def test_model_id_from_the_local_hf_cache(tmp_path, smol_source, monkeypatch):
     assert src.kind == "hub-cache" and src.path.endswith("0123abcd")
     art = ffc.compile("tiny-org/tiny-llama", str(tmp_path / "t.ffc"), max_seq_len=32)
     assert ffc.load(art).generate([[5, 6, 7]], max_new_tokens=3, ignore_eos=True).token_ids[0]
+
+
+def test_phi3_longrope_switches_factors_past_the_original_context(tmp_path, smol_source):
+    """LongRoPE (Phi-3 128k): the short factors up to the original context (32 here), the long
+    ones from there on, per position - as transformers decoding one token at a time with its
+    cache (its generate() additionally recomputes the whole cache with the long factors once a
+    sequence passes the original context; ffc keeps the keys it has)."""
+    from transformers import AutoModelForCausalLM
+    folder = tiny_model_folder(tmp_path / "phi3lr", "phi3_longrope", smol_source)
+    llm = ffc.load(ffc.compile(str(folder), str(tmp_path / "lr.ffc"), max_seq_len=64))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = [5, 17, 300, 4000, 12, 9, 77]
+    seqs = Sequences(llm, [prompt])
+    out = hf(torch.tensor([prompt]), use_cache=True)
+    for step in range(34):            # positions 6 .. 39: past 32
+        logits = seqs.step()[0]
+        assert (logits - out.logits[0, -1]).abs().max() < 1e-4, step
+        token = int(out.logits[0, -1].argmax())
+        seqs.append([token])
+        n = len(seqs.tokens[0])
+        out = hf(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True,
+                 position_ids=torch.tensor([[n - 1]]))
+    # the long factors matter: transformers with them at every position (a fresh forward over the
+    # 40 tokens) gives other logits than the per-position switch above
+    full = hf(torch.tensor([seqs.tokens[0]])).logits[0, -1]
+    assert (full - out.logits[0, -1]).abs().max() > 1e-3
