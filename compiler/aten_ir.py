@@ -42,11 +42,11 @@ def decoder_layers(model) -> dict[str, int]:
 
 
 class Converter:
-    def __init__(self, ep, arch: str, layers: dict[str, int] | None = None, windows: dict[str, int] | None = None):
+    def __init__(self, ep, arch: str, layers: dict[str, int] | None = None, attention: dict | None = None):
         self.ep = ep
         self.arch = arch
         self.layers = layers or {}
-        self.windows = windows or {}     # HF attention module path -> its sliding window
+        self.attention = attention or {}     # HF attention module path -> its window / softcap
         self.values: dict[Any, Any] = {}
         self.nodes: list[Node] = []
         self.symbols: dict[str, str] = {}
@@ -358,10 +358,7 @@ def _sdpa(c: Converter, n, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fal
         c.unsupported(n, "with an explicit attention mask")
     if scale is None:
         scale = 1.0 / float(q.meta["val"].shape[-1]) ** 0.5
-    attrs = {"causal": bool(is_causal), "scale": float(scale)}
-    window = c.windows.get(c.origin(n).module)
-    if window is not None:
-        attrs["window"] = window
+    attrs = {"causal": bool(is_causal), "scale": float(scale), **c.attention.get(c.origin(n).module, {})}
     return c.emit(n, Op.SDPA, [c.arg(q), c.arg(k), c.arg(v)], attrs)
 
 

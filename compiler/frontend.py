@@ -28,12 +28,12 @@ ATTN_IMPL = "ffc"
 def _ffc_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    sliding_window=None, **kwargs):
     """HF attention-interface function used while exporting: causal SDPA over repeated K/V. A
-    sliding window (the layer's own, as HF passes it to every attention backend) is noted on the
-    module: trace() gives it to the attention ops of that module."""
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError("attention logit soft-capping is not supported yet")
-    if sliding_window is not None:
-        module._ffc_window = int(sliding_window)
+    sliding window and a logit soft-cap (the layer's own, as HF passes them to every attention
+    backend) are noted on the module: trace() gives them to the attention ops of that module."""
+    noted = {"window": int(sliding_window) if sliding_window is not None else None,
+             "softcap": float(kwargs["softcap"]) if kwargs.get("softcap") is not None else None}
+    if any(v is not None for v in noted.values()):
+        module._ffc_attention = noted
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         b, h, s, d = key.shape
@@ -112,11 +112,11 @@ def _longrope_modules(model) -> list:
 def _longrope_buffers(module) -> int:
     """The short factors' frequencies and long minus short as buffers of ``module`` (so they are
     weights, found by name); the original context length."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers import modeling_rope_utils
     orig = int(module.config.rope_parameters["original_max_position_embeddings"])
     if "_ffc_short_inv_freq" not in module._buffers:
         short = module.original_inv_freq.float()
-        long, _ = ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=orig + 1)
+        long, _ = modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](module.config, short.device, seq_len=orig + 1)
         module.register_buffer("_ffc_short_inv_freq", short.clone(), persistent=False)
         module.register_buffer("_ffc_long_minus_short", long.float() - short, persistent=False)
     return orig
@@ -193,13 +193,14 @@ def trace(model, max_seq_len: int) -> Module:
     """The model's forward pass as an ffc Module with one graph, ``forward``."""
     arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
     ep = export(model, max_seq_len)
-    windows = {}
-    for path, m in model.named_modules():            # sliding windows the attention hook saw
-        if "_ffc_window" in vars(m):
-            window = vars(m).pop("_ffc_window")
-            if window < max_seq_len:                  # else it never hides a key
-                windows[path] = window
-    return Converter(ep, arch, decoder_layers(model), windows).convert()
+    attention = {}
+    for path, m in model.named_modules():            # windows and soft-caps the attention hook saw
+        if "_ffc_attention" in vars(m):
+            noted = vars(m).pop("_ffc_attention")
+            if noted["window"] is not None and noted["window"] >= max_seq_len:
+                noted["window"] = None                # it never hides a key
+            attention[path] = {k: v for k, v in noted.items() if v is not None}
+    return Converter(ep, arch, decoder_layers(model), attention).convert()
 
 
 def raw_weights(model) -> dict[str, torch.Tensor]:

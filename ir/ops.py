@@ -137,15 +137,27 @@ def _visible(q_pos, k_pos, causal, window):
     return m
 
 
-def _attention(q, k, v, *, causal=True, scale=None, window=None):
+def _sdpa(q, k, v, mask, scale=None, softcap=None):
+    """softmax(q k^T * scale, over the keys ``mask`` shows) v; with ``softcap`` the scores are
+    squashed first, tanh(s / cap) * cap (Gemma 2), which torch's SDPA has no argument for."""
+    gqa = q.shape[1] != k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    s = torch.tanh(s / softcap) * softcap
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def _attention(q, k, v, *, causal=True, scale=None, window=None, softcap=None):
     # q: [B, H, T, D]; k, v: [B, Hkv, S, D]; heads h uses kv head h // (H // Hkv).
     gqa = q.shape[1] != k.shape[1]
-    if window is None and causal and q.shape[2] == k.shape[2]:
+    if window is None and softcap is None and causal and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     s = k.shape[2]
     pos = torch.arange(s, device=q.device)
-    mask = _visible(pos[s - q.shape[2]:], pos, causal, window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return _sdpa(q, k, v, _visible(pos[s - q.shape[2]:], pos, causal, window), scale, softcap)
 
 
 KV_SCALE_BYTES = 4   # an int8 KV-cache row: D int8 values, then their f32 scale
@@ -175,7 +187,7 @@ def tree_slots(tree_base: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor
 
 
 def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_base=None, tree_mask=None, *,
-                      layer, scale=None, window=None, form="prefill"):
+                      layer, scale=None, window=None, softcap=None, form="prefill"):
     """Write this step's K/V into the paged cache, then attend over each token's sequence.
 
     q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; seq_ids: [T] (row of
@@ -200,7 +212,6 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_
     vc[blocks, :, offs] = store(v[0].transpose(0, 1))
     out = torch.empty_like(q)
     t, n = 0, seq_ids.shape[0]
-    gqa = q.shape[1] != k.shape[1]
 
     def gather(c, table, length):  # the sequence's first `length` slots: [1, Hkv, length, D]
         b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, row]
@@ -219,9 +230,8 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_
             base = tree_base[t:e, None]
             rel = (keys[None, :] - base).clamp(0, TREE_NODES - 1)
             mask = (keys[None, :] < base) | ((keys[None, :] >= base) & (((tree_mask[t:e, None] >> rel) & 1) == 1))
-        out[:, :, t:e] = F.scaled_dot_product_attention(
-            q[:, :, t:e], gather(kc, table, length), gather(vc, table, length), attn_mask=mask, scale=scale,
-            enable_gqa=gqa)
+        out[:, :, t:e] = _sdpa(q[:, :, t:e], gather(kc, table, length), gather(vc, table, length), mask, scale,
+                               softcap)
         t = e
     return out
 
@@ -416,13 +426,11 @@ REGISTRY: dict[Op, OpDef] = {
                          cost=_cost_norm, attrs=("eps",)),
     Op.ROPE: OpDef(ref=lambda x, cos, sin: x * cos + _rotate_half(x) * sin, cost=_cost_norm,
                    shape=_shape_same_as_first),
-    Op.SDPA: OpDef(ref=lambda q, k, v, *, causal, scale=None, window=None: F.scaled_dot_product_attention(
-        q, k, v, is_causal=causal, scale=scale) if window is None else _attention(
-        q, k, v, causal=causal, scale=scale, window=window), cost=_cost_attention, attrs=("causal", "scale", "window")),
-    Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window")),
+    Op.SDPA: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
+    Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
     Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention,
                                shape=_shape_same_as_first,
-                               attrs=("layer", "scale", "window", "form")),
+                               attrs=("layer", "scale", "window", "softcap", "form")),
     Op.GLU: OpDef(ref=lambda a, b, *, act: _ACTS[act](a) * b, cost=_cost_elementwise, attrs=("act",)),
     Op.ALL_REDUCE: OpDef(ref=_all_reduce, shape=lambda s, *, ranks, rank=None: tuple(s[0]), attrs=("ranks",)),
     Op.ALL_GATHER: OpDef(ref=_all_gather, shape=_scaled_shape(lambda n, r: n * r), attrs=("dim", "ranks")),

@@ -115,6 +115,11 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
             hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
             head_dim=12, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
             max_position_embeddings=256, pad_token_id=0, **odd))
+    elif family == "gemma2":    # soft-capped attention and final logits (small caps, so they bite), windows
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            head_dim=12, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+            max_position_embeddings=256, pad_token_id=0, **odd))
     elif family == "qwen3":
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                    num_attention_heads=6, num_key_value_heads=1, head_dim=20,

@@ -1,7 +1,8 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
 Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
-layouts, Gemma 3 with a sliding-window layer): prefill and several decode steps against transformers within 1e-4, greedy
-generation equal batched and alone, and on two tensor-parallel ranks and two pipeline stages."""
+layouts, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention): prefill and
+several decode steps against transformers within 1e-4, greedy generation equal batched and
+alone, and on two tensor-parallel ranks and two pipeline stages."""
 import json
 
 import pytest
@@ -11,9 +12,9 @@ import ffc
 from conftest import Sequences, tiny_model_folder
 from test_parallel import free_link  # noqa: F401 - a profile whose search shards what it can
 
-WINDOWED = {"gemma3": 1, "mistral_sw": 2}     # family -> layers with a sliding window of 8
+WINDOWED = {"gemma3": 1, "mistral_sw": 2, "gemma2": 1}     # family -> layers with a sliding window of 8
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
-            "falcon_mq", "gemma3", "mistral_sw"]
+            "falcon_mq", "gemma3", "mistral_sw", "gemma2"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -26,6 +27,7 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
     if family in WINDOWED:          # the layers' windows reach the kernels (HF applies them too)
         final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
         assert final.count("window=8") == WINDOWED[family] * 2      # prefill and decode
+        assert final.count("softcap=2.0") == (4 if family == "gemma2" else 0)   # both layers' attention
     torch.manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11)]
     seqs = Sequences(llm, prompts)

@@ -215,7 +215,7 @@ def attention_spec(c: SpecContext, g: Group):
             names.append(role)
     return AttentionSpec(H=H, Hkv=Hkv, D=D, BS=BS, MB=MB, ctype=ctype.dtype, row=ctype.shape[5],
                          scale=float(n.attrs.get("scale") or 1.0 / math.sqrt(D)), window=n.attrs.get("window"),
-                         rope=g.rope, arg=_slots(names), tree=tree, **strides), args
+                         rope=g.rope, arg=_slots(names), tree=tree, softcap=n.attrs.get("softcap"), **strides), args
 
 
 def gather_spec(c: SpecContext, g: Group):

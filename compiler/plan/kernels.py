@@ -157,6 +157,7 @@ class AttentionSpec:
     cos_ts: Optional[Expr] = None
     sin_ts: Optional[Expr] = None
     tree: bool = False       # a verify step: each token's tree_base and tree_mask (ops._cached_attention)
+    softcap: Optional[float] = None   # scores squashed to tanh(s / cap) * cap before the softmax (Gemma 2)
 
 
 @dataclass(frozen=True)
