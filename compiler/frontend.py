@@ -164,8 +164,6 @@ def export(model, max_seq_len: int, device: str = "cpu"):
             model.set_attn_implementation(previous)
 
 
-
-
 def diagnose(config) -> str:
     """Why an architecture outside the tested families would not compile: its model built from
     ``config`` on the meta device (no weights, one or two layers), exported as ffc exports, and
