@@ -43,6 +43,16 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
         want = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p):]
         assert got == want.tolist()
     assert llm.generate([prompts[1]], max_new_tokens=32, ignore_eos=True).token_ids[0] == out.token_ids[1]
+    if family == "mistral_sw":     # every layer windowed: blocks behind the window go back to the pool
+        from ffc.runtime.sampling import SamplingParams
+        engine, most = llm.engine, 0
+        req = engine.submit(prompts[2], SamplingParams(max_new_tokens=48, ignore_eos=True))
+        while not req.finished:
+            engine.step()
+            most = max(most, engine.pool.used_blocks)
+        bs = engine.pool.block_size        # 59 positions would take 4 blocks; a window of 8 spans 2
+        assert req.released >= 2 and most <= 3 < -(-(len(prompts[2]) + 48) // bs)
+        assert req.out[:32] == out.token_ids[2]
 
 
 # llama: test_parallel; falcon_mq and mistral_sw differ from falcon and mistral in attention only
