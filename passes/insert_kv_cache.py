@@ -72,9 +72,7 @@ def insert_kv_cache(module: Module, ctx) -> Module:
         q, k, v = a.inputs
         if not a.attrs["causal"] or k.type.shape[2] != q.type.shape[2]:
             raise ValueError(f"attention at {a.origin} is not causal self-attention; no KV cache rule for it")
-        attrs = {"layer": layer, "scale": a.attrs["scale"], "window": a.attrs.get("window"), "form": "prefill"}
-        if a.attrs.get("softcap") is not None:
-            attrs["softcap"] = a.attrs["softcap"]
+        attrs = {"layer": layer, **{k: v for k, v in a.attrs.items() if k != "causal"}, "form": "prefill"}
         c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, seqs, tables, cache), attrs, a.type, a.origin)
         g.insert_before(a, [c])
         g.replace_uses(a, c)

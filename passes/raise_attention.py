@@ -63,9 +63,7 @@ def _attention(node: Node, m: Match):
     k0, v0 = _unrepeat(k, m), _unrepeat(v, m)
     if k0.type.shape[1] != v0.type.shape[1]:
         k0, v0 = k, v
-    attrs = {"causal": node.attrs["causal"], "scale": node.attrs["scale"], "window": node.attrs.get("window")}
-    if node.attrs.get("softcap") is not None:      # logits squashed to (-cap, cap): tanh(s / cap) * cap
-        attrs["softcap"] = node.attrs["softcap"]
+    attrs = {"window": None, **node.attrs}     # causal, scale, and a window and softcap where the layer has them
     kb, vb = _unbroadcast(k, m), _unbroadcast(v, m)
     if kb is not None and vb is not None and kb[-1].type.shape[1] == vb[-1].type.shape[1]:
         return kb + vb + [Node(Op.ATTENTION, (q, kb[-1], vb[-1]), attrs, node.type, node.origin)]
