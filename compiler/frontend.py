@@ -65,9 +65,6 @@ def _direct_sdpa(model):
         raise UnsupportedModelError(
             f"{type(model).__name__} was loaded with attn_implementation={model.config._attn_implementation!r}; "
             "ffc traces its attention through SDPA: load it with attn_implementation='sdpa'")
-    if getattr(model.config, "alibi", False):
-        raise UnsupportedModelError(f"{type(model).__name__} with ALiBi position biases (config.alibi) is not "
-                                    "supported yet; rotary-position configs of this family are")
     modeling = sys.modules[type(model).__module__]
     saved = {name: getattr(modeling, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask")
              if hasattr(modeling, name)}
@@ -148,6 +145,9 @@ def export(model, max_seq_len: int, device: str = "cpu"):
     """torch.export of ``model`` on (input_ids[1,T], position_ids[1,T]) -> logits[1,T,V]."""
     _register_attention()
     cfg = model.config
+    if getattr(cfg, "alibi", False):
+        raise UnsupportedModelError(f"{type(model).__name__} with ALiBi position biases (config.alibi) is not "
+                                    "supported yet; rotary-position configs of this family are")
     previous = cfg._attn_implementation
     if model._can_set_attn_implementation():
         model.set_attn_implementation(ATTN_IMPL)

@@ -37,14 +37,16 @@ def _rows(module, name: str, groups: int, period: int, start: int, end: int, par
 
 
 def _grouped(lin: Node, users: dict):
-    """(reshape, slices, G, P, D) when ``lin``'s only use is a reshape into groups that only
-    slices along P read; else None."""
+    """(reshape, slices, G, P, D) when ``lin``'s only use is a reshape (or a chain of them) into
+    groups that only slices along P read; else None."""
     if lin.op is not Op.LINEAR or not all(isinstance(i, ParamRef) for i in lin.inputs[1:]):
         return None
     us = users.get(lin, [])
     if len(us) != 1 or us[0].op is not Op.RESHAPE:
         return None
     r = us[0]
+    while len(users.get(r, [])) == 1 and users[r][0].op is Op.RESHAPE:   # [.., G*P, D] then [.., G, P, D]
+        r = users[r][0]
     lead, shape = tuple(lin.type.shape[:-1]), tuple(r.type.shape)
     if len(shape) != len(lead) + 3 or shape[:len(lead)] != lead:
         return None
@@ -78,5 +80,8 @@ def split_grouped_projections(graph, module, ctx):
             new += [part, view]
             graph.replace_uses(s, view)
         graph.insert_before(lin, new)
-        gone = {lin, r, *slices}
+        gone = {lin, *slices}
+        while r is not lin:                 # the reshapes between them
+            gone.add(r)
+            r = r.inputs[0]
         graph.nodes = [n for n in graph.nodes if n not in gone]
