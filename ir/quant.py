@@ -48,9 +48,14 @@ def info(fmt: DType) -> QuantInfo:
     return q
 
 
+# values of one integer dot-product step of the kernels (runtime/qpanels.py packs K in chunks of it)
+KERNEL_CHUNK = 32
+
+
 def row_multiple(fmt: DType) -> int:
-    """K must be a multiple of this for ``fmt``'s blocks."""
-    return info(fmt).block or 1
+    """K must be a multiple of this for ``fmt``'s blocks (i8r, one scale per row: of the
+    kernels' chunk)."""
+    return info(fmt).block or KERNEL_CHUNK
 
 
 def _blocks(storage: torch.Tensor, fmt: DType, k: int) -> torch.Tensor:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ffc.ir.quant import QK_K, unpack
+from ffc.ir.quant import KERNEL_CHUNK, QK_K, unpack
 from ffc.ir.types import DType
 
-CHUNK = 32
+CHUNK = KERNEL_CHUNK
 
 
 def _f16_lanes(t: torch.Tensor) -> torch.Tensor:

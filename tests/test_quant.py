@@ -313,8 +313,11 @@ def test_tiny_llama_quantized_by_ffc(tmp_path, smol_source):
     assert float(kl.max()) < 1e-3, kl
 
 
-def test_weights_rows_not_whole_blocks_stay_float():
-    """A weight whose K is not a whole number of blocks is kept float, and meta says why."""
+@pytest.mark.parametrize("mode,fmt", [("q8_0", "q8_0"), ("int8", "i8r")])
+def test_weights_rows_not_whole_blocks_stay_float(mode, fmt):
+    """A weight whose K is not a whole number of blocks is kept float, and meta says why (int8,
+    one scale per row: K must be whole chunks of the kernels' 32-value integer steps; a K of 72
+    used to be quantized and then fail to pack at load)."""
     from ffc.passes.manager import PassContext
     from ffc.passes.quantize_weights import quantize_weights
     m = parse("""# ffc ir 1
@@ -327,10 +330,10 @@ graph forward(%x : f32[1,T,40], %y : f32[1,T,64]) {
   return %0, %1
 }
 """)
-    out = quantize_weights(m, PassContext(quant=QuantPolicy("q8_0")))
+    out = quantize_weights(m, PassContext(quant=QuantPolicy(mode)))
     verify_module(out)
-    assert out.params["b.q8_0"].type.dtype is DType.Q8_0 and "a.q8_0" not in out.params
-    assert out.meta["quant"]["float"] == {"a": "rows of 40 are not whole q8_0 blocks of 32"}
+    assert out.params[f"b.{fmt}"].type.dtype is DType(fmt) and f"a.{fmt}" not in out.params
+    assert out.meta["quant"]["float"] == {"a": f"rows of 40 are not whole {fmt} blocks of 32"}
     assert [n.op.value for n in out.graphs["forward"].nodes] == ["linear", "dequantize", "linear"]
 
 
