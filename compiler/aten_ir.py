@@ -12,6 +12,7 @@ import torch
 from ffc.ir import Graph, Module, Node, Op, Origin, Param, ParamRef, TensorType
 from ffc.ir.types import DType
 
+from .aten_moe import INDEX_READERS, MOE_ATEN, TopKIndices, dense_topk_type
 from .errors import UnsupportedOpError
 
 aten = torch.ops.aten
@@ -49,6 +50,7 @@ class Converter:
         self.attention = attention or {}     # HF attention module path -> its window / softcap
         self.values: dict[Any, Any] = {}
         self.nodes: list[Node] = []
+        self.dense_topk: set[Node] = set()     # top-k values held dense (aten_moe.py) and their scalings
         self.symbols: dict[str, str] = {}
         for sym in ep.range_constraints:
             self.symbols[str(sym)] = "T"
@@ -78,8 +80,14 @@ class Converter:
         return a
 
     def emit(self, fx_node, op: Op, inputs, attrs=None, type: TensorType | None = None) -> Node:
-        n = Node(op, tuple(inputs), attrs or {}, type or self.type_of(fx_node), self.origin(fx_node))
+        type = type or self.type_of(fx_node)
+        wide = [v for v in inputs if isinstance(v, Node) and v in self.dense_topk]
+        if wide:
+            type = dense_topk_type(self, fx_node, op, inputs, attrs or {}, type, wide[0])
+        n = Node(op, tuple(inputs), attrs or {}, type, self.origin(fx_node))
         self.nodes.append(n)
+        if wide and op not in (Op.SUM, Op.MOE_EXPERTS):
+            self.dense_topk.add(n)
         return n
 
     def constant(self, fx_arg) -> torch.Tensor | None:
@@ -122,6 +130,9 @@ class Converter:
                 fn = ATEN.get(n.target)
                 if fn is None:
                     self.unsupported(n)
+                if fn is not _getitem and fn not in INDEX_READERS and any(
+                        isinstance(self.values.get(a), TopKIndices) for a in n.all_input_nodes):
+                    self.unsupported(n, "reads top-k indices (ffc keeps them only as a mixture of experts' routing)")
                 self.values[n] = fn(self, n, *n.args, **n.kwargs)
             elif n.op == "output":
                 outs = [self.values[a] for a in n.args[0]]
@@ -382,6 +393,7 @@ ATEN: dict[Any, Callable] = {
     aten.add.Tensor: _binary(Op.ADD),
     aten.add_.Tensor: _binary(Op.ADD, inplace=True),
     aten.mul_.Tensor: _binary(Op.MUL, inplace=True),
+    aten.div_.Tensor: _binary(Op.DIV, inplace=True),
     aten.sub.Tensor: _binary(Op.SUB),
     aten.mul.Tensor: _binary(Op.MUL),
     aten.div.Tensor: _binary(Op.DIV),
@@ -437,6 +449,7 @@ ATEN: dict[Any, Callable] = {
     aten._assert_tensor_metadata.default: _skip,
 }
 ATEN[operator.getitem] = _getitem
+ATEN.update(MOE_ATEN)
 
 
 def unmapped_ops(ep) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ffc.ir import Module
+from ffc.ir import moe  # noqa: F401 - defines torch.ops.ffc.moe_experts, the experts' export
 
 from .aten_ir import ATEN, Converter, decoder_layers, unmapped_ops  # noqa: F401 - ATEN: where tests look
 from .errors import UnsupportedModelError
@@ -42,14 +43,54 @@ def _ffc_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.transpose(1, 2).contiguous(), None
 
 
+# an HF experts module's activation (config.hidden_act) -> ffc's name for it (ir/moe.ACTS)
+_EXPERT_ACTS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh", "relu": "relu"}
+
+
+def _ffc_experts(module, hidden_states, top_k_index, top_k_weights):
+    """HF experts-interface function used while exporting (mixture-of-experts blocks): one
+    ``ffc::moe_experts`` op over the stacked expert weights instead of a loop over experts.
+    Layouts ffc's kernels do not cover are refused by name."""
+    from transformers import integrations
+    default_gate = integrations.moe._default_apply_gate
+    name = type(module).__name__
+    odd = [k for k in ("has_bias", "is_transposed", "has_post_expert_norm") if getattr(module, k, False)]
+    odd += [k for k in ("has_gate", "is_concatenated") if not getattr(module, k, True)]
+    if getattr(type(module), "_apply_gate", default_gate) is not default_gate:
+        odd.append("its own gating function")
+    act = _EXPERT_ACTS.get(str(getattr(module.config, "hidden_act", "")))
+    if odd or act is None:
+        what = ", ".join(odd) or f"activation {getattr(module.config, 'hidden_act', None)!r}"
+        raise UnsupportedModelError(f"{name}: mixture-of-experts layers with {what} are not supported yet; ffc's "
+                                    "grouped experts are [gate; up] then down, without biases")
+    return torch.ops.ffc.moe_experts(hidden_states, top_k_index, top_k_weights, module.gate_up_proj,
+                                     module.down_proj, act)
+
+
 def _no_mask(*args, **kwargs):
     return None  # causality is the attention op's own attribute; no mask tensor is built
 
 
 def _register_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionInterface, AttentionMaskInterface, integrations
     AttentionInterface.register(ATTN_IMPL, _ffc_attention)
     AttentionMaskInterface.register(ATTN_IMPL, _no_mask)
+    integrations.moe.ALL_EXPERTS_FUNCTIONS.register(ATTN_IMPL, _ffc_experts)
+
+
+@contextlib.contextmanager
+def _ffc_experts_of(model):
+    """Mixture-of-experts models (HF's experts interface) export their experts as one ffc op."""
+    if not model._can_set_experts_implementation():
+        yield
+        return
+    previous = model.config._experts_implementation
+    model.set_experts_implementation(ATTN_IMPL)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(previous)
 
 
 @contextlib.contextmanager
@@ -155,7 +196,7 @@ def export(model, max_seq_len: int, device: str = "cpu"):
         t = torch.export.Dim("T", min=2, max=max_seq_len)
         ids = torch.zeros(1, 8, dtype=torch.long, device=device)
         pos = torch.arange(8, device=device)[None]
-        with torch.no_grad(), _direct_sdpa(model), _static_rope(model):
+        with torch.no_grad(), _direct_sdpa(model), _static_rope(model), _ffc_experts_of(model):
             return torch.export.export(_LogitsOnly(model), (ids, pos), strict=False,
                                        dynamic_shapes={"input_ids": {1: t}, "position_ids": {1: t}})
     finally:
@@ -168,12 +209,12 @@ def diagnose(config) -> str:
     ``config`` on the meta device (no weights, one or two layers), exported as ffc exports, and
     the ATen ops ffc has no mapping for, with the HF modules they come from."""
     from transformers import AutoModelForCausalLM
-    cfg = copy.deepcopy(config)
-    layers = min(int(getattr(cfg, "num_hidden_layers", 2) or 2), 2)
-    cfg.num_hidden_layers = layers
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[:layers]
     try:
+        cfg = copy.deepcopy(config)
+        layers = min(int(getattr(cfg, "num_hidden_layers", 2) or 2), 2)
+        cfg.num_hidden_layers = layers
+        if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) > layers:
+            cfg.layer_types = cfg.layer_types[:layers]
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False).eval()
         found = unmapped_ops(export(model, 64, device="meta"))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from ffc.ir.ops import KV_SCALE_BYTES, REGISTRY, Op, attention_work, kv_quantize
+from ffc.ir.ops import KV_SCALE_BYTES, Op, attention_work, kv_quantize, node_cost
 from ffc.ir.text import node_names
 from ffc.ir.types import DType, eval_dim
 from ffc.plan.kernels import CostFamily, Family, cost_family
@@ -39,10 +39,15 @@ def step_inputs(llm, graph: str, batch: int, context: int) -> dict:
     return (runner.decode_inputs if graph == "decode" else runner.prefill_inputs)(chunks, cache)
 
 
+# kernel families that read only part of their weights (their ops' cost rules count what)
+PARTIAL_READS = {CostFamily.GATHER, CostFamily.MOE}
+
+
 def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, float]]:
     """(family, label, FLOPs, bytes) per kernel launch (or collective) of ``graph`` for these inputs. Bytes are
     what a kernel reads and writes outside itself: its weights, arena buffers, and for
-    attention the KV cache up to each token's position; gathers read only the rows they take."""
+    attention the KV cache up to each token's position; gathers read only the rows they take,
+    mixtures of experts the experts their tokens choose (PARTIAL_READS: their ops' cost rules)."""
     plan = llm.compiled.plan
     gp = plan.graphs[graph]
     g = llm.runner.graphs[graph]
@@ -83,11 +88,11 @@ def kernel_work(llm, graph: str, inputs: dict) -> list[tuple[str, str, float, fl
                 elif getattr(v, "name", None) in llm.module.params:
                     t = llm.module.params[v.name].type
                     ins.append((list(t.shape), t.torch_dtype))
-            est = REGISTRY[n.op].cost(ins, ([eval_dim(x, env) for x in n.type.shape], n.type.torch_dtype))
+            est = node_cost(n.op, n.attrs, ins, ([eval_dim(x, env) for x in n.type.shape], n.type.torch_dtype))
             flops += est.flops
-            if family is CostFamily.GATHER:
+            if family in PARTIAL_READS:
                 nbytes += est.bytes
-        if family is not CostFamily.GATHER:
+        if family not in PARTIAL_READS:
             for a in st.args:
                 key = (a.kind, a.name)
                 if key in seen or a.kind is ArgKind.CACHE:

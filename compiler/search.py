@@ -22,7 +22,7 @@ from scipy.sparse import coo_matrix
 
 from ffc.ir import Graph, Module, Node, Op
 from ffc.ir.graph import ParamRef
-from ffc.ir.ops import LAYOUT, REGISTRY, Estimate, attention_work, kv_row_bytes
+from ffc.ir.ops import LAYOUT, Estimate, attention_work, kv_row_bytes, node_cost
 from ffc.ir.sharding import CollectiveKind, OpStrategy, Placement, R, local_shape, numel, reshard_kind, strategies
 from ffc.ir.strategy import (Choice, CollectiveEdge, Prediction, Reference, Rejected, Stage, Strategy,
                              Workload)
@@ -85,7 +85,7 @@ class _Problem:
             if n.op in ATTENTION_OPS and decode:
                 est = self._decode_attention(ins, out_shape)
             else:
-                est = REGISTRY[n.op].cost(ins, (out_shape, n.type.torch_dtype))
+                est = node_cost(n.op, n.attrs, ins, (out_shape, n.type.torch_dtype))
             rows = numel(ins[0][0][:-1]) if ins else 1
             weight = self.w.weight_dtype if n.op is Op.LINEAR else None
             out.append(self.profile.kernel_time(cost_family(n.op, rows, decode, weight), est.flops, est.bytes,

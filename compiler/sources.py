@@ -22,7 +22,8 @@ from .options import MAX_SEQ_LEN_CAP
 # model_type -> family name; the families the frontend is tested on.
 SUPPORTED = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT-2", "opt": "OPT",
              "gpt_bigcode": "GPTBigCode (StarCoder)", "qwen3": "Qwen3", "gpt_neox": "GPT-NeoX (Pythia)",
-             "phi3": "Phi-3", "falcon": "Falcon", "gemma3_text": "Gemma 3", "gemma2": "Gemma 2"}
+             "phi3": "Phi-3", "falcon": "Falcon", "gemma3_text": "Gemma 3", "gemma2": "Gemma 2",
+             "mixtral": "Mixtral (mixture of experts)", "qwen3_moe": "Qwen3-MoE"}
 
 @dataclass(frozen=True)
 class Alias:

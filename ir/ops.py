@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import moe, quant
 from .types import DType
 
 
@@ -33,6 +33,10 @@ class Op(Enum):
     ATTENTION = "attention"
     CACHED_ATTENTION = "cached_attention"
     GLU = "glu"
+    # mixture of experts (ir/moe.py): dense routing weights, then the experts they choose
+    TOP_K = "top_k"
+    MOE_ROUTE = "moe_route"
+    MOE_EXPERTS = "moe_experts"
     # elementwise
     ADD = "add"
     SUB = "sub"
@@ -83,8 +87,10 @@ BINARY = {Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW}
 ELEMENTWISE = UNARY | BINARY
 COMMUTATIVE = {Op.ADD, Op.MUL}
 LAYOUT = {Op.RESHAPE, Op.TRANSPOSE, Op.PERMUTE, Op.UNSQUEEZE, Op.EXPAND, Op.CONCAT, Op.SLICE}
-# A weight stored in another format: a node reading it as f32, a recipe making that storage.
+# A weight stored in another format: a node reading it as f32, a recipe making that storage;
+# the inputs of each op that are weight matrices (stored narrow by --dtype, read by its kernel).
 WEIGHT_READS = {Op.CAST, Op.DEQUANTIZE}
+WEIGHT_INPUTS = {Op.LINEAR: (1,), Op.EMBEDDING: (1,), Op.MOE_EXPERTS: (2, 3)}
 STORAGE_RECIPES = {Op.CAST, Op.QUANTIZE}
 # Ops the constant folder may evaluate at compile time on weights (cheap, exact).
 FOLDABLE = ELEMENTWISE | LAYOUT
@@ -230,8 +236,8 @@ def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_
             base = tree_base[t:e, None]
             rel = (keys[None, :] - base).clamp(0, TREE_NODES - 1)
             mask = (keys[None, :] < base) | ((keys[None, :] >= base) & (((tree_mask[t:e, None] >> rel) & 1) == 1))
-        out[:, :, t:e] = _sdpa(q[:, :, t:e], gather(kc, table, length), gather(vc, table, length), mask, scale,
-                               softcap)
+        kv = gather(kc, table, length), gather(vc, table, length)
+        out[:, :, t:e] = _sdpa(q[:, :, t:e], *kv, mask, scale, softcap)
         t = e
     return out
 
@@ -351,8 +357,7 @@ def _cost_matmul(ins, out) -> Estimate:
 
 
 def _cost_dequantize(ins, out) -> Estimate:
-    # what a kernel that reads the weight through it reads: the blocks (counted by the reader)
-    return Estimate()
+    return Estimate()   # what a kernel that reads the weight through it reads: its blocks
 
 
 def _cost_embedding(ins, out) -> Estimate:
@@ -407,14 +412,21 @@ class OpDef:
     shape: Optional[Callable] = None
     # Names of the attributes the op takes (keyword arguments of ``ref``).
     attrs: tuple[str, ...] = field(default=())
+    cost_attrs: tuple[str, ...] = field(default=())    # the attributes ``cost`` takes too
 
 
-def _binary(fn):
+def node_cost(op: "Op", attrs, ins, out) -> Estimate:
+    """The cost rule of ``op`` over (shape, dtype) pairs, with the attributes it reads."""
+    d = REGISTRY[op]
+    return d.cost(ins, out, **{k: attrs[k] for k in d.cost_attrs})
+
+
+def _elementwise(fn):
     return OpDef(ref=fn, cost=_cost_elementwise)
 
 
-def _unary(fn):
-    return OpDef(ref=fn, cost=_cost_elementwise)
+def _cost_moe(ins, out, *, top_k) -> Estimate:
+    return Estimate(*moe.experts_cost(ins, out, top_k))
 
 
 REGISTRY: dict[Op, OpDef] = {
@@ -428,33 +440,36 @@ REGISTRY: dict[Op, OpDef] = {
                    shape=_shape_same_as_first),
     Op.SDPA: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
     Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
-    Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention,
-                               shape=_shape_same_as_first,
+    Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention, shape=_shape_same_as_first,
                                attrs=("layer", "scale", "window", "softcap", "form")),
     Op.GLU: OpDef(ref=lambda a, b, *, act: _ACTS[act](a) * b, cost=_cost_elementwise, attrs=("act",)),
+    Op.TOP_K: OpDef(ref=moe.top_k, cost=_cost_norm, shape=_shape_same_as_first, attrs=("k",)),
+    Op.MOE_ROUTE: OpDef(ref=moe.moe_route, cost=_cost_norm, shape=_shape_same_as_first, attrs=("top_k", "normalize")),
+    Op.MOE_EXPERTS: OpDef(ref=moe.moe_experts, cost=_cost_moe, shape=_shape_same_as_first, attrs=("act", "top_k"),
+                          cost_attrs=("top_k",)),
     Op.ALL_REDUCE: OpDef(ref=_all_reduce, shape=lambda s, *, ranks, rank=None: tuple(s[0]), attrs=("ranks",)),
     Op.ALL_GATHER: OpDef(ref=_all_gather, shape=_scaled_shape(lambda n, r: n * r), attrs=("dim", "ranks")),
     Op.REDUCE_SCATTER: OpDef(ref=_reduce_scatter, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
     Op.LOCAL_SHARD: OpDef(ref=_local_shard, shape=_scaled_shape(lambda n, r: n // r), attrs=("dim", "ranks")),
     Op.SEND: OpDef(ref=_send, shape=lambda s, *, peer: tuple(s[0]), attrs=("peer",)),
     Op.RECV: OpDef(ref=_recv, shape=lambda s, *, peer, shape, dtype: tuple(shape), attrs=("peer", "shape", "dtype")),
-    Op.ADD: _binary(torch.add),
-    Op.SUB: _binary(torch.sub),
-    Op.MUL: _binary(torch.mul),
-    Op.DIV: _binary(torch.div),
-    Op.POW: _binary(torch.pow),
-    Op.NEG: _unary(torch.neg),
-    Op.RSQRT: _unary(torch.rsqrt),
-    Op.SQRT: _unary(torch.sqrt),
-    Op.EXP: _unary(torch.exp),
-    Op.TANH: _unary(torch.tanh),
-    Op.COS: _unary(torch.cos),
-    Op.SIN: _unary(torch.sin),
-    Op.SILU: _unary(F.silu),
+    Op.ADD: _elementwise(torch.add),
+    Op.SUB: _elementwise(torch.sub),
+    Op.MUL: _elementwise(torch.mul),
+    Op.DIV: _elementwise(torch.div),
+    Op.POW: _elementwise(torch.pow),
+    Op.NEG: _elementwise(torch.neg),
+    Op.RSQRT: _elementwise(torch.rsqrt),
+    Op.SQRT: _elementwise(torch.sqrt),
+    Op.EXP: _elementwise(torch.exp),
+    Op.TANH: _elementwise(torch.tanh),
+    Op.COS: _elementwise(torch.cos),
+    Op.SIN: _elementwise(torch.sin),
+    Op.SILU: _elementwise(F.silu),
     Op.GELU: OpDef(ref=lambda x, *, approximate="none": F.gelu(x, approximate=approximate),
                    cost=_cost_elementwise, attrs=("approximate",)),
-    Op.RELU: _unary(F.relu),
-    Op.SIGMOID: _unary(torch.sigmoid),
+    Op.RELU: _elementwise(F.relu),
+    Op.SIGMOID: _elementwise(torch.sigmoid),
     Op.CAST: OpDef(ref=lambda x, *, dtype: x.to(DType(dtype).torch), cost=_cost_elementwise, attrs=("dtype",)),
     # shapes are logical ([N, K] for a quantized [N, K] weight; its storage is the format's)
     Op.QUANTIZE: OpDef(ref=lambda x, *, format: quant.quantize(x, DType(format)), shape=_shape_same_as_first,

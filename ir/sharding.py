@@ -161,6 +161,20 @@ def _cached_attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
     return res
 
 
+def _moe_experts(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
+    """Expert parallelism: each rank holds E/tp experts (their gate_up and down, split on dim 0)
+    and its columns of the dense routing weights (a free slice of replicated weights: every
+    rank routes over all experts), and runs them for every token; the ranks' outputs are
+    partial sums of the full one."""
+    experts = shape(node.inputs[2])[0]
+    res = [OpStrategy("replicated", (R, R, R, R), R)]
+    for d in _shardable_dims(node.type.shape[:-1], tp):    # rows (x and its weights alike)
+        res.append(OpStrategy(f"split d{d}", (S(d), S(d), R, R), S(d)))
+    if _divisible(experts, tp):
+        res.append(OpStrategy("experts", (R, S(len(node.inputs[1].type.shape) - 1), S(0), S(0)), P))
+    return res
+
+
 def _dim_groups(a: Sequence, b: Sequence) -> Optional[list[tuple[list[int], list[int]]]]:
     """A reshape's factorization: groups of dims of ``a`` and ``b`` with equal products (size-1
     dims skipped, symbolic dims matched one to one); None if they do not line up."""
@@ -262,6 +276,9 @@ RULES: dict[Op, _Rule] = {
     # rope rotates pairs across the head dim: any dim but the last may split
     Op.ROPE: lambda n, tp, sh: [st for st in _broadcast(n, tp, sh) if st.output.dim != len(n.type.shape) - 1],
     Op.GLU: lambda n, tp, sh: _broadcast(n, tp, sh),
+    Op.TOP_K: _norm,            # per row (over the last dim)
+    Op.MOE_ROUTE: _norm,
+    Op.MOE_EXPERTS: _moe_experts,
     Op.ADD: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),
     Op.SUB: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),
     Op.MUL: lambda n, tp, sh: _broadcast(n, tp, sh, lambda k: True),

@@ -9,6 +9,7 @@ from .insert_kv_cache import insert_kv_cache
 from .quantize_weights import quantize_weights
 from .raise_attention import raise_attention
 from .raise_glu import raise_glu
+from .raise_moe_route import raise_moe_route
 from .raise_rms_norm import raise_rms_norm
 from .raise_rope import raise_rope
 from .remove_noops import remove_noops
@@ -30,6 +31,7 @@ PIPELINE = [
     raise_rope,
     raise_attention,
     raise_glu,
+    raise_moe_route,
     eliminate_dead_code,
     # parallelization: a strategy searched by cost model (a decision, given by the compiler), applied
     search_parallel_strategy,

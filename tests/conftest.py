@@ -124,6 +124,15 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
         model = tf.Qwen3ForCausalLM(tf.Qwen3Config(hidden_size=72, intermediate_size=136, num_hidden_layers=2,
                                                    num_attention_heads=6, num_key_value_heads=1, head_dim=20,
                                                    max_position_embeddings=256, **odd))
+    elif family == "mixtral":    # 6 experts, 2 per token (3 per rank on two ranks)
+        model = tf.MixtralForCausalLM(tf.MixtralConfig(
+            hidden_size=72, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+            num_local_experts=6, num_experts_per_tok=2, max_position_embeddings=256, **odd))
+    elif family == "qwen3_moe":  # 6 experts, 3 per token, not renormalized; q/k norms
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            hidden_size=72, intermediate_size=136, moe_intermediate_size=40, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=1, head_dim=20, num_experts=6, num_experts_per_tok=3,
+            norm_topk_prob=False, max_position_embeddings=256, **odd))
     else:
         kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)

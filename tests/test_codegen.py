@@ -33,6 +33,11 @@ param @v : f32[7]
 param @inv_freq : f32[3]
 param @emb : f32[50,37]
 param @tok : f32[100,37]
+param @rw : f32[7,37]
+param @egu : f32[7,26,37]
+param @edn : f32[7,37,13]
+param @egu.bf16 : bf16[7,26,37] = cast(@egu) {dtype="bf16"}
+param @edn.bf16 : bf16[7,37,13] = cast(@edn) {dtype="bf16"}
 graph lin(%x : f32[1,T,37], %r : f32[1,T,13]) {
   %0 = linear(%x, @w1, @b1) : f32[1,T,13]
   %1 = gelu(%0) {approximate="tanh"} : f32[1,T,13]
@@ -75,6 +80,22 @@ graph pw(%x : f32[1,T,7]) {
   %6 = transpose(%5) {dim0=1, dim1=2} : f32[1,7,T]
   %7 = exp(%6) : f32[1,7,T]
   return %7
+}
+graph moe(%x : f32[T,37]) {
+  %0 = linear(%x, @rw) : f32[T,7]
+  %1 = moe_route(%0) {normalize=true, top_k=2} : f32[T,7]
+  %2 = moe_experts(%x, %1, @egu, @edn) {act="silu", top_k=2} : f32[T,37]
+  %3 = moe_route(%0) {normalize=false, top_k=3} : f32[T,7]
+  %4 = moe_experts(%x, %3, @egu, @edn) {act="gelu_tanh", top_k=3} : f32[T,37]
+  return %2, %4, %1
+}
+graph moe16(%x : f32[T,37]) {
+  %0 = linear(%x, @rw) : f32[T,7]
+  %1 = moe_route(%0) {normalize=true, top_k=2} : f32[T,7]
+  %2 = cast(@egu.bf16) {dtype="f32"} : f32[7,26,37]
+  %3 = cast(@edn.bf16) {dtype="f32"} : f32[7,37,13]
+  %4 = moe_experts(%x, %1, %2, %3) {act="silu", top_k=2} : f32[T,37]
+  return %4
 }
 graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : f32[2,2,S,2,8,6]) {
 """ + QKV_ROPE_IR + """  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
@@ -122,6 +143,8 @@ def _inputs(name, T, N=3, S=3, seed=0):
         return {"ids": torch.randint(0, 100, (1, T), generator=g)}
     if name == "pw":
         return {"x": torch.randn(1, T, 7, generator=g)}
+    if name in ("moe", "moe16"):
+        return {"x": torch.randn(T, 37, generator=g)}
     # attn: two sequences packed (block-table rows 2 and 0, blocks scattered over a pool of 8
     # blocks of 8 positions), positions continuing an earlier chunk
     a = T // 2
@@ -132,7 +155,7 @@ def _inputs(name, T, N=3, S=3, seed=0):
             "kv_cache": torch.randn(2, 2, 8, 2, 8, 6, generator=g)}
 
 
-@pytest.mark.parametrize("graph", ["lin", "narrow", "tied", "norm", "pw", "attn"])
+@pytest.mark.parametrize("graph", ["lin", "narrow", "tied", "norm", "pw", "attn", "moe", "moe16"])
 @pytest.mark.parametrize("T", [1, 3, 9, 31])   # 9 and 31: full 8-row micro-tiles of linears plus a tail
 def test_kernels_match_interpreter(kernel_lib, graph, T):
     module, plan, cp, weights, _, _ = kernel_lib
@@ -140,7 +163,7 @@ def test_kernels_match_interpreter(kernel_lib, graph, T):
     ref_inputs = {k: v.clone() for k, v in inputs.items()}
     got = cp.run(graph, inputs)
     ref = run_graph(module.graphs[graph], weights, ref_inputs)
-    tol = TOL["bf16"] if graph == "narrow" else TOL["f32"]
+    tol = TOL["bf16"] if graph in ("narrow", "moe16") else TOL["f32"]
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, **tol)
     if graph == "attn":  # the cache writes (rotated K, V) match too

@@ -24,15 +24,27 @@ def test_missing_model_path(tmp_path):
 
 def test_unsupported_architecture_lists_supported(tmp_path):
     import transformers as tf
-    cfg = tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, vocab_size=128, num_local_experts=4)
-    tf.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "mixtral")
-    with pytest.raises(ffc.UnsupportedModelError, match=r"MixtralForCausalLM.*supported families: Llama.*Falcon") as e:
-        ffc.compile(str(tmp_path / "mixtral"), str(tmp_path / "x.ffc"))
-    # what stops it: the routing's ATen ops, with the HF module they come from
+    cfg = tf.PhimoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=128, num_local_experts=4)
+    tf.PhimoeForCausalLM(cfg).save_pretrained(tmp_path / "phimoe")
+    with pytest.raises(ffc.UnsupportedModelError, match=r"PhimoeForCausalLM.*supported families: Llama.*Mixtral") as e:
+        ffc.compile(str(tmp_path / "phimoe"), str(tmp_path / "x.ffc"))
+    # what stops it: its router's ATen ops (sparsemixer), with the HF module they come from
     assert "ATen ops with no ffc mapping: " in str(e.value)
-    assert "aten.topk.default (from model.layers.0.mlp" in str(e.value)
+    assert "aten.gather.default (from model.layers.0.mlp.router" in str(e.value)
     assert not (tmp_path / "x.ffc").exists()
+
+
+def test_unsupported_experts_layout_is_named(tmp_path):
+    """Experts ffc's grouped kernel does not cover (GPT-OSS: biases, interleaved gate/up, its own
+    gating) are refused by what they have, in the diagnosis of the architecture."""
+    import transformers as tf
+    from ffc import frontend
+    cfg = tf.GptOssConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=16, vocab_size=128, num_local_experts=4,
+                          num_experts_per_tok=2)
+    why = frontend.diagnose(cfg)
+    assert "GptOssExperts: mixture-of-experts layers with has_bias" in why and "its own gating function" in why
 
 
 def test_alias_chunks_that_do_not_join_to_the_pinned_file(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
 Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
-layouts, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention): prefill and
+layouts, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention, the mixtures of
+experts Mixtral and Qwen3-MoE): prefill and
 several decode steps against transformers within 1e-4, greedy generation equal batched and
 alone, and on two tensor-parallel ranks and two pipeline stages."""
 import json
@@ -14,7 +15,8 @@ from test_parallel import free_link  # noqa: F401 - a profile whose search shard
 
 WINDOWED = {"gemma3": 1, "mistral_sw": 2, "gemma2": 1}     # family -> layers with a sliding window of 8
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
-            "falcon_mq", "gemma3", "mistral_sw", "gemma2"]
+            "falcon_mq", "gemma3", "mistral_sw", "gemma2", "mixtral", "qwen3_moe"]
+MOE = {"mixtral": 2, "qwen3_moe": 3}        # family -> experts per token
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -28,6 +30,13 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
         final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
         assert final.count("window=8") == WINDOWED[family] * 2      # prefill and decode
         assert final.count("softcap=2.0") == (4 if family == "gemma2" else 0)   # both layers' attention
+    if family in MOE:               # routing and experts as ops (a kernel each), not a loop over experts
+        final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
+        layers = 2 * final.count("\ngraph ")       # prefill, decode, verify
+        assert final.count("moe_route(") == final.count("moe_experts(") == layers and "top_k(" not in final
+        assert final.count(f"top_k={MOE[family]}") == 2 * layers
+        plan = json.loads((art / "kernels" / "plan.json").read_text())
+        assert sum(k["family"] == "moe" for k in plan["kernels"].values()) == 2
     torch.manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,)).tolist() for n in (7, 3, 11)]
     seqs = Sequences(llm, prompts)
@@ -55,8 +64,9 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
         assert req.out[:32] == out.token_ids[2]
 
 
-# llama: test_parallel; falcon_mq and mistral_sw differ from falcon and mistral in attention only
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "falcon_mq", "mistral_sw")])
+# llama: test_parallel; falcon_mq and mistral_sw differ from falcon and mistral in attention only,
+# qwen3_moe from qwen3 and mixtral in routing only
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "falcon_mq", "mistral_sw", "qwen3_moe")])
 def test_family_on_ranks(family, tmp_path, smol_source, free_link):  # noqa: F811
     """Two tensor-parallel ranks (heads, MLP and vocabulary sharded as the search finds cheapest
     on a free interconnect; one KV head replicated) and two pipeline stages give the one-rank
@@ -73,6 +83,11 @@ def test_family_on_ranks(family, tmp_path, smol_source, free_link):  # noqa: F81
         assert (manifest["parallel"]["tp"], manifest["parallel"]["pp"]) == (tp, pp)
         if tp > 1:
             assert sum(manifest["parallel"]["collectives"].values()) > 0
+        if tp > 1 and family in MOE:     # expert parallelism: each rank holds half of every layer's experts
+            final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
+            experts = [line for line in final.splitlines() if "= moe_experts(" in line]
+            assert len(experts) == 2 * final.count("\ngraph ")
+            assert all("gate_up_proj.shard0of2" in line and "down_proj.shard0of2" in line for line in experts)
         llm = ffc.load(art)
         try:
             assert llm.generate(prompts, max_new_tokens=16, ignore_eos=True).token_ids == want, (tp, pp)

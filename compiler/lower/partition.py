@@ -13,7 +13,7 @@ import heapq
 from dataclasses import dataclass
 
 from ffc.ir import Node, Op, ParamRef
-from ffc.ir.ops import ELEMENTWISE, WEIGHT_READS
+from ffc.ir.ops import ELEMENTWISE, WEIGHT_INPUTS, WEIGHT_READS
 from ffc.plan.kernels import KERNEL_OF_OP, Family
 from ffc.plan.schema import FusionDecision, FusionKind
 
@@ -42,11 +42,12 @@ def _anchors(gr: Grouping) -> None:
     # A weight read through a cast (bf16/fp16 storage) or a dequantize (blocks) is converted
     # inside the kernel that reads it.
     for n in gr.graph.nodes:
-        w = n.inputs[1] if n.op in (Op.LINEAR, Op.EMBEDDING) else None
-        if isinstance(w, Node) and w.op in WEIGHT_READS and isinstance(w.inputs[0], ParamRef) and w not in gr.owner \
-                and all(u.op in (Op.LINEAR, Op.EMBEDDING) for u in gr.users[w]):
-            gr.owner[w] = gr.owner[n]
-            gr.owner[n].nodes.append(w)
+        for k in WEIGHT_INPUTS.get(n.op, ()):
+            w = n.inputs[k]
+            if isinstance(w, Node) and w.op in WEIGHT_READS and isinstance(w.inputs[0], ParamRef) \
+                    and w not in gr.owner and all(u.op in WEIGHT_INPUTS for u in gr.users[w]):
+                gr.owner[w] = gr.owner[n]
+                gr.owner[n].nodes.append(w)
     for n in gr.graph.nodes:
         if n.op is Op.DEQUANTIZE and n not in gr.owner:
             raise LoweringError(f"quantized weight {n.inputs[0]} (%{n.name}) is read by something other than a linear or "

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ffc.ir import Module, Node, Op, ParamRef
+from ffc.ir import Module, Node, Op, ParamRef, TensorType
 from ffc.ir.ops import KV_SCALE_BYTES, WEIGHT_READS
 from ffc.ir.types import DType
 from ffc.plan import expr as ex
 from ffc.plan.expr import Fn
 from ffc.plan.kernels import (GEMV_MAX_M, AttentionSpec, CollectiveSpec, Family, GatherSpec, LinearSpec,
-                              NormSpec)
+                              MoeSpec, NormSpec)
 from ffc.plan.schema import Arg, ArgKind, Packed
 
 from .groups import Group, LoweringError
@@ -243,6 +243,31 @@ def gather_spec(c: SpecContext, g: Group):
         [c.out(out), a, c.arg(idxv, "indices")[0]]
 
 
+def moe_spec(c: SpecContext, g: Group):
+    """Routing (moe_route) or the grouped experts (moe_experts), whose act(gate) * up rows go
+    to a buffer of their own: a second output, ``work``, that no IR node names."""
+    n, out = g.anchor, g.outputs["out"]
+    if n.op is Op.MOE_ROUTE:
+        a, ar = c.rows(n.inputs[0], "the router logits")
+        return MoeSpec(route=True, M=ar.rows, E=ar.K, top_k=int(n.attrs["top_k"]), in_ld=ar.ld, w_ld=ex.const(0),
+                       out_ld=ex.const(ar.K), normalize=bool(n.attrs["normalize"]),
+                       arg=_slots(["out", "x"])), [c.out(out), a]
+    x, xr = c.rows(n.inputs[0], "the experts' input")
+    w, wr = c.rows(n.inputs[1], "the routing weights")
+    gu, dn = c.weight(n.inputs[2]), c.weight(n.inputs[3])
+    if gu.dtype.quantized or dn.dtype.quantized:
+        raise LoweringError(f"graph {c.graph.name}: the experts of %{n.name} are in quantized blocks, which no "
+                            "kernel reads yet")
+    E, inner2, H = c.module.params[gu.name].type.shape
+    k = int(n.attrs["top_k"])
+    work = Node(Op.INPUT, type=TensorType(DType.F32, tuple(n.type.shape[:-1]) + (k * (inner2 // 2),)),
+                name=f"{n.name}_work")
+    g.outputs["work"] = work
+    return MoeSpec(route=False, M=xr.rows, E=E, top_k=k, in_ld=xr.ld, w_ld=wr.ld, out_ld=ex.const(H), H=H,
+                   I=inner2 // 2, act=ex.call(Fn(n.attrs["act"]), ex.var("v")), wtype=gu.dtype,
+                   arg=_slots(["out", "x", "w", "gate_up", "down", "work"])), [c.out(out), x, w, gu, dn, c.out(work)]
+
+
 def collective_spec(c: SpecContext, g: Group):
     """Not a kernel: the executor stops here and the runtime runs the collective on the arena.
     The input may be any view (its strides, affine in T and N, are in the spec: the runtime
@@ -260,4 +285,5 @@ def collective_spec(c: SpecContext, g: Group):
 BUILDERS: dict[Family, Callable] = {
     Family.LINEAR: linear_spec, Family.NORM: norm_spec, Family.ATTENTION: attention_spec,
     Family.GATHER: gather_spec, Family.POINTWISE: pointwise_spec, Family.COLLECTIVE: collective_spec,
+    Family.MOE: moe_spec,
 }

@@ -26,6 +26,7 @@ class Family(Enum):
     ATTENTION = "attention"
     GATHER = "gather"
     POINTWISE = "pointwise"
+    MOE = "moe"                   # mixture of experts: routing, and the grouped experts
     COLLECTIVE = "collective"     # not a kernel: the runtime runs it between executor segments
 
 
@@ -43,6 +44,7 @@ class CostFamily(str, Enum):
     NORM = "norm"
     GATHER = "gather"
     POINTWISE = "pointwise"
+    MOE = "moe"
     COLLECTIVE = "collective"
 
     def __str__(self) -> str:
@@ -53,6 +55,7 @@ class CostFamily(str, Enum):
 KERNEL_OF_OP: dict[Op, Family] = {
     Op.LINEAR: Family.LINEAR, Op.RMS_NORM: Family.NORM, Op.LAYER_NORM: Family.NORM,
     Op.CACHED_ATTENTION: Family.ATTENTION, Op.EMBEDDING: Family.GATHER, Op.TAKE: Family.GATHER,
+    Op.MOE_ROUTE: Family.MOE, Op.MOE_EXPERTS: Family.MOE,
     **{op: Family.COLLECTIVE for op in COLLECTIVE | POINT_TO_POINT | {Op.LOCAL_SHARD}},
 }
 # Ops of the graph before the KV cache is inserted (where the strategy search prices nodes),
@@ -207,6 +210,29 @@ class PointwiseSpec:
 
 
 @dataclass(frozen=True)
+class MoeSpec:
+    """Mixture of experts (ir/moe.py), rows of ``M`` tokens. ``route``: each row of router
+    logits [E] -> dense routing weights (softmax, its top ``top_k`` kept, renormalized when
+    ``normalize``). Else the grouped experts: out[m] = sum over the experts e with w[m, e] != 0
+    of w[m, e] * down_e (act(gate_e x_m) * up_e x_m), gate_up [E, 2I, H] and down [E, H, I] as
+    stored (wtype); each token's act(gate) * up rows go to ``work`` [M, top_k, I] (a kernel's
+    buffer) between the two halves."""
+    route: bool
+    M: Expr
+    E: int
+    top_k: int
+    in_ld: Expr              # router logits (route) / x rows
+    w_ld: Expr               # routing weight rows (experts)
+    out_ld: Expr
+    arg: Slots
+    normalize: bool = False
+    H: int = 0
+    I: int = 0
+    act: Optional[Expr] = None   # over v (the gate)
+    wtype: DType = DType.F32
+
+
+@dataclass(frozen=True)
 class CollectiveSpec:
     """A collective or a send/recv on arena memory, run by the runtime (torch.distributed or
     the local ranks' shared memory) between executor segments. The input is read through its
@@ -221,4 +247,4 @@ class CollectiveSpec:
 
 
 SPECS = {Family.LINEAR: LinearSpec, Family.NORM: NormSpec, Family.ATTENTION: AttentionSpec,
-         Family.GATHER: GatherSpec, Family.POINTWISE: PointwiseSpec}
+         Family.GATHER: GatherSpec, Family.POINTWISE: PointwiseSpec, Family.MOE: MoeSpec}
