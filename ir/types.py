@@ -6,6 +6,7 @@ A dimension is an ``int`` or a ``str`` holding an expression over named symbols
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -205,13 +206,22 @@ def symbols_of(d: Dim) -> set[str]:
     return set(_SYMBOL.findall(d)) if isinstance(d, str) else set()
 
 
+@functools.lru_cache(maxsize=4096)
+def _dim_code(d: str):
+    """A dimension expression compiled once (passes and the verifier evaluate millions), and its symbols."""
+    return compile(d, "<dim>", "eval"), frozenset(_SYMBOL.findall(d))
+
+
 def eval_dim(d: Dim, env: Mapping[str, int]) -> int:
     if isinstance(d, int):
         return d
-    missing = symbols_of(d) - set(env)
+    if d in env:                 # a bare symbol
+        return int(env[d])
+    code, symbols = _dim_code(d)
+    missing = symbols - set(env)
     if missing:
         raise KeyError(f"dimension {d!r} needs a value for {sorted(missing)}")
-    return int(eval(d, {"__builtins__": {}}, dict(env)))  # noqa: S307 - validated by normalize_dim
+    return int(eval(code, {"__builtins__": {}}, dict(env)))  # noqa: S307 - validated by normalize_dim
 
 
 def rename_dim(d: Dim, mapping: Mapping[str, str]) -> Dim:
