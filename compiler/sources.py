@@ -2,6 +2,7 @@
 model id in the local HF cache. Loading is offline; GGUF conversion is cached."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import gguf as gguf_package
 import torch
 
 from . import frontend, knobs
@@ -109,6 +111,26 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """transformers parses a GGUF file's metadata again for the config, the tokenizer and the
+    weights (18 s each for Gemma 3's 262k-token vocabulary): within one conversion they share
+    one reader (read-only, memory-mapped)."""
+    original = gguf_package.GGUFReader
+    readers: dict = {}
+
+    def reader(*args, **kwargs):
+        key = (tuple(str(a) for a in args), tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(*args, **kwargs)
+        return readers[key]
+    gguf_package.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf_package.GGUFReader = original
+
+
 def _convert_gguf(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF file to an fp32 safetensors folder once; later calls reuse it."""
     out = knobs.cache_dir() / "models" / f"{name}-{_file_key(gguf)}"
@@ -118,8 +140,9 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _one_gguf_reader():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a GGUF-loaded model while it carries the quantizer;
         # the weights are plain fp32 by now.
         if hasattr(model.config, "quantization_config"):
