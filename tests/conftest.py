@@ -32,6 +32,14 @@ QKV_ROPE_IR = """\
   %18 = rope(%12, %15, %16) : f32[1,2,T,6]
 """
 
+CALIBRATION = (
+    "A bicycle turns the push of the rider's legs into motion. The pedals turn a crank, the crank turns a "
+    "toothed wheel, and a chain carries that turning to the back wheel. Gears of different sizes let the "
+    "rider trade speed for force: a small front gear and a large back gear make hills easy, the opposite "
+    "makes the bicycle fast on flat roads. The frame holds everything together, the handlebars steer the "
+    "front wheel, and the brakes press pads against the rims or discs to slow the wheels down.\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n")
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -63,8 +71,12 @@ def smol_tok(smol_source):
 def smol_artifact(tmp_path_factory):
     import ffc
     out = tmp_path_factory.mktemp("art") / "smol.ffc"
-    # with a self-draft (speculative decoding); the rest of the artifact is as without one
-    return ffc.compile("smollm2-135m", str(out), max_seq_len=512, self_draft="auto")
+    # with a self-draft (speculative decoding), its layers chosen on a calibration text (--calibration:
+    # one sequence, not the model's own answers to four prompts, which take a minute to generate
+    # and score); the rest of the artifact is as without one
+    calibration = out.parent / "calibration.txt"
+    calibration.write_text(CALIBRATION)
+    return ffc.compile("smollm2-135m", str(out), max_seq_len=512, self_draft="auto", calibration=str(calibration))
 
 
 @pytest.fixture(scope="session")

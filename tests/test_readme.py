@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -98,14 +99,13 @@ def _sh(line: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess
 def test_commands_run_as_written(smol_artifact, tmp_path):
     (tmp_path / "smol.ffc").symlink_to(smol_artifact)
     lines = readme_commands()
-    ran = []
-    for line in lines:
-        if _skip(line) is not None or not line.startswith("ffc ") or line.startswith("ffc serve"):
-            continue
-        r = _sh(line, tmp_path)
+    ran = [line for line in lines
+           if _skip(line) is None and line.startswith("ffc ") and not line.startswith("ffc serve")]
+    with ThreadPoolExecutor(2) as pool:       # independent processes: two at a time
+        results = list(pool.map(lambda line: _sh(line, tmp_path), ran))
+    for line, r in zip(ran, results):
         assert r.returncode == 0, f"{line}\n{r.stderr[-2000:]}"
         assert r.stdout.strip(), f"{line} printed nothing"
-        ran.append(line)
     assert any(x.startswith("ffc run") for x in ran) and any(x.startswith("ffc inspect") for x in ran)
     assert any(x.startswith(DRY_RUN) for x in ran) and len(ran) >= 8, ran
     # the server the curl examples talk to, on a free port (the only change: 8000 may be taken)
