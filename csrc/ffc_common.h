@@ -2,6 +2,10 @@
 // fp32, activations and the dims every kernel receives. Host code everywhere; also device code
 // under nvcc.
 #pragma once
+// a guard macro too: kernels are compiled with this header precompiled and force-included
+// (-include), so the copy next to them must see it is already in
+#ifndef FFC_COMMON_H
+#define FFC_COMMON_H
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -84,3 +88,4 @@ FFC_HD float ffc_relu(float x) { return x > 0.0f ? x : 0.0f; }
 #define FFC_DIMS                              \
   const int64_t T = d[0], N = d[1], S = d[2]; \
   (void)T; (void)N; (void)S;
+#endif  // FFC_COMMON_H

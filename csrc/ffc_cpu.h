@@ -2,6 +2,10 @@
 // SIMD layer. Generated kernels include this header only; the ISA is whatever the compiler
 // was told at build time (-march=native), chosen here by the predefined macros.
 #pragma once
+// a guard macro too: kernels are compiled with this header precompiled and force-included
+// (-include), so the copy next to them must see it is already in
+#ifndef FFC_CPU_H
+#define FFC_CPU_H
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -262,3 +266,4 @@ static inline void ffc_panel_rows(int mr, const float* x, int64_t ldx, const W* 
   }
   ffc_panel_tile<R>(x, ldx, panel, K, t);
 }
+#endif  // FFC_CPU_H
