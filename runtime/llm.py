@@ -26,7 +26,7 @@ from . import distributed
 from .compiled import open_compiled
 from .device_memory import HOST
 from .engine import Engine, releasable
-from .kernel_library import trusted
+from .kernel_library import trusted, vouch
 from .kv_cache import BlockPool
 from .model_runner import ModelRunner
 from .sampling import MAX_SEED, SamplingParams
@@ -36,6 +36,18 @@ from .speculative import ModelDraft
 # the safetensors header's dtype names, as the IR spells them
 _SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64", "U8": "u8"}
 LibraryHook = Callable[[Artifact], Path]
+
+
+def read_verified_module(art: Artifact):
+    """The artifact's final IR, verified unless this very file was verified here before (its
+    SHA-256 in the trust registry; seconds of shape checks in every fresh process, such as each
+    CLI command); a file that passes is recorded."""
+    ir = art.path(art.final_ir)
+    if trusted(ir):
+        return art.read_module(verify=False)
+    module = art.read_module()
+    vouch(ir)
+    return module
 
 
 def load_tokenizer(art: Artifact):
@@ -175,7 +187,7 @@ class LLM:
         if backend not in (None, "compiled", "interpreter"):
             raise InvalidRequestError(f"backend {backend!r} is unknown; use 'compiled' or 'interpreter'")
         art = Artifact.open(path, check_hashes=check_hashes)
-        module = art.read_module()
+        module = read_verified_module(art)
         tp, pp = art.tp, art.pp
         weights = _check_weights(art, module)
         tokenizer = load_tokenizer(art)

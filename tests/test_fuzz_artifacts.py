@@ -278,3 +278,24 @@ def test_a_rank_reads_only_the_ir_its_driver_verified(tiny_artifact, tmp_path):
     ir.write_text(ir.read_text() + "\n")
     with pytest.raises(ffc.ArtifactError, match="changed after it was verified"):
         art.read_module(verify=False)
+
+
+def test_an_ir_verified_here_is_not_verified_again(tiny_artifact, tmp_path, monkeypatch):
+    """ffc.load verifies an IR file once per machine (its SHA-256 recorded in the trust registry:
+    seconds of shape checks saved in every later process); an edited IR is verified (and a bad
+    edit refused) however its manifest hash was made to match."""
+    from ffc import artifact
+    dst = tmp_path / "a.ffc"
+    shutil.copytree(tiny_artifact, dst, symlinks=True)
+    ffc.load(dst).close()                                   # verified (or already known): recorded
+
+    def no_verify(module):
+        raise AssertionError("verified again")
+    monkeypatch.setattr(artifact, "verify_module", no_verify)
+    ffc.load(dst).close()
+    rel = json.loads((dst / "manifest.json").read_text())["final_ir"]
+    ir = dst / rel
+    ir.write_text(ir.read_text().replace("rms_norm", "layer_norm", 1))
+    _rehash(dst, rel)
+    with pytest.raises(AssertionError, match="verified again"):
+        ffc.load(dst)
