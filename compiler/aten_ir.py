@@ -80,13 +80,13 @@ class Converter:
         return a
 
     def emit(self, fx_node, op: Op, inputs, attrs=None, type: TensorType | None = None) -> Node:
-        type = type or self.type_of(fx_node)
+        type, dense = type or self.type_of(fx_node), False
         wide = [v for v in inputs if isinstance(v, Node) and v in self.dense_topk]
         if wide:
-            type = dense_topk_type(self, fx_node, op, inputs, attrs or {}, type, wide[0])
+            type, dense = dense_topk_type(self, fx_node, op, inputs, attrs or {}, type, wide[0])
         n = Node(op, tuple(inputs), attrs or {}, type, self.origin(fx_node))
         self.nodes.append(n)
-        if wide and op not in (Op.SUM, Op.MOE_EXPERTS):
+        if dense:
             self.dense_topk.add(n)
         return n
 

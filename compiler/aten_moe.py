@@ -22,15 +22,15 @@ class TopKIndices:
         self.values, self.k = values, k
 
 
-def dense_topk_type(c, fx_node, op: Op, inputs, attrs, type: TensorType, wide: Node) -> TensorType:
-    """The type of an op reading ``wide``, top-k values held dense; refused unless it keeps
-    their zeros zero and their sums (scaled by a tensor that is not dense, summed over the
-    experts, or the experts op itself)."""
+def dense_topk_type(c, fx_node, op: Op, inputs, attrs, type: TensorType, wide: Node) -> tuple[TensorType, bool]:
+    """The type of an op reading ``wide``, top-k values held dense, and whether its result is
+    dense top-k values too; refused unless it keeps their zeros zero and their sums (scaled by
+    a tensor that is not dense, summed over the experts, or the experts op itself)."""
     if op in (Op.MUL, Op.DIV, Op.CAST) and inputs[0] is wide and not any(
             isinstance(v, Node) and v in c.dense_topk for v in inputs[1:]):
-        return type.with_shape(tuple(type.shape[:-1]) + (wide.type.shape[-1],))
+        return type.with_shape(tuple(type.shape[:-1]) + (wide.type.shape[-1],)), True
     if (op is Op.SUM and list(attrs.get("dims", ())) == [wide.type.rank - 1]) or op is Op.MOE_EXPERTS:
-        return type
+        return type, False
     c.unsupported(fx_node, "over top-k values (ffc reads a top-k only as a mixture of experts' routing)")
 
 

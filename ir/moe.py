@@ -16,12 +16,12 @@ rank takes its experts' columns as a plain slice, and a kernel skips the zero en
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+# the activations ffc names (glu's and the experts'), by name
+ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+        "sigmoid": torch.sigmoid}
 
 
 def top_k(x: torch.Tensor, *, k: int) -> torch.Tensor:
@@ -54,21 +54,6 @@ def moe_experts(x: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: t
         h = ACTS[act](h[:, :inner]) * h[:, inner:]
         out.index_add_(0, rows, F.linear(h, down[e].to(x.dtype)) * w[rows, e, None])
     return out.reshape(shape)
-
-
-def experts_cost(ins, out, top_k: int) -> tuple[float, float]:
-    """(FLOPs, bytes) of moe_experts over (shape, dtype) pairs: each token runs ``top_k`` experts
-    (gate_up then down: 6 H I FLOPs each); the weights read are those of the distinct experts
-    the step's tokens choose (``experts_read``), the activations once."""
-    def nbytes(shape, dtype):
-        n = math.prod(shape) if shape else 1
-        return float(n * (dtype.element_bytes if hasattr(dtype, "element_bytes") else dtype.itemsize))
-    (x, xdt), (w, wdt), (gu, gdt) = ins[0], ins[1], ins[2]
-    tokens = math.prod(x[:-1]) if len(x) > 1 else 1
-    experts, inner2, hidden = gu
-    per_expert = nbytes(gu[1:], gdt) * 1.5           # gate_up [2I, H] and down [H, I]
-    return (3.0 * tokens * top_k * inner2 * hidden,
-            experts_read(tokens, experts, top_k) * per_expert + nbytes(x, xdt) + nbytes(w, wdt) + nbytes(*out))
 
 
 def experts_read(tokens: float, experts: int, k: int) -> float:

@@ -319,10 +319,7 @@ def _scaled_shape(factor_of):
     return rule
 
 
-_ACTS: dict[str, Callable] = {
-    "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu, "sigmoid": torch.sigmoid,
-}
+_ACTS = moe.ACTS    # what glu and the experts apply
 
 
 def _slice(x, *, dim, start=0, end=None, step=1):
@@ -426,7 +423,10 @@ def _elementwise(fn):
 
 
 def _cost_moe(ins, out, *, top_k) -> Estimate:
-    return Estimate(*moe.experts_cost(ins, out, top_k))
+    """Each token runs top_k experts (6 H I FLOPs); weights read: the experts chosen (moe.experts_read)."""
+    (gu, gdt), tokens = ins[2], _numel(ins[0][0][:-1])
+    return Estimate(flops=3.0 * tokens * top_k * gu[1] * gu[2], bytes=_bytes_of(ins[:2] + [out]) +
+                    moe.experts_read(tokens, gu[0], top_k) * 1.5 * _bytes_of([(gu[1:], gdt)]))
 
 
 REGISTRY: dict[Op, OpDef] = {
