@@ -325,9 +325,9 @@ class Artifact:
         return (self.manifest.get("options") or {}).get("max_seq_len")
 
     def read_module(self, verify: bool = True) -> Module:
-        """The final IR, parsed and verified. ``verify=False``: in a rank whose driver verified it
-        (seconds for a large model, in every rank), its bytes are only checked against the
-        manifest's hash, so they are the ones the driver verified."""
+        """The final IR, parsed and verified. ``verify=False``: for bytes verified before (by the
+        driver of this rank, or on an earlier load here: runtime.llm.read_verified_module), only
+        checked against the manifest's hash, so they are the ones that were verified."""
         try:
             data = self.path(self.final_ir).read_bytes()
             if not verify and hashlib.sha256(data).hexdigest() != self.manifest["files"].get(self.final_ir):
