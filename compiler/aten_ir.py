@@ -246,13 +246,27 @@ def _select(c: Converter, n, x, dim, index):
     size = x.meta["val"].shape[d]
     if not isinstance(index, int) or not isinstance(size, int) or not -size <= index < size:
         c.unsupported(n, "with a symbolic index or one on a symbolic dimension")
-    index %= size
+    return _position(c, n, x, d, index % size, c.type_of(n))
+
+
+def _position(c: Converter, n, x, d: int, index: int, out: TensorType) -> Node:
+    """Position ``index`` of dimension ``d`` of x, that dimension dropped (``out``)."""
     val = x.meta["val"]
     kept = TensorType(DType.of(val.dtype), tuple(c.dim(v) for v in val.shape[:d]) + (1,) +
                       tuple(c.dim(v) for v in val.shape[d + 1:]))
     one = Node(Op.SLICE, (c.arg(x),), {"dim": d, "start": index, "end": index + 1, "step": 1}, kept, c.origin(n))
     c.nodes.append(one)
-    return c.emit(n, Op.RESHAPE, [one], {"shape": list(c.type_of(n).shape)})
+    return c.emit(n, Op.RESHAPE, [one], {"shape": list(out.shape)}, type=out)
+
+
+def _unbind(c: Converter, n, x, dim=0):
+    """unbind: every position of a static dimension on its own (picked apart by getitem); Falcon's
+    heads-interleaved fused QKV ([.., heads, 3, D]) is unbound into Q, K and V."""
+    d = _pos(dim, c.rank(x))
+    if not isinstance(x.meta["val"].shape[d], int):
+        c.unsupported(n, "over a symbolic dimension")
+    return [_position(c, n, x, d, i, TensorType(DType.of(v.dtype), tuple(c.dim(s) for s in v.shape)))
+            for i, v in enumerate(n.meta["val"])]
 
 
 def _split(c: Converter, n, x, sizes, dim=0):
@@ -373,6 +387,12 @@ def _sdpa(c: Converter, n, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=Fal
     return c.emit(n, Op.SDPA, [c.arg(q), c.arg(k), c.arg(v)], attrs)
 
 
+def _alibi_sdpa(c: Converter, n, q, k, v, slopes, scale, factor):
+    """An ALiBi model's causal attention (ffc::alibi_sdpa): the heads' slopes are its 4th input."""
+    attrs = {"causal": True, "scale": float(scale), **c.attention.get(c.origin(n).module, {}), "alibi": float(factor)}
+    return c.emit(n, Op.SDPA, [c.arg(q), c.arg(k), c.arg(v), c.arg(slopes)], attrs)
+
+
 def _sym_size(c: Converter, n, x, dim):
     return c.dim(x.meta["val"].shape[dim])
 
@@ -390,6 +410,7 @@ ATEN: dict[Any, Callable] = {
     aten.matmul.default: _matmul,
     aten.layer_norm.default: _layer_norm,
     aten.scaled_dot_product_attention.default: _sdpa,
+    torch.ops.ffc.alibi_sdpa.default: _alibi_sdpa,
     aten.add.Tensor: _binary(Op.ADD),
     aten.add_.Tensor: _binary(Op.ADD, inplace=True),
     aten.mul_.Tensor: _binary(Op.MUL, inplace=True),
@@ -425,6 +446,8 @@ ATEN: dict[Any, Callable] = {
     aten.squeeze.dim: _squeeze,
     aten.squeeze.dims: _squeeze,
     aten.flatten.using_ints: _reshape,
+    aten.unflatten.int: _reshape,
+    aten.unbind.int: _unbind,
     aten.expand.default: _expand,
     aten.broadcast_to.default: _expand,
     aten.transpose.int: _transpose,

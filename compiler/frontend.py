@@ -39,7 +39,12 @@ def _ffc_attention(module, query, key, value, attention_mask, scaling=None, drop
         b, h, s, d = key.shape
         key = key[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
         value = value[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    slopes = getattr(module, "_ffc_alibi_slopes", None)
+    if slopes is not None:        # an ALiBi model (_alibi): its bias as the slopes of ffc's op
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.ffc.alibi_sdpa(query, key, value, slopes, scale, module._ffc_alibi_factor)
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -173,6 +178,41 @@ def _static_rope(model):
             del m.forward
 
 
+def _alibi_modules(model) -> list:
+    """An ALiBi model's (config.alibi: Falcon-RW) attention modules, each with its heads' slopes
+    as a buffer (a weight, found by name; split with the heads on tensor-parallel ranks): the
+    model's own build_alibi_tensor's (bf16) slopes, and the factor 1 / sqrt(head_dim) by which
+    FalconModel.forward scales their products with the key positions."""
+    if not getattr(model.config, "alibi", False):
+        return []
+    build = getattr(sys.modules[type(model).__module__], "build_alibi_tensor", None)
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "num_heads")]
+    if build is None or not mods:
+        raise UnsupportedModelError(f"{type(model).__name__} with ALiBi position biases (config.alibi): ffc finds "
+                                    "no build_alibi_tensor or attention modules with num_heads in its HF code")
+    for m in mods:
+        if "_ffc_alibi_slopes" not in m._buffers:
+            h = m.num_heads
+            slopes = build(torch.ones(1, 2, dtype=torch.long), h, torch.float32).reshape(h, 2)[:, 1]
+            m.register_buffer("_ffc_alibi_slopes", slopes.clone(), persistent=False)
+            m._ffc_alibi_factor = 1.0 / (model.config.hidden_size // h) ** 0.5
+    return mods
+
+
+@contextlib.contextmanager
+def _alibi(model):
+    """ALiBi models export their bias as ffc::alibi_sdpa over each attention's slopes: the model
+    builds no bias tensor to add to its (absent) mask."""
+    owners = [m for m in model.modules() if getattr(m, "use_alibi", False)] if _alibi_modules(model) else []
+    try:
+        for m in owners:
+            m.use_alibi = False
+        yield
+    finally:
+        for m in owners:
+            m.use_alibi = True
+
+
 class _LogitsOnly(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -186,9 +226,6 @@ def export(model, max_seq_len: int, device: str = "cpu"):
     """torch.export of ``model`` on (input_ids[1,T], position_ids[1,T]) -> logits[1,T,V]."""
     _register_attention()
     cfg = model.config
-    if getattr(cfg, "alibi", False):
-        raise UnsupportedModelError(f"{type(model).__name__} with ALiBi position biases (config.alibi) is not "
-                                    "supported yet; rotary-position configs of this family are")
     previous = cfg._attn_implementation
     if model._can_set_attn_implementation():
         model.set_attn_implementation(ATTN_IMPL)
@@ -196,7 +233,7 @@ def export(model, max_seq_len: int, device: str = "cpu"):
         t = torch.export.Dim("T", min=2, max=max_seq_len)
         ids = torch.zeros(1, 8, dtype=torch.long, device=device)
         pos = torch.arange(8, device=device)[None]
-        with torch.no_grad(), _direct_sdpa(model), _static_rope(model), _ffc_experts_of(model):
+        with torch.no_grad(), _direct_sdpa(model), _static_rope(model), _ffc_experts_of(model), _alibi(model):
             return torch.export.export(_LogitsOnly(model), (ids, pos), strict=False,
                                        dynamic_shapes={"input_ids": {1: t}, "position_ids": {1: t}})
     finally:
@@ -245,6 +282,7 @@ def raw_weights(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the model by its HF name (tied ones under each name)."""
     for m in _longrope_modules(model):
         _longrope_buffers(m)
+    _alibi_modules(model)
     out = dict(model.named_parameters(remove_duplicate=False))
     out.update(dict(model.named_buffers(remove_duplicate=False)))
     return {k: v.detach() for k, v in out.items()}

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from ffc.ir.ops import KV_SCALE_BYTES, Op, attention_work, kv_quantize, node_cost
+from ffc.ir.attention import KV_SCALE_BYTES, kv_quantize
+from ffc.ir.ops import Op, attention_work, node_cost
 from ffc.ir.text import node_names
 from ffc.ir.types import DType, eval_dim
 from ffc.plan.kernels import CostFamily, Family, cost_family

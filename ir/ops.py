@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import moe, quant
+from .attention import KV_SCALE_BYTES, _attention, _cached_attention
 from .types import DType
 
 
@@ -131,115 +132,6 @@ def _rotate_half(x):
 def _rms_norm(x, w, *, eps):
     # Same order of operations as the HF Llama/Qwen2/Mistral RMSNorm, so fp32 results match.
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _visible(q_pos, k_pos, causal, window):
-    """Boolean mask [Tq, Tk]: may query at q_pos see key at k_pos."""
-    m = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
-    if causal:
-        m &= k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        m &= (q_pos[:, None] - k_pos[None, :]) < window
-    return m
-
-
-def _sdpa(q, k, v, mask, scale=None, softcap=None):
-    """softmax(q k^T * scale, over the keys ``mask`` shows) v; with ``softcap`` the scores are
-    squashed first, tanh(s / cap) * cap (Gemma 2), which torch's SDPA has no argument for."""
-    gqa = q.shape[1] != k.shape[1]
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    s = q @ k.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    s = torch.tanh(s / softcap) * softcap
-    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
-
-
-def _attention(q, k, v, *, causal=True, scale=None, window=None, softcap=None):
-    # q: [B, H, T, D]; k, v: [B, Hkv, S, D]; heads h uses kv head h // (H // Hkv).
-    gqa = q.shape[1] != k.shape[1]
-    if window is None and softcap is None and causal and q.shape[2] == k.shape[2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    s = k.shape[2]
-    pos = torch.arange(s, device=q.device)
-    return _sdpa(q, k, v, _visible(pos[s - q.shape[2]:], pos, causal, window), scale, softcap)
-
-
-KV_SCALE_BYTES = 4   # an int8 KV-cache row: D int8 values, then their f32 scale
-
-
-def kv_quantize(x: torch.Tensor) -> torch.Tensor:
-    """Rows [..., D] of f32 -> int8 rows [..., D + 4]: symmetric, x * (127 / amax) rounded to
-    nearest even, then the row's scale amax / 127 as f32 bytes (what the kernels compute)."""
-    amax = x.float().abs().amax(-1, keepdim=True)
-    q = torch.round(x * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127).to(torch.int8)
-    return torch.cat([q, (amax / 127.0).contiguous().view(torch.int8)], dim=-1)
-
-
-def kv_dequantize(r: torch.Tensor) -> torch.Tensor:
-    """int8 rows [..., D + 4] -> f32 [..., D]."""
-    return r[..., :-KV_SCALE_BYTES].float() * r[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)
-
-
-TREE_NODES = 64      # nodes of a verify step's token tree per sequence (a bit each in tree_mask)
-
-
-def tree_slots(tree_base: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
-    """The cache slot of each token of a verify step: node j of a sequence's tree (its highest
-    mask bit: a node sees its ancestors, whose indices are lower) lies at tree_base + j."""
-    bits = (tree_mask[:, None] >> torch.arange(TREE_NODES, device=tree_mask.device)) & 1
-    return tree_base + (TREE_NODES - 1 - bits.flip(-1).argmax(-1))
-
-
-def _cached_attention(q, k, v, positions, seq_ids, block_tables, kv_cache, tree_base=None, tree_mask=None, *,
-                      layer, scale=None, window=None, softcap=None, form="prefill"):
-    """Write this step's K/V into the paged cache, then attend over each token's sequence.
-
-    q: [1, H, T, D]; k, v: [1, Hkv, T, D]; positions: [1, T]; seq_ids: [T] (row of
-    block_tables); block_tables: [N, MB]; kv_cache: [L, 2, S, Hkv, BS, D] (S blocks of BS
-    positions; an int8 cache: rows of D + 4, see kv_quantize). Token t of sequence n writes
-    slot s of its sequence, block block_tables[n, s // BS], offset s % BS: s is its position,
-    and it attends to slots 0..s (causal by construction, across chunks and steps). A verify
-    step (form "verify") carries each sequence's token tree: tree_base [T] (the sequence's
-    committed length) and tree_mask [T] (bit j: tree node j, at slot tree_base + j, is visible;
-    a node sees its ancestors and itself); token t writes slot tree_base + (its own node) and
-    attends to slots 0..tree_base - 1 and the tree slots its mask names. Its position (rope)
-    is tree_base + its depth.
-    """
-    pos = positions[0]
-    slot = pos if tree_base is None else tree_slots(tree_base, tree_mask)
-    bs = kv_cache.shape[4]
-    kc, vc = kv_cache[layer, 0], kv_cache[layer, 1]               # [S, Hkv, BS, D]
-    blocks, offs = block_tables[seq_ids, slot // bs], slot % bs   # [T], [T]
-    store = kv_quantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(kc.dtype))
-    load = kv_dequantize if kv_cache.dtype == torch.int8 else (lambda x: x.to(q.dtype))
-    kc[blocks, :, offs] = store(k[0].transpose(0, 1))
-    vc[blocks, :, offs] = store(v[0].transpose(0, 1))
-    out = torch.empty_like(q)
-    t, n = 0, seq_ids.shape[0]
-
-    def gather(c, table, length):  # the sequence's first `length` slots: [1, Hkv, length, D]
-        b = c[table[:-(-length // bs)]]                            # [nb, Hkv, BS, row]
-        return load(b.transpose(0, 1).reshape(1, c.shape[1], -1, c.shape[3])[:, :, :length])
-
-    while t < n:  # runs of consecutive tokens that belong to one sequence
-        e = t + 1
-        while e < n and seq_ids[e] == seq_ids[t]:
-            e += 1
-        table = block_tables[int(seq_ids[t])]
-        length = int(slot[t:e].max()) + 1
-        keys = torch.arange(length, device=q.device)
-        if tree_base is None:
-            mask = _visible(pos[t:e], keys, True, window)
-        else:                                   # committed slots, and the tree nodes each token's mask names
-            base = tree_base[t:e, None]
-            rel = (keys[None, :] - base).clamp(0, TREE_NODES - 1)
-            mask = (keys[None, :] < base) | ((keys[None, :] >= base) & (((tree_mask[t:e, None] >> rel) & 1) == 1))
-        kv = gather(kc, table, length), gather(vc, table, length)
-        out[:, :, t:e] = _sdpa(q[:, :, t:e], *kv, mask, scale, softcap)
-        t = e
-    return out
 
 
 @dataclass(frozen=True)
@@ -438,10 +330,10 @@ REGISTRY: dict[Op, OpDef] = {
                          cost=_cost_norm, attrs=("eps",)),
     Op.ROPE: OpDef(ref=lambda x, cos, sin: x * cos + _rotate_half(x) * sin, cost=_cost_norm,
                    shape=_shape_same_as_first),
-    Op.SDPA: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
-    Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap")),
+    Op.SDPA: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap", "alibi")),
+    Op.ATTENTION: OpDef(ref=_attention, cost=_cost_attention, attrs=("causal", "scale", "window", "softcap", "alibi")),
     Op.CACHED_ATTENTION: OpDef(ref=_cached_attention, cost=_cost_cached_attention, shape=_shape_same_as_first,
-                               attrs=("layer", "scale", "window", "softcap", "form")),
+                               attrs=("layer", "scale", "window", "softcap", "form", "alibi")),
     Op.GLU: OpDef(ref=lambda a, b, *, act: _ACTS[act](a) * b, cost=_cost_elementwise, attrs=("act",)),
     Op.TOP_K: OpDef(ref=moe.top_k, cost=_cost_norm, shape=_shape_same_as_first, attrs=("k",)),
     Op.MOE_ROUTE: OpDef(ref=moe.moe_route, cost=_cost_norm, shape=_shape_same_as_first, attrs=("top_k", "normalize")),

@@ -141,23 +141,26 @@ def _norm(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
 
 
 def _attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
+    """Replicated, or heads split (GQA groups kept; ALiBi's slopes [H] split with the heads)."""
     q, k = node.inputs[0], node.inputs[1]
-    res = [OpStrategy("replicated", (R, R, R), R)]
-    if _divisible(q.type.shape[1], tp) and _divisible(k.type.shape[1], tp):   # heads (GQA groups kept)
-        res.append(OpStrategy("heads", (S(1), S(1), S(1)), S(1)))
+    slopes = len(node.inputs) - 3
+    res = [OpStrategy("replicated", (R, R, R) + (R,) * slopes, R)]
+    if _divisible(q.type.shape[1], tp) and _divisible(k.type.shape[1], tp):
+        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + (S(0),) * slopes, S(1)))
     return res
 
 
 def _cached_attention(node: Node, tp: int, shape: Shape) -> list[OpStrategy]:
     """Attention over the KV cache (after insert_kv_cache): heads split as for attention, the
     cache [L, 2, S, Hkv, BS, D] then holding each rank's KV heads; bookkeeping (and a verify
-    step's tree) replicated."""
+    step's tree) replicated; ALiBi's slopes (the last input) as the heads."""
     books = (R, R, R)
-    tree = (R,) * (len(node.inputs) - 7)
-    res = [OpStrategy("replicated", (R, R, R) + books + (R,) + tree, R)]
+    slopes = 1 if node.attrs.get("alibi") is not None else 0
+    tree = (R,) * (len(node.inputs) - 7 - slopes)
+    res = [OpStrategy("replicated", (R, R, R) + books + (R,) + tree + (R,) * slopes, R)]
     q, k = node.inputs[0], node.inputs[1]
     if _divisible(q.type.shape[1], tp) and _divisible(k.type.shape[1], tp):
-        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + books + (S(3),) + tree, S(1)))
+        res.append(OpStrategy("heads", (S(1), S(1), S(1)) + books + (S(3),) + tree + (S(0),) * slopes, S(1)))
     return res
 
 

@@ -13,13 +13,14 @@ writing a position never rescales another). Every causal ``attention`` becomes
 its sequence's blocks up to that position. ``prefill`` serves any mix of prompt chunks and single
 tokens (T tokens); ``decode`` is the same graph specialised to one token per sequence
 (T renamed B, attention form "decode"); ``verify`` is prefill over token trees (speculative
-decoding: ``tree_base`` and ``tree_mask`` per token, see ops._cached_attention), logits at
+decoding: ``tree_base`` and ``tree_mask`` per token, see ffc.ir.attention._cached_attention), logits at
 every token.
 """
 from __future__ import annotations
 
 from ffc.ir import Graph, Module, Node, Op, TensorType
-from ffc.ir.ops import KV_SCALE_BYTES, SHAPE_ATTRS
+from ffc.ir.attention import KV_SCALE_BYTES
+from ffc.ir.ops import SHAPE_ATTRS
 from ffc.ir.sharding import R, S
 from ffc.ir.types import DType, rename_dim
 
@@ -69,11 +70,11 @@ def insert_kv_cache(module: Module, ctx) -> Module:
     cache = Node(Op.INPUT, type=TensorType(cdtype, (len(attns), 2, "S", hkv, bs, row), cache_place), name="kv_cache")
     g.inputs += [seqs, tables, cache]
     for layer, a in enumerate(attns):
-        q, k, v = a.inputs
+        (q, k, v), slopes = a.inputs[:3], tuple(a.inputs[3:])      # ALiBi's slopes stay the last input
         if not a.attrs["causal"] or k.type.shape[2] != q.type.shape[2]:
             raise ValueError(f"attention at {a.origin} is not causal self-attention; no KV cache rule for it")
         attrs = {"layer": layer, **{k: v for k, v in a.attrs.items() if k != "causal"}, "form": "prefill"}
-        c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, seqs, tables, cache), attrs, a.type, a.origin)
+        c = Node(Op.CACHED_ATTENTION, (q, k, v, positions, seqs, tables, cache) + slopes, attrs, a.type, a.origin)
         g.insert_before(a, [c])
         g.replace_uses(a, c)
         g.nodes.remove(a)
@@ -93,5 +94,5 @@ def _verify(prefill: Graph, tokens, book) -> Graph:
     g.inputs += [base, mask]
     for n in g.nodes:
         if n.op is Op.CACHED_ATTENTION:
-            n.inputs = n.inputs + (base, mask)
+            n.inputs = n.inputs[:7] + (base, mask) + n.inputs[7:]
     return g

@@ -2,7 +2,8 @@
 attention without materialising the repeated K/V. repeat_kv is the expand/reshape
 pattern  reshape(expand(unsqueeze(k, 2), [B,Hkv,R,S,D]), [B,Hkv*R,S,D]), or K/V broadcast
 to the query heads before the heads axis moves forward and rope is applied (Falcon).
-Plain SDPA (no repetition) is raised too; every attention keeps causal and scale."""
+Plain SDPA (no repetition) is raised too; every attention keeps causal and scale (and
+ALiBi's slopes, a 4th input)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -59,15 +60,15 @@ def _unbroadcast(x, m: Match) -> Optional[list[Node]]:
 
 
 def _attention(node: Node, m: Match):
-    q, k, v = node.inputs
+    (q, k, v), extra = node.inputs[:3], tuple(node.inputs[3:])    # extra: ALiBi's slopes
     k0, v0 = _unrepeat(k, m), _unrepeat(v, m)
     if k0.type.shape[1] != v0.type.shape[1]:
         k0, v0 = k, v
     attrs = {"window": None, **node.attrs}     # causal, scale, and a window and softcap where the layer has them
     kb, vb = _unbroadcast(k, m), _unbroadcast(v, m)
     if kb is not None and vb is not None and kb[-1].type.shape[1] == vb[-1].type.shape[1]:
-        return kb + vb + [Node(Op.ATTENTION, (q, kb[-1], vb[-1]), attrs, node.type, node.origin)]
-    return [Node(Op.ATTENTION, (q, k0, v0), attrs, node.type, node.origin)]
+        return kb + vb + [Node(Op.ATTENTION, (q, kb[-1], vb[-1]) + extra, attrs, node.type, node.origin)]
+    return [Node(Op.ATTENTION, (q, k0, v0) + extra, attrs, node.type, node.origin)]
 
 
 @per_graph

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ffc.errors import InvalidRequestError
-from ffc.ir.ops import TREE_NODES
+from ffc.ir.attention import TREE_NODES
 
 from .kv_cache import BlockPool
 from .model_runner import Chunk

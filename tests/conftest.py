@@ -122,6 +122,12 @@ def tiny_model_folder(path: Path, family: str, smol_source) -> Path:
         model = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=72, num_hidden_layers=2, num_attention_heads=6,
                                                      parallel_attn=True, bias=False, alibi=False,
                                                      max_position_embeddings=256, **arch, **odd))
+    elif family == "falcon_rw":     # Falcon-RW: ALiBi, sequential block, biases, heads with their own K/V; 12
+        # heads: slopes 2^-1 .. 2^-8 and 2^-0.5 .. 2^-5.5, whose products with positions bf16 rounds
+        model = tf.FalconForCausalLM(tf.FalconConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=12,
+                                                     alibi=True, new_decoder_architecture=False, multi_query=False,
+                                                     parallel_attn=False, bias=True, max_position_embeddings=256,
+                                                     **odd))
     elif family == "gemma3":    # a sliding window of 8 on the first layer (prompts and generation go past it)
         model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             hidden_size=72, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,

@@ -38,6 +38,7 @@ param @egu : f32[7,26,37]
 param @edn : f32[7,37,13]
 param @egu.bf16 : bf16[7,26,37] = cast(@egu) {dtype="bf16"}
 param @edn.bf16 : bf16[7,37,13] = cast(@edn) {dtype="bf16"}
+param @slopes : f32[4]
 graph lin(%x : f32[1,T,37], %r : f32[1,T,13]) {
   %0 = linear(%x, @w1, @b1) : f32[1,T,13]
   %1 = gelu(%0) {approximate="tanh"} : f32[1,T,13]
@@ -100,10 +101,12 @@ graph moe16(%x : f32[T,37]) {
 graph attn(%qkv : f32[1,T,48], %position_ids : i64[1,T], %seq_ids : i64[T], %block_tables : i64[N,5], %kv_cache : f32[2,2,S,2,8,6]) {
 """ + QKV_ROPE_IR + """  %19 = cached_attention(%17, %18, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=1, scale=0.4, window=null} : f32[1,4,T,6]
   %20 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache) {form="prefill", layer=0, scale=null, window=3} : f32[1,4,T,6]
-  %21 = add(%19, %20) : f32[1,4,T,6]
-  %22 = transpose(%21) {dim0=1, dim1=2} : f32[1,T,4,6]
-  %23 = reshape(%22) {shape=[1,"T",24]} : f32[1,T,24]
-  return %23
+  %21 = cached_attention(%10, %12, %14, %position_ids, %seq_ids, %block_tables, %kv_cache, @slopes) {alibi=0.3, form="prefill", layer=0, scale=null, window=null} : f32[1,4,T,6]
+  %22 = add(%19, %20) : f32[1,4,T,6]
+  %23 = add(%22, %21) : f32[1,4,T,6]
+  %24 = transpose(%23) {dim0=1, dim1=2} : f32[1,T,4,6]
+  %25 = reshape(%24) {shape=[1,"T",24]} : f32[1,T,24]
+  return %25
 }
 """
 
@@ -194,7 +197,7 @@ def test_kernel_plan_fuses_what_it_should(kernel_lib):
     _, plan, _, _, kdir, _ = kernel_lib
     fams = {g: [plan.kernels[s.kernel].family.value for s in gp.steps] for g, gp in plan.graphs.items()}
     assert fams["lin"] == ["linear", "linear"]            # gelu+residual and glu are epilogues
-    assert fams["attn"].count("attention") == 2 and fams["attn"].count("pointwise") == 2
+    assert fams["attn"].count("attention") == 3 and fams["attn"].count("pointwise") == 2
     text = describe_plan(plan)
     assert "rope on q and k, and the KV-cache write, fused into attention" in text
     # the add feeds two norms: one takes it as a prologue (and writes the sum), the other is refused

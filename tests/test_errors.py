@@ -71,17 +71,6 @@ def test_alias_chunks_that_do_not_join_to_the_pinned_file(tmp_path, monkeypatch)
         sources.alias_file("gone")
 
 
-def test_falcon_with_alibi_is_refused_by_name(tmp_path, smol_tok):
-    """A supported family in a configuration ffc cannot compile yet: refused naming what."""
-    import transformers as tf
-    cfg = tf.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=49152, alibi=True)
-    tf.FalconForCausalLM(cfg).save_pretrained(tmp_path / "falcon-rw")
-    smol_tok.save_pretrained(tmp_path / "falcon-rw")
-    with pytest.raises(ffc.UnsupportedModelError, match=r"FalconForCausalLM with ALiBi position biases"):
-        ffc.compile(str(tmp_path / "falcon-rw"), str(tmp_path / "x.ffc"))
-    assert not (tmp_path / "x.ffc").exists()
-
-
 def test_remote_code_is_refused_in_one_line(tmp_path):
     """A model defined by its own Python code (auto_map, a model_type transformers does not know):
     one line that names it and the supported families, and no option ffc does not have."""

@@ -1,6 +1,6 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
 Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
-layouts, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention, the mixtures of
+layouts and Falcon-RW's ALiBi, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention, the mixtures of
 experts Mixtral and Qwen3-MoE): prefill and
 several decode steps against transformers within 1e-4, greedy generation equal batched and
 alone, and on two tensor-parallel ranks and two pipeline stages."""
@@ -15,7 +15,7 @@ from test_parallel import free_link  # noqa: F401 - a profile whose search shard
 
 WINDOWED = {"gemma3": 1, "mistral_sw": 2, "gemma2": 1}     # family -> layers with a sliding window of 8
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
-            "falcon_mq", "gemma3", "mistral_sw", "gemma2", "mixtral", "qwen3_moe"]
+            "falcon_mq", "falcon_rw", "gemma3", "mistral_sw", "gemma2", "mixtral", "qwen3_moe"]
 MOE = {"mixtral": 2, "qwen3_moe": 3}        # family -> experts per token
 
 
@@ -85,6 +85,11 @@ def test_family_on_ranks(family, tmp_path, smol_source, free_link):  # noqa: F81
         assert (manifest["parallel"]["tp"], manifest["parallel"]["pp"]) == (tp, pp)
         if tp > 1:
             assert sum(manifest["parallel"]["collectives"].values()) > 0
+        if tp > 1 and family == "falcon_rw":     # each rank holds its heads' ALiBi slopes
+            final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
+            attention = [line for line in final.splitlines() if "= cached_attention(" in line]
+            assert len(attention) == 2 * final.count("\ngraph ")
+            assert all("_ffc_alibi_slopes.shard0of2) {alibi=" in line for line in attention)
         if tp > 1 and family in MOE:     # expert parallelism: each rank holds half of every layer's experts
             final = sorted((art / "ir").glob("*.ir"))[-1].read_text()
             experts = [line for line in final.splitlines() if "= moe_experts(" in line]

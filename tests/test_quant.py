@@ -345,7 +345,7 @@ def _check_attention(module, weights, cp, dtype, T, seed=3):
     may differ in its last f32 bit before rounding, as the kernel fuses the rotation's
     multiply-add, so a stored value may be one step apart), and the attention output equals
     the interpreter's, which reads the stored values."""
-    from ffc.ir.ops import kv_dequantize, kv_quantize
+    from ffc.ir.attention import kv_dequantize, kv_quantize
     g = torch.Generator().manual_seed(seed)
     a = T // 2
     pos = torch.cat([torch.arange(3, 3 + a), torch.arange(T - a)])

@@ -10,7 +10,7 @@ import torch
 from ffc import build
 from ffc.codegen import render_sources
 from ffc.ir import parse, run_graph, verify_module
-from ffc.ir.ops import tree_slots
+from ffc.ir.attention import tree_slots
 from ffc.lower import lower_module
 from ffc.runtime.compiled import CompiledPlan
 
@@ -58,15 +58,25 @@ def test_tree_slots_are_each_nodes_own_index():
     assert tree_slots(torch.tensor([5] * 6), masks).tolist() == [5, 6, 7, 8, 9, 5 + 63]
 
 
-def test_tree_mask_attends_to_ancestors_only():
+# the same verify step with ALiBi: the heads' slopes, their products with key positions
+# rounded to bf16 and scaled by 0.3 (ffc.ir.attention.alibi_bias)
+ALIBI_VERIFY_IR = VERIFY_IR.replace("param @inv_freq : f32[3]\n", "param @inv_freq : f32[3]\nparam @slopes : f32[4]\n") \
+    .replace("%tree_base, %tree_mask) {form=", "%tree_base, %tree_mask, @slopes) {alibi=0.3, form=")
+SLOPES = torch.tensor([0.71, -0.237, 0.0313, 0.5])
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_tree_mask_attends_to_ancestors_only(alibi):
     """The interpreter's verify attention: a node's output equals attention over the committed
-    slots and its ancestors' slots alone (computed here with a plain softmax)."""
-    module = parse(VERIFY_IR)
+    slots and its ancestors' slots alone (computed here with a plain softmax); with ALiBi, a tree
+    node's key position is its depth past the committed slots, not its slot."""
+    module = parse(ALIBI_VERIFY_IR if alibi else VERIFY_IR)
     verify_module(module)
     g = torch.Generator().manual_seed(0)
     inputs = verify_inputs(g)
     cache = inputs["kv_cache"].clone()
-    out = run_graph(module.graphs["verify"], {"inv_freq": torch.tensor([1.0, 0.1, 0.01])}, inputs)[0]
+    out = run_graph(module.graphs["verify"], {"inv_freq": torch.tensor([1.0, 0.1, 0.01]), "slopes": SLOPES},
+                    inputs)[0]
     # node 4 of A (slot 9) sees slots 0-4, then nodes 0, 1, 3, 4: slots 5, 6, 8, 9 (not node 2's 7)
     kc, vc = inputs["kv_cache"][1, 0], inputs["kv_cache"][1, 1]
     table = inputs["block_tables"][2]
@@ -77,16 +87,18 @@ def test_tree_mask_attends_to_ancestors_only():
     x = inputs["qkv"][0, 4, :6]
     ang = 8.0 * torch.tensor([1.0, 0.1, 0.01]).repeat(2)                   # position 5 + depth 3
     qr = x * ang.cos() + torch.cat([-x[3:], x[:3]]) * ang.sin()
-    w = torch.softmax((k[:, 0] @ qr) * 0.4, 0)
+    bias = (SLOPES[0] * torch.arange(9.0)).bfloat16().float() * 0.3 if alibi else 0.0   # positions 0..8
+    w = torch.softmax((k[:, 0] @ qr) * 0.4 + bias, 0)
     torch.testing.assert_close(out[0, 4, :6], w @ v[:, 0], atol=1e-5, rtol=1e-5)
     # committed slots are untouched; tree nodes were written at base + node
     assert torch.equal(inputs["kv_cache"][1, :, table[0], :, :5], cache[1, :, table[0], :, :5])
     assert not torch.equal(inputs["kv_cache"][1, :, table[0], :, 5:], cache[1, :, table[0], :, 5:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verify_kernel_matches_interpreter(dtype, tmp_path):
-    text = VERIFY_IR if dtype == torch.float32 else VERIFY_IR.replace("%kv_cache : f32", "%kv_cache : bf16")
+@pytest.mark.parametrize("dtype,alibi", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_verify_kernel_matches_interpreter(dtype, alibi, tmp_path):
+    text = ALIBI_VERIFY_IR if alibi else VERIFY_IR
+    text = text if dtype == torch.float32 else text.replace("%kv_cache : f32", "%kv_cache : bf16")
     module = parse(text)
     plan = lower_module(module, prefill_tokens=40, max_batch=8)
     assert any(k.spec.tree for k in plan.kernels.values() if k.family.value == "attention")
@@ -94,7 +106,7 @@ def test_verify_kernel_matches_interpreter(dtype, tmp_path):
     sources, spans = render_sources(plan)
     for name, src in sources.items():
         (tmp_path / "src" / name).write_text(src)
-    weights = {"inv_freq": torch.tensor([1.0, 0.1, 0.01])}
+    weights = {"inv_freq": torch.tensor([1.0, 0.1, 0.01]), **({"slopes": SLOPES} if alibi else {})}
     cp = CompiledPlan(plan, build.load_library(build.build(tmp_path, "cpu", spans)), weights, threads=2)
     for seed in range(3):
         inputs = verify_inputs(torch.Generator().manual_seed(seed), dtype)
@@ -385,15 +397,15 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/c
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_verify_cuda_kernel_compiles(tmp_path, monkeypatch):
-    """The CUDA attention's tree variant builds with nvcc (it runs where a GPU is lent)."""
+    """The CUDA attention's tree variant (int8 cache, ALiBi) builds with nvcc (it runs where a GPU is lent)."""
     monkeypatch.setenv("FFC_CUDA_ARCHS", "80")
     if shutil.which("nvcc") is None:
         monkeypatch.setenv("PATH", str(Path(NVCC).parent) + ":" + os.environ["PATH"])
-    plan = lower_module(parse(VERIFY_IR.replace("%kv_cache : f32[2,2,S,2,8,6]", "%kv_cache : i8[2,2,S,2,8,10]")),
+    plan = lower_module(parse(ALIBI_VERIFY_IR.replace("%kv_cache : f32[2,2,S,2,8,6]", "%kv_cache : i8[2,2,S,2,8,10]")),
                         target="cuda", prefill_tokens=40, max_batch=8)
     (tmp_path / "src").mkdir()
     sources, spans = render_sources(plan)
     for name, src in sources.items():
         (tmp_path / "src" / name).write_text(src)
-    assert "__popcll" in sources["attention.cu"]
+    assert "__popcll" in sources["attention.cu"] and "+alibi" in sources["attention.cu"]
     assert build.build(tmp_path, "cuda", spans).exists()

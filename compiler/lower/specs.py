@@ -11,7 +11,8 @@ import math
 from typing import Callable
 
 from ffc.ir import Module, Node, Op, ParamRef, TensorType
-from ffc.ir.ops import KV_SCALE_BYTES, WEIGHT_READS
+from ffc.ir.attention import KV_SCALE_BYTES
+from ffc.ir.ops import WEIGHT_READS
 from ffc.ir.types import DType
 from ffc.plan import expr as ex
 from ffc.plan.expr import Fn
@@ -205,6 +206,13 @@ def attention_spec(c: SpecContext, g: Group):
         for role, val in zip(("tree_base", "tree_mask"), n.inputs[7:9]):
             args.append(c.arg(val, role)[0])
             names.append(role)
+    alibi = n.attrs.get("alibi")
+    if alibi is not None:                   # the heads' slopes [H], the last input
+        slopes = c.weight(n.inputs[-1])
+        if slopes.dtype is not DType.F32 or c.module.params[slopes.name].type.shape != (H,):
+            raise LoweringError(f"ALiBi slopes @{slopes.name} of attention %{n.name} must be f32[{H}]")
+        args.append(slopes)
+        names.append("slopes")
     if g.rope:
         for role, val in (("cos", cos), ("sin", sin)):
             a, vw = c.arg(val, f"rope {role}")
@@ -215,7 +223,8 @@ def attention_spec(c: SpecContext, g: Group):
             names.append(role)
     return AttentionSpec(H=H, Hkv=Hkv, D=D, BS=BS, MB=MB, ctype=ctype.dtype, row=ctype.shape[5],
                          scale=float(n.attrs.get("scale") or 1.0 / math.sqrt(D)), window=n.attrs.get("window"),
-                         rope=g.rope, arg=_slots(names), tree=tree, softcap=n.attrs.get("softcap"), **strides), args
+                         rope=g.rope, arg=_slots(names), tree=tree, softcap=n.attrs.get("softcap"), alibi=alibi,
+                         **strides), args
 
 
 def gather_spec(c: SpecContext, g: Group):

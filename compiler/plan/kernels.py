@@ -159,8 +159,9 @@ class AttentionSpec:
     arg: Slots
     cos_ts: Optional[Expr] = None
     sin_ts: Optional[Expr] = None
-    tree: bool = False       # a verify step: each token's tree_base and tree_mask (ops._cached_attention)
+    tree: bool = False       # a verify step: each token's tree_base and tree_mask (ffc.ir.attention._cached_attention)
     softcap: Optional[float] = None   # scores squashed to tanh(s / cap) * cap before the softmax (Gemma 2)
+    alibi: Optional[float] = None   # scores + bf16(slopes[h] * key position) * alibi (ffc.ir.attention)
 
 
 @dataclass(frozen=True)
