@@ -22,7 +22,7 @@ from ffc.errors import InvalidRequestError
 
 from .kv_cache import BlockPool
 from .model_runner import Chunk, ModelRunner
-from .sampling import SamplingParams, check_seed, sample_next
+from .sampling import SamplingParams, check_seed, sample_rows
 from .scheduler import Request, Scheduler, SchedulerConfig
 from .speculative import Speculation, Tree, commit_moves
 
@@ -119,6 +119,8 @@ class Engine:
 
     def _end(self, req: Request, reason: str, error: Optional[str] = None) -> None:
         req.finish, req.error, req.finished_at = reason, error, time.monotonic()
+        if reason == "abort":                    # it may not have started yet
+            self.scheduler.queue_changed = True
         self.stats.finished[reason] += 1
         if reason == "stop":                 # how long answers run: what a request is likely to have left
             self.speculation.answered(len(req.out))
@@ -162,10 +164,11 @@ class Engine:
                 raise
             touched = []
             with self._lock:
-                generated = 0
-                greedy = logits.argmax(-1).tolist() if logits is not None else []
-                for k, s in enumerate(rest):
-                    generated += self._advance(s, logits[k], greedy[k], touched)
+                due = [k for k, s in enumerate(rest) if self._advance(s)]
+                for k, token in zip(due, self._sample([rest[k].req for k in due], logits[due]) if due else []):
+                    self._append(rest[k].req, token)
+                    touched.append(rest[k].req)
+                generated = len(due)
                 verified = sum(self._accept(s, tree, lg, touched) for s, tree, lg in zip(verify, trees, tree_logits))
                 generated += verified
                 control = self.speculation.control
@@ -185,26 +188,23 @@ class Engine:
             self._notify(touched, ended)
             return sum(s.n for s in plan)
 
-    def _advance(self, s, logits: torch.Tensor, greedy: int, touched: list) -> int:
-        """A prefill chunk or plain decode step of one request: its next token when due."""
+    def _advance(self, s) -> bool:
+        """A prefill chunk or plain decode step of one request ran: whether its next token is due."""
         req = s.req
         if req.finished:                  # aborted while the step ran
-            return 0
+            return False
         self.scheduler.computed(req, s.start + s.n)
         if req.computed == len(req.prompt) and not req.out:
             self.stats.prompt_tokens += len(req.prompt)
-        if req.computed < req.num_tokens:  # a prompt chunk: nothing to sample yet
-            return 0
-        p = req.params
-        if p.greedy and p.repetition_penalty == 1.0:
-            token = greedy
-        else:
-            seen = torch.tensor(req.prompt + req.out, dtype=torch.long) \
-                if p.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
-            token = sample_next(logits, seen, p, req.generator)
-        self._append(req, token)
-        touched.append(req)
-        return 1
+        return req.computed >= req.num_tokens   # else a prompt chunk: nothing to sample yet
+
+    @staticmethod
+    def _sample(reqs: Sequence[Request], logits: torch.Tensor) -> list[int]:
+        """The next token of each request, from its last position's logits (rows of ``logits``)."""
+        none = torch.empty(0, dtype=torch.long)
+        return sample_rows(logits, [(r.params, torch.tensor(r.prompt + r.out, dtype=torch.long)
+                                     if r.params.repetition_penalty != 1.0 else none, r.generator)
+                                    for r in reqs])
 
     def _accept(self, s, tree: Tree, logits: torch.Tensor, touched: list) -> int:
         """A verified tree: the accepted nodes' K/V moved to their positions, their tokens and

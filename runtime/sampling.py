@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -67,16 +67,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask to -inf all but the top_k tokens and the smallest set whose probability >= top_p."""
+    """Mask to -inf all but the top_k tokens and the smallest set whose probability >= top_p,
+    along the last dimension (one row [V] or a batch of rows [N, V])."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, -1)
         # drop a token when the mass before it already reaches top_p (the first one always stays)
         drop = (torch.cumsum(probs, -1) - probs) >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     return logits
 
 
@@ -89,9 +90,40 @@ def target_probs(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParam
     return torch.softmax(filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p), -1)
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams,
-                generator: Optional[torch.Generator]) -> int:
-    """One token from the last-position logits [V] of one sequence."""
-    if params.greedy:
-        return int(torch.argmax(apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)))
-    return int(torch.multinomial(target_probs(logits, seen, params), 1, generator=generator))
+def draw(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> list[int]:
+    """One token per row of ``probs`` [N, V] (rows sum to > 0): row i by inverse transform
+    sampling with one uniform from ``generators[i]`` (torch's default one where None), so a
+    seeded request's tokens do not depend on the rows it is drawn with."""
+    u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators],
+                     dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).tolist()
+    last = probs.shape[-1]
+    # u * total can round up to the total itself: then the last token with any mass
+    return [t if t < last else int(probs[i].nonzero().max()) for i, t in enumerate(picked)]
+
+
+def sample_rows(logits: torch.Tensor, rows: Sequence[tuple[SamplingParams, torch.Tensor,
+                                                            Optional[torch.Generator]]]) -> list[int]:
+    """The next token of each sequence: ``logits`` [N, V] the last positions' logits, ``rows``
+    (params, seen token ids, generator) per row. Rows with the same temperature, top-k and
+    top-p are filtered and drawn together (one softmax, one sort per group, not per sequence)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, _, _) in enumerate(rows):
+        groups.setdefault((p.temperature, p.top_k, p.top_p) if not p.greedy else None, []).append(i)
+    out = [0] * len(rows)
+    for key, idx in groups.items():
+        lg = logits[idx].float()
+        for j, i in enumerate(idx):
+            p, seen, _ = rows[i]
+            if p.repetition_penalty != 1.0:
+                lg[j] = apply_repetition_penalty(lg[j], seen, p.repetition_penalty)
+        if key is None:
+            picked = lg.argmax(-1).tolist()
+        else:
+            temperature, top_k, top_p = key
+            picked = draw(torch.softmax(filter_top_k_top_p(lg / temperature, top_k, top_p), -1),
+                          [rows[i][2] for i in idx])
+        for i, t in zip(idx, picked):
+            out[i] = t
+    return out

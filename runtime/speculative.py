@@ -4,7 +4,7 @@ and the drafts that propose them.
 A decoding sequence has one token not yet in the cache (its last). A draft proposes a tree
 on top of it: node 0 is that token, every other node a proposed continuation of its parent
 (parents come before children). The target model runs the whole tree in one ``verify`` step
-(ops._cached_attention: node j at cache slot base + j, rope position base + depth, seeing
+(ffc.ir.attention._cached_attention: node j at cache slot base + j, rope position base + depth, seeing
 its ancestors) and returns logits at every node. Acceptance walks down from the root:
 
   greedy    the target's argmax at a node is the next token; if a child holds it, that child
@@ -31,7 +31,7 @@ import torch
 from ffc.errors import InvalidRequestError
 
 from .drafts import ModelDraft, NgramDraft, Tree, trials
-from .sampling import SamplingParams, target_probs
+from .sampling import SamplingParams, draw, target_probs
 
 __all__ = ["Tree", "Accepted", "accept_greedy", "accept_sampled", "commit_moves", "SpecControl", "Speculation",
            "ModelDraft", "NgramDraft"]
@@ -81,7 +81,7 @@ def accept_sampled(tree: Tree, logits: torch.Tensor, params: SamplingParams, see
                 break
             p = p / total
         if taken is None:
-            t = int(torch.multinomial(p, 1, generator=generator)) if float(p.sum()) > 0 else tree.tokens[kids[cur][-1]]
+            t = draw(p.unsqueeze(0), [generator])[0] if float(p.sum()) > 0 else tree.tokens[kids[cur][-1]]
             out.append(t)
             return Accepted(path, out)
         path.append(taken)

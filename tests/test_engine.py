@@ -7,7 +7,7 @@ from conftest import PROMPTS
 from ffc.ir.types import TensorType
 from ffc.runtime.kv_cache import BlockPool
 from ffc.util import parse_memory
-from ffc.runtime.sampling import SamplingParams
+from ffc.runtime.sampling import SamplingParams, apply_repetition_penalty, draw, sample_rows
 from ffc.runtime.scheduler import Request, Scheduler, SchedulerConfig
 
 CACHE = TensorType("f32", (1, 2, "S", 1, 4, 2))   # blocks of 4 positions
@@ -211,6 +211,46 @@ def test_per_request_sampling_in_one_batch(smol_llm):
     assert len(a.token_ids[2]) == 3 and a.finish_reasons[2] == "length"
     with pytest.raises(ffc.InvalidRequestError, match="sampling_params"):
         smol_llm.generate(prompts, sampling_params=ps[:2])
+
+
+def test_sampling_a_step_together_equals_sampling_each_alone():
+    """A step's sequences are sampled together, grouped by their settings; each seeded row draws
+    what it would alone, stays inside its top-k / top-p set, and greedy rows take the argmax
+    after their repetition penalty."""
+    import torch
+    torch.manual_seed(0)
+    logits = torch.randn(7, 50) * 3
+    seen = torch.tensor([3, 9, 9, 17])
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
+              SamplingParams(temperature=0.8, top_k=5, seed=1), SamplingParams(temperature=1.0, top_p=0.5, seed=2),
+              SamplingParams(temperature=0.8, top_k=5, seed=3), SamplingParams(temperature=1.3, seed=4),
+              SamplingParams(temperature=0.7, top_p=0.8, repetition_penalty=1.2, seed=5)]
+
+    def rows(idx):
+        return [(params[i], seen, torch.Generator().manual_seed(params[i].seed or 0)) for i in idx]
+    together = sample_rows(logits, rows(range(7)))
+    assert together == [sample_rows(logits[i:i + 1], rows([i]))[0] for i in range(7)]
+    assert together[0] == int(logits[0].argmax())
+    assert together[1] == int(apply_repetition_penalty(logits[1], seen, 1.3).argmax())
+    assert together[2] in logits[2].topk(5).indices.tolist() and together[4] in logits[4].topk(5).indices.tolist()
+    probs, order = torch.softmax(logits[3], -1).sort(descending=True)
+    nucleus = order[:int((probs.cumsum(0) < 0.5).sum()) + 1].tolist()
+    assert together[3] in nucleus
+    # rows of one group draw from their own generators: other seeds, other tokens (over a batch)
+    many = sample_rows(logits[[5] * 64], [(params[5], seen, torch.Generator().manual_seed(s)) for s in range(64)])
+    assert len(set(many)) > 5
+
+
+def test_draw_follows_the_distribution():
+    """Inverse-transform draws: frequencies within 4 sigma of the probabilities, never a token
+    without mass (also at the ends of a row)."""
+    import torch
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    got = torch.bincount(torch.tensor(draw(p.expand(n, 6), [g] * n)), minlength=6).double() / n
+    assert got[p == 0].sum() == 0
+    assert ((got - p).abs() <= 4 * (p * (1 - p) / n).sqrt()).all(), got
 
 
 def test_prefix_cache_pool():
