@@ -15,6 +15,7 @@ from ffc.ir.strategy import Workload
 from ffc.lower import PHASES
 from ffc.lower.describe import describe_plan
 from ffc.runtime.server import serve
+from ffc.runtime.trace import format_trace, trace_generation, write_trace
 
 from . import build
 from .api import compile_model
@@ -86,6 +87,19 @@ def _build(a) -> None:
 
 
 def _bench(a) -> None:
+    if a.trace:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        llm = ffc.load(a.artifact)
+        try:
+            n = max(1, min(a.prefill[0], llm.max_seq_len - 2))
+            doc = trace_generation(llm, torch.randint(100, 1000, (n,), generator=torch.Generator().manual_seed(0)).tolist())
+        finally:
+            llm.close()
+        write_trace(doc, a.trace)
+        print(format_trace(doc))
+        print(f"[ffc] wrote {a.trace}: open it in ui.perfetto.dev or chrome://tracing", file=sys.stderr)
+        return
     if a.speculative:
         if a.threads:
             torch.set_num_threads(a.threads)

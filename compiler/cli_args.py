@@ -143,6 +143,10 @@ def _tool_args(sub) -> None:
     be.add_argument("--speculative", nargs="+", default=None, metavar="DRAFT",
                     help="instead: plain decoding against each draft (ngram, self, DRAFT.ffc) on chat, rewrite and "
                          "edit workloads at each --batch (--runs rounds, --new-tokens per request)")
+    be.add_argument("--trace", metavar="FILE.json", default=None,
+                    help="instead: a Chrome/Perfetto trace (ui.perfetto.dev) of one prefill of the first --prefill "
+                         "length and one decode step: every kernel on every executor thread and rank, collectives, "
+                         "the engine's Python time")
 
     ev = sub.add_parser("eval", help="perplexity on a text (llama.cpp's windows), KL divergence against a base "
                                      "artifact")

@@ -14,12 +14,18 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
 #include "ffc_cpu.h"
 #include "ffc_module.h"
 
+
+static inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 extern "C" void ffc_barrier() {
 #pragma omp barrier
@@ -84,6 +90,34 @@ class Executor {
       }
     }
     return times;
+  }
+
+  // Trace of one run: (step, thread, start, end) per kernel and thread, each thread's own time in
+  // the kernel until it reaches the barrier, in steady-clock nanoseconds (CLOCK_MONOTONIC: Python's
+  // time.monotonic_ns). A method of its own: run() takes no timestamps.
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> trace(const std::string& graph, int64_t T, int64_t N,
+                                                                     int64_t S) {
+    const std::vector<Step>& prog = get(graph);
+    const int64_t dims[3] = {T, N, S};
+    std::vector<std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>> per(threads_);
+    {
+      py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(threads_)
+      {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        auto& mine = per[tid];
+        mine.reserve(prog.size());
+        for (size_t i = 0; i < prog.size(); ++i) {
+          const int64_t t0 = now_ns();
+          prog[i].fn(prog[i].args.data(), dims, tid, nth);
+          mine.emplace_back(int64_t(i), int64_t(tid), t0, now_ns());
+#pragma omp barrier
+        }
+      }
+    }
+    std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> out;
+    for (auto& v : per) out.insert(out.end(), v.begin(), v.end());
+    return out;
   }
 
   int threads() const { return threads_; }

@@ -8,8 +8,10 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -149,6 +151,38 @@ class Executor {
     }
     cudaEventDestroy(a);
     cudaEventDestroy(b);
+    return out;
+  }
+
+  // Trace of one run: (step, 0, start, end) per kernel in steady-clock nanoseconds, the GPU's own
+  // times (events on the stream) placed after the host time at which the run began.
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> trace(const std::string& graph, int64_t T, int64_t N,
+                                                                     int64_t S) {
+    auto it = graphs_.find(graph);
+    if (it == graphs_.end()) throw std::runtime_error("graph " + graph + " is not bound");
+    const int64_t dims[3] = {T, N, S};
+    const std::vector<Step>& prog = it->second;
+    use();
+    std::vector<cudaEvent_t> ev(2 * prog.size() + 1);
+    for (auto& e : ev) check(cudaEventCreate(&e), "cudaEventCreate");
+    check(cudaStreamSynchronize(stream_), "trace");
+    const int64_t host0 = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                              std::chrono::steady_clock::now().time_since_epoch()).count();
+    cudaEventRecord(ev[0], stream_);
+    for (size_t i = 0; i < prog.size(); ++i) {
+      cudaEventRecord(ev[2 * i + 1], stream_);
+      prog[i].fn(prog[i].args.data(), dims, stream_);
+      cudaEventRecord(ev[2 * i + 2], stream_);
+    }
+    check(cudaStreamSynchronize(stream_), ("graph " + graph).c_str());
+    std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> out;
+    for (size_t i = 0; i < prog.size(); ++i) {
+      float a = 0.0f, b = 0.0f;
+      cudaEventElapsedTime(&a, ev[0], ev[2 * i + 1]);
+      cudaEventElapsedTime(&b, ev[0], ev[2 * i + 2]);
+      out.emplace_back(int64_t(i), 0, host0 + int64_t(a * 1e6), host0 + int64_t(b * 1e6));
+    }
+    for (auto& e : ev) cudaEventDestroy(e);
     return out;
   }
 

@@ -8,6 +8,7 @@
 // groups, stride bytes apart, of height rows of width bytes, pitch bytes apart), memory_info (free, total bytes; -1 unknown).
 // Every copy is ordered after the kernels already launched and has completed when it returns.
 // device_check(ordinal): "" when the device can run kernels, else why not (no driver, no device).
+// trace(graph, T, N, S): one run with (step, thread, start ns, end ns) per kernel (steady clock).
 #pragma once
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -31,6 +32,7 @@ void ffc_define_module(pybind11::module_& m, const char* doc, const std::string&
       .def("bind", &Executor::bind)
       .def("run", &Executor::run)
       .def("profile", &Executor::profile)
+      .def("trace", &Executor::trace)
       .def_property_readonly("threads", &Executor::threads)
       .def("alloc", &Executor::alloc, py::arg("bytes"))
       .def("release", &Executor::release, py::arg("address"))

@@ -265,6 +265,31 @@ class CompiledPlan:
         self._write_back()
         return out
 
+    def trace(self, graph: str, inputs: Mapping[str, torch.Tensor], pid: int = 0) -> tuple[list, list[dict]]:
+        """One run of ``graph`` (its outputs, as run() returns them) and its timeline as Chrome
+        trace events (microseconds on the monotonic clock): every kernel step on every executor
+        thread (tid = the thread), every collective or send/recv on thread 0, which runs them."""
+        gp = self.graphs[graph]
+        index = {id(st): k for k, st in enumerate(gp.steps)}
+        env = self._stage(graph, inputs)
+        events = []
+
+        def event(st, tid, t0, t1, name, cat):
+            events.append({"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": t0 / 1e3,
+                           "dur": (t1 - t0) / 1e3, "args": {"graph": graph, "step": index[id(st)], "origin": st.origin}})
+        for kind, seg in self._segments[graph]:
+            if kind == "kernels":
+                for i, tid, t0, t1 in self.exe.trace(seg[0], env["T"], env["N"], env["S"]):
+                    st = seg[1][i]
+                    event(st, tid, t0, t1, st.kernel, st.family.value)
+            else:
+                t0 = time.monotonic_ns()
+                self._collective(gp, seg, env)
+                event(seg, 0, t0, time.monotonic_ns(), seg.collective.op.value, "collective")
+        self._write_back()
+        return [read(self._arena, self._offset(gp, o.buffer), o.dtype.torch, _env_of(env, o.shape))
+                for o in gp.outputs], events
+
 
 def open_compiled(artifact: Artifact, weights, library, threads: Optional[int] = None,
                   graphs: Optional[list[str]] = None, comm: Optional[Comm] = None) -> CompiledPlan:

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 import ffc
 from ffc.artifact import Artifact
-from ffc.errors import ArtifactError, FfcError
+from ffc.errors import ArtifactError, FfcError, InvalidRequestError
 from ffc.ir import Comm, run_graph
 from ffc.ir.graph import stage_graph
 from ffc.util import free_port
@@ -126,16 +126,20 @@ class _Shard:
         if msg[0] == "copy_slots":
             copy_kv_slots(self.cache, msg[1], msg[2])
             return None
-        _, graph, arrays = msg
+        kind, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
         # a pipeline stage's graph receives from the previous stage and sends to the next itself
-        if self.compiled is not None:
+        events = None
+        if kind == "trace":          # the same step, with its timeline (this rank's track: pid = rank)
+            if self.compiled is None:
+                raise InvalidRequestError("a trace times the artifact's kernels; the interpreter backend has none")
+            outs, events = self.compiled.trace(self.graph(graph), inputs, pid=self.rank)
+        elif self.compiled is not None:
             outs = self.compiled.run(self.graph(graph), inputs, outputs=self.stage == self.pp - 1)
         else:
             outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs, comm=self.comm)
-        if self.stage < self.pp - 1:
-            return None
-        return outs[0][0].numpy() if self.tp_rank == 0 else None   # the last stage's first tp rank
+        last = outs[0][0].numpy() if self.stage == self.pp - 1 and self.tp_rank == 0 else None   # the last stage's
+        return last if events is None else (last, events)                                       # first tp rank
 
     def graph(self, name: str) -> str:
         return stage_graph(name, self.stage) if self.pp > 1 else name
@@ -336,6 +340,12 @@ class RankGroup:
             outs.append(torch.from_numpy(next(r for r in replies if r is not None)))  # tp rank 0 of the last stage
         return outs
 
+    def trace(self, graph: str, inputs: dict) -> tuple[torch.Tensor, list[dict]]:
+        """One step, as run(), and every rank's timeline (Chrome trace events, pid = rank)."""
+        replies = self.call(("trace", graph, _arrays(inputs)), f"tracing a {graph} step")
+        out = next(r[0] for r in replies if r[0] is not None)
+        return torch.from_numpy(out), [e for r in replies for e in r[1]]
+
     def allocate_pool(self, num_blocks: int) -> None:
         self.call(("pool", num_blocks), "allocating the KV pool")
 
@@ -412,6 +422,11 @@ class TorchrunRanks:
 
     def run(self, graph: str, inputs: dict) -> torch.Tensor:
         return torch.from_numpy(self._send(("run", graph, _arrays(inputs))))
+
+    def trace(self, graph: str, inputs: dict) -> tuple[torch.Tensor, list[dict]]:
+        """One step and this process's timeline (rank 0's track: the other ranks' stay on their hosts)."""
+        out, events = self._send(("trace", graph, _arrays(inputs)))
+        return torch.from_numpy(out), events
 
     def allocate_pool(self, num_blocks: int) -> None:
         self._send(("pool", num_blocks))

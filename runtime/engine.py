@@ -25,6 +25,7 @@ from .model_runner import Chunk, ModelRunner
 from .sampling import SamplingParams, check_seed, sample_rows
 from .scheduler import Request, Scheduler, SchedulerConfig
 from .speculative import Speculation, Tree, commit_moves
+from .trace import engine_spans
 
 log = logging.getLogger("ffc.engine")
 
@@ -133,6 +134,7 @@ class Engine:
     def step(self) -> int:
         """Run one scheduled batch; the number of tokens it processed (0 when idle)."""
         with self._step_lock:
+            started = time.monotonic_ns()
             with self._lock:
                 ended = self.scheduler.retire()
                 td = time.perf_counter()
@@ -141,6 +143,7 @@ class Engine:
             self._notify(ended)
             if not plan:
                 return 0
+            scheduled = time.monotonic_ns()
             verify = [s for s in plan if s.tree is not None]
             if verify:       # every decoding sequence joins the verify call (a one-node tree)
                 verify += [s for s in plan if s.tree is None and s.start == s.req.num_tokens - 1]
@@ -162,7 +165,7 @@ class Engine:
                     ended = self.scheduler.retire()
                 self._notify(ended)
                 raise
-            touched = []
+            touched, forwarded = [], time.monotonic_ns()
             with self._lock:
                 due = [k for k, s in enumerate(rest) if self._advance(s)]
                 for k, token in zip(due, self._sample([rest[k].req for k in due], logits[due]) if due else []):
@@ -186,6 +189,8 @@ class Engine:
                 self.stats.record(generated)
                 ended = self.scheduler.retire()
             self._notify(touched, ended)
+            if self.runner.events is not None:         # tracing: the Python time around the forward call
+                engine_spans(self.runner, started, scheduled, forwarded, time.monotonic_ns(), len(plan))
             return sum(s.n for s in plan)
 
     def _advance(self, s) -> bool:

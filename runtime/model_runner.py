@@ -32,6 +32,7 @@ class ModelRunner:
     def __init__(self, module, weights, compiled=None, ranks=None):
         self.compiled = compiled          # CompiledPlan, or None for the reference interpreter
         self.ranks = ranks                # RankGroup running a tensor-parallel artifact, or None
+        self.events: Optional[list] = None   # a list: every step also adds its timeline (Chrome trace events)
         self.weights = weights
         stages = sorted(g for g in module.graphs if g.startswith("prefill_stage"))
         if stages:   # pipeline stages (run by the ranks): the first takes the inputs, the last gives logits
@@ -61,6 +62,14 @@ class ModelRunner:
         return limits[graph] if limits else (1 << 62, 1 << 62)   # none: the interpreter takes any size
 
     def _call(self, graph: str, inputs: dict) -> torch.Tensor:
+        if self.events is not None:       # tracing (ffc.runtime.trace): the step's timeline too
+            if self.ranks is not None:
+                out, events = self.ranks.trace(graph, inputs)
+            else:
+                outs, events = self.compiled.trace(graph, inputs)
+                out = outs[0][0]
+            self.events += events
+            return out
         if self.ranks is not None:
             return self.ranks.run(graph, inputs)
         if self.compiled is not None:
@@ -164,7 +173,7 @@ class ModelRunner:
 
     def _decode(self, chunks: Sequence[Chunk], cache: torch.Tensor) -> torch.Tensor:
         stages = getattr(self.ranks, "stages", 1)
-        if stages > 1 and len(chunks) >= 2 * MICROBATCH_MIN_ROWS:
+        if stages > 1 and len(chunks) >= 2 * MICROBATCH_MIN_ROWS and self.events is None:
             # pipeline stages: the batch as micro-batches in flight together, so stage s works
             # on one while stage s+1 works on the one before (small batches stay whole: each
             # micro-batch pays the step's fixed cost again)

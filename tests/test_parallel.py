@@ -74,6 +74,55 @@ def test_tiny_llama_tp_equals_one_rank(tiny, free_link, tp, profile):
         llm.close()
 
 
+def test_trace_has_every_step_on_every_rank(tiny, free_link):
+    """`ffc bench ART --trace`: a Chrome trace of one prefill and one decode step of a tp=2
+    artifact. Each rank's thread 0 holds one event per plan step of each graph (kernels and
+    collectives), every executor thread one per kernel step, the engine's Python time its own
+    track; events never overlap within a thread. A one-process artifact too, through the API."""
+    import subprocess
+    import sys
+    from ffc.runtime.trace import PY_TID, trace_generation
+    folder, _, _ = tiny
+    art = folder.parent / "tp2-free.ffc"     # test_tiny_llama_tp_equals_one_rank's, when it ran first
+    if not art.exists():
+        ffc.compile(str(folder), str(art), max_seq_len=64, tp=2, profile=free_link)
+    out = folder.parent / "trace.json"
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "bench", str(art), "--trace", str(out), "--prefill", "12"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "decode" in r.stdout and "rank 1" in r.stdout
+    plan = json.loads((art / "kernels" / "plan.json").read_text())
+
+    def check(doc, ranks):
+        events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+        for graph in ("prefill", "decode"):
+            steps = plan_steps[graph]
+            kernels = sum(st["kernel"] is not None for st in steps)
+            for rank in range(ranks):
+                mine = [e for e in events if e["pid"] == rank and e["args"].get("graph") == graph]
+                assert sorted(e["args"]["step"] for e in mine if e["tid"] == 0) == list(range(len(steps)))
+                threads = {e["tid"] for e in mine}
+                assert all(sum(e["tid"] == t for e in mine) == kernels for t in threads - {0})
+        assert any(e["tid"] == PY_TID for e in events)
+        for track in {(e["pid"], e["tid"]) for e in events}:
+            mine = sorted((e for e in events if (e["pid"], e["tid"]) == track), key=lambda e: e["ts"])
+            assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-3 for a, b in zip(mine, mine[1:])), track
+    plan_steps = {g: plan["graphs"][g]["steps"] for g in ("prefill", "decode")}
+    assert any(st["kernel"] is None for st in plan_steps["decode"])          # collectives are steps too
+    check(json.loads(out.read_text()), ranks=2)
+    one = folder.parent / "tp1.ffc"
+    plan = json.loads((one / "kernels" / "plan.json").read_text())
+    plan_steps = {g: plan["graphs"][g]["steps"] for g in ("prefill", "decode")}
+    llm = ffc.load(one)
+    try:
+        doc = trace_generation(llm, [5, 6, 7, 8, 9])
+        check(doc, ranks=1)
+        assert len({e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}) == llm.compiled.exe.threads + 1
+        assert llm.runner.events is None          # off again: steps run the executor's plain run
+    finally:
+        llm.close()
+
+
 def test_shared_memory_collectives_between_threads(monkeypatch):
     """The shared-memory group: sums in rank order (the same bits on every rank), gathers, sends
     what does not fit a slot to the fallback, and gives up on a rank that never comes."""
