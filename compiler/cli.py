@@ -146,7 +146,7 @@ def _engine(a) -> dict:
 
 def _serve(a) -> None:
     serve(a.artifact, host=a.host, port=a.port, model_name=a.model_name, log_level=a.log_level,
-          speculative=a.speculative, **_engine(a))
+          speculative=a.speculative, trace_dir=a.trace_dir, trace_every=a.trace_every, **_engine(a))
 
 
 def _sampling(a) -> dict:

@@ -190,6 +190,9 @@ def _run_args(sub) -> None:
     sv.add_argument("--model-name", default=None, help="the model id clients send (default: the model's name)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="the server's (uvicorn's) log level")
+    sv.add_argument("--trace-dir", default=None, metavar="DIR",
+                    help="write a Chrome/Perfetto trace of every --trace-every-th engine step here (step<N>.json)")
+    sv.add_argument("--trace-every", type=_count(), default=100, help="engine steps per trace written to --trace-dir")
     _engine_args(sv)
 
     r = sub.add_parser("run", help="generate text with an artifact")

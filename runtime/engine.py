@@ -25,7 +25,7 @@ from .model_runner import Chunk, ModelRunner
 from .sampling import SamplingParams, check_seed, sample_rows
 from .scheduler import Request, Scheduler, SchedulerConfig
 from .speculative import Speculation, Tree, commit_moves
-from .trace import engine_spans
+from .trace import StepTracer, engine_spans
 
 log = logging.getLogger("ffc.engine")
 
@@ -82,6 +82,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.on_finish: list[Callable[[Request], None]] = []
+        self.tracer: Optional[StepTracer] = None    # the loop's steps traced now and then (ffc serve --trace-dir)
 
     # ------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: Optional[str] = None,
@@ -310,6 +311,6 @@ class Engine:
                 if self._stopping and not self.scheduler.has_work():
                     return
             try:
-                self.step()
+                self.step() if self.tracer is None else self.tracer.step(self.step)
             except Exception:  # noqa: BLE001 - the step's requests carry the error; keep serving
                 log.exception("engine step failed")

@@ -27,6 +27,7 @@ from ffc.errors import InvalidRequestError
 from .engine import releasable
 from .sampling import MAX_SEED, SamplingParams
 from .scheduler import Request
+from .trace import StepTracer
 
 MAX_STOP = 4
 
@@ -355,11 +356,15 @@ def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str]
 
 
 def serve(artifact: str, host: str = "127.0.0.1", port: int = 8000, model_name: Optional[str] = None,
-          log_level: str = "info", speculative: Optional[str] = None, **engine) -> None:
-    """Load ``artifact`` and serve it until SIGINT/SIGTERM (which drain the requests in flight)."""
+          log_level: str = "info", speculative: Optional[str] = None, trace_dir: Optional[str] = None,
+          trace_every: int = 100, **engine) -> None:
+    """Load ``artifact`` and serve it until SIGINT/SIGTERM (which drain the requests in flight);
+    with ``trace_dir``, every ``trace_every``-th engine step's timeline is written there."""
     import uvicorn
 
     llm = ffc.load(artifact, **engine)
+    if trace_dir is not None:
+        llm.engine.tracer = StepTracer(llm.runner, trace_dir, trace_every)
     app = create_app(llm, model_name, speculative)
     # The engine thread gives up the GIL around every kernel call and torch op; with many streams
     # the HTTP thread is always runnable, and at the default 5 ms switch interval each re-acquire

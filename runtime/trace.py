@@ -84,3 +84,31 @@ def write_trace(doc: dict, path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(doc))
     return path
+
+
+class StepTracer:
+    """Traces every ``every``-th step of an engine's loop (``ffc serve --trace-dir``) into
+    ``directory``/step<N>.json: the steps between run untraced."""
+
+    def __init__(self, runner, directory, every: int = 100):
+        if every < 1:
+            raise ValueError(f"trace every {every} steps: must be >= 1")
+        self.runner, self.dir, self.every, self.count = runner, Path(directory), every, 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def step(self, step) -> None:
+        """Run ``step()``, traced when its turn comes."""
+        self.count += 1
+        if (self.count - 1) % self.every:
+            step()
+            return
+        self.runner.events = []
+        try:
+            step()
+            events = self.runner.events
+        finally:
+            self.runner.events = None
+        if events:
+            ranks = int(getattr(self.runner.ranks, "world", 1)) if self.runner.ranks is not None else 1
+            write_trace(chrome_trace(events, python_pid(self.runner), ranks, {"step": self.count}),
+                        self.dir / f"step{self.count:08d}.json")

@@ -78,10 +78,11 @@ def test_trace_has_every_step_on_every_rank(tiny, free_link):
     """`ffc bench ART --trace`: a Chrome trace of one prefill and one decode step of a tp=2
     artifact. Each rank's thread 0 holds one event per plan step of each graph (kernels and
     collectives), every executor thread one per kernel step, the engine's Python time its own
-    track; events never overlap within a thread. A one-process artifact too, through the API."""
+    track; events never overlap within a thread. A one-process artifact too, through the API,
+    and the server loop's every-N-steps traces."""
     import subprocess
     import sys
-    from ffc.runtime.trace import PY_TID, trace_generation
+    from ffc.runtime.trace import PY_TID, StepTracer, trace_generation
     folder, _, _ = tiny
     art = folder.parent / "tp2-free.ffc"     # test_tiny_llama_tp_equals_one_rank's, when it ran first
     if not art.exists():
@@ -119,6 +120,14 @@ def test_trace_has_every_step_on_every_rank(tiny, free_link):
         check(doc, ranks=1)
         assert len({e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}) == llm.compiled.exe.threads + 1
         assert llm.runner.events is None          # off again: steps run the executor's plain run
+        # the server's loop (ffc serve --trace-dir D --trace-every 3): steps 1, 4, 7 of 7 traced
+        llm.engine.tracer = StepTracer(llm.runner, folder.parent / "traces", every=3)
+        llm.engine.start()
+        llm.generate([[5, 6, 7]], max_new_tokens=7, ignore_eos=True)
+        llm.engine.stop()
+        files = sorted((folder.parent / "traces").iterdir())
+        assert [f.name for f in files] == ["step00000001.json", "step00000004.json", "step00000007.json"]
+        assert all(any(e["ph"] == "X" for e in json.loads(f.read_text())["traceEvents"]) for f in files)
     finally:
         llm.close()
 
