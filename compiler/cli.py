@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import ffc
+from ffc.ir import parse
 from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Workload
 from ffc.lower import PHASES
@@ -28,6 +29,7 @@ from .codegen import render_sources
 from .debug import compare
 from .errors import FfcError
 from .evaluate import evaluate, read_text
+from .graph_svg import diff_nodes, plan_steps, render_graph
 from .parallel import dry_run
 from .util import parse_memory
 
@@ -181,6 +183,29 @@ def _find_dump(root: Path, key: str) -> Path:
     return hits[-1] if exact else hits[0]
 
 
+def _graph_picture(art: Artifact, a) -> None:
+    """``inspect --graph [PASS] [--diff A B]``: an SVG of one graph of an IR dump."""
+    def read(key):
+        path = _find_dump(art.root, key) if key else art.path(art.final_ir, "final_ir")
+        mod = parse(path.read_text())
+        name = a.graph_name if a.graph_name in mod.graphs else next(iter(mod.graphs))
+        return path, mod.graphs[name], name
+    path, g, name = read(a.diff[1] if a.diff else a.graph)
+    added = removed = None
+    if a.diff:
+        old_path, old, _ = read(a.diff[0])
+        added, removed = diff_nodes(old, g)
+        title = f"{name}: what {old_path.stem} -> {path.stem} changed ({len(added)} nodes new)"
+    else:
+        title = f"graph {name} after {path.stem} ({len(g.nodes)} nodes)"
+    final = path == art.path(art.final_ir, "final_ir")
+    steps = plan_steps(art.plan, name) if final and art.kernels and not a.diff else None
+    out = Path(a.output or "graph.svg")
+    out.write_text(render_graph(g, layers=a.layers, steps=steps, added=added, removed=removed,
+                                title=f"{art.root.name}: {title}"))
+    print(f"[ffc] wrote {out}: {title}", file=sys.stderr)
+
+
 def _inspect(a) -> None:
     art = Artifact.open(a.artifact, check_hashes=False)
     root, m = art.root, art.manifest
@@ -204,6 +229,9 @@ def _inspect(a) -> None:
             raise FfcError(f"{root} was compiled for one rank (no strategy); compile with --tp N, or see "
                            "`ffc compile MODEL --tp N --dry-run`")
         print(art.path(par["strategy"], "parallel.strategy").read_text(), end="")
+        return
+    if a.graph is not None:
+        _graph_picture(art, a)
         return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)

@@ -168,7 +168,14 @@ def _tool_args(sub) -> None:
                         f"({', '.join(PHASES)}): that phase's dump")
     i.add_argument("--strategy", action="store_true",
                    help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
-    i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"), help="unified diff of two IR dumps")
+    i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"),
+                   help="unified diff of two IR dumps (with --graph: a picture of what the pass changed)")
+    i.add_argument("--graph", nargs="?", const="", default=None, metavar="PASS",
+                   help="an SVG of a graph of the IR after PASS (default: the final IR): one transformer layer node "
+                        "by node, the others folded; colours: kernel families after lowering; edges: types")
+    i.add_argument("--graph-name", default="decode", help="which graph --graph draws (prefill, decode, verify, ...)")
+    i.add_argument("--layers", choices=["one", "all"], default="one", help="--graph: draw one layer or all of them")
+    i.add_argument("-o", "--output", default=None, metavar="FILE.svg", help="where --graph writes (default graph.svg)")
 
     d = sub.add_parser("debug", help="debugging tools")
     dsub = d.add_subparsers(dest="debug_cmd", required=True)

@@ -1,4 +1,5 @@
 """The command line on a real artifact: inspect, run, and --from-ir with an edited dump."""
+import json
 import re
 import subprocess
 import sys
@@ -14,6 +15,36 @@ def ffc_cli(*args):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def test_graph_pictures(smol_artifact, tmp_path):
+    """`ffc inspect --graph`: the final decode graph as SVG (parses as XML) with one node per IR
+    node of the layer it draws, coloured by the plan step's kernel family; --layers all draws
+    every node; --graph --diff draws what a pass made."""
+    import xml.etree.ElementTree as ET
+    from ffc.ir import parse
+    art = Path(smol_artifact)
+    manifest = json.loads((art / "manifest.json").read_text())
+    decode = parse((art / manifest["final_ir"]).read_text()).graphs["decode"]
+    ffc_cli("inspect", art, "--graph", "-o", tmp_path / "g.svg")
+    nodes = [g for g in ET.parse(tmp_path / "g.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
+             if g.get("class") == "node"]
+    layer0 = sorted(n.name for n in decode.nodes if n.origin.layer == 0)
+    assert sorted(g.get("data-ir") for g in nodes if g.get("data-layer") == "0") == layer0
+    assert not any(g.get("data-layer") not in (None, "0") for g in nodes)        # the other layers folded
+    fills = {g.get("data-ir"): g.find("{http://www.w3.org/2000/svg}rect").get("fill") for g in nodes}
+    attention = next(n.name for n in decode.nodes if n.op.value == "cached_attention")
+    linear = next(n.name for n in decode.nodes if n.op.value == "linear" and n.origin.layer == 0)
+    assert fills[attention] != fills[linear] and "#ffffff" not in (fills[attention], fills[linear])
+    ffc_cli("inspect", art, "--graph", "--layers", "all", "-o", tmp_path / "all.svg")
+    drawn = [g for g in ET.parse(tmp_path / "all.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
+             if g.get("class") == "node"]
+    assert len(drawn) == len(decode.nodes) + len(decode.inputs)
+    ffc_cli("inspect", art, "--graph", "--diff", "raise_glu", "fuse_gate_up", "--graph-name", "forward",
+            "-o", tmp_path / "d.svg")
+    new = [g.get("data-op") for g in ET.parse(tmp_path / "d.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
+           if g.get("data-added")]
+    assert "linear" in new and "slice" in new        # the fused gate_up projection, and its halves
 
 
 def test_inspect(smol_artifact):

@@ -93,6 +93,14 @@ def test_trace_has_every_step_on_every_rank(tiny, free_link):
     assert r.returncode == 0, r.stderr
     assert "decode" in r.stdout and "rank 1" in r.stdout
     plan = json.loads((art / "kernels" / "plan.json").read_text())
+    # and its picture: the collectives the plan runs between kernels drawn hot (ffc inspect --graph)
+    import xml.etree.ElementTree as ET
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "inspect", str(art), "--graph", "-o", str(out) + ".svg"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    hot = [g.get("data-op") for g in ET.parse(str(out) + ".svg").getroot().iter("{http://www.w3.org/2000/svg}g")
+           if g.get("data-hot")]
+    assert hot and set(hot) <= {"all_reduce", "all_gather", "reduce_scatter"}
 
     def check(doc, ranks):
         events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
