@@ -31,6 +31,7 @@ setup(
         "prometheus-client",  # /metrics
         "httpx",        # the serving benchmark's HTTP client
         "scipy",        # the parallelization search's MILP (HiGHS)
+        "rich",         # progress rows of long commands on a terminal
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},

@@ -31,6 +31,7 @@ from .calibrate import profile_for
 from .codegen import render_sources
 from .errors import FfcError, InvalidRequestError
 from .options import CompileOptions
+from .progress import Reporter
 from .search import decode_step_costs, search
 from .util import parse_memory
 
@@ -82,10 +83,11 @@ def strategy_planner(options: CompileOptions, log: Log) -> Callable[[Module, Pas
     """The pipeline's search step, on the options' profile, memory limit and workload."""
     def plan(module: Module, ctx: PassContext) -> Strategy:
         prof = profile_for(options.profile, log).per_rank(options.tp * options.pp)
-        log(f"searching a tp={options.tp} pp={options.pp} strategy on {prof.name}")
-        st = search(module, options.tp, options.pp, prof, options.workload, options.memory_per_device)
-        log(f"strategy: {st.predicted.collectives} collectives, predicted decode step "
-            f"{st.predicted.decode_s * 1e3:.2f} ms")
+        report = Reporter.of(log)
+        with report.phase(f"search a tp={options.tp} pp={options.pp} strategy on {prof.name}"):
+            st = search(module, options.tp, options.pp, prof, options.workload, options.memory_per_device)
+            report.note(f"{st.predicted.collectives} collectives, predicted decode step "
+                        f"{st.predicted.decode_s * 1e3:.2f} ms")
         return st
     return plan
 
@@ -137,8 +139,10 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     this storage ("auto": the GGUF file's blocks, else int4-g32), layers chosen on the
     ``calibration`` text file (default: the model's own answers to a few prompts)."""
     t0 = time.perf_counter()
-    source = sources.resolve(model, allow_pickle=allow_pickle)
-    config = sources.load_config(source)
+    log = report = Reporter.of(log)
+    with report.phase(f"resolve {model}"):           # a GGUF file is converted once (cached)
+        source = sources.resolve(model, allow_pickle=allow_pickle)
+        config = sources.load_config(source)
     family = sources.check_architecture(config, log)
     msl = sources.resolve_max_seq_len(config, max_seq_len)
     policy = QuantPolicy.parse(quant, quant_skip)
@@ -172,23 +176,24 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             hf, tokenizer, blocks = _prepared
             raw = frontend.raw_weights(hf)
         else:
-            log(f"loading {model} ({family})")
-            hf = sources.load_model(source, allow_pickle)
-            tokenizer = sources.load_tokenizer(source)
-            raw = frontend.raw_weights(hf)
+            with report.phase(f"load the {family} model"):
+                hf = sources.load_model(source, allow_pickle)
+                tokenizer = sources.load_tokenizer(source)
+                raw = frontend.raw_weights(hf)
             blocks = {}
         if policy.mode == "gguf" and _prepared is None:
-            log(f"reading the quantized blocks of {source.gguf}")
-            blocks = gguf_blocks.read_blocks(source.gguf, config, raw)
+            with report.phase(f"read the quantized blocks of {Path(source.gguf).name}"):
+                blocks = gguf_blocks.read_blocks(source.gguf, config, raw)
         if from_ir:
             module = load_ir(from_ir)
             log(f"read IR from {from_ir}")
         else:
-            log("tracing with torch.export")
-            module = frontend.trace(hf, options.max_seq_len)
+            with report.phase("trace with torch.export"):
+                module = frontend.trace(hf, options.max_seq_len)
 
         def dump(name, payload):
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
+            report.advance()
         spec_costs: dict = {}
 
         one_rank = []
@@ -204,7 +209,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                           source_formats={k: fmt for k, (fmt, _) in blocks.items()}, kv_dtype=options.kv_dtype,
                           kv_block_size=options.kv_block_size, tp=tp, pp=pp, planner=strategy_planner(options, log),
                           on_search_point=price_steps)
-        result = run_pipeline(module, PIPELINE, ctx, dump)
+        with report.phase(f"run {len(PIPELINE)} passes", total=len(PIPELINE) + 1):
+            result = run_pipeline(module, PIPELINE, ctx, dump)
         final, strategy = result.module, result.ctx.strategy
         kinds = ("prefill", "decode") + (("verify",) if any(g.startswith("verify") for g in final.graphs) else ())
         expected = set(kinds) if pp == 1 else {f"{g}_stage{k}" for g in kinds for k in range(pp)}
@@ -212,19 +218,25 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {sorted(expected)}")
         if strategy is not None:
             art.path("parallel/strategy.txt").write_text(strategy.describe() + "\n")
-        log("writing weights")
-        # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
-        # weights) are needed at compile time only
-        for rank in range(tp * pp):   # each rank's file holds only its slices / its stage's weights
-            mine = final.stage_params(rank // tp, pp)
-            weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp,
-                                                           blocks=blocks).items() if k in mine}
-            save_file({k: v.contiguous() for k, v in weights.items()}, str(art.path(f"weights/rank{rank}.safetensors")))
+        with report.phase(f"write weights ({tp * pp} file{'s' if tp * pp > 1 else ''})", total=tp * pp):
+            # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
+            # weights) are needed at compile time only
+            t1, written = time.perf_counter(), 0
+            for rank in range(tp * pp):   # each rank's file holds only its slices / its stage's weights
+                mine = final.stage_params(rank // tp, pp)
+                weights = {k: v for k, v in materialize_params(final.params, raw, mine, rank=rank % tp,
+                                                               blocks=blocks).items() if k in mine}
+                path = art.path(f"weights/rank{rank}.safetensors")
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+                written += path.stat().st_size
+                report.advance()
+            report.note(f"{written / 1e6:.1f} MB at {written / 1e6 / max(time.perf_counter() - t1, 1e-6):.0f} MB/s")
         tokenizer.save_pretrained(str(art.path("tokenizer")))
         kernels = None
         if options.codegen:
             try:
-                kernels = build_kernels(art.root, final, options, log, Path(_final or art.output))
+                with report.phase("lower and build kernels"):
+                    kernels = build_kernels(art.root, final, options, log, Path(_final or art.output))
             except LoweringError as e:
                 if tp == 1:
                     raise
@@ -236,12 +248,12 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             if "verify" not in kinds:
                 raise InvalidRequestError("--self-draft: this model has no verify graph (sliding-window attention), "
                                           "so it cannot decode speculatively; compile without --self-draft")
-            speculative["self_draft"] = build_self_draft(art, model, hf, tokenizer, blocks, source, spec_costs,
-                                                          draft_policy, calib_text, log,
-                                                          max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype,
-                                                          target=target, codegen=codegen,
-                                                          prefill_tokens=prefill_tokens, max_batch=max_batch,
-                                                          kv_block_size=kv_block_size, kv_dtype=kv_dtype)
+            with report.phase("self-draft: choose its layers, compile it"):
+                speculative["self_draft"] = build_self_draft(
+                    art, model, hf, tokenizer, blocks, source, spec_costs, draft_policy, calib_text, log,
+                    max_seq_len=msl, allow_pickle=allow_pickle, dtype=dtype, target=target, codegen=codegen,
+                    prefill_tokens=prefill_tokens, max_batch=max_batch, kv_block_size=kv_block_size,
+                    kv_dtype=kv_dtype)
         last = result.records[-1]
         prof = profile_for(options.profile, log)
         manifest = {

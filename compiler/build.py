@@ -276,8 +276,7 @@ def _build_runtime(rt_dir: Path, target: Target, sources: dict[str, str], build_
                 (tmp / name).write_text(sources[name])
             os.rename(tmp, src)
         obj.parent.mkdir(exist_ok=True)
-        r = subprocess.run([_ninja(), "-f", str(build_file)] + [str(t) for t in targets], capture_output=True,
-                           text=True)
+        r = _run_ninja([_ninja(), "-f", str(build_file)] + [str(t) for t in targets], log)
         if r.returncode != 0:
             raise BuildError(_explain(r.stdout + r.stderr, src, [], build_file))
         log(f"kernels: {runtime} (the executor){' and the precompiled header' if len(targets) > 1 else ''} built "
@@ -301,6 +300,24 @@ def _library(build_dir: Path, src_dir: Path, target: Target, sources: dict[str, 
     return _cached(key, tc, make, log, reuse)
 
 
+def _run_ninja(args: list[str], log) -> subprocess.CompletedProcess:
+    """ninja, its "[k/n] ..." lines moving the reporter's bar as they come (ffc.progress; a plain
+    log function: run to the end); stdout and stderr together in ``stdout``."""
+    advance = getattr(log, "advance", None)
+    if advance is None:
+        r = subprocess.run(args, capture_output=True, text=True)
+        return subprocess.CompletedProcess(args, r.returncode, r.stdout + r.stderr, "")
+    lines, done = [], 0
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.match(r"\[(\d+)/(\d+)\]", line)
+            if m:
+                advance(int(m.group(1)) - done, total=int(m.group(2)))
+                done = int(m.group(1))
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(lines), "")
+
+
 def _ninja_build(build_dir: Path, src_dir: Path, text: str, spans: list[KernelSpan], ninja_file: Path,
                  log, runtime=lambda build_file: None) -> Path:
     """Run ninja in ``build_dir`` on the sources in ``src_dir``: objects are kept there, so only
@@ -311,7 +328,7 @@ def _ninja_build(build_dir: Path, src_dir: Path, text: str, spans: list[KernelSp
         _link_sources(build_dir, src_dir)
         (build_dir / "build.ninja").write_text(text)
         runtime(build_dir / "build.ninja")
-        r = subprocess.run([_ninja(), "-f", str(build_dir / "build.ninja")], capture_output=True, text=True)
+        r = _run_ninja([_ninja(), "-f", str(build_dir / "build.ninja")], log)
         if r.returncode != 0:
             raise BuildError(_explain(r.stdout + r.stderr, src_dir, spans, ninja_file))
         mod = re.search(r"^module = (\S+)$", text, re.M).group(1)
@@ -357,6 +374,7 @@ def _cached(key: str, tc: dict, make, log, reuse: bool = True) -> Path:
     with _locked(lib.parent):                  # one build per key at a time: the others then find it
         if reuse and lib.exists():
             log(f"kernels: cached build {key}")
+            getattr(log, "note", lambda s: None)("kernel library from the cache")
             return lib
         built = make()
         lib.parent.mkdir(parents=True, exist_ok=True)

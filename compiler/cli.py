@@ -31,6 +31,7 @@ from .errors import FfcError
 from .evaluate import evaluate, read_text
 from .graph_svg import diff_nodes, plan_steps, render_graph
 from .parallel import dry_run
+from .progress import Reporter
 from .util import parse_memory
 
 
@@ -63,12 +64,15 @@ def _compile(a) -> None:
         return
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")
-    compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
-                  log=lambda s: print(f"[ffc] {s}", file=sys.stderr), dtype=a.dtype, target=a.target,
-                  codegen=not a.no_codegen, prefill_tokens=a.prefill_tokens, max_batch=a.max_batch,
-                  kv_block_size=a.kv_block_size, tp=tp, pp=pp, profile=a.profile, memory_per_device=a.memory_per_device,
-                  workload=a.workload, quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype,
-                  self_draft=a.self_draft, calibration=a.calibration)
+    with Reporter(quiet=a.quiet) as report:
+        compile_model(a.model, a.output, max_seq_len=a.max_seq_len, from_ir=a.from_ir, allow_pickle=a.allow_pickle,
+                      log=report, dtype=a.dtype, target=a.target, codegen=not a.no_codegen,
+                      prefill_tokens=a.prefill_tokens, max_batch=a.max_batch, kv_block_size=a.kv_block_size, tp=tp,
+                      pp=pp, profile=a.profile, memory_per_device=a.memory_per_device, workload=a.workload,
+                      quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype, self_draft=a.self_draft,
+                      calibration=a.calibration)
+    if not a.quiet:
+        print(report.summary(), file=sys.stderr)
     print(a.output)
 
 

@@ -56,6 +56,8 @@ def _compile_args(sub) -> None:
     c.add_argument("--max-seq-len", type=_count(), default=None,
                    help="KV-cache length per sequence (default: the model's context, capped)")
     c.add_argument("--from-ir", default=None, help="compile this (edited) IR dump instead of tracing")
+    c.add_argument("--quiet", action="store_true",
+                   help="print only errors and the artifact's path (no progress, no summary table)")
     c.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (runs their code!)")
     c.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="storage type of weights (computation is fp32)")

@@ -21,6 +21,14 @@ def test_four_concurrent_compiles_share_one_cache(tmp_path, smol_source):
         assert rc == 0, err[-3000:]
     logs = "\n".join(err for _, err in results)
     assert logs.count("kernels: compiled ") == 1 and logs.count("kernels: cached build") == 3, logs[-3000:]
+    # not a terminal: plain lines, no progress redrawn (no carriage returns or escape codes), and
+    # each compile's closing table of phases, the cache hits noted
+    assert not {c for c in logs if ord(c) < 32 and c != "\n"}, sorted({c for c in logs if ord(c) < 32})
+    assert logs.count("compile total") == 4 and logs.count("kernel library from the cache") == 3
+    quiet = subprocess.run([sys.executable, "-m", "ffc.cli", "compile", str(folder), "-o", str(tmp_path / "q.ffc"),
+                            "--max-seq-len", "32", "--profile", "a100-nvlink", "--quiet"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.strip() == str(tmp_path / "q.ffc")
     libs = list((cache / "kernels").glob("*/ffc_kernels_*.so"))
     assert len(libs) == 1 and not list((cache / "kernels").rglob(".tmp-*"))
     prompt = "The capital of France is"
