@@ -5,7 +5,8 @@ A ``Reporter`` is what compile (and its helpers) log through: called with a mess
 bar (passes run, weight bytes written, objects ninja compiled). On a terminal (stderr is a
 TTY and ``--quiet`` was not given) phases are rich progress rows: a spinner, a bar where the
 amount is known, the elapsed time; messages print above them. Elsewhere (a pipe, a file, CI)
-a phase is one plain line and nothing is redrawn: no carriage returns, no escape codes.
+a phase is one plain line when it ends (its seconds and notes) and nothing is redrawn: no
+carriage returns, no escape codes.
 ``--quiet`` prints nothing but errors. transformers' own tqdm bars (GGUF conversion, weight
 loading) are turned off while a reporter is active: they would interleave with ours.
 ``summary()`` is the closing table: phase, seconds, and what each phase noted (cache hits,
@@ -67,15 +68,18 @@ class Reporter:
         t0 = time.perf_counter()
         if self._rows is not None:
             self._task = self._rows.add_task(name, total=total)
-        elif self.sink is None:
-            self(name)
+        ok = False
         try:
             yield self
+            ok = True
         finally:
             if self._rows is not None:
                 self._rows.update(self._task, total=total or 1, completed=total or 1)
             self._depth -= 1
-            self.phases.append((t0, self._depth, name, time.perf_counter() - t0, "; ".join(self._notes)))
+            seconds, note = time.perf_counter() - t0, "; ".join(self._notes)
+            self.phases.append((t0, self._depth, name, seconds, note))
+            if ok and self._rows is None and self.sink is None:      # plain lines: one per phase, when done
+                self(f"{name}: {seconds:.1f} s" + (f" ({note})" if note else ""))
             self._task, self._notes = outer
 
     def advance(self, n: float = 1, total: Optional[float] = None) -> None:
