@@ -32,6 +32,7 @@ setup(
         "httpx",        # the serving benchmark's HTTP client
         "scipy",        # the parallelization search's MILP (HiGHS)
         "rich",         # progress rows of long commands on a terminal
+        "matplotlib",   # ffc inspect --strategy --plot, benchmarks/cost_model.py --plot
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["ffc=ffc.cli:main"]},

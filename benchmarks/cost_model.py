@@ -9,6 +9,7 @@ runs), whole steps by wall clock, collectives between local processes as the run
 run them (shared memory on x86, else gloo).
 
     ffc calibrate --artifact smol.ffc && python benchmarks/cost_model.py smol.ffc --batch 1 8 --context 256
+    python benchmarks/cost_model.py smol.ffc --plot cost.png      # predicted vs measured, per kernel family
 
 Calibration fits kernel costs at other shapes (decode batch 1-16 at context 32-128, prefill
 16-96 tokens); the defaults here check batch 1 and 8 at context 256 and a 128-token prefill.
@@ -25,6 +26,7 @@ import ffc
 from ffc.cluster import load_profile
 from ffc.calibrate import time_collectives
 from ffc.kernel_cost import kernel_work, measure, step_inputs
+from ffc.plots import cost_model_plot
 
 
 def main():
@@ -36,12 +38,14 @@ def main():
     ap.add_argument("--prefill", type=int, nargs="*", default=[128], help="prefill lengths (one sequence)")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--plot", metavar="FILE.png", default=None,
+                    help="also draw predicted against measured per kernel family (log axes, the +-25%% band)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     profile = load_profile(a.profile)
     llm = ffc.load(a.artifact)
-    errors, rows = [], []
+    errors, rows, points = [], [], []
     shapes = [("decode", b, a.context) for b in a.batch] + [("prefill", 1, n) for n in a.prefill]
     for graph, batch, context in shapes:
         inputs = step_inputs(llm, graph, batch, context)
@@ -60,6 +64,7 @@ def main():
             g[0].append(p)
             g[1].append(m)
             errors.append(abs(p - m) / m)
+            points.append((fam, p, m))
         for name, (ps, ms) in groups.items():
             rows.append((f"{tag} {name} (x{len(ps)})", statistics.median(ps), statistics.median(ms)))
         step = statistics.median(steps)
@@ -72,6 +77,7 @@ def main():
         p = profile.collective_time("all_reduce", n, 2)
         rows.append((f"all_reduce of {n / 1024:.0f} KiB, 2 local ranks", p, t))
         errors.append(abs(p - t) / t)
+        points.append(("all_reduce", p, t))
     print(f"profile {profile.name} ({'kernel families fitted' if profile.kernels else 'roofline only'}); "
           f"{torch.get_num_threads()} threads")
     print(f"{'op':58} {'predicted':>11} {'measured':>11} {'error':>7}")
@@ -79,6 +85,9 @@ def main():
         print(f"{name:58} {p * 1e6:9.1f}us {m * 1e6:9.1f}us {100 * (p - m) / m:+6.0f}%")
     print(f"median absolute error over {len(errors)} kernels, steps and collectives: "
           f"{100 * statistics.median(errors):.1f}%")
+    if a.plot:
+        cost_model_plot(points, a.plot)
+        print(f"wrote {a.plot}")
 
 
 if __name__ == "__main__":

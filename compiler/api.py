@@ -218,6 +218,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             raise FfcError(f"the pipeline ended with graphs {sorted(final.graphs)}, expected {sorted(expected)}")
         if strategy is not None:
             art.path("parallel/strategy.txt").write_text(strategy.describe() + "\n")
+            art.path("parallel/strategy.json").write_text(json.dumps(strategy.to_json()))
         with report.phase(f"write weights ({tp * pp} file{'s' if tp * pp > 1 else ''})", total=tp * pp):
             # only what the graphs read: recipe sources (unfused q/k/v, fp32 originals of narrow
             # weights) are needed at compile time only

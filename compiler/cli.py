@@ -31,7 +31,9 @@ from .errors import FfcError
 from .evaluate import evaluate, read_text
 from .graph_svg import diff_nodes, plan_steps, render_graph
 from .parallel import dry_run
+from .plots import strategy_plot
 from .progress import Reporter
+from .report import render_report
 from .util import parse_memory
 
 
@@ -232,10 +234,21 @@ def _inspect(a) -> None:
         if not par:
             raise FfcError(f"{root} was compiled for one rank (no strategy); compile with --tp N, or see "
                            "`ffc compile MODEL --tp N --dry-run`")
+        if a.plot:
+            data = root / "parallel" / "strategy.json"
+            if not data.is_file():
+                raise FfcError(f"{root} has no parallel/strategy.json (compiled before ffc wrote it): recompile it")
+            strategy_plot(json.loads(data.read_text()), a.plot)
+            print(f"[ffc] wrote {a.plot}", file=sys.stderr)
+            return
         print(art.path(par["strategy"], "parallel.strategy").read_text(), end="")
         return
     if a.graph is not None:
         _graph_picture(art, a)
+        return
+    if a.report:
+        Path(a.report).write_text(render_report(art))
+        print(f"[ffc] wrote {a.report}", file=sys.stderr)
         return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)

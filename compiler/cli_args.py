@@ -170,6 +170,9 @@ def _tool_args(sub) -> None:
                         f"({', '.join(PHASES)}): that phase's dump")
     i.add_argument("--strategy", action="store_true",
                    help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
+    i.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="with --strategy: a picture of it (per layer: compute, communication, the next-best "
+                        "strategies, memory per rank; the whole plan against the others priced)")
     i.add_argument("--diff", nargs=2, metavar=("PASS_A", "PASS_B"),
                    help="unified diff of two IR dumps (with --graph: a picture of what the pass changed)")
     i.add_argument("--graph", nargs="?", const="", default=None, metavar="PASS",
@@ -178,6 +181,9 @@ def _tool_args(sub) -> None:
     i.add_argument("--graph-name", default="decode", help="which graph --graph draws (prefill, decode, verify, ...)")
     i.add_argument("--layers", choices=["one", "all"], default="one", help="--graph: draw one layer or all of them")
     i.add_argument("-o", "--output", default=None, metavar="FILE.svg", help="where --graph writes (default graph.svg)")
+    i.add_argument("--report", metavar="FILE.html", default=None,
+                   help="one self-contained HTML page: manifest, passes, the decode graph, the plan's fusion decisions, "
+                        "weights per format, the strategy and its picture, provenance (attach it to a bug report)")
 
     d = sub.add_parser("debug", help="debugging tools")
     dsub = d.add_subparsers(dest="debug_cmd", required=True)

@@ -10,7 +10,8 @@ cost: these types only hold decisions, so they can be printed, stored, tested an
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from ffc.errors import InvalidRequestError
@@ -169,6 +170,11 @@ class Strategy:
     def placements(self) -> dict[str, tuple[tuple, Placement]]:
         """node name -> (input placements, output placement): what apply_tensor_parallel needs."""
         return {c.node: (c.inputs, c.output) for c in self.choices}
+
+    def to_json(self) -> dict:
+        """Every field as JSON (placements, kinds and dtypes as their text): parallel/strategy.json,
+        which ``ffc inspect --strategy --plot`` draws."""
+        return json.loads(json.dumps(asdict(self), default=str))
 
     def collective_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(c.kind.value for c in self.collectives).items()))

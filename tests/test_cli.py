@@ -45,6 +45,16 @@ def test_graph_pictures(smol_artifact, tmp_path):
     new = [g.get("data-op") for g in ET.parse(tmp_path / "d.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
            if g.get("data-added")]
     assert "linear" in new and "slice" in new        # the fused gate_up projection, and its halves
+    # the report: one page holding the passes, the same graph inline, the plan's fusion decisions
+    from html.parser import HTMLParser
+    ffc_cli("inspect", art, "--report", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    tags: dict = {}
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.__setitem__(tag, tags.get(tag, 0) + 1)
+    parser.feed(page)
+    assert tags["svg"] == 1 and tags["table"] >= 2 and "fuse_gate_up" in page and "fused" in page
+    assert page.count('class="node"') == len(layer0) + len(decode.inputs) + sum(n.origin.layer is None for n in decode.nodes)
 
 
 def test_inspect(smol_artifact):

@@ -101,6 +101,16 @@ def test_trace_has_every_step_on_every_rank(tiny, free_link):
     hot = [g.get("data-op") for g in ET.parse(str(out) + ".svg").getroot().iter("{http://www.w3.org/2000/svg}g")
            if g.get("data-hot")]
     assert hot and set(hot) <= {"all_reduce", "all_gather", "reduce_scatter"}
+    # its strategy as a picture, and in the report
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "inspect", str(art), "--strategy", "--plot", str(out) + ".png"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (folder.parent / "trace.json.png").read_bytes()[:4] == b"\x89PNG"
+    choices = json.loads((art / "parallel" / "strategy.json").read_text())["choices"]
+    assert choices and all(c["compute_s"] >= 0 and "alternatives" in c for c in choices)
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "inspect", str(art), "--report", str(out) + ".html"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and 'src="data:image/png;base64,' in (folder.parent / "trace.json.html").read_text()
 
     def check(doc, ranks):
         events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
