@@ -26,6 +26,7 @@ from ffc.runtime.model_runner import Chunk, single_sequence_inputs
 from . import sources
 from .artifact import read_manifest
 from .errors import FfcError
+from .progress import Reporter
 
 
 def _rss_mb() -> tuple[float, float]:
@@ -187,17 +188,20 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
         for e in filter(None, (eng, base)):
             e.decode(*e.prefill(prompt(max(prefill_lens), 1)), 4)
     rows: list[Row] = []
+    report = Reporter.of(log)
     for n in prefill_lens:
         row = Row(f"prefill {n} tokens", "tok/s")
         ids = prompt(n, 1)
-        for e in filter(None, (eng, base)):
-            e.prefill(ids)
-        for _ in range(runs):
-            row.ffc.append(n / _timed(lambda: eng.prefill(ids)))
-            if base:
-                row.base.append(n / _timed(lambda: base.prefill(ids)))
+        with report.phase(row.name, total=runs):
+            for e in filter(None, (eng, base)):
+                e.prefill(ids)
+            for _ in range(runs):
+                row.ffc.append(n / _timed(lambda: eng.prefill(ids)))
+                if base:
+                    row.base.append(n / _timed(lambda: base.prefill(ids)))
+                report.advance()
+            report.note(f"ffc {row.median(row.ffc):.0f} tok/s, baseline {row.median(row.base):.0f}")
         rows.append(row)
-        log(f"{row.name}: ffc {row.median(row.ffc):.0f} tok/s, baseline {row.median(row.base):.0f}")
     n = min(128, limit - 1)
     ttft = Row(f"time to first token ({n}-token prompt)", "ms")
     ids = prompt(n, 1)
@@ -210,14 +214,16 @@ def run_bench(artifact: str, *, compare: str = "transformers", runs: int = 5, ne
     for b in batches:
         row = Row(f"decode batch {b} ({new_tokens} new tokens)", "tok/s")
         ids = prompt(16, b)
-        for k in range(runs):
-            seqs, cache = eng.prefill(ids)
-            row.ffc.append(b * steps / _timed(lambda: eng.decode(seqs, cache, steps)))
-            if base:
-                bs, bc = base.prefill(ids)
-                row.base.append(b * steps / _timed(lambda: base.decode(bs, bc, steps)))
+        with report.phase(row.name, total=runs):
+            for k in range(runs):
+                seqs, cache = eng.prefill(ids)
+                row.ffc.append(b * steps / _timed(lambda: eng.decode(seqs, cache, steps)))
+                if base:
+                    bs, bc = base.prefill(ids)
+                    row.base.append(b * steps / _timed(lambda: base.decode(bs, bc, steps)))
+                report.advance()
+            report.note(f"ffc {row.median(row.ffc):.1f} tok/s, baseline {row.median(row.base):.1f}")
         rows.append(row)
-        log(f"{row.name}: ffc {row.median(row.ffc):.1f} tok/s, baseline {row.median(row.base):.1f}")
     # roofline: bytes of weights a decode step reads, over measured read bandwidth
     bw = llm.compiled.lib.read_bandwidth(1 << 30, 7, llm.compiled.exe.threads)
 

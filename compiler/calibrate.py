@@ -28,6 +28,7 @@ from ffc.runtime import shm_collectives
 from .cluster import DeviceProfile, Link, load_profile, local_profile_path
 from .errors import InvalidRequestError
 from .kernel_cost import calibration_samples, fit_families
+from .progress import Reporter
 from .util import free_port
 
 SIZES = [4 << 10, 64 << 10, 512 << 10, 2 << 20, 8 << 20, 16 << 20]
@@ -137,18 +138,19 @@ def measure_collectives(world: int = 2, runs: int = 9) -> list:
 def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda s: None) -> DeviceProfile:
     """This machine as a profile; with ``artifact`` also its generated kernels' cost per family."""
     threads = torch.get_num_threads()
-    log(f"GEMM at {threads} threads")
-    flops = measure_gemm()
-    log(f"  fp32 {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.0f} GFLOP/s")
-    bw = measure_bandwidth()
-    log(f"read bandwidth {bw / 1e9:.1f} GB/s")
-    overhead = measure_overhead()
-    log(f"per-op overhead {overhead * 1e6:.1f} us")
-    log(f"collectives between {world} local processes (all-reduce/all-gather in shared memory up to "
-        f"{shm_collectives.SLOT_BYTES >> 20} MiB, as the runtime's ranks; gloo otherwise)")
-    fitted = measure_collectives(world)
-    for kind, p, a, b in fitted:
-        log(f"  {kind}: {a * 1e6:.0f} us + {1 / b / 1e9:.2f} GB/s")
+    report = Reporter.of(log)
+    with report.phase(f"GEMM at {threads} threads"):
+        flops = measure_gemm()
+        report.note(f"fp32 {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.0f} GFLOP/s")
+    with report.phase("read bandwidth"):
+        bw = measure_bandwidth()
+        report.note(f"{bw / 1e9:.1f} GB/s")
+    with report.phase("per-op overhead"):
+        overhead = measure_overhead()
+        report.note(f"{overhead * 1e6:.1f} us")
+    with report.phase(f"collectives between {world} local processes"):   # shared memory up to a slot, as the
+        fitted = measure_collectives(world)                              # runtime's ranks; gloo past it
+        report.note(", ".join(f"{kind} {a * 1e6:.0f} us + {1 / b / 1e9:.2f} GB/s" for kind, _, a, b in fitted))
     ar = next((f for f in fitted if f[0] == "all_reduce"), None)
     latency, bandwidth = (ar[2] / 2, 1 / ar[3]) if ar else (50e-6, 1e9)
     mem = 0
@@ -158,11 +160,11 @@ def calibrate(world: int = 2, artifact=None, log: Callable[[str], None] = lambda
                 mem = int(line.split()[1]) * 1024
     kernels = ()
     if artifact is not None:
-        log(f"generated kernels of {artifact} at 9 decode/prefill shapes")
-        llm = ffc.load(artifact)
-        if llm.compiled is None:
-            raise InvalidRequestError(f"{artifact} has no generated kernels; compile it without --no-codegen")
-        fams = fit_families(calibration_samples(llm))
+        with report.phase(f"generated kernels of {artifact} at 9 decode/prefill shapes"):
+            llm = ffc.load(artifact)
+            if llm.compiled is None:
+                raise InvalidRequestError(f"{artifact} has no generated kernels; compile it without --no-codegen")
+            fams = fit_families(calibration_samples(llm))
         for f, (a, c, m) in fams.items():
             log(f"  {f}: {a * 1e6:.2f} us + {c and 1 / c / 1e9:.1f} GFLOP/s + {m and 1 / m / 1e9:.1f} GB/s")
         kernels = tuple(sorted((f, a, c, m) for f, (a, c, m) in fams.items()))

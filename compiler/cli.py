@@ -119,9 +119,9 @@ def _bench(a) -> None:
             llm.close()
         print(format_spec_bench(rows, torch.get_num_threads()))
         return
-    res = run_bench(a.artifact, compare=a.compare, runs=a.runs, new_tokens=a.new_tokens,
-                    batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads,
-                    log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    with Reporter() as report:
+        res = run_bench(a.artifact, compare=a.compare, runs=a.runs, new_tokens=a.new_tokens,
+                        batches=tuple(a.batch), prefill_lens=tuple(a.prefill), threads=a.threads, log=report)
     print(format_bench(res))
 
 
@@ -143,7 +143,9 @@ def _eval(a) -> None:
 def _calibrate(a) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
-    prof = calibrate(a.ranks, a.artifact, log=lambda s: print(f"[ffc] {s}", file=sys.stderr))
+    with Reporter() as report:
+        prof = calibrate(a.ranks, a.artifact, log=report)
+    print(report.summary("calibrate"), file=sys.stderr)
     print(save(prof, a.output))
 
 
