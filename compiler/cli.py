@@ -21,6 +21,7 @@ from ffc.runtime.trace import format_trace, trace_generation, write_trace
 from . import build
 from .api import compile_model
 from .artifact import REBUILT, Artifact, read_manifest, refresh_manifest
+from .batch import read_batch, run_batch
 from .bench import format_bench, run_bench
 from .spec_bench import format_spec_bench, run_spec_bench
 from .calibrate import calibrate, profile_for, save
@@ -165,8 +166,11 @@ def _sampling(a) -> dict:
 
 
 def _run(a) -> None:
+    if a.batch_file is not None:
+        _run_batch(a)
+        return
     if (a.prompt is None) == (a.chat is None):
-        raise FfcError("give exactly one of --prompt TEXT or --chat TEXT")
+        raise FfcError("give exactly one of --prompt TEXT or --chat TEXT (or --batch-file PROMPTS.jsonl)")
     llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
     prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
     try:
@@ -178,6 +182,21 @@ def _run(a) -> None:
         print()
     finally:
         llm.close()
+
+
+def _run_batch(a) -> None:
+    if a.prompt is not None or a.chat is not None or not a.output:
+        raise FfcError("--batch-file takes no --prompt / --chat, and needs --output OUT.jsonl")
+    items = read_batch(a.batch_file)
+    sampling = {k: v for k, v in _sampling(a).items() if k != "speculative"}
+    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
+    try:
+        with Reporter() as report:
+            line = run_batch(llm, items, a.output, report, a.max_new_tokens, sampling)
+    finally:
+        llm.close()
+    print(f"[ffc] {line}", file=sys.stderr)
+    print(a.output)
 
 
 def _find_dump(root: Path, key: str) -> Path:
@@ -211,7 +230,8 @@ def _graph_picture(art: Artifact, a) -> None:
     out = Path(a.output or "graph.svg")
     out.write_text(render_graph(g, layers=a.layers, steps=steps, added=added, removed=removed,
                                 title=f"{art.root.name}: {title}"))
-    print(f"[ffc] wrote {out}: {title}", file=sys.stderr)
+    print(f"[ffc] {title}", file=sys.stderr)
+    print(out)
 
 
 def _inspect(a) -> None:
@@ -241,7 +261,7 @@ def _inspect(a) -> None:
             if not data.is_file():
                 raise FfcError(f"{root} has no parallel/strategy.json (compiled before ffc wrote it): recompile it")
             strategy_plot(json.loads(data.read_text()), a.plot)
-            print(f"[ffc] wrote {a.plot}", file=sys.stderr)
+            print(a.plot)
             return
         print(art.path(par["strategy"], "parallel.strategy").read_text(), end="")
         return
@@ -250,7 +270,7 @@ def _inspect(a) -> None:
         return
     if a.report:
         Path(a.report).write_text(render_report(art))
-        print(f"[ffc] wrote {a.report}", file=sys.stderr)
+        print(a.report)
         return
     if a.diff:
         x, y = (_find_dump(root, k) for k in a.diff)

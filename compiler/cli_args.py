@@ -214,6 +214,11 @@ def _run_args(sub) -> None:
     r.add_argument("artifact", help="the artifact directory")
     r.add_argument("--prompt", help="text to continue (or use --chat)")
     r.add_argument("--chat", help="a user message, formatted with the tokenizer's chat template")
+    r.add_argument("--batch-file", metavar="PROMPTS.jsonl", default=None,
+                   help="instead: every prompt of a JSON-lines file ({\"prompt\": ...} or {\"messages\": [...]} per "
+                        "line, optional id and max_new_tokens) through continuous batching, with progress and tok/s")
+    r.add_argument("--output", metavar="OUT.jsonl", default=None,
+                   help="with --batch-file: where the results go, one line per prompt in input order")
     r.add_argument("--max-new-tokens", type=_count(), default=64, help="tokens to generate at most")
     r.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0: greedy; higher: more random")
     r.add_argument("--top-k", type=_count(0), default=0, help="sample among the k likeliest tokens (0: all)")

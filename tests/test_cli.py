@@ -156,6 +156,30 @@ def tiny_art(tmp_path_factory, smol_source):
     return ffc.compile(str(folder), str(folder.parent / "t.ffc"), max_seq_len=48)
 
 
+def test_run_a_batch_file(tiny_art, tmp_path):
+    """`ffc run --batch-file`: every prompt through continuous batching, the results in input
+    order and equal to generating each alone; progress lines (no control characters) without a
+    terminal; a bad line is named before anything runs, and nothing is written."""
+    prompts = [f"Story number {k}:" for k in range(40)]
+    lines = [json.dumps({"prompt": p, "id": f"p{k}"}) for k, p in enumerate(prompts)]
+    lines.insert(7, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 3, "id": "chat"}))
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "run", str(tiny_art), "--batch-file", str(tmp_path / "p.jsonl"),
+                        "--output", str(tmp_path / "o.jsonl"), "--max-new-tokens", "8", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == [f"p{k}" for k in range(7)] + ["chat"] + [f"p{k}" for k in range(7, 40)]
+    assert out[7]["tokens"] == 3 and all(o["tokens"] == 8 for o in out if o["id"] != "chat")
+    llm = ffc.load(tiny_art)
+    assert [o["text"] for o in out[:3]] == llm.generate(prompts[:3], max_new_tokens=8, ignore_eos=True).texts
+    assert r.stderr.count("prompts, ") >= 10 and not {c for c in r.stderr if ord(c) < 32 and c != "\n"}
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    r = subprocess.run([sys.executable, "-m", "ffc.cli", "run", str(tiny_art), "--batch-file", str(tmp_path / "bad.jsonl"),
+                        "--output", str(tmp_path / "bad-out.jsonl")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "bad.jsonl:2: not JSON" in r.stderr and not (tmp_path / "bad-out.jsonl").exists()
+
+
 def test_build_ninja_builds_the_artifact_and_an_edit_rebuilds_one_object(tiny_art):
     """A fresh artifact's kernels/build.ninja reads the artifact's own sources (not the compile's
     temporary directory) and runs from any directory; after one source is edited, `ffc build`
