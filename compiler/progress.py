@@ -7,8 +7,9 @@ TTY and ``--quiet`` was not given) phases are rich progress rows: a spinner, a b
 amount is known, the elapsed time; messages print above them. Elsewhere (a pipe, a file, CI)
 a phase is one plain line when it ends (its seconds and notes) and nothing is redrawn: no
 carriage returns, no escape codes.
-``--quiet`` prints nothing but errors. transformers' own tqdm bars (GGUF conversion, weight
-loading) are turned off while a reporter is active: they would interleave with ours.
+``--quiet`` prints nothing but errors. transformers' own tqdm bars (weight loading, saving)
+are turned off while a reporter is active (they would interleave with ours, and write carriage
+returns into logs); its GGUF conversion loop becomes one of our rows (per tensor) on a terminal.
 ``summary()`` is the closing table: phase, seconds, and what each phase noted (cache hits,
 bytes and rates).
 """
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from transformers import modeling_gguf_pytorch_utils as hf_gguf
 from transformers.utils import logging as hf_logging
 
 
@@ -86,9 +88,24 @@ class Reporter:
         if self._rows is not None and self._task is not None:
             self._rows.update(self._task, advance=n, **({"total": total} if total is not None else {}))
 
+    def _gguf_bar(self, iterable, desc: str = "", **_):
+        """transformers' GGUF conversion loop (its own tqdm, which ignores disable_progress_bar):
+        a row of ours on a terminal, else nothing."""
+        if self._rows is None:
+            return iterable
+        items = list(iterable)
+        task = self._rows.add_task(desc.rstrip(". "), total=len(items))
+
+        def each():
+            for x in items:
+                yield x
+                self._rows.update(task, advance=1)
+        return each()
+
     def __enter__(self) -> "Reporter":
         self._hf_bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        self._gguf_tqdm, hf_gguf.tqdm = hf_gguf.tqdm, self._gguf_bar
         if self._rows is not None:
             self._rows.start()
         return self
@@ -96,6 +113,7 @@ class Reporter:
     def __exit__(self, *exc) -> None:
         if self._rows is not None:
             self._rows.stop()
+        hf_gguf.tqdm = self._gguf_tqdm
         if self._hf_bars:
             hf_logging.enable_progress_bar()
 

@@ -156,6 +156,27 @@ def tiny_art(tmp_path_factory, smol_source):
     return ffc.compile(str(folder), str(folder.parent / "t.ffc"), max_seq_len=48)
 
 
+def test_reporter_without_a_terminal(capsys):
+    """Without a terminal a reporter prints one plain line per finished phase (with its notes)
+    and nothing else: transformers' GGUF conversion loop (its own tqdm) runs silent while it is
+    active and gets its tqdm back after; the summary lists nested phases under their parent."""
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+    from ffc.progress import Reporter
+    original = hf_gguf.tqdm
+    with Reporter(live=False) as report:
+        with report.phase("outer", total=3):
+            assert list(hf_gguf.tqdm(range(4), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2, 3]
+            with report.phase("inner"):
+                report.note("cache hit")
+            report.advance()
+    assert hf_gguf.tqdm is original
+    err = capsys.readouterr().err
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("[ffc] ")]
+    assert "[ffc] inner: 0.0 s (cache hit)" in err and "\r" not in err
+    rows = report.summary().splitlines()
+    assert rows[1].startswith("outer") and rows[2].startswith("  inner") and rows[-1].startswith("compile total")
+
+
 def test_run_a_batch_file(tiny_art, tmp_path):
     """`ffc run --batch-file`: every prompt through continuous batching, the results in input
     order and equal to generating each alone; progress lines (no control characters) without a
