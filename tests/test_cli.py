@@ -17,6 +17,18 @@ def ffc_cli(*args):
     return r.stdout
 
 
+def ffc_here(*args):
+    """The CLI in this process (no interpreter start-up: for commands that only read and write
+    files); its SIGTERM handler undone after."""
+    import signal
+    from ffc.cli import main
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        main([str(x) for x in args])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_graph_pictures(smol_artifact, tmp_path):
     """`ffc inspect --graph`: the final decode graph as SVG (parses as XML) with one node per IR
     node of the layer it draws, coloured by the plan step's kernel family; --layers all draws
@@ -26,7 +38,7 @@ def test_graph_pictures(smol_artifact, tmp_path):
     art = Path(smol_artifact)
     manifest = json.loads((art / "manifest.json").read_text())
     decode = parse((art / manifest["final_ir"]).read_text()).graphs["decode"]
-    ffc_cli("inspect", art, "--graph", "-o", tmp_path / "g.svg")
+    ffc_here("inspect", art, "--graph", "-o", tmp_path / "g.svg")
     nodes = [g for g in ET.parse(tmp_path / "g.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
              if g.get("class") == "node"]
     layer0 = sorted(n.name for n in decode.nodes if n.origin.layer == 0)
@@ -36,18 +48,18 @@ def test_graph_pictures(smol_artifact, tmp_path):
     attention = next(n.name for n in decode.nodes if n.op.value == "cached_attention")
     linear = next(n.name for n in decode.nodes if n.op.value == "linear" and n.origin.layer == 0)
     assert fills[attention] != fills[linear] and "#ffffff" not in (fills[attention], fills[linear])
-    ffc_cli("inspect", art, "--graph", "--layers", "all", "-o", tmp_path / "all.svg")
+    ffc_here("inspect", art, "--graph", "--layers", "all", "-o", tmp_path / "all.svg")
     drawn = [g for g in ET.parse(tmp_path / "all.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
              if g.get("class") == "node"]
     assert len(drawn) == len(decode.nodes) + len(decode.inputs)
-    ffc_cli("inspect", art, "--graph", "--diff", "raise_glu", "fuse_gate_up", "--graph-name", "forward",
+    ffc_here("inspect", art, "--graph", "--diff", "raise_glu", "fuse_gate_up", "--graph-name", "forward",
             "-o", tmp_path / "d.svg")
     new = [g.get("data-op") for g in ET.parse(tmp_path / "d.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
            if g.get("data-added")]
     assert "linear" in new and "slice" in new        # the fused gate_up projection, and its halves
     # the report: one page holding the passes, the same graph inline, the plan's fusion decisions
     from html.parser import HTMLParser
-    ffc_cli("inspect", art, "--report", tmp_path / "r.html")
+    ffc_here("inspect", art, "--report", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     tags: dict = {}
     parser = HTMLParser()

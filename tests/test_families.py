@@ -1,9 +1,9 @@
 """Random-weight tiny models of every supported family made by transformers (Llama, Mistral,
 Qwen2, GPT-2, OPT, GPTBigCode, Qwen3, GPT-NeoX, Phi-3, Falcon's grouped and multi-query
-layouts and Falcon-RW's ALiBi, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped attention, the mixtures of
-experts Mixtral and Qwen3-MoE): prefill and
-several decode steps against transformers within 1e-4, greedy generation equal batched and
-alone, and on two tensor-parallel ranks and two pipeline stages."""
+layouts and Falcon-RW's ALiBi, Gemma 3 with a sliding-window layer, Gemma 2's soft-capped
+attention, the mixtures of experts Mixtral and Qwen3-MoE): prefill and several decode steps
+against transformers within 1e-4, greedy generation equal batched and alone (and, for ALiBi,
+through speculative verify steps), and on two tensor-parallel ranks and two pipeline stages."""
 import json
 
 import pytest
@@ -11,12 +11,37 @@ import torch
 
 import ffc
 from conftest import Sequences, tiny_model_folder
+from ffc.runtime.speculative import Tree
 from test_parallel import free_link  # noqa: F401 - a profile whose search shards what it can
 
 WINDOWED = {"gemma3": 1, "mistral_sw": 2, "gemma2": 1}     # family -> layers with a sliding window of 8
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "opt", "gpt_bigcode", "qwen3", "gpt_neox", "phi3", "falcon",
             "falcon_mq", "falcon_rw", "gemma3", "mistral_sw", "gemma2", "mixtral", "qwen3_moe"]
 MOE = {"mixtral": 2, "qwen3_moe": 3}        # family -> experts per token
+
+
+class OracleTrees:
+    """A draft that knows the greedy answers: under the root a wrong token, then the right one
+    (so an accepted node sits past its depth's slot and its K/V moves), its right child with a
+    wrong sibling, and so on."""
+    kind = "oracle"
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def propose(self, tokens, depth, max_nodes):
+        full = next((a for a in self.answers if a[:len(tokens)] == list(tokens)), None)
+        nxt = full[len(tokens):len(tokens) + depth] if full is not None else []
+        if not nxt:
+            return None
+        toks, parents, at = [tokens[-1]], [-1], 0
+        for t in nxt:
+            if len(toks) + 2 > max_nodes:
+                break
+            toks += [(t + 1) % 49152, t]          # a wrong sibling first, then the right token
+            parents += [at, at]
+            at = len(toks) - 1
+        return Tree(toks, parents) if len(toks) > 1 else None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,6 +77,16 @@ def test_family_matches_transformers(family, tmp_path, smol_source):
         want = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(p):]
         assert got == want.tolist()
     assert llm.generate([prompts[1]], max_new_tokens=32, ignore_eos=True).token_ids[0] == out.token_ids[1]
+    if family == "falcon_rw":       # ALiBi in verify steps: tree nodes scored at their depth, accepted ones moved
+        spec = llm.engine.speculation
+        spec.drafts["oracle"] = OracleTrees([p + o for p, o in zip(prompts, out.token_ids)])
+        spec.control.shape = lambda *a, **k: [1, 1, 1]
+        spec.gate = False
+        stats = llm.engine.stats
+        before = (stats.verify_steps, stats.spec_accepted)
+        spec_out = llm.generate(prompts, max_new_tokens=32, ignore_eos=True, speculative="oracle").token_ids
+        assert spec_out == out.token_ids
+        assert stats.verify_steps - before[0] >= 10 and stats.spec_accepted - before[1] >= 20
     if family == "mistral_sw":     # every layer windowed: blocks behind the window go back to the pool
         from ffc.runtime.sampling import SamplingParams
         engine, most = llm.engine, 0
