@@ -214,6 +214,8 @@ def _graph_picture(art: Artifact, a) -> None:
     """``inspect --graph [PASS] [--diff A B]``: an SVG of one graph of an IR dump."""
     def read(key):
         path = _find_dump(art.root, key) if key else art.path(art.final_ir, "final_ir")
+        if path.suffix != ".ir":
+            raise FfcError(f"{path.name} is a decision's text, not IR: --graph draws the IR after a pass")
         mod = parse(path.read_text())
         name = a.graph_name if a.graph_name in mod.graphs else next(iter(mod.graphs))
         return path, mod.graphs[name], name

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ffc.errors import InvalidRequestError
+
 PY_TID = 1000      # the engine's Python track, beside the executor threads (tids 0..)
 
 
@@ -48,7 +50,7 @@ def trace_generation(llm, prompt: Sequence[int], new_tokens: int = 2) -> dict:
     step and new_tokens - 1 decode steps, as one Chrome trace document."""
     runner = llm.runner
     if runner.compiled is None and getattr(runner.ranks, "limits", None) is None:   # ranks report their plan's
-        raise ValueError("a trace times the artifact's kernels; the interpreter backend has none")
+        raise InvalidRequestError("a trace times the artifact's kernels; the interpreter backend has none")
     runner.events = []
     try:
         llm.generate([list(prompt)], max_new_tokens=new_tokens, ignore_eos=True)

@@ -57,6 +57,8 @@ def test_graph_pictures(smol_artifact, tmp_path):
     new = [g.get("data-op") for g in ET.parse(tmp_path / "d.svg").getroot().iter("{http://www.w3.org/2000/svg}g")
            if g.get("data-added")]
     assert "linear" in new and "slice" in new        # the fused gate_up projection, and its halves
+    with pytest.raises(SystemExit):                  # a decision's text (the search) is not a graph
+        ffc_here("inspect", art, "--graph", "search_parallel_strategy", "-o", tmp_path / "x.svg")
     # the report: one page holding the passes, the same graph inline, the plan's fusion decisions
     from html.parser import HTMLParser
     ffc_here("inspect", art, "--report", tmp_path / "r.html")

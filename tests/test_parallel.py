@@ -138,6 +138,8 @@ def test_trace_has_every_step_on_every_rank(tiny, free_link):
         check(doc, ranks=1)
         assert len({e["tid"] for e in doc["traceEvents"] if e["ph"] == "X"}) == llm.compiled.exe.threads + 1
         assert llm.runner.events is None          # off again: steps run the executor's plain run
+        with pytest.raises(ffc.InvalidRequestError, match="interpreter backend has none"):
+            trace_generation(ffc.load(one, backend="interpreter"), [5, 6])
         # the server's loop (ffc serve --trace-dir D --trace-every 3): steps 1, 4, 7 of 7 traced
         llm.engine.tracer = StepTracer(llm.runner, folder.parent / "traces", every=3)
         llm.engine.start()
