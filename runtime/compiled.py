@@ -96,6 +96,7 @@ class CompiledPlan:
         self._bound_cache: Optional[tuple] = None
         self._host_cache: Optional[torch.Tensor] = None
         self._segments = {g: self.segments(g) for g in self.graphs}
+        self._step_index = {g: {id(st): k for k, st in enumerate(gp.steps)} for g, gp in self.graphs.items()}
 
     @property
     def limits(self) -> dict[str, tuple[int, int]]:
@@ -193,16 +194,32 @@ class CompiledPlan:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
-    def run(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: bool = True) -> list[torch.Tensor]:
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor], outputs: bool = True,
+            events: Optional[list] = None, pid: int = 0) -> list[torch.Tensor]:
         """The graph's outputs, copied to the host (``outputs=False``: none; a pipeline stage that
-        sends its activations on)."""
+        sends its activations on). With ``events`` (a list) the run is traced: Chrome trace events
+        (microseconds on the monotonic clock) go there, every kernel step on every executor thread
+        (the executor's trace entry point; its plain run takes no timestamps), every collective or
+        send/recv on thread 0, which runs them; ``pid``: this process's track."""
         gp = self.graphs[graph]
         env = self._stage(graph, inputs)
+
+        def event(st, tid, t0, t1, name, cat):
+            events.append({"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": t0 / 1e3,
+                           "dur": (t1 - t0) / 1e3, "args": {"graph": graph, "step": self._step_index[graph][id(st)],
+                                                             "origin": st.origin}})
         for kind, seg in self._segments[graph]:
-            if kind == "kernels":
+            if kind == "kernels" and events is None:
                 self.exe.run(seg[0], env["T"], env["N"], env["S"])
-            else:
+            elif kind == "kernels":
+                for i, tid, t0, t1 in self.exe.trace(seg[0], env["T"], env["N"], env["S"]):
+                    event(seg[1][i], tid, t0, t1, seg[1][i].kernel, seg[1][i].family.value)
+            elif events is None:
                 self._collective(gp, seg, env)
+            else:
+                t0 = time.monotonic_ns()
+                self._collective(gp, seg, env)
+                event(seg, 0, t0, time.monotonic_ns(), seg.collective.op.value, "collective")
         self._write_back()
         return [read(self._arena, self._offset(gp, o.buffer), o.dtype.torch, _env_of(env, o.shape))
                 for o in (gp.outputs if outputs else ())]
@@ -264,31 +281,6 @@ class CompiledPlan:
                 out.append(time.perf_counter() - t0)
         self._write_back()
         return out
-
-    def trace(self, graph: str, inputs: Mapping[str, torch.Tensor], pid: int = 0) -> tuple[list, list[dict]]:
-        """One run of ``graph`` (its outputs, as run() returns them) and its timeline as Chrome
-        trace events (microseconds on the monotonic clock): every kernel step on every executor
-        thread (tid = the thread), every collective or send/recv on thread 0, which runs them."""
-        gp = self.graphs[graph]
-        index = {id(st): k for k, st in enumerate(gp.steps)}
-        env = self._stage(graph, inputs)
-        events = []
-
-        def event(st, tid, t0, t1, name, cat):
-            events.append({"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": t0 / 1e3,
-                           "dur": (t1 - t0) / 1e3, "args": {"graph": graph, "step": index[id(st)], "origin": st.origin}})
-        for kind, seg in self._segments[graph]:
-            if kind == "kernels":
-                for i, tid, t0, t1 in self.exe.trace(seg[0], env["T"], env["N"], env["S"]):
-                    st = seg[1][i]
-                    event(st, tid, t0, t1, st.kernel, st.family.value)
-            else:
-                t0 = time.monotonic_ns()
-                self._collective(gp, seg, env)
-                event(seg, 0, t0, time.monotonic_ns(), seg.collective.op.value, "collective")
-        self._write_back()
-        return [read(self._arena, self._offset(gp, o.buffer), o.dtype.torch, _env_of(env, o.shape))
-                for o in gp.outputs], events
 
 
 def open_compiled(artifact: Artifact, weights, library, threads: Optional[int] = None,

@@ -129,13 +129,12 @@ class _Shard:
         kind, graph, arrays = msg
         inputs = dict({k: torch.from_numpy(v) for k, v in arrays.items()}, kv_cache=self.cache)
         # a pipeline stage's graph receives from the previous stage and sends to the next itself
-        events = None
-        if kind == "trace":          # the same step, with its timeline (this rank's track: pid = rank)
-            if self.compiled is None:
-                raise InvalidRequestError("a trace times the artifact's kernels; the interpreter backend has none")
-            outs, events = self.compiled.trace(self.graph(graph), inputs, pid=self.rank)
-        elif self.compiled is not None:
-            outs = self.compiled.run(self.graph(graph), inputs, outputs=self.stage == self.pp - 1)
+        events = [] if kind == "trace" else None     # the same step, with its timeline (pid = this rank)
+        if events is not None and self.compiled is None:
+            raise InvalidRequestError("a trace times the artifact's kernels; the interpreter backend has none")
+        if self.compiled is not None:
+            outs = self.compiled.run(self.graph(graph), inputs, outputs=self.stage == self.pp - 1, events=events,
+                                     pid=self.rank)
         else:
             outs = run_graph(self.module.graphs[self.graph(graph)], self.weights, inputs, comm=self.comm)
         last = outs[0][0].numpy() if self.stage == self.pp - 1 and self.tp_rank == 0 else None   # the last stage's

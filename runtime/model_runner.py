@@ -63,11 +63,9 @@ class ModelRunner:
 
     def _call(self, graph: str, inputs: dict) -> torch.Tensor:
         if self.events is not None:       # tracing (ffc.runtime.trace): the step's timeline too
-            if self.ranks is not None:
-                out, events = self.ranks.trace(graph, inputs)
-            else:
-                outs, events = self.compiled.trace(graph, inputs)
-                out = outs[0][0]
+            if self.ranks is None:
+                return self.compiled.run(graph, inputs, events=self.events)[0][0]
+            out, events = self.ranks.trace(graph, inputs)
             self.events += events
             return out
         if self.ranks is not None:

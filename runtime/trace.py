@@ -45,6 +45,12 @@ def chrome_trace(events: Sequence[dict], python_pid: int, ranks: int, meta: Opti
             "displayTimeUnit": "ms", "otherData": dict(meta or {})}
 
 
+def runner_trace(runner, events: Sequence[dict], meta: dict) -> dict:
+    """``chrome_trace`` of events a runner recorded: its ranks' tracks and the driver's."""
+    ranks = python_pid(runner) or 1
+    return chrome_trace(events, python_pid(runner), ranks, dict(meta, ranks=ranks))
+
+
 def trace_generation(llm, prompt: Sequence[int], new_tokens: int = 2) -> dict:
     """Generate ``new_tokens`` after ``prompt`` (greedy, EOS ignored) with tracing on: its prefill
     step and new_tokens - 1 decode steps, as one Chrome trace document."""
@@ -57,9 +63,7 @@ def trace_generation(llm, prompt: Sequence[int], new_tokens: int = 2) -> dict:
         events = runner.events
     finally:
         runner.events = None
-    ranks = int(getattr(runner.ranks, "world", 1)) if runner.ranks is not None else 1
-    return chrome_trace(events, python_pid(runner), ranks,
-                        {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "ranks": ranks})
+    return runner_trace(runner, events, {"prompt_tokens": len(prompt), "new_tokens": new_tokens})
 
 
 def format_trace(doc: dict) -> str:
@@ -111,6 +115,5 @@ class StepTracer:
         finally:
             self.runner.events = None
         if events:
-            ranks = int(getattr(self.runner.ranks, "world", 1)) if self.runner.ranks is not None else 1
-            write_trace(chrome_trace(events, python_pid(self.runner), ranks, {"step": self.count}),
+            write_trace(runner_trace(self.runner, events, {"step": self.count}),
                         self.dir / f"step{self.count:08d}.json")
