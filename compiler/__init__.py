@@ -14,12 +14,19 @@ def compile(model: str, output: str, **options):
     return compile_model(model, output, **options)
 
 
-def load(path: str, **kwargs):
+def load(path: str, memory_budget=None, overlap: bool = True, workload=None, **kwargs):
     """Load a compiled artifact; returns an ``LLM`` with generate / stream / chat. A kernel
-    library built on another machine is rebuilt here from the artifact's sources."""
+    library built on another machine is rebuilt here from the artifact's sources.
+    ``memory_budget`` (bytes, "200MiB", or a fraction of available memory): RAM for the weights,
+    their streaming buffers and the KV cache; the weights that do not fit are streamed from disk
+    by the policy search (compiler/offload_policy.py) for ``workload`` (a Workload or
+    "prompt=512,output=32", FlexGen's and the default), ``overlap=False`` without reading ahead."""
     from .build import library_for
     from ffc.runtime.llm import LLM
     kwargs.setdefault("kernel_library", library_for)
+    if memory_budget is not None:
+        from .offload_policy import load_policy
+        kwargs["offload"] = load_policy(path, memory_budget, overlap, kwargs, workload)
     return LLM.load(path, **kwargs)
 
 

@@ -31,6 +31,7 @@ from .debug import compare
 from .errors import FfcError
 from .evaluate import evaluate, read_text
 from .graph_svg import diff_nodes, plan_steps, render_graph
+from .offload_policy import explain_policy, format_policy
 from .parallel import dry_run
 from .plots import strategy_plot
 from .progress import Reporter
@@ -150,9 +151,19 @@ def _calibrate(a) -> None:
     print(save(prof, a.output))
 
 
+def _load(a):
+    """The artifact, as run and serve load it; with --memory-budget its offload policy on stderr."""
+    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
+    stream = getattr(llm.compiled, "offload", None)
+    if stream is not None:
+        print(format_policy(stream.policy.summary), file=sys.stderr)
+    return llm
+
+
 def _engine(a) -> dict:
     return dict(kv_cache_memory=a.kv_cache_memory, max_tokens_per_batch=a.max_tokens_per_batch,
-                max_requests_per_batch=a.max_requests_per_batch, prefix_caching=not a.no_prefix_caching)
+                max_requests_per_batch=a.max_requests_per_batch, prefix_caching=not a.no_prefix_caching,
+                memory_budget=a.memory_budget, overlap=not a.no_overlap)
 
 
 def _serve(a) -> None:
@@ -171,7 +182,7 @@ def _run(a) -> None:
         return
     if (a.prompt is None) == (a.chat is None):
         raise FfcError("give exactly one of --prompt TEXT or --chat TEXT (or --batch-file PROMPTS.jsonl)")
-    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
+    llm = _load(a)
     prompt, chat = (a.chat, True) if a.chat is not None else (a.prompt, False)
     try:
         if a.no_stream:
@@ -189,7 +200,7 @@ def _run_batch(a) -> None:
         raise FfcError("--batch-file takes no --prompt / --chat, and needs --output OUT.jsonl")
     items = read_batch(a.batch_file)
     sampling = {k: v for k, v in _sampling(a).items() if k != "speculative"}
-    llm = ffc.load(a.artifact, backend="interpreter" if a.interpreter else None, **_engine(a))
+    llm = _load(a)
     try:
         with Reporter() as report:
             line = run_batch(llm, items, a.output, report, a.max_new_tokens, sampling)
@@ -252,6 +263,9 @@ def _inspect(a) -> None:
         if len(hits) != 1:
             raise FfcError(f"--plan {a.plan!r} is not one lowering phase; phases: {', '.join(PHASES)}")
         print((root / "kernels" / "lowering" / f"{PHASES.index(hits[0]) + 1}-{hits[0]}.txt").read_text(), end="")
+        return
+    if a.policy is not None:
+        print(explain_policy(root, a.policy))
         return
     if a.strategy:
         par = m.get("parallel")

@@ -109,6 +109,13 @@ def _engine_args(x) -> None:
                    help="sequences per step (default: the plan's decode batch)")
     x.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV blocks between requests with the same prompt prefix")
+    x.add_argument("--memory-budget", type=_size, default=None,
+                   help="RAM for the weights, their streaming buffers and the KV cache (a size or a fraction of "
+                        "available memory): weights that do not fit are streamed from disk, as the policy search "
+                        "chooses (printed on stderr; `ffc inspect ART --policy SIZE` explains it)")
+    x.add_argument("--no-overlap", action="store_true",
+                   help="with --memory-budget: read each streamed layer when it is needed instead of ahead of it "
+                        "(the baseline the overlapped schedule is measured against)")
     x.add_argument("--speculative", default=None, metavar="DRAFT",
                    help="speculative decoding: a draft proposes token trees that one step verifies (output "
                         "as without it): ngram (prompt lookup), self (the artifact's --self-draft) or a draft "
@@ -168,6 +175,9 @@ def _tool_args(sub) -> None:
     i.add_argument("--plan", nargs="?", const="", default=None, metavar="PHASE",
                    help="kernels, fusion groups (and rejections), arena; with a lowering phase "
                         f"({', '.join(PHASES)}): that phase's dump")
+    i.add_argument("--policy", type=_size, default=None, metavar="SIZE",
+                   help="the offload policy under a memory budget of SIZE: which weights stay in RAM, which are "
+                        "streamed from disk, predicted throughput next to the alternatives")
     i.add_argument("--strategy", action="store_true",
                    help="per op: placement, predicted compute/communication/memory per rank, rejected alternatives")
     i.add_argument("--plot", metavar="FILE.png", default=None,

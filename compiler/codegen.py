@@ -87,7 +87,8 @@ CSRC_DIR = _data_dir("csrc")
 # support: copied from csrc/ into every library's sources; runtime: the one of them that is compiled
 # (the executor and its Python binding), the same for every model (build.py compiles it once)
 TARGETS = {Target.CPU: {"ext": ".cpp", "header": "ffc_cpu.h", "runtime": "executor.cpp", "abi": "int tid, int nth",
-                        "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "ffc_quant.h", "executor.cpp"]},
+                        "support": ["ffc_common.h", "ffc_module.h", "ffc_cpu.h", "ffc_quant.h", "ffc_stream.h",
+                                    "executor.cpp"]},
            Target.CUDA: {"ext": ".cu", "header": "ffc_cuda.h", "runtime": "executor_cuda.cu", "abi": "void* stream",
                          "support": ["ffc_common.h", "ffc_module.h", "ffc_cuda.h", "ffc_blocks.h", "executor_cuda.cu"]}}
 

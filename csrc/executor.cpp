@@ -20,6 +20,7 @@
 
 #include "ffc_cpu.h"
 #include "ffc_module.h"
+#include "ffc_stream.h"
 
 
 static inline int64_t now_ns() {
@@ -44,6 +45,9 @@ class Executor {
  public:
   Executor(int threads, int) : threads_(threads > 0 ? threads : omp_get_max_threads()) {
     for (int i = 0; i < ffc_num_kernels; ++i) kernels_[ffc_kernel_names[i]] = ffc_kernel_table[i];
+    kernels_["ffc.stream.begin"] = ffc_stream_begin;     // weight streaming steps (ffc_stream.h)
+    kernels_["ffc.stream.wait"] = ffc_stream_wait;
+    kernels_["ffc.stream.release"] = ffc_stream_release;
   }
 
   void bind(const std::string& graph, const std::vector<std::pair<std::string, std::vector<uintptr_t>>>& steps) {
@@ -196,6 +200,13 @@ double read_bandwidth(int64_t bytes, int reps, int threads) {
 
 PYBIND11_MODULE(ffc_kernels, m) {
   ffc_define_module<Executor>(m, "ffc generated kernels and plan executor", std::string(FFC_ISA), &read_bandwidth);
+  py::class_<FfcStreamer>(m, "Streamer", py::module_local())   // each library its own type: two load in one process
+      .def(py::init<const std::string&, const std::vector<std::tuple<int64_t, int64_t, int>>&,
+                    const std::vector<uintptr_t>&, bool>(),
+           py::arg("path"), py::arg("units"), py::arg("slots"), py::arg("overlap") = true)
+      .def("add_sequence", &FfcStreamer::add_sequence)
+      .def("stats", &FfcStreamer::stats)
+      .def_property_readonly("address", [](FfcStreamer& s) { return reinterpret_cast<uintptr_t>(&s); });
 }
 
 // The extension's entry point, PyInit_<the build's name>, sits in a one-line object build.ninja

@@ -29,20 +29,8 @@ from ffc import knobs
 
 from .device_memory import HOST, OwnMemory, as_torch, read, write
 from .kernel_library import load_library
-from .qpanels import pack_qpanels
-
-
-def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
-    """Row ranges of a [R, K] weight as panels [P, K, nr]: panel p holds rows p*nr.. of a range,
-    transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded."""
-    parts = []
-    for first, count in rows:
-        seg = w[first:first + count]
-        pad = -count % nr
-        if pad:
-            seg = torch.cat([seg, seg.new_zeros(pad, w.shape[1])])
-        parts.append(seg.reshape(-1, nr, w.shape[1]).transpose(1, 2))
-    return torch.cat(parts).contiguous()
+from .offload import WeightStream
+from .qpanels import pack_panels, pack_qpanels
 
 
 def _env_of(env: dict, exprs) -> list[int]:
@@ -51,9 +39,11 @@ def _env_of(env: dict, exprs) -> list[int]:
 
 class CompiledPlan:
     def __init__(self, plan: Plan, lib, weights: Mapping[str, torch.Tensor], threads: Optional[int] = None,
-                 graphs: Optional[list[str]] = None, comm: Optional[Comm] = None):
+                 graphs: Optional[list[str]] = None, comm: Optional[Comm] = None, offload=None):
         """``graphs``: the ones this process runs (a pipeline stage's), bound and given weights;
-        default all. ``comm``: whom the plan's collective steps talk to (a rank's groups)."""
+        default all. ``comm``: whom the plan's collective steps talk to (a rank's groups).
+        ``offload``: a runtime.offload.WeightStream holding every weight the kernels read
+        (resident, streamed into its slots, or mapped), whose steps join each program."""
         if plan.version != PLAN_VERSION:
             raise ArtifactError(f"the artifact's plan is version {plan.version}, this ffc runs version "
                                 f"{PLAN_VERSION}; recompile the artifact")
@@ -82,8 +72,11 @@ class CompiledPlan:
         self.exe = lib.Executor(int(threads or torch.get_num_threads()), ordinal)
         self.memory = OwnMemory(self.exe, self.device) if self.device.type == "cuda" or knobs.own_memory() else HOST
         args = [a for gp in self.graphs.values() for st in gp.steps for a in st.args]
-        self.weights = {a.name: self.memory.to_device(weights[a.name]) for a in args if a.kind is ArgKind.PARAM}
-        self.packed = {}
+        self.offload = offload
+        owned = offload.tensors if offload is not None else {}
+        self.weights = {a.name: owned[a.name] if a.name in owned else self.memory.to_device(weights[a.name])
+                        for a in args if a.kind is ArgKind.PARAM}
+        self.packed = {a.name: owned[a.name] for a in args if a.kind is ArgKind.PACKED and a.name in owned}
         for a in args:
             if a.kind is ArgKind.PACKED and a.name not in self.packed:
                 p = plan.packed[a.name]
@@ -94,6 +87,7 @@ class CompiledPlan:
         self._arena = self.memory.empty((max(gp.arena_bytes for gp in self.graphs.values()) + 64,), torch.uint8)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None
+        self._where: dict[str, list] = {}     # per bound program: each step's index in its segment (None: streaming)
         self._host_cache: Optional[torch.Tensor] = None
         self._segments = {g: self.segments(g) for g in self.graphs}
         self._step_index = {g: {id(st): k for k, st in enumerate(gp.steps)} for g, gp in self.graphs.items()}
@@ -154,7 +148,10 @@ class CompiledPlan:
             for kind, seg in self.segments(name):
                 if kind == "kernels":
                     bound, steps = seg
-                    self.exe.bind(bound, [(st.kernel, [self._addr(gp, a, cache) for a in st.args]) for st in steps])
+                    prog = [(st.kernel, [self._addr(gp, a, cache) for a in st.args]) for st in steps]
+                    prog, self._where[bound] = (self.offload.program(name, steps, prog) if self.offload
+                                                else (prog, list(range(len(prog)))))
+                    self.exe.bind(bound, prog)
         self._bound_cache = key
         self._cache = cache  # keep it alive while bound
 
@@ -213,7 +210,12 @@ class CompiledPlan:
                 self.exe.run(seg[0], env["T"], env["N"], env["S"])
             elif kind == "kernels":
                 for i, tid, t0, t1 in self.exe.trace(seg[0], env["T"], env["N"], env["S"]):
-                    event(seg[1][i], tid, t0, t1, seg[1][i].kernel, seg[1][i].family.value)
+                    k = self._where[seg[0]][i]
+                    if k is not None:
+                        event(seg[1][k], tid, t0, t1, seg[1][k].kernel, seg[1][k].family.value)
+                    elif tid == 0:      # a weight-streaming step: waiting for a read shows here
+                        events.append({"name": "weight stream", "cat": "stream", "ph": "X", "pid": pid, "tid": 0,
+                                       "ts": t0 / 1e3, "dur": (t1 - t0) / 1e3, "args": {"graph": graph}})
             elif events is None:
                 self._collective(gp, seg, env)
             else:
@@ -274,7 +276,8 @@ class CompiledPlan:
         out: list[float] = []
         for kind, seg in self._segments[graph]:
             if kind == "kernels":
-                out += list(self.exe.profile(seg[0], env["T"], env["N"], env["S"]))
+                times = self.exe.profile(seg[0], env["T"], env["N"], env["S"])
+                out += [t for t, k in zip(times, self._where[seg[0]]) if k is not None]
             else:
                 t0 = time.perf_counter()
                 self._collective(self.graphs[graph], seg, env)
@@ -284,10 +287,14 @@ class CompiledPlan:
 
 
 def open_compiled(artifact: Artifact, weights, library, threads: Optional[int] = None,
-                  graphs: Optional[list[str]] = None, comm: Optional[Comm] = None) -> CompiledPlan:
+                  graphs: Optional[list[str]] = None, comm: Optional[Comm] = None, offload=None) -> CompiledPlan:
     """The artifact's plan bound to the kernel library at ``library`` (which the loader chose:
-    the shipped one, or one rebuilt for this machine)."""
+    the shipped one, or one rebuilt for this machine); ``offload``: an OffloadPolicy (its
+    weights are then read from the artifact's offload store, not from ``weights``)."""
     try:
-        return CompiledPlan(artifact.plan, load_library(library), weights, threads, graphs, comm)
+        lib = load_library(library)
+        stream = None if offload is None else WeightStream(artifact, artifact.plan, artifact.read_module(verify=False),
+                                                           offload, lib)
+        return CompiledPlan(artifact.plan, lib, weights, threads, graphs, comm, stream)
     except ArtifactError as e:
         raise ArtifactError(f"{artifact.root}: {e}") from None

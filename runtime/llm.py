@@ -29,6 +29,7 @@ from .engine import Engine, releasable
 from .kernel_library import trusted, vouch
 from .kv_cache import BlockPool
 from .model_runner import ModelRunner
+from .offload import OffloadPolicy
 from .sampling import MAX_SEED, SamplingParams
 from .scheduler import Request, SchedulerConfig
 from .speculative import ModelDraft
@@ -91,10 +92,15 @@ def shipped_library(art: Artifact) -> Path:
     return lib
 
 
-def _check_weights(art: Artifact, module) -> dict:
+def _check_weights(art: Artifact, module, offload: Optional[OffloadPolicy], backend: Optional[str]) -> dict:
     """Every rank's weights file against the IR (shapes and dtypes, read from the headers); the
-    tensors of rank 0 when this process runs the model itself (one rank), else none."""
+    tensors of rank 0 when this process runs the model itself (one rank), else none. With an
+    ``offload`` policy (LLM.load: which weights stay in RAM, the rest streamed from disk;
+    runtime/offload.py) none either: the plan reads them from the artifact's offload store."""
     tp, pp = art.tp, art.pp
+    if offload is not None and (backend == "interpreter" or not art.kernels or tp * pp > 1):
+        raise InvalidRequestError("a memory budget (offloaded weights) needs a one-rank artifact with generated "
+                                  "kernels, loaded with the compiled backend")
     for rank in range(tp * pp):
         rel = f"weights/rank{rank}.safetensors"
         used = module.stage_params(rank // tp, pp)
@@ -109,7 +115,7 @@ def _check_weights(art: Artifact, module) -> dict:
             stored = DType.U8 if p.type.dtype.quantized else p.type.dtype
             if name in used and have.get(name) != (p.type.storage_shape(), stored.value):
                 raise ArtifactError(f"weight {name} in {rel} does not match the IR ({p.type}); recompile the artifact")
-    return load_file(str(art.path("weights/rank0.safetensors"))) if tp * pp == 1 else {}
+    return load_file(str(art.path("weights/rank0.safetensors"))) if tp * pp == 1 and offload is None else {}
 
 
 @dataclass
@@ -174,7 +180,8 @@ class LLM:
 
     @classmethod
     def load(cls, path: Union[str, Path], check_hashes: bool = True, backend: Optional[str] = None,
-             kernel_library: Optional[LibraryHook] = None, **engine) -> "LLM":
+             kernel_library: Optional[LibraryHook] = None, offload: Optional[OffloadPolicy] = None,
+             **engine) -> "LLM":
         """``backend``: "compiled" (generated kernels; the default when the artifact has them) or
         "interpreter" (the reference interpreter, for debugging). ``kernel_library(artifact)``:
         the path of a kernel library that loads here (``ffc.load`` gives the compiler's hook,
@@ -189,7 +196,7 @@ class LLM:
         art = Artifact.open(path, check_hashes=check_hashes)
         module = read_verified_module(art)
         tp, pp = art.tp, art.pp
-        weights = _check_weights(art, module)
+        weights = _check_weights(art, module, offload, backend)
         tokenizer = load_tokenizer(art)
         threads = knobs.num_threads()
         if threads:
@@ -211,7 +218,7 @@ class LLM:
             else:
                 ranks = distributed.RankGroup(art, tp * pp, backend=backend, stages=pp, library=library)
         elif library is not None:
-            compiled = open_compiled(art, weights, library, threads)
+            compiled = open_compiled(art, weights, library, threads, offload=offload)
             weights = compiled.weights   # what the kernels read; packed originals are freed
         llm = cls(art, module, weights, tokenizer, compiled, ranks, **engine)
         llm._load_options = {"check_hashes": check_hashes, "backend": backend, "kernel_library": kernel_library}

@@ -17,6 +17,19 @@ from ffc.ir.types import DType
 CHUNK = KERNEL_CHUNK
 
 
+def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
+    """Row ranges of a [R, K] weight as panels [P, K, nr]: panel p holds rows p*nr.. of a range,
+    transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded."""
+    parts = []
+    for first, count in rows:
+        seg = w[first:first + count]
+        pad = -count % nr
+        if pad:
+            seg = torch.cat([seg, seg.new_zeros(pad, w.shape[1])])
+        parts.append(seg.reshape(-1, nr, w.shape[1]).transpose(1, 2))
+    return torch.cat(parts).contiguous()
+
+
 def _f16_lanes(t: torch.Tensor) -> torch.Tensor:
     """f32 [P, 16, X] (values that are f16) -> bytes [P, X, 32]: per X, the 16 rows' f16."""
     return t.to(torch.float16).transpose(1, 2).contiguous().view(torch.uint8)

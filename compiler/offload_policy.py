@@ -1,0 +1,362 @@
+"""Where an artifact's weights live under a memory budget: FlexGen's policy search on a CPU.
+
+Two tiers on a machine without a GPU: RAM and disk. A *unit* (runtime/offload.py: a layer's
+weights, or one weight outside the layers) is resident or streamed; the KV cache of the batch
+and two slot buffers for streamed units take RAM too. For each batch size the LP (scipy's
+HiGHS) chooses the resident fraction of the weights w minimising the predicted time of the
+workload (one prefill of ``prompt`` tokens per sequence, then ``output`` decode steps):
+
+    minimise  Tp + n Td
+    s.t.      Tp >= Cp(b),  Td >= Cd(b)                 compute, all weights in RAM
+              Tp >= (1 - w) W / D,  Td >= (1 - w) W / D   the disk read (overlapped: max)
+              w W + ring + KV(b) <= budget,  0 <= w <= 1
+
+(without overlap the read adds to the compute instead). The batch with the highest predicted
+tokens/s wins; its w is rounded to whole units (the largest that fit first) and priced again per
+unit: a streamed unit costs max(its compute, its read), a resident one its compute. Compute is
+the roofline of the calibrated profile (weight bytes at the memory bandwidth, or FLOPs at the
+peak, whichever is longer); D is this disk's measured read bandwidth with the page cache
+bypassed (``disk_bandwidth``, measured once and kept in the cache directory).
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from scipy.optimize import linprog
+
+from ffc import knobs
+from ffc.artifact import Artifact
+from ffc.errors import InvalidRequestError
+from ffc.ir.strategy import Workload
+from ffc.plan.schema import limits
+from ffc.util import parse_memory
+from ffc.runtime.llm import read_verified_module
+from ffc.runtime.offload import OffloadPolicy, open_store, pinned_units
+
+from .calibrate import profile_for
+
+
+SMALL = 64 << 10      # units below this stay in RAM (a norm's weight: not worth a slot and a read)
+FLEXGEN = Workload(prompt_tokens=512, output_tokens=32)   # the workload a policy is priced for by default
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The numbers a policy is priced with."""
+    memory_bandwidth: float     # bytes/s
+    flops: float                # FLOP/s
+    disk_bandwidth: float       # bytes/s, page cache bypassed
+    kernel_overhead: float = 0.0
+    steps: int = 0              # kernels per step (their overhead)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    resident: frozenset
+    batch: int
+    overlap: bool
+    weights_ram: int            # bytes of resident units
+    ring: int                   # bytes of the slots
+    kv: int
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    slots: int = 2
+
+    def describe(self, budget: int) -> str:
+        mib = 1 << 20
+        return (f"{self.name:<28} batch {self.batch:>3}  weights in RAM {self.weights_ram / mib:7.1f} MiB + slots "
+                f"{self.ring / mib:6.1f} + KV {self.kv / mib:6.1f} of {budget / mib:.1f} MiB  prefill "
+                f"{self.prefill_s * 1e3:8.1f} ms  decode step {self.decode_s * 1e3:7.2f} ms  "
+                f"{self.tokens_per_s:8.1f} tok/s")
+
+
+def _phase(units, resident, compute_per_byte: float, disk_bw: float, overlap: bool, fixed: float) -> float:
+    """Seconds of one step: per unit its compute (a share of the step's by its bytes), streamed
+    ones overlapped with (or after) their read."""
+    t = fixed
+    for name, nbytes in units:
+        c = nbytes * compute_per_byte
+        if name in resident:
+            t += c
+        else:
+            io = nbytes / disk_bw
+            t += max(c, io) if overlap else c + io
+    return t
+
+
+def _compute(w_bytes: int, flops_per_token: float, tokens: int, costs: Costs) -> float:
+    return max(w_bytes / costs.memory_bandwidth, tokens * flops_per_token / costs.flops) + costs.steps * \
+        costs.kernel_overhead
+
+
+def price(units, resident, batch: int, prompt: int, output: int, flops_per_token: float, costs: Costs,
+          overlap: bool) -> tuple[float, float]:
+    """Predicted (prefill seconds of the batch, seconds of one decode step)."""
+    w = sum(b for _, b in units) or 1
+    pre = _compute(w, flops_per_token, batch * prompt, costs)
+    dec = _compute(w, flops_per_token, batch, costs)
+    return (_phase(units, resident, pre / w, costs.disk_bandwidth, overlap, 0.0),
+            _phase(units, resident, dec / w, costs.disk_bandwidth, overlap, 0.0))
+
+
+def _lp(w: int, cap: int, cp: float, cd: float, output: int, disk_bw: float, overlap: bool) -> Optional[float]:
+    """The resident fraction of the weights the LP chooses (None: infeasible)."""
+    if cap < 0:
+        return None
+    io = w / disk_bw
+    # x = [w_ram, Tp, Td]
+    c = [0.0, 1.0, float(output)]
+    if overlap:
+        a = [[0, -1, 0], [0, 0, -1], [-io, -1, 0], [-io, 0, -1]]
+        b = [-cp, -cd, -io, -io]
+    else:
+        a = [[-io, -1, 0], [-io, 0, -1]]
+        b = [-(cp + io), -(cd + io)]
+    a.append([w, 0, 0])
+    b.append(cap)
+    res = linprog(c, A_ub=a, b_ub=b, bounds=[(0, 1), (0, None), (0, None)], method="highs")
+    return float(res.x[0]) if res.status == 0 else None
+
+
+def _round(units, frac: float, w: int) -> frozenset:
+    """Whole units whose bytes sum to at most frac * w, the largest first."""
+    allow = frac * w + 1
+    keep = set()
+    for name, nbytes in sorted(units, key=lambda u: -u[1]):
+        if nbytes <= allow:
+            keep.add(name)
+            allow -= nbytes
+    return frozenset(keep)
+
+
+def _ring(units, resident, slots: int) -> int:
+    """Bytes of the slots streamed units alternate between (each as large as its largest)."""
+    streamed = [b for n, b in units if n not in resident]
+    return sum(max(streamed[k::slots], default=0) for k in range(slots))
+
+
+def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: int, prompt: int, output: int,
+           flops_per_token: float, costs: Costs, overlap: bool = True,
+           pinned: frozenset = frozenset()) -> tuple[Option, list[Option]]:
+    """The best option under ``budget`` bytes (weights, slots, KV) and the alternatives shown
+    beside it: all in RAM (when it fits) and the same batch without overlap. ``kv_bytes(b)``: the
+    KV pool a batch of b sequences needs; ``pinned``: units that must stay resident."""
+    w = sum(b for _, b in units)
+    names = frozenset(n for n, _ in units)
+    # the slots hold the largest streamed units: try streaming only units up to each size
+    sizes = sorted({b for _, b in units})
+    options = []
+    least = kv_bytes(1) + min(limit + sum(s for n, s in units if s > limit or s < SMALL or n in pinned)
+                              for limit in sizes)
+    b = 1
+    while b <= max_batch:
+        kv = kv_bytes(b)
+        # two slots: a unit is read while the one before it computes; one slot (when memory is that
+        # tight): each read waits for the unit before it to finish, nothing overlaps
+        for limit, slots in [(size, k) for size in sizes for k in (2, 1)]:
+            # too large to stream at this slot size, or too small to be worth a read
+            forced = frozenset(n for n, s in units if s > limit or s < SMALL or n in pinned)
+            fixed_bytes = sum(s for n, s in units if n in forced)
+            ring = slots * limit
+            cap = budget - ring - kv - fixed_bytes
+            rest = [(n, s) for n, s in units if n not in forced]
+            wr = sum(s for _, s in rest)
+            cp = _compute(w, flops_per_token, b * prompt, costs) * wr / max(w, 1)
+            cd = _compute(w, flops_per_token, b, costs) * wr / max(w, 1)
+            ahead = overlap and slots == 2
+            frac = _lp(wr, cap, cp, cd, output, costs.disk_bandwidth, ahead) if wr else 1.0
+            if frac is None:
+                continue
+            resident = forced | _round(rest, frac, wr)
+            options.append(_option("policy", units, resident, b, ahead, kv, prompt, output, flops_per_token,
+                                   costs, slots))
+        if kv + w <= budget:
+            options.append(_option("all in RAM", units, names, b, overlap, kv, prompt, output, flops_per_token,
+                                   costs, 2))
+        b *= 2
+    fits = [o for o in options if o.weights_ram + o.ring + o.kv <= budget]
+    if not fits:
+        raise InvalidRequestError(f"a memory budget of {budget / (1 << 20):.1f} MiB is less than the least this "
+                                  f"artifact runs in ({least / (1 << 20):.1f} MiB: the weights too large to stream, "
+                                  "a streaming slot and the KV cache of one sequence of max_seq_len); give a "
+                                  "larger --memory-budget, or compile with a smaller --max-seq-len")
+    best = max(fits, key=lambda o: o.tokens_per_s)
+    alts = [max((o for o in fits if o.name == "all in RAM"), key=lambda o: o.tokens_per_s, default=None)]
+    if best.resident != names and best.overlap:
+        alts.append(_option("streamed, no overlap", units, best.resident, best.batch, False, best.kv, prompt, output,
+                            flops_per_token, costs, best.slots))
+    return best, [a for a in alts if a is not None and a != best]
+
+
+def _option(name, units, resident, batch, overlap, kv, prompt, output, flops_per_token, costs, slots) -> Option:
+    pre, dec = price(units, resident, batch, prompt, output, flops_per_token, costs, overlap)
+    if resident == frozenset(n for n, _ in units) and name == "policy":
+        name = "all in RAM"
+    elif name == "policy" and slots == 1:
+        name = "policy (one slot)"
+    return Option(name, resident, batch, overlap, sum(b for n, b in units if n in resident),
+                  _ring(units, resident, slots), kv, pre, dec, batch * output / (pre + output * dec), slots)
+
+
+def to_policy(o: Option, budget: int, alternatives: list[Option]) -> OffloadPolicy:
+    return OffloadPolicy(o.resident, o.overlap, o.batch, o.slots, {
+        "budget": budget, "chosen": o.describe(budget), "alternatives": [a.describe(budget) for a in alternatives],
+        "predicted_tokens_per_s": o.tokens_per_s, "prefill_s": o.prefill_s, "decode_s": o.decode_s,
+        "weights_ram": o.weights_ram, "slots": o.ring, "kv": o.kv})
+
+
+# ------------------------------------------------------------------------------ the disk
+
+def _disk_profile() -> Path:
+    return knobs.cache_dir() / "profiles" / "disk.json"
+
+
+def disk_bandwidth(near: Path, size: int = 256 << 20, remeasure: bool = False) -> float:
+    """Bytes/s of reading a file on the file system of ``near`` with the page cache bypassed
+    (O_DIRECT, 4 MiB reads; where that is refused, the pages are dropped before reading), the
+    median of three passes over ``size`` bytes; measured once per file system and kept."""
+    near = Path(near)
+    dev = str(os.stat(near if near.exists() else near.parent).st_dev)
+    prof = _disk_profile()
+    try:
+        known = json.loads(prof.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not remeasure and isinstance(known.get(dev), (int, float)) and known[dev] > 0:
+        return float(known[dev])
+    folder = near if near.is_dir() else near.parent
+    probe = folder / f".ffc-disk-probe-{os.getpid()}"
+    block = 4 << 20
+    buf = mmap.mmap(-1, block)       # page-aligned, as O_DIRECT needs
+    try:
+        with open(probe, "wb") as f:
+            for _ in range(size // block):
+                f.write(os.urandom(1 << 16) * (block >> 16))
+            f.flush()
+            os.fsync(f.fileno())
+        rates = []
+        for _ in range(3):
+            try:
+                fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
+            except OSError:
+                fd = os.open(probe, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter()
+                got = 0
+                while got < size:
+                    n = os.preadv(fd, [buf], got)
+                    if n <= 0:
+                        break
+                    got += n
+                rates.append(got / (time.perf_counter() - t0))
+            finally:
+                os.close(fd)
+    finally:
+        buf.close()
+        probe.unlink(missing_ok=True)
+    rate = sorted(rates)[1]
+    known[dev] = rate
+    prof.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prof.with_name(f".disk.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(prof)
+    return rate
+
+
+def kv_bytes_per_position(cache_type) -> int:
+    """Bytes of every layer's K and V for one position of a cache type (axis 2: the blocks, axis 4:
+    the positions of a block)."""
+    shape = [int(s) if str(s).isdigit() else 1 for s in cache_type.shape]
+    return math.prod(shape[:2] + shape[3:4] + shape[5:]) * cache_type.dtype.itemsize
+
+
+def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int = 32, overlap: bool = True,
+                 disk_bw: Optional[float] = None, log=lambda s: None) -> tuple[OffloadPolicy, Option, list[Option]]:
+    """The policy for a one-rank CPU artifact under ``budget`` bytes (weights, slots and the KV
+    cache of the batch; the runtime's own memory is not in it), the option it came from, and
+    the ones priced beside it."""
+    plan = art.plan
+    module = read_verified_module(art)
+    path, units = open_store(art, plan, module)
+    prof = profile_for("local", log)
+    cache_type = module.graphs["prefill"].input("kv_cache").type
+    params = 0
+    for u in units:
+        for t in u.tensors:
+            info = plan.params[plan.packed[t].param if t in plan.packed else t]
+            params += math.prod(info.shape)
+    costs = Costs(memory_bandwidth=prof.memory_bandwidth, flops=prof.flops("fp32"),
+                  disk_bandwidth=disk_bw or disk_bandwidth(path.parent), kernel_overhead=prof.kernel_overhead,
+                  steps=len(plan.graphs["decode"].steps))
+    seq = min(prompt + output, art.max_seq_len or prompt + output)
+    block = int(cache_type.shape[4])
+    per_block = block * kv_bytes_per_position(cache_type)
+    longest = -(-(art.max_seq_len or seq) // block)        # the pool holds one sequence of max_seq_len at least
+
+    def kv_bytes(b: int) -> int:
+        return max(b * -(-seq // block), longest) * per_block
+    best, alts = search([(u.name, u.bytes) for u in units], budget,
+                        kv_bytes=kv_bytes, max_batch=limits(plan.graphs)["decode"][1],
+                        pinned=frozenset(pinned_units(plan, units)),
+                        prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
+                        overlap=overlap)
+    return to_policy(best, budget, alts), best, alts
+
+
+def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload=None) -> OffloadPolicy:
+    """The policy ``ffc.load(path, memory_budget=...)`` runs with; the engine's KV pool and
+    batch in ``load_options`` default to the policy's."""
+    budget = parse_memory(memory_budget, what="memory_budget")
+    w = (Workload.parse(workload, prompt_tokens=512, output_tokens=32) if isinstance(workload, str)
+         else workload or FLEXGEN)
+    if not isinstance(w, Workload):
+        raise InvalidRequestError(f"workload must be a Workload or 'prompt=N,output=M'; got {workload!r}")
+    art = Artifact.open(path, check_hashes=load_options.get("check_hashes", True))
+    policy, _, _ = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap)
+    if load_options.get("kv_cache_memory") is None:
+        load_options["kv_cache_memory"] = max(policy.summary["kv"], 1 << 20)
+    if load_options.get("max_requests_per_batch") is None:
+        load_options["max_requests_per_batch"] = policy.batch
+    return policy
+
+
+def format_policy(summary: dict) -> str:
+    """The chosen option and the ones priced beside it, a line each."""
+    return "\n".join([f"offload policy: {summary['chosen']}"] +
+                     [f"  instead      : {alt}" for alt in summary.get("alternatives", [])])
+
+
+def explain_policy(path, budget) -> str:
+    """``ffc inspect ART --policy SIZE``: the units, the numbers the LP priced them with, the
+    choice and its alternatives, and which units stay in RAM."""
+    art = Artifact.open(path, check_hashes=False)
+    budget = parse_memory(budget, what="--policy")
+    policy, best, alts = plan_offload(art, budget)
+    module = read_verified_module(art)
+    _, units = open_store(art, art.plan, module)
+    mib = 1 << 20
+    prof = profile_for("local")
+    disk = disk_bandwidth(knobs.cache_dir() / "offload")
+    streamed = [u for u in units if u.name not in policy.resident]
+    lines = [f"budget {budget / mib:.1f} MiB for weights, streaming slots and KV cache (the runtime's own memory "
+             "is not in it)",
+             f"weights: {len(units)} units, {sum(u.bytes for u in units) / mib:.1f} MiB in the kernels' layout "
+             f"(largest {max(u.bytes for u in units) / mib:.1f} MiB); gather tables mapped from the weights file",
+             f"priced with: memory {prof.memory_bandwidth / 1e9:.1f} GB/s, {prof.flops('fp32') / 1e9:.0f} GFLOP/s, "
+             f"disk {disk / 1e9:.2f} GB/s (page cache bypassed); workload: prompt 512, output 32 per sequence",
+             format_policy(policy.summary),
+             f"streamed ({len(streamed)}, {sum(u.bytes for u in streamed) / mib:.1f} MiB read per step): "
+             + (", ".join(u.name for u in streamed) or "none"),
+             f"resident ({len(units) - len(streamed)}): " + (", ".join(u.name for u in units
+                                                                      if u.name in policy.resident) or "none")]
+    return "\n".join(lines)

@@ -1,0 +1,380 @@
+"""Offloaded weights: a model larger than its memory budget, its weights streamed from disk.
+
+The unit of placement is a *unit*: one transformer layer's weights (every weight only the steps
+of that layer read), or one weight read outside the layers (the lm_head's panels, the final
+norm). A policy (compiler/offload_policy.py: FlexGen's LP) keeps some units resident and
+streams the rest; embedding tables, read a few rows per token by gather steps, are a read-only
+mapping of the artifact's weights file (the page cache holds the rows touched, not the table).
+
+Streamed units are read from a *store*: the kernels' layout of every unit (linear weights
+already in their panels, so a read is one pread and no Python touches a tensor per step), each
+unit at a 4 KiB-aligned offset, built once per artifact and plan from the artifact's weights
+(row chunks at a time: building it never holds a whole weight twice) into
+``$FFC_CACHE_DIR/offload/<key>/`` and published by a rename. The kernels are bound to two slot
+buffers that streamed units alternate between; the executor's program gets begin / wait /
+release steps around each unit's kernels (csrc/ffc_stream.h), and a reader thread of the kernel
+library reads unit k + 1 while unit k computes. The reader opens the store O_DIRECT where the
+file system allows (the page cache would otherwise keep every weight it read in RAM, outside
+the process's RSS but not outside the machine's memory, and make disk reads look free).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import warnings
+from contextlib import closing as _closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ffc import knobs
+from ffc.artifact import Artifact
+from ffc.errors import ArtifactError, InvalidRequestError
+from ffc.plan.kernels import Family
+from ffc.plan.schema import ArgKind, Plan
+
+from .qpanels import pack_panels, pack_qpanels
+
+STORE_FORMAT = 1
+ALIGN = 4096            # O_DIRECT: offsets, sizes and buffers aligned to the logical block
+TENSOR_ALIGN = 64
+CHUNK_ROWS = 4096       # rows of a weight packed at a time while building the store
+_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I64": torch.int64}
+
+
+def _up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str                       # "layer 3", or the weight's name
+    tensors: tuple[str, ...]        # the plan's weight arguments (param names, packed names)
+    layer: Optional[int] = None
+    offset: int = 0                 # in the store
+    bytes: int = 0                  # a multiple of ALIGN
+    layout: dict = field(default_factory=dict, compare=False)   # tensor -> [offset, dtype, shape]
+
+
+@dataclass(frozen=True)
+class OffloadPolicy:
+    """What a load keeps in RAM: the resident units (by name); the rest are streamed."""
+    resident: frozenset
+    overlap: bool = True
+    batch: Optional[int] = None     # rows per decode step the policy was priced at
+    slots: int = 2                  # streamed units alternate between this many (1: nothing overlaps)
+    summary: dict = field(default_factory=dict, compare=False)
+
+
+def plan_units(plan: Plan, module) -> tuple[list[Unit], list[str]]:
+    """The plan's units, in the order the decode graph first reads them, and its gather tables
+    (params only gather steps read: mapped, never streamed). A step's layer is its IR nodes'
+    (``module``: the final IR the plan was made from)."""
+    layers: dict[str, set] = {}
+    families: dict[str, set] = {}
+    first: dict[str, tuple] = {}
+    for g, gp in plan.graphs.items():
+        node_layer = {f"%{n.name}": n.origin.layer for n in module.graphs[g].nodes} if g in module.graphs else {}
+        for k, st in enumerate(gp.steps):
+            found = {node_layer.get(n) for n in st.nodes}
+            layer = found.pop() if len(found) == 1 else None
+            for a in st.args:
+                if a.kind in (ArgKind.PARAM, ArgKind.PACKED):
+                    layers.setdefault(a.name, set()).add(layer)
+                    families.setdefault(a.name, set()).add(st.family)
+                    first.setdefault(a.name, (g != "decode", k))
+                    first[a.name] = min(first[a.name], (g != "decode", k))
+    gather = sorted(n for n, fams in families.items() if fams == {Family.GATHER} and n in plan.params)
+    groups: dict[object, list[str]] = {}
+    for name in sorted(layers, key=lambda n: first[n]):
+        if name in gather:
+            continue
+        ls = layers[name]
+        key = ("layer", next(iter(ls))) if len(ls) == 1 and None not in ls else ("weight", name)
+        groups.setdefault(key, []).append(name)
+    units = [Unit(f"layer {key[1]}" if key[0] == "layer" else key[1], tuple(names),
+                  key[1] if key[0] == "layer" else None) for key, names in groups.items()]
+    return units, gather
+
+
+def pinned_units(plan: Plan, units: list[Unit]) -> set[str]:
+    """Units that cannot share a slot: read again after another unit is first read (a tied
+    embedding's panels, read by the first step's gather and the last step's lm_head), so their
+    slot would be needed across the others'; they stay resident."""
+    owner = {t: u.name for u in units for t in u.tensors}
+    pinned = set()
+    for gp in plan.graphs.values():
+        span: dict[str, list] = {}
+        for k, st in enumerate(gp.steps):
+            for a in st.args:
+                if a.name in owner:
+                    span.setdefault(owner[a.name], [k, k])[1] = k
+        starts = sorted(first for first, _ in span.values())
+        for name, (first, last) in span.items():
+            if any(first < s <= last for s in starts):
+                pinned.add(name)
+    return pinned
+
+
+def _weights_file(art: Artifact) -> Path:
+    return art.path("weights/rank0.safetensors", "the weights file")
+
+
+def _store_key(art: Artifact) -> str:
+    files = art.manifest.get("files") or {}
+    h = hashlib.sha256(f"ffc offload store {STORE_FORMAT}\n".encode())
+    for rel in ("weights/rank0.safetensors", (art.kernels or {}).get("plan")):
+        digest = files.get(rel)
+        if not isinstance(digest, str):   # an artifact opened without hashes: the file's own
+            digest = hashlib.sha256(art.path(rel).read_bytes()).hexdigest()
+        h.update(f"{rel} {digest}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class _Tensors:
+    """A safetensors file read with pread, a row range at a time (no mapping: the pages a mapping
+    touches count in the process's RSS until it is closed, the whole file by the end)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.header = json.loads(os.pread(self.fd, n, 8))
+            self.base = 8 + n
+        except (struct.error, ValueError, OSError) as e:
+            os.close(self.fd)
+            raise ArtifactError(f"artifact file {path.name} has no readable safetensors header ({e})") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def info(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+        """dtype, shape, first and last byte (absolute) of tensor ``name``."""
+        entry = self.header.get(name) if isinstance(self.header, dict) else None
+        try:
+            b, e = (self.base + int(x) for x in entry["data_offsets"])
+            dtype, shape = _TORCH[entry["dtype"]], [int(s) for s in entry["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(f"weight {name} has no usable entry in {self.path.name}; recompile") from None
+        if not (self.base <= b <= e and e - b == math.prod(shape) * dtype.itemsize):
+            raise ArtifactError(f"weight {name} in {self.path.name} has a bad size or place; recompile")
+        return dtype, shape, b, e
+
+    def rows(self, name: str, first: int, count: int) -> torch.Tensor:
+        dtype, shape, b, _ = self.info(name)
+        row = math.prod(shape[1:]) * dtype.itemsize
+        data = os.pread(self.fd, count * row, b + first * row)
+        if len(data) != count * row:
+            raise ArtifactError(f"{self.path.name} ends inside weight {name} (truncated); recompile the artifact")
+        os.posix_fadvise(self.fd, b + first * row, count * row, os.POSIX_FADV_DONTNEED)
+        return torch.frombuffer(bytearray(data), dtype=dtype).view([count, *shape[1:]])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.info(name)[1]
+        return self.rows(name, 0, shape[0]).view(shape) if shape else self.rows(name, 0, 1).view(shape)
+
+
+def _packed_rows(f: _Tensors, plan: Plan, name: str):
+    """The packed argument ``name`` in chunks of rows, in the plan's panel layout."""
+    p = plan.packed[name]
+    info = plan.params[p.param]
+    chunk = max(CHUNK_ROWS // p.nr, 1) * p.nr      # whole panels: only a range's last one is padded
+    for first, count in p.rows:
+        for c0 in range(0, count, chunk):
+            n = min(chunk, count - c0)
+            seg = f.rows(p.param, first + c0, n)
+            yield (pack_qpanels(seg, info.dtype, info.shape[1], [(0, n)], p.nr) if info.dtype.quantized
+                   else pack_panels(seg, [(0, n)], p.nr))
+
+
+def _write(out, t: torch.Tensor) -> int:
+    data = t.contiguous().view(-1).view(torch.uint8).numpy()
+    out.write(memoryview(data))
+    return data.nbytes
+
+
+def build_store(art: Artifact, plan: Plan, units: list[Unit], path: Path) -> list[Unit]:
+    """Write every unit in the kernels' layout to ``path``; the units with their places."""
+    placed = []
+    f = _Tensors(_weights_file(art))
+    with open(path, "wb") as out, _closing(f):
+        for u in units:
+            start = out.tell()
+            layout = {}
+            for name in u.tensors:
+                out.write(b"\0" * (-(out.tell() - start) % TENSOR_ALIGN))
+                off, n = out.tell() - start, 0
+                if name in plan.packed:
+                    shape, dtype = None, None
+                    for part in _packed_rows(f, plan, name):
+                        n += _write(out, part)
+                        shape = [0, *part.shape[1:]] if shape is None else shape
+                        shape[0] += part.shape[0]
+                        dtype = part.dtype
+                else:
+                    t = f.tensor(name)
+                    n, shape, dtype = _write(out, t), list(t.shape), t.dtype
+                layout[name] = [off, str(dtype).removeprefix("torch."), shape]
+            out.write(b"\0" * (-(out.tell() - start) % ALIGN))
+            placed.append(Unit(u.name, u.tensors, u.layer, start, out.tell() - start, layout))
+            out.flush()
+            os.posix_fadvise(out.fileno(), start, 0, os.POSIX_FADV_DONTNEED)
+    return placed
+
+
+def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
+    """The artifact's store (built on first use, published by a rename) and its units."""
+    units, _ = plan_units(plan, module)
+    root = knobs.cache_dir() / "offload" / _store_key(art)
+    index = root / "index.json"
+    try:
+        placed = [Unit(u["name"], tuple(u["tensors"]), u["layer"], u["offset"], u["bytes"], u["layout"])
+                  for u in json.loads(index.read_text())["units"]]
+        size = (root / "weights.bin").stat().st_size
+        if [u.name for u in placed] == [u.name for u in units] and size == sum(u.bytes for u in placed):
+            return root / "weights.bin", placed
+    except (OSError, ValueError, KeyError, TypeError):
+        pass   # absent, or not whole (a killed build, a truncated file): built again
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        placed = build_store(art, plan, units, tmp / "weights.bin")
+        (tmp / "index.json").write_text(json.dumps({"format": STORE_FORMAT, "units": [
+            {"name": u.name, "tensors": list(u.tensors), "layer": u.layer, "offset": u.offset, "bytes": u.bytes,
+             "layout": u.layout} for u in placed]}))
+        shutil.rmtree(root, ignore_errors=True)     # a stale or damaged one
+        tmp.rename(root)
+    except (OSError, ArtifactError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"cannot build the offloaded weights of {art.root} in {root.parent} ({e}); "
+                            "check the cache directory's free space") from None
+    return root / "weights.bin", placed
+
+
+def map_tables(art: Artifact, names: list[str]) -> tuple[dict[str, torch.Tensor], Optional[mmap.mmap]]:
+    """Read-only views of the weights file's tensors ``names`` (gather tables)."""
+    if not names:
+        return {}, None
+    f = _Tensors(_weights_file(art))
+    try:
+        size = os.fstat(f.fd).st_size
+        mm = mmap.mmap(f.fd, 0, access=mmap.ACCESS_READ)
+        out = {}
+        for name in names:
+            dtype, shape, b, e = f.info(name)
+            if e > size:
+                raise ArtifactError(f"weight {name} lies past the end of weights/rank0.safetensors (truncated?); "
+                                    "recompile the artifact")
+            with warnings.catch_warnings():     # read-only memory: the kernels only read it
+                warnings.simplefilter("ignore", UserWarning)
+                out[name] = torch.frombuffer(mm, dtype=torch.uint8, count=e - b, offset=b).view(dtype).view(shape)
+    finally:
+        f.close()
+    return out, mm
+
+
+def _aligned(nbytes: int) -> tuple[torch.Tensor, int]:
+    buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    return buf, (-buf.data_ptr()) % ALIGN
+
+
+class WeightStream:
+    """The weights of a one-rank CPU plan under a policy: resident units read once into RAM,
+    streamed ones bound to two slots a kernel library's Streamer fills."""
+
+    def __init__(self, art: Artifact, plan: Plan, module, policy: OffloadPolicy, lib):
+        if art.tp * art.pp != 1 or plan.target.value != "cpu":
+            raise InvalidRequestError("offloading weights (a memory budget) runs one-rank CPU artifacts; this one "
+                                      f"is {plan.target.value} with tp={art.tp} pp={art.pp}")
+        self.path, self.units = open_store(art, plan, module)
+        _, gather = plan_units(plan, module)
+        self.tensors, self._map = map_tables(art, gather)
+        unknown = set(policy.resident) - {u.name for u in self.units}
+        if unknown:
+            raise InvalidRequestError(f"the offload policy names units the plan has not: {sorted(unknown)[:3]}")
+        self.policy = policy
+        self.streamed = [u for u in self.units if u.name not in policy.resident]
+        self._buffers = []
+        self.resident_bytes = 0
+        with open(self.path, "rb") as fh:
+            for u in self.units:
+                if u.name in policy.resident:
+                    buf, lead = _aligned(u.bytes)
+                    if fh.readinto(memoryview(buf[lead:lead + u.bytes].numpy())) != u.bytes:
+                        raise ArtifactError(f"the offloaded weights in {self.path} end early; remove that directory")
+                    os.posix_fadvise(fh.fileno(), u.offset, u.bytes, os.POSIX_FADV_DONTNEED)
+                    self._views(u, buf, lead)
+                    self.resident_bytes += u.bytes
+                else:
+                    fh.seek(u.bytes, os.SEEK_CUR)
+        # streamed units alternate between the slots, each as large as its largest unit
+        n = 2 if policy.slots != 1 else 1
+        sizes = [max([u.bytes for u in self.streamed[k::n]], default=0) for k in range(n)]
+        self.slots = [_aligned(s) for s in sizes if s]
+        self.slot_of = {u.name: k % n for k, u in enumerate(self.streamed)}
+        for u in self.streamed:
+            buf, lead = self.slots[self.slot_of[u.name]]
+            self._views(u, buf, lead)
+        self.slot_bytes = sum(sizes)
+        self.streamer = None
+        if self.streamed:
+            index = {u.name: k for k, u in enumerate(self.streamed)}
+            self.index = index
+            self.streamer = lib.Streamer(str(self.path), [(u.offset, u.bytes, self.slot_of[u.name])
+                                                          for u in self.streamed],
+                                         [b.data_ptr() + lead for b, lead in self.slots], policy.overlap)
+        self._seqs: dict[str, int] = {}
+
+    def _views(self, u: Unit, buf: torch.Tensor, lead: int) -> None:
+        for name, (off, dtype, shape) in u.layout.items():
+            t = getattr(torch, dtype)
+            n = int(torch.Size(shape).numel()) * t.itemsize
+            self.tensors[name] = buf[lead + off:lead + off + n].view(t).view(shape)
+
+    def program(self, graph: str, steps, bound: list) -> tuple[list, list]:
+        """The executor program of ``steps`` (bound: (kernel, addresses) each) with the stream's
+        begin, wait and release steps around each streamed unit's kernels, and per program step
+        the index of its step in ``steps`` (None: a stream step)."""
+        if self.streamer is None:
+            return bound, list(range(len(bound)))
+        owner = {t: u.name for u in self.streamed for t in u.tensors}
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for k, st in enumerate(steps):
+            for a in st.args:
+                if a.name in owner and a.kind in (ArgKind.PARAM, ArgKind.PACKED):
+                    first.setdefault(owner[a.name], k)
+                    last[owner[a.name]] = k
+        seq = sorted(first, key=first.get)
+        for k, u in enumerate(seq):     # a unit's slot is free again before the next one in it is waited for
+            later = [v for v in seq[k + 1:] if self.slot_of[v] == self.slot_of[u]]
+            if later and first[later[0]] <= last[u]:
+                raise InvalidRequestError(f"graph {graph} reads streamed units {u} and {later[0]} at once (one "
+                                          "slot); keep one of them resident (a larger memory budget)")
+        if graph not in self._seqs:
+            self._seqs[graph] = self.streamer.add_sequence([self.index[u] for u in seq])
+        ptr = self.streamer.address
+        out, where = [("ffc.stream.begin", [ptr, self._seqs[graph]])], [None]
+        for k, item in enumerate(bound):
+            waits = [("ffc.stream.wait", [ptr, self.index[u]]) for u in seq if first[u] == k]
+            releases = [("ffc.stream.release", [ptr, self.index[u]]) for u in seq if last[u] == k]
+            out += waits + [item] + releases
+            where += [None] * len(waits) + [k] + [None] * len(releases)
+        return out, where
+
+    def stats(self) -> dict:
+        """Bytes read from disk, seconds reading and seconds kernels waited, reads, O_DIRECT."""
+        if self.streamer is None:
+            return {"bytes": 0, "read_s": 0.0, "wait_s": 0.0, "reads": 0, "direct": False}
+        b, r, w, n, d = self.streamer.stats()
+        return {"bytes": b, "read_s": r, "wait_s": w, "reads": n, "direct": d}
