@@ -55,6 +55,7 @@ class Costs:
     disk_bandwidth: float       # bytes/s, page cache bypassed
     kernel_overhead: float = 0.0
     steps: int = 0              # kernels per step (their overhead)
+    prefill_tokens: int = 0     # tokens per prefill step (the engine's max_tokens_per_batch; 0: one step)
 
 
 @dataclass(frozen=True)
@@ -100,27 +101,38 @@ def _compute(w_bytes: int, flops_per_token: float, tokens: int, costs: Costs) ->
 
 def price(units, resident, batch: int, prompt: int, output: int, flops_per_token: float, costs: Costs,
           overlap: bool) -> tuple[float, float]:
-    """Predicted (prefill seconds of the batch, seconds of one decode step)."""
+    """Predicted (prefill seconds of the batch, seconds of one decode step). The prefill runs in
+    steps of ``costs.prefill_tokens``, each reading every streamed unit again."""
     w = sum(b for _, b in units) or 1
-    pre = _compute(w, flops_per_token, batch * prompt, costs)
+    n, per = _prefill_steps(batch * prompt, costs)
+    pre = _compute(w, flops_per_token, per, costs)
     dec = _compute(w, flops_per_token, batch, costs)
-    return (_phase(units, resident, pre / w, costs.disk_bandwidth, overlap, 0.0),
+    return (n * _phase(units, resident, pre / w, costs.disk_bandwidth, overlap, 0.0),
             _phase(units, resident, dec / w, costs.disk_bandwidth, overlap, 0.0))
 
 
-def _lp(w: int, cap: int, cp: float, cd: float, output: int, disk_bw: float, overlap: bool) -> Optional[float]:
-    """The resident fraction of the weights the LP chooses (None: infeasible)."""
+def _prefill_steps(tokens: int, costs: Costs) -> tuple[int, int]:
+    """How many prefill steps a batch's prompts take, and the tokens of each."""
+    step = costs.prefill_tokens or tokens
+    n = -(-tokens // step)
+    return n, -(-tokens // n)
+
+
+def _lp(w: int, cap: int, cp: float, cd: float, output: int, disk_bw: float, overlap: bool,
+        n_pre: int = 1) -> Optional[float]:
+    """The resident fraction of the weights the LP chooses (None: infeasible); ``n_pre`` prefill
+    steps, each reading the streamed weights."""
     if cap < 0:
         return None
     io = w / disk_bw
     # x = [w_ram, Tp, Td]
     c = [0.0, 1.0, float(output)]
     if overlap:
-        a = [[0, -1, 0], [0, 0, -1], [-io, -1, 0], [-io, 0, -1]]
-        b = [-cp, -cd, -io, -io]
+        a = [[0, -1, 0], [0, 0, -1], [-n_pre * io, -1, 0], [-io, 0, -1]]
+        b = [-cp, -cd, -n_pre * io, -io]
     else:
-        a = [[-io, -1, 0], [-io, 0, -1]]
-        b = [-(cp + io), -(cd + io)]
+        a = [[-n_pre * io, -1, 0], [-io, 0, -1]]
+        b = [-(cp + n_pre * io), -(cd + io)]
     a.append([w, 0, 0])
     b.append(cap)
     res = linprog(c, A_ub=a, b_ub=b, bounds=[(0, 1), (0, None), (0, None)], method="highs")
@@ -170,10 +182,11 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
             cap = budget - ring - kv - fixed_bytes
             rest = [(n, s) for n, s in units if n not in forced]
             wr = sum(s for _, s in rest)
-            cp = _compute(w, flops_per_token, b * prompt, costs) * wr / max(w, 1)
+            n_pre, per = _prefill_steps(b * prompt, costs)
+            cp = n_pre * _compute(w, flops_per_token, per, costs) * wr / max(w, 1)
             cd = _compute(w, flops_per_token, b, costs) * wr / max(w, 1)
             ahead = overlap and slots == 2
-            frac = _lp(wr, cap, cp, cd, output, costs.disk_bandwidth, ahead) if wr else 1.0
+            frac = _lp(wr, cap, cp, cd, output, costs.disk_bandwidth, ahead, n_pre) if wr else 1.0
             if frac is None:
                 continue
             resident = forced | _round(rest, frac, wr)
@@ -281,7 +294,8 @@ def kv_bytes_per_position(cache_type) -> int:
 
 
 def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int = 32, overlap: bool = True,
-                 disk_bw: Optional[float] = None, log=lambda s: None) -> tuple[OffloadPolicy, Option, list[Option]]:
+                 disk_bw: Optional[float] = None, prefill_tokens: int = 256,
+                 log=lambda s: None) -> tuple[OffloadPolicy, Option, list[Option]]:
     """The policy for a one-rank CPU artifact under ``budget`` bytes (weights, slots and the KV
     cache of the batch; the runtime's own memory is not in it), the option it came from, and
     the ones priced beside it."""
@@ -297,7 +311,8 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
             params += math.prod(info.shape)
     costs = Costs(memory_bandwidth=prof.memory_bandwidth, flops=prof.flops("fp32"),
                   disk_bandwidth=disk_bw or disk_bandwidth(path.parent), kernel_overhead=prof.kernel_overhead,
-                  steps=len(plan.graphs["decode"].steps))
+                  steps=len(plan.graphs["decode"].steps),
+                  prefill_tokens=min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
     seq = min(prompt + output, art.max_seq_len or prompt + output)
     block = int(cache_type.shape[4])
     per_block = block * kv_bytes_per_position(cache_type)
@@ -322,7 +337,10 @@ def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload
     if not isinstance(w, Workload):
         raise InvalidRequestError(f"workload must be a Workload or 'prompt=N,output=M'; got {workload!r}")
     art = Artifact.open(path, check_hashes=load_options.get("check_hashes", True))
-    policy, _, _ = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap)
+    if load_options.get("max_tokens_per_batch") is None:   # each prefill step reads the streamed weights: fewer, longer
+        load_options["max_tokens_per_batch"] = max(256, min(512, limits(art.plan.graphs)["prefill"][0]))
+    policy, _, _ = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap,
+                                prefill_tokens=load_options["max_tokens_per_batch"])
     if load_options.get("kv_cache_memory") is None:
         load_options["kv_cache_memory"] = max(policy.summary["kv"], 1 << 20)
     if load_options.get("max_requests_per_batch") is None:

@@ -223,6 +223,8 @@ class CompiledPlan:
                 self._collective(gp, seg, env)
                 event(seg, 0, t0, time.monotonic_ns(), seg.collective.op.value, "collective")
         self._write_back()
+        if self.offload is not None:
+            self.offload.trim()
         return [read(self._arena, self._offset(gp, o.buffer), o.dtype.torch, _env_of(env, o.shape))
                 for o in (gp.outputs if outputs else ())]
 

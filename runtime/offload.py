@@ -372,6 +372,12 @@ class WeightStream:
             where += [None] * len(waits) + [k] + [None] * len(releases)
         return out, where
 
+    def trim(self) -> None:
+        """Drop the mapped tables' pages from this process (the page cache keeps them): a step's
+        gathers touch a few rows each, but over many tokens they would map the whole table."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def stats(self) -> dict:
         """Bytes read from disk, seconds reading and seconds kernels waited, reads, O_DIRECT."""
         if self.streamer is None:
