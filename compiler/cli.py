@@ -18,7 +18,7 @@ from ffc.lower.describe import describe_plan
 from ffc.runtime.server import serve
 from ffc.runtime.trace import format_trace, trace_generation, write_trace
 
-from . import build
+from . import build, knobs
 from .api import compile_model
 from .artifact import REBUILT, Artifact, read_manifest, refresh_manifest
 from .batch import read_batch, run_batch
@@ -31,7 +31,7 @@ from .debug import compare
 from .errors import FfcError
 from .evaluate import evaluate, read_text
 from .graph_svg import diff_nodes, plan_steps, render_graph
-from .offload_policy import explain_policy, format_policy
+from .offload_policy import disk_bandwidth, explain_policy, format_policy
 from .parallel import dry_run
 from .plots import strategy_plot
 from .progress import Reporter
@@ -147,6 +147,10 @@ def _calibrate(a) -> None:
         torch.set_num_threads(a.threads)
     with Reporter() as report:
         prof = calibrate(a.ranks, a.artifact, log=report)
+        with report.phase("disk reads, page cache bypassed (offloaded weights)"):
+            store = knobs.cache_dir() / "offload"
+            store.mkdir(parents=True, exist_ok=True)
+            report.note(f"{disk_bandwidth(store, remeasure=True) / 1e9:.2f} GB/s")
     print(report.summary("calibrate"), file=sys.stderr)
     print(save(prof, a.output))
 

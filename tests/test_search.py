@@ -223,3 +223,4 @@ def test_calibrate_measures_this_machine(tmp_path):
     assert {"all_reduce", "all_gather", "send_recv"} <= set(fitted)
     # the fit reproduces what gloo does: more bytes take longer
     assert prof.collective_time("all_reduce", 16 << 20, 2) > prof.collective_time("all_reduce", 4 << 10, 2)
+    assert "disk reads, page cache bypassed" in r.stderr and "GB/s" in r.stderr     # the offload policy's disk
