@@ -24,8 +24,10 @@ def load(path: str, memory_budget=None, overlap: bool = True, workload=None, **k
     from .build import library_for
     from ffc.runtime.llm import LLM
     kwargs.setdefault("kernel_library", library_for)
+    from .offload_policy import load_policy, recorded_budget
+    if memory_budget is None:
+        memory_budget = recorded_budget(path)      # compiled with --memory-budget
     if memory_budget is not None:
-        from .offload_policy import load_policy
         kwargs["offload"] = load_policy(path, memory_budget, overlap, kwargs, workload)
     return LLM.load(path, **kwargs)
 

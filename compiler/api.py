@@ -129,7 +129,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                   tp: int = 1, pp: int = 1, profile: Optional[str] = None, memory_per_device=None,
                   workload: Optional[str] = None, quant: Optional[str] = None, quant_skip=None,
                   kv_dtype: str = "fp32", self_draft: Optional[str] = None, calibration: Optional[str] = None,
-                  _prepared: Optional[tuple] = None, _final: Optional[Path] = None) -> Path:
+                  memory_budget=None, _prepared: Optional[tuple] = None, _final: Optional[Path] = None) -> Path:
     """Compile ``model`` into an artifact. ``tp`` > 1: the strategy search (on ``profile``, within
     ``memory_per_device`` per rank, for ``workload``) places every op; the artifact holds one
     weights file per rank and ``ffc.load`` starts the ranks. ``quant``: weights stored in blocks
@@ -137,7 +137,9 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
     ``quant_skip``: tensor classes kept float; ``kv_dtype``: the KV cache's storage.
     ``self_draft``: also derive a draft for speculative decoding (self_draft.py) with weights in
     this storage ("auto": the GGUF file's blocks, else int4-g32), layers chosen on the
-    ``calibration`` text file (default: the model's own answers to a few prompts)."""
+    ``calibration`` text file (default: the model's own answers to a few prompts).
+    ``memory_budget``: recorded in the manifest; ``ffc.load`` then streams the weights that do not
+    fit from disk (compiler/offload_policy.py) unless given another budget."""
     t0 = time.perf_counter()
     log = report = Reporter.of(log)
     with report.phase(f"resolve {model}"):           # a GGUF file is converted once (cached)
@@ -170,7 +172,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
                              kv_block_size=kv_block_size, tp=tp, pp=pp, profile=profile or "local",
                              memory_per_device=parse_memory(memory_per_device, what="memory_per_device"),
                              workload=Workload.parse(workload, max_seq_len=msl, weight_dtype=linear_fmt or dtype,
-                                                     kv_dtype=kv_dtype))
+                                                     kv_dtype=kv_dtype),
+                             memory_budget=parse_memory(memory_budget, what="memory_budget"))
     with ArtifactWriter(output) as art:
         if _prepared is not None:       # a self-draft: the target's model, reduced
             hf, tokenizer, blocks = _prepared

@@ -31,7 +31,7 @@ from .debug import compare
 from .errors import FfcError
 from .evaluate import evaluate, read_text
 from .graph_svg import diff_nodes, plan_steps, render_graph
-from .offload_policy import disk_bandwidth, explain_policy, format_policy
+from .offload_policy import disk_bandwidth, explain_policy, format_policy, plan_offload
 from .parallel import dry_run
 from .plots import strategy_plot
 from .progress import Reporter
@@ -55,6 +55,10 @@ def _compile(a) -> None:
         if "auto" not in (tp, pp) and tp * pp > a.devices:
             raise FfcError(f"--tp {tp} --pp {pp} needs {tp * pp} devices but --devices gives {a.devices}: lower the "
                            "degrees, or pass --tp auto / --pp auto to search the splits of the devices")
+    if a.dry_run and a.memory_budget is not None:
+        raise FfcError("--memory-budget is priced on the artifact's weights as its kernels read them, which a dry run "
+                       "does not write: compile with --memory-budget (the policy is printed), or run `ffc inspect "
+                       "ART --policy SIZE` on an artifact")
     if a.dry_run or tp == "auto" or pp == "auto":
         if not a.dry_run:
             raise FfcError("--tp auto / --pp auto choose degrees in a --dry-run; then compile with the degrees it "
@@ -74,9 +78,12 @@ def _compile(a) -> None:
                       prefill_tokens=a.prefill_tokens, max_batch=a.max_batch, kv_block_size=a.kv_block_size, tp=tp,
                       pp=pp, profile=a.profile, memory_per_device=a.memory_per_device, workload=a.workload,
                       quant=a.quant, quant_skip=a.quant_skip, kv_dtype=a.kv_dtype, self_draft=a.self_draft,
-                      calibration=a.calibration)
+                      calibration=a.calibration, memory_budget=a.memory_budget)
     if not a.quiet:
         print(report.summary(), file=sys.stderr)
+    if a.memory_budget is not None:       # what loads will run (it builds the weights store once, too)
+        budget = parse_memory(a.memory_budget, what="--memory-budget")
+        print(format_policy(plan_offload(Artifact.open(a.output), budget)[0].summary), file=sys.stderr)
     print(a.output)
 
 

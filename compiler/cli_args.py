@@ -92,6 +92,10 @@ def _compile_args(sub) -> None:
                    help="device profile for the cost model: local (this machine, measured by `ffc calibrate`; "
                         "measured on first use), a100-nvlink, a100-pcie, h100-nvlink, h100-pcie, h200-nvlink, "
                         "or a JSON file")
+    c.add_argument("--memory-budget", type=_size, default=None,
+                   help="RAM the artifact is to run in (weights, their streaming buffers, KV cache): recorded, so "
+                        "loads stream what does not fit from disk; the offload policy is printed (ffc inspect ART "
+                        "--policy SIZE explains it)")
     c.add_argument("--memory-per-device", type=_size, default=None,
                    help="memory limit per rank, e.g. 24GiB (default: the profile's device memory)")
     c.add_argument("--workload", default=None,

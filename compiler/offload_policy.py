@@ -33,7 +33,7 @@ from scipy.optimize import linprog
 
 from ffc import knobs
 from ffc.artifact import Artifact
-from ffc.errors import InvalidRequestError
+from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.ir.strategy import Workload
 from ffc.plan.schema import limits
 from ffc.util import parse_memory
@@ -326,6 +326,17 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
                         prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
                         overlap=overlap)
     return to_policy(best, budget, alts), best, alts
+
+
+def recorded_budget(path) -> Optional[int]:
+    """The memory budget an artifact was compiled for (``--memory-budget``), if any (a broken
+    artifact: none here; the load that follows says what is wrong with it)."""
+    try:
+        opts = Artifact.open(path, check_hashes=False).manifest.get("options")
+    except (ArtifactError, OSError):
+        return None
+    budget = opts.get("memory_budget") if isinstance(opts, dict) else None
+    return budget if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else None
 
 
 def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload=None) -> OffloadPolicy:

@@ -39,6 +39,7 @@ class CompileOptions:
     profile: str = "local"        # device profile: a built-in name, "local" (calibrated) or a JSON path
     memory_per_device: Optional[int] = None   # bytes per rank; None: the profile's device memory
     workload: Workload = field(default_factory=Workload)
+    memory_budget: Optional[int] = None   # bytes of RAM loads plan offloaded weights for (--memory-budget)
 
     def __post_init__(self):
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 2):
@@ -77,9 +78,10 @@ class CompileOptions:
                 raise InvalidRequestError(f"{name} must be an integer in 1..65536, got {v!r}")
         if not isinstance(self.profile, str) or not self.profile:
             raise InvalidRequestError(f"profile must be a profile name or a JSON path, got {self.profile!r}")
-        m = self.memory_per_device
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise InvalidRequestError(f"memory_per_device must be a positive number of bytes, got {m!r}")
+        for name in ("memory_per_device", "memory_budget"):
+            m = getattr(self, name)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+                raise InvalidRequestError(f"{name} must be a positive number of bytes, got {m!r}")
         if not isinstance(self.workload, Workload):
             raise InvalidRequestError(f"workload must be a Workload, got {self.workload!r}")
 

@@ -90,6 +90,21 @@ def test_policy_and_cli(tiny_art, capsys):
         ffc.load(tiny_art, memory_budget="1MiB")
 
 
+def test_a_budget_compiled_in_is_what_loads_run(tmp_path, smol_source, capsys):
+    """`ffc compile --memory-budget` records the budget (and prints the policy); a load without a
+    budget runs under it, one with a budget under that one."""
+    folder = tiny_model_folder(tmp_path / "hf", "llama", smol_source)
+    art = tmp_path / "budget.ffc"
+    cli_main(["compile", str(folder), "-o", str(art), "--max-seq-len", "64", "--memory-budget", "32MiB", "--quiet"])
+    assert "offload policy:" in capsys.readouterr().err
+    assert json.loads((art / "manifest.json").read_text())["options"]["memory_budget"] == 32 * MIB
+    assert ffc.load(art).compiled.offload.policy.summary["budget"] == 32 * MIB
+    assert ffc.load(art, memory_budget="40MiB").compiled.offload.policy.summary["budget"] == 40 * MIB
+    with pytest.raises(SystemExit):
+        cli_main(["compile", str(folder), "--dry-run", "--memory-budget", "32MiB"])
+    assert "--memory-budget is priced on the artifact" in capsys.readouterr().err
+
+
 COSTS = Costs(memory_bandwidth=20e9, flops=100e9, disk_bandwidth=1e9)
 UNITS = [(f"layer {k}", 10 * MIB) for k in range(8)] + [("lm_head", 30 * MIB), ("norm", 4096)]
 
