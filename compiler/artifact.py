@@ -52,9 +52,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(output: Path) -> None:
-    """Temporary and replaced directories of ``output`` that a killed compile left (SIGKILL, a
-    crash): their writer's process is gone."""
+def remove_stale(output: Path) -> None:
+    """Temporary and replaced directories of ``output`` that a killed writer left (SIGKILL, a
+    crash: a compile, an offload store's build): their writer's process is gone."""
     pattern = re.compile(rf"^\.{re.escape(output.name)}\.(?:tmp|old)-(\d+)(?:-|$)")
     for p in output.parent.iterdir():
         m = pattern.match(p.name)
@@ -70,7 +70,7 @@ class ArtifactWriter:
         if self.output.exists() and not (self.output / MANIFEST).is_file():
             raise ArtifactError(f"{self.output} exists and is not an ffc artifact; choose another -o path")
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(self.output)
+        remove_stale(self.output)
         # the writer's pid in the name: a later compile removes what a killed one left
         self.root = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-{os.getpid()}-", dir=self.output.parent))
 

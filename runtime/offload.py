@@ -19,6 +19,7 @@ the process's RSS but not outside the machine's memory, and make disk reads look
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 
 from ffc import knobs
-from ffc.artifact import Artifact
+from ffc.artifact import Artifact, remove_stale
 from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.plan.kernels import Family
 from ffc.plan.schema import ArgKind, Plan
@@ -230,28 +231,41 @@ def build_store(art: Artifact, plan: Plan, units: list[Unit], path: Path) -> lis
     return placed
 
 
-def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
-    """The artifact's store (built on first use, published by a rename) and its units."""
-    units, _ = plan_units(plan, module)
-    root = knobs.cache_dir() / "offload" / _store_key(art)
-    index = root / "index.json"
+def _read_store(root: Path, units: list[Unit]) -> Optional[list[Unit]]:
+    """The placed units of the store at ``root``, if it is there and whole."""
     try:
         placed = [Unit(u["name"], tuple(u["tensors"]), u["layer"], u["offset"], u["bytes"], u["layout"])
-                  for u in json.loads(index.read_text())["units"]]
+                  for u in json.loads((root / "index.json").read_text())["units"]]
         size = (root / "weights.bin").stat().st_size
-        if [u.name for u in placed] == [u.name for u in units] and size == sum(u.bytes for u in placed):
-            return root / "weights.bin", placed
     except (OSError, ValueError, KeyError, TypeError):
-        pass   # absent, or not whole (a killed build, a truncated file): built again
+        return None    # absent, or not whole (a truncated file, an edited index): built again
+    ok = [u.name for u in placed] == [u.name for u in units] and size == sum(u.bytes for u in placed)
+    return placed if ok else None
+
+
+def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
+    """The artifact's store (built on first use under a lock, published by a rename) and its units."""
+    units, _ = plan_units(plan, module)
+    root = knobs.cache_dir() / "offload" / _store_key(art)
+    placed = _read_store(root, units)
+    if placed is not None:
+        return root / "weights.bin", placed
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        placed = build_store(art, plan, units, tmp / "weights.bin")
-        (tmp / "index.json").write_text(json.dumps({"format": STORE_FORMAT, "units": [
-            {"name": u.name, "tensors": list(u.tensors), "layer": u.layer, "offset": u.offset, "bytes": u.bytes,
-             "layout": u.layout} for u in placed]}))
-        shutil.rmtree(root, ignore_errors=True)     # a stale or damaged one
-        tmp.rename(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.with_name(f".{root.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)       # one build per store; the others wait and read it
+            placed = _read_store(root, units)
+            if placed is not None:
+                return root / "weights.bin", placed
+            remove_stale(root)                     # what killed builds left
+            tmp.mkdir()
+            placed = build_store(art, plan, units, tmp / "weights.bin")
+            (tmp / "index.json").write_text(json.dumps({"format": STORE_FORMAT, "units": [
+                {"name": u.name, "tensors": list(u.tensors), "layer": u.layer, "offset": u.offset,
+                 "bytes": u.bytes, "layout": u.layout} for u in placed]}))
+            shutil.rmtree(root, ignore_errors=True)     # a damaged one
+            tmp.rename(root)
     except (OSError, ArtifactError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ArtifactError):

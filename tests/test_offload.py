@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,36 @@ def test_a_damaged_store_is_built_again_and_a_damaged_weights_file_is_refused_at
     weights.unlink()
     with pytest.raises(ArtifactError, match="rank0.safetensors"):
         ffc.load(art, memory_budget="64MiB")
+
+
+KILLED = textwrap.dedent("""
+    import sys
+    from ffc.build import library_for
+    from ffc.runtime.llm import LLM
+    from ffc.runtime.offload import OffloadPolicy
+    llm = LLM.load(sys.argv[1], kernel_library=library_for, offload=OffloadPolicy(frozenset(), overlap=True))
+    print("streaming", flush=True)
+    while True:
+        llm.generate(["The capital of France is"], max_new_tokens=100, ignore_eos=True)
+""")
+
+
+def test_a_kill_while_streaming_leaves_the_artifact_and_its_store_whole(tiny_art):
+    """SIGKILL while the reader thread reads: the artifact (read only, O_RDONLY) verifies, the store
+    is whole, and a load streams the same tokens as before."""
+    want = ffc.load(tiny_art).generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(tiny_art)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "streaming"
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    Artifact.open(tiny_art, check_hashes=True)
+    path, units = _units(tiny_art)
+    assert path.stat().st_size == sum(u.bytes for u in units)
+    llm = LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset()))
+    assert llm.generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids == want
 
 
 def test_policy_and_cli(tiny_art, capsys):
