@@ -318,6 +318,10 @@ class WeightStream:
             raise InvalidRequestError(f"the offload policy names units the plan has not: {sorted(unknown)[:3]}")
         self.policy = policy
         self.streamed = [u for u in self.units if u.name not in policy.resident]
+        pinned = sorted(pinned_units(plan, self.units) - set(policy.resident))
+        if pinned:
+            raise InvalidRequestError(f"the offload policy streams {pinned[0]}, which the plan reads again after "
+                                      "other weights (a tied embedding's panels): keep it resident")
         self._buffers = []
         self.resident_bytes = 0
         with open(self.path, "rb") as fh:

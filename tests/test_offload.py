@@ -74,6 +74,22 @@ def test_a_damaged_store_is_built_again_and_a_damaged_weights_file_is_refused_at
         ffc.load(art, memory_budget="64MiB")
 
 
+def test_a_tied_embedding_stays_resident(tmp_path, smol_source):
+    """A tied embedding's panels are read by the first step's gather and the last step's lm_head:
+    a policy streaming them is refused at load; with them resident the layers stream and the
+    tokens are the all-in-RAM ones."""
+    art = ffc.compile(str(tiny_model_folder(tmp_path / "hf", "qwen2", smol_source)), str(tmp_path / "tied.ffc"),
+                      max_seq_len=64)
+    _, units = _units(art)
+    head = next(u.name for u in units if u.layer is None and u.bytes > 1 << 20)
+    with pytest.raises(InvalidRequestError, match="keep it resident"):
+        LLM.load(art, kernel_library=library_for, offload=OffloadPolicy(frozenset()))
+    want = ffc.load(art).generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids
+    llm = LLM.load(art, kernel_library=library_for, offload=OffloadPolicy(frozenset({head})))
+    assert {"layer 0", "layer 1"} <= {u.name for u in llm.compiled.offload.streamed}
+    assert llm.generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids == want
+
+
 KILLED = textwrap.dedent("""
     import sys
     from ffc.build import library_for
