@@ -2,21 +2,25 @@
 
 Two tiers on a machine without a GPU: RAM and disk. A *unit* (runtime/offload.py: a layer's
 weights, or one weight outside the layers) is resident or streamed; the KV cache of the batch
-and two slot buffers for streamed units take RAM too. For each batch size the LP (scipy's
-HiGHS) chooses the resident fraction of the weights w minimising the predicted time of the
-workload (one prefill of ``prompt`` tokens per sequence, then ``output`` decode steps):
+and the slot buffers streamed units are read into take RAM too. For each batch size b and slot
+configuration (two slots of the largest streamed unit's size, read ahead; or one, when memory
+is that tight, nothing overlapped) the LP (scipy's HiGHS) chooses the resident fraction w of the
+weights minimising the predicted time of the workload (the prompts' prefill in n steps of the
+engine's max_tokens_per_batch, each reading the streamed weights, then ``output`` decode steps):
 
-    minimise  Tp + n Td
-    s.t.      Tp >= Cp(b),  Td >= Cd(b)                 compute, all weights in RAM
-              Tp >= (1 - w) W / D,  Td >= (1 - w) W / D   the disk read (overlapped: max)
-              w W + ring + KV(b) <= budget,  0 <= w <= 1
+    minimise  Tp + output Td
+    s.t.      Tp >= Cp(b),  Td >= Cd(b)                     compute, all weights in RAM
+              Tp >= n (1 - w) W / D,  Td >= (1 - w) W / D   the disk reads (overlapped: max)
+              w W + slots + KV(b) <= budget,  0 <= w <= 1
 
-(without overlap the read adds to the compute instead). The batch with the highest predicted
-tokens/s wins; its w is rounded to whole units (the largest that fit first) and priced again per
-unit: a streamed unit costs max(its compute, its read), a resident one its compute. Compute is
-the roofline of the calibrated profile (weight bytes at the memory bandwidth, or FLOPs at the
-peak, whichever is longer); D is this disk's measured read bandwidth with the page cache
-bypassed (``disk_bandwidth``, measured once and kept in the cache directory).
+(without overlap the reads add to the compute instead). Units too large for the slot size,
+too small to be worth a read, or read again after other units (a tied embedding) stay
+resident. The option with the highest predicted tokens/s wins; its w is rounded to whole units
+(the largest that fit first) and priced again per unit: a streamed unit costs the longer of its
+compute and its read (their sum without overlap), a resident one its compute. Compute is the
+roofline of the calibrated profile (weight bytes at the memory bandwidth, or FLOPs at the peak,
+whichever is longer); D is this disk's read bandwidth with the page cache bypassed
+(``disk_bandwidth``: measured once per file system, by ``ffc calibrate`` or on first use).
 """
 from __future__ import annotations
 

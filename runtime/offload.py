@@ -10,10 +10,11 @@ Streamed units are read from a *store*: the kernels' layout of every unit (linea
 already in their panels, so a read is one pread and no Python touches a tensor per step), each
 unit at a 4 KiB-aligned offset, built once per artifact and plan from the artifact's weights
 (row chunks at a time: building it never holds a whole weight twice) into
-``$FFC_CACHE_DIR/offload/<key>/`` and published by a rename. The kernels are bound to two slot
-buffers that streamed units alternate between; the executor's program gets begin / wait /
-release steps around each unit's kernels (csrc/ffc_stream.h), and a reader thread of the kernel
-library reads unit k + 1 while unit k computes. The reader opens the store O_DIRECT where the
+``$FFC_CACHE_DIR/offload/<key>/`` and published by a rename. The kernels are bound to the slot
+buffers that streamed units alternate between (two; one when memory is that tight); the
+executor's program gets begin / wait / release steps around each unit's kernels
+(csrc/ffc_stream.h), and a reader thread of the kernel library reads unit k + 1 while unit k
+computes. The reader opens the store O_DIRECT where the
 file system allows (the page cache would otherwise keep every weight it read in RAM, outside
 the process's RSS but not outside the machine's memory, and make disk reads look free).
 """
@@ -304,7 +305,7 @@ def _aligned(nbytes: int) -> tuple[torch.Tensor, int]:
 
 class WeightStream:
     """The weights of a one-rank CPU plan under a policy: resident units read once into RAM,
-    streamed ones bound to two slots a kernel library's Streamer fills."""
+    streamed ones bound to the slots a kernel library's Streamer fills, gather tables mapped."""
 
     def __init__(self, art: Artifact, plan: Plan, module, policy: OffloadPolicy, lib):
         if art.tp * art.pp != 1 or plan.target.value != "cpu":
