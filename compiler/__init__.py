@@ -21,13 +21,17 @@ def load(path: str, memory_budget=None, overlap: bool = True, workload=None, **k
     their streaming buffers and the KV cache; the weights that do not fit are streamed from disk
     by the policy search (compiler/offload_policy.py) for ``workload`` (a Workload or
     "prompt=512,output=32", FlexGen's and the default), ``overlap=False`` without reading ahead."""
+    from .artifact import Artifact
     from .build import library_for
     from ffc.runtime.llm import LLM
     kwargs.setdefault("kernel_library", library_for)
-    from .offload_policy import load_policy, recorded_budget
     if memory_budget is None:
-        memory_budget = recorded_budget(path)      # compiled with --memory-budget
-    if memory_budget is not None:
+        try:
+            memory_budget = Artifact.open(path, check_hashes=False).memory_budget   # compiled with --memory-budget
+        except (ArtifactError, OSError):
+            pass                                   # LLM.load says what is wrong with it
+    if memory_budget is not None:                  # the policy search: imported only here (scipy, the profile)
+        from .offload_policy import load_policy
         kwargs["offload"] = load_policy(path, memory_budget, overlap, kwargs, workload)
     return LLM.load(path, **kwargs)
 

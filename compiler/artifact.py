@@ -324,6 +324,12 @@ class Artifact:
     def max_seq_len(self) -> Optional[int]:
         return (self.manifest.get("options") or {}).get("max_seq_len")
 
+    @property
+    def memory_budget(self) -> Optional[int]:
+        """The budget it was compiled for (``--memory-budget``): loads offload weights under it."""
+        v = (self.manifest.get("options") or {}).get("memory_budget")
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
     def read_module(self, verify: bool = True) -> Module:
         """The final IR, parsed and verified. ``verify=False``: for bytes verified before (by the
         driver of this rank, or on an earlier load here: runtime.llm.read_verified_module), only

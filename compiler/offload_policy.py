@@ -332,17 +332,6 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
     return to_policy(best, budget, alts), best, alts
 
 
-def recorded_budget(path) -> Optional[int]:
-    """The memory budget an artifact was compiled for (``--memory-budget``), if any (a broken
-    artifact: none here; the load that follows says what is wrong with it)."""
-    try:
-        opts = Artifact.open(path, check_hashes=False).manifest.get("options")
-    except (ArtifactError, OSError):
-        return None
-    budget = opts.get("memory_budget") if isinstance(opts, dict) else None
-    return budget if isinstance(budget, int) and not isinstance(budget, bool) and budget > 0 else None
-
-
 def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload=None) -> OffloadPolicy:
     """The policy ``ffc.load(path, memory_budget=...)`` runs with; the engine's KV pool and
     batch in ``load_options`` default to the policy's."""

@@ -31,7 +31,7 @@ ALLOWED_LOCAL_IMPORTS = {
     "prometheus_client.core",
 }
 ALLOWED_ENTRY_POINT_IMPORTS = {("compiler/__init__.py", ".api"), ("compiler/__init__.py", ".build"),
-                               ("compiler/__init__.py", ".offload_policy"),
+                               ("compiler/__init__.py", ".offload_policy"), ("compiler/__init__.py", ".artifact"),
                                ("compiler/__init__.py", "ffc.runtime.llm")}
 
 
