@@ -83,7 +83,7 @@ def _compile(a) -> None:
         print(report.summary(), file=sys.stderr)
     if a.memory_budget is not None:       # what loads will run (it builds the weights store once, too)
         budget = parse_memory(a.memory_budget, what="--memory-budget")
-        print(format_policy(plan_offload(Artifact.open(a.output), budget)[0].summary), file=sys.stderr)
+        print(format_policy(plan_offload(Artifact.open(a.output), budget).policy.summary), file=sys.stderr)
     print(a.output)
 
 

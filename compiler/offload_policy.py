@@ -31,13 +31,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from scipy.optimize import linprog
 
 from ffc import knobs
 from ffc.artifact import Artifact
-from ffc.errors import ArtifactError, InvalidRequestError
+from ffc.errors import InvalidRequestError
 from ffc.ir.strategy import Workload
 from ffc.plan.schema import limits
 from ffc.util import parse_memory
@@ -293,16 +293,22 @@ def disk_bandwidth(near: Path, size: int = 256 << 20, remeasure: bool = False) -
 def kv_bytes_per_position(cache_type) -> int:
     """Bytes of every layer's K and V for one position of a cache type (axis 2: the blocks, axis 4:
     the positions of a block)."""
-    shape = [int(s) if str(s).isdigit() else 1 for s in cache_type.shape]
-    return math.prod(shape[:2] + shape[3:4] + shape[5:]) * cache_type.dtype.itemsize
+    shape = list(cache_type.shape)
+    return math.prod(int(d) for d in shape[:2] + shape[3:4] + shape[5:]) * cache_type.dtype.itemsize
+
+
+class OffloadPlan(NamedTuple):
+    policy: OffloadPolicy
+    best: Option                # the option the policy came from
+    alternatives: list          # the options priced beside it
+    units: list                 # the artifact's units (runtime.offload.Unit), placed in its store
+    costs: Costs                # what they were priced with
 
 
 def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int = 32, overlap: bool = True,
-                 disk_bw: Optional[float] = None, prefill_tokens: int = 256,
-                 log=lambda s: None) -> tuple[OffloadPolicy, Option, list[Option]]:
+                 disk_bw: Optional[float] = None, prefill_tokens: int = 256, log=lambda s: None) -> OffloadPlan:
     """The policy for a one-rank CPU artifact under ``budget`` bytes (weights, slots and the KV
-    cache of the batch; the runtime's own memory is not in it), the option it came from, and
-    the ones priced beside it."""
+    cache of the batch; the runtime's own memory is not in it), and what it was chosen from."""
     plan = art.plan
     module = read_verified_module(art)
     path, units = open_store(art, plan, module)
@@ -329,7 +335,7 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
                         pinned=frozenset(pinned_units(plan, units)),
                         prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
                         overlap=overlap)
-    return to_policy(best, budget, alts), best, alts
+    return OffloadPlan(to_policy(best, budget, alts), best, alts, units, costs)
 
 
 def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload=None) -> OffloadPolicy:
@@ -343,8 +349,8 @@ def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload
     art = Artifact.open(path, check_hashes=load_options.get("check_hashes", True))
     if load_options.get("max_tokens_per_batch") is None:   # each prefill step reads the streamed weights: fewer, longer
         load_options["max_tokens_per_batch"] = max(256, min(512, limits(art.plan.graphs)["prefill"][0]))
-    policy, _, _ = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap,
-                                prefill_tokens=load_options["max_tokens_per_batch"])
+    policy = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap,
+                          prefill_tokens=load_options["max_tokens_per_batch"]).policy
     if load_options.get("kv_cache_memory") is None:
         load_options["kv_cache_memory"] = max(policy.summary["kv"], 1 << 20)
     if load_options.get("max_requests_per_batch") is None:
@@ -363,19 +369,16 @@ def explain_policy(path, budget) -> str:
     choice and its alternatives, and which units stay in RAM."""
     art = Artifact.open(path, check_hashes=False)
     budget = parse_memory(budget, what="--policy")
-    policy, best, alts = plan_offload(art, budget)
-    module = read_verified_module(art)
-    _, units = open_store(art, art.plan, module)
+    policy, _, _, units, costs = plan_offload(art, budget)
     mib = 1 << 20
-    prof = profile_for("local")
-    disk = disk_bandwidth(knobs.cache_dir() / "offload")
     streamed = [u for u in units if u.name not in policy.resident]
     lines = [f"budget {budget / mib:.1f} MiB for weights, streaming slots and KV cache (the runtime's own memory "
              "is not in it)",
              f"weights: {len(units)} units, {sum(u.bytes for u in units) / mib:.1f} MiB in the kernels' layout "
              f"(largest {max(u.bytes for u in units) / mib:.1f} MiB); gather tables mapped from the weights file",
-             f"priced with: memory {prof.memory_bandwidth / 1e9:.1f} GB/s, {prof.flops('fp32') / 1e9:.0f} GFLOP/s, "
-             f"disk {disk / 1e9:.2f} GB/s (page cache bypassed); workload: prompt 512, output 32 per sequence",
+             f"priced with: memory {costs.memory_bandwidth / 1e9:.1f} GB/s, {costs.flops / 1e9:.0f} GFLOP/s, "
+             f"disk {costs.disk_bandwidth / 1e9:.2f} GB/s (page cache bypassed); workload: prompt 512, output 32 "
+             "per sequence",
              format_policy(policy.summary),
              f"streamed ({len(streamed)}, {sum(u.bytes for u in streamed) / mib:.1f} MiB read per step): "
              + (", ".join(u.name for u in streamed) or "none"),

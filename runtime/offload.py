@@ -383,12 +383,16 @@ class WeightStream:
         if graph not in self._seqs:
             self._seqs[graph] = self.streamer.add_sequence([self.index[u] for u in seq])
         ptr = self.streamer.address
+        waits: dict[int, list] = {}
+        releases: dict[int, list] = {}
+        for u in seq:
+            waits.setdefault(first[u], []).append(("ffc.stream.wait", [ptr, self.index[u]]))
+            releases.setdefault(last[u], []).append(("ffc.stream.release", [ptr, self.index[u]]))
         out, where = [("ffc.stream.begin", [ptr, self._seqs[graph]])], [None]
         for k, item in enumerate(bound):
-            waits = [("ffc.stream.wait", [ptr, self.index[u]]) for u in seq if first[u] == k]
-            releases = [("ffc.stream.release", [ptr, self.index[u]]) for u in seq if last[u] == k]
-            out += waits + [item] + releases
-            where += [None] * len(waits) + [k] + [None] * len(releases)
+            before, after = waits.get(k, []), releases.get(k, [])
+            out += before + [item] + after
+            where += [None] * len(before) + [k] + [None] * len(after)
         return out, where
 
     def trim(self) -> None:
