@@ -42,7 +42,7 @@ from ffc.ir.strategy import Workload
 from ffc.plan.schema import limits
 from ffc.util import parse_memory
 from ffc.runtime.llm import read_verified_module
-from ffc.runtime.offload import OffloadPolicy, open_store, pinned_units
+from ffc.runtime.offload import OffloadPolicy, format_policy, open_store, pinned_units
 
 from .calibrate import profile_for
 
@@ -356,12 +356,6 @@ def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload
     if load_options.get("max_requests_per_batch") is None:
         load_options["max_requests_per_batch"] = policy.batch
     return policy
-
-
-def format_policy(summary: dict) -> str:
-    """The chosen option and the ones priced beside it, a line each."""
-    return "\n".join([f"offload policy: {summary['chosen']}"] +
-                     [f"  instead      : {alt}" for alt in summary.get("alternatives", [])])
 
 
 def explain_policy(path, budget) -> str:

@@ -15,6 +15,7 @@ bytes and rates).
 """
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from contextlib import contextmanager
@@ -22,8 +23,6 @@ from typing import Callable, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from transformers import modeling_gguf_pytorch_utils as hf_gguf
-from transformers.utils import logging as hf_logging
 
 
 class Reporter:
@@ -103,9 +102,16 @@ class Reporter:
         return each()
 
     def __enter__(self) -> "Reporter":
-        self._hf_bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        self._gguf_tqdm, hf_gguf.tqdm = hf_gguf.tqdm, self._gguf_bar
+        # transformers, where this process has imported it (a compile has; `ffc run --batch-file` has
+        # not: it would cost a second to import only to quiet it)
+        hf = "transformers" in sys.modules
+        self._hf_logging = importlib.import_module("transformers.utils.logging") if hf else None
+        self._hf_gguf = importlib.import_module("transformers.modeling_gguf_pytorch_utils") if hf else None
+        if self._hf_logging is not None:
+            self._hf_bars = self._hf_logging.is_progress_bar_enabled()
+            self._hf_logging.disable_progress_bar()
+        if self._hf_gguf is not None:
+            self._gguf_tqdm, self._hf_gguf.tqdm = self._hf_gguf.tqdm, self._gguf_bar
         if self._rows is not None:
             self._rows.start()
         return self
@@ -113,9 +119,10 @@ class Reporter:
     def __exit__(self, *exc) -> None:
         if self._rows is not None:
             self._rows.stop()
-        hf_gguf.tqdm = self._gguf_tqdm
+        if self._hf_gguf is not None:
+            self._hf_gguf.tqdm = self._gguf_tqdm
         if self._hf_bars:
-            hf_logging.enable_progress_bar()
+            self._hf_logging.enable_progress_bar()
 
     def summary(self, title: str = "compile") -> str:
         """The phases in the order they began (a phase within another indented under it):

@@ -75,6 +75,12 @@ class OffloadPolicy:
     summary: dict = field(default_factory=dict, compare=False)
 
 
+def format_policy(summary: dict) -> str:
+    """The chosen option and the ones priced beside it, a line each."""
+    return "\n".join([f"offload policy: {summary['chosen']}"] +
+                     [f"  instead      : {alt}" for alt in summary.get("alternatives", [])])
+
+
 def plan_units(plan: Plan, module) -> tuple[list[Unit], list[str]]:
     """The plan's units, in the order the decode graph first reads them, and its gather tables
     (params only gather steps read: mapped, never streamed). A step's layer is its IR nodes'
