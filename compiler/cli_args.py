@@ -94,14 +94,15 @@ def _compile_args(sub) -> None:
                         "or a JSON file")
     c.add_argument("--memory-budget", type=_size, default=None,
                    help="RAM the artifact is to run in (weights, their streaming buffers, KV cache): recorded, so "
-                        "loads stream what does not fit from disk; the offload policy is printed (ffc inspect ART "
-                        "--policy SIZE explains it)")
+                        "loads stream what does not fit from disk; the offload policy is printed (with --dry-run: "
+                        "before anything is built; ffc inspect ART --policy SIZE explains it)")
     c.add_argument("--memory-per-device", type=_size, default=None,
                    help="memory limit per rank, e.g. 24GiB (default: the profile's device memory)")
     c.add_argument("--workload", default=None,
                    help="what the search optimises for: prompt=512,output=128,batch=8")
     c.add_argument("--dry-run", action="store_true",
-                   help="stop before codegen: print per (tp, pp) each rank's memory and predicted latency")
+                   help="stop before codegen: print per (tp, pp) each rank's memory and predicted latency (and the "
+                        "offload policy under --memory-budget)")
 
 
 def _engine_args(x) -> None:

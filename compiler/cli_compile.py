@@ -38,10 +38,6 @@ def _compile(a) -> None:
         if "auto" not in (tp, pp) and tp * pp > a.devices:
             raise FfcError(f"--tp {tp} --pp {pp} needs {tp * pp} devices but --devices gives {a.devices}: lower the "
                            "degrees, or pass --tp auto / --pp auto to search the splits of the devices")
-    if a.dry_run and a.memory_budget is not None:
-        raise FfcError("--memory-budget is priced on the artifact's weights as its kernels read them, which a dry run "
-                       "does not write: compile with --memory-budget (the policy is printed), or run `ffc inspect "
-                       "ART --policy SIZE` on an artifact")
     if a.dry_run or tp == "auto" or pp == "auto":
         if not a.dry_run:
             raise FfcError("--tp auto / --pp auto choose degrees in a --dry-run; then compile with the degrees it "
@@ -49,9 +45,12 @@ def _compile(a) -> None:
         log = lambda s: print(f"[ffc] {s}", file=sys.stderr)  # noqa: E731
         print(dry_run(a.model, tp=tp, pp=pp, devices=a.devices, profile=profile_for(a.profile, log),
                       memory_limit=parse_memory(a.memory_per_device, what="--memory-per-device"),
-                      workload=Workload.parse(a.workload),
+                      workload=Workload.parse(a.workload) if a.workload else None,
                       max_seq_len=a.max_seq_len, dtype=a.dtype, allow_pickle=a.allow_pickle,
-                      quant=QuantPolicy.parse(a.quant, a.quant_skip), kv_dtype=a.kv_dtype, log=log))
+                      quant=QuantPolicy.parse(a.quant, a.quant_skip), kv_dtype=a.kv_dtype,
+                      memory_budget=parse_memory(a.memory_budget, what="--memory-budget"),
+                      max_batch=a.max_batch, prefill_tokens=a.prefill_tokens, kv_block_size=a.kv_block_size,
+                      log=log))
         return
     if not a.output:
         raise FfcError("give the artifact directory to write with -o/--output")

@@ -38,11 +38,14 @@ from scipy.optimize import linprog
 from ffc import knobs
 from ffc.artifact import Artifact
 from ffc.errors import InvalidRequestError
+from ffc.ir.graph import ParamRef
+from ffc.ir.ops import LAYOUT, WEIGHT_INPUTS, Op
 from ffc.ir.strategy import Workload
+from ffc.ir.types import DType
 from ffc.plan.schema import limits
 from ffc.util import parse_memory
 from ffc.runtime.llm import read_verified_module
-from ffc.runtime.offload import OffloadPolicy, format_policy, open_store, pinned_units
+from ffc.runtime.offload import ALIGN, OffloadPolicy, format_policy, open_store, pinned_units
 
 from .calibrate import profile_for
 
@@ -297,6 +300,16 @@ def kv_bytes_per_position(cache_type) -> int:
     return math.prod(int(d) for d in shape[:2] + shape[3:4] + shape[5:]) * cache_type.dtype.itemsize
 
 
+def _kv_pool(per_position: int, block: int, seq: int, max_seq_len: int):
+    """The KV pool a batch of b sequences of ``seq`` positions needs (whole blocks; one sequence
+    of max_seq_len at least), as a function of b."""
+    longest = -(-max_seq_len // block)
+
+    def kv_bytes(b: int) -> int:
+        return max(b * -(-seq // block), longest) * block * per_position
+    return kv_bytes
+
+
 class OffloadPlan(NamedTuple):
     policy: OffloadPolicy
     best: Option                # the option the policy came from
@@ -324,12 +337,7 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
                   steps=len(plan.graphs["decode"].steps),
                   prefill_tokens=min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
     seq = min(prompt + output, art.max_seq_len or prompt + output)
-    block = int(cache_type.shape[4])
-    per_block = block * kv_bytes_per_position(cache_type)
-    longest = -(-(art.max_seq_len or seq) // block)        # the pool holds one sequence of max_seq_len at least
-
-    def kv_bytes(b: int) -> int:
-        return max(b * -(-seq // block), longest) * per_block
+    kv_bytes = _kv_pool(kv_bytes_per_position(cache_type), int(cache_type.shape[4]), seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
                         kv_bytes=kv_bytes, max_batch=limits(plan.graphs)["decode"][1],
                         pinned=frozenset(pinned_units(plan, units)),
@@ -379,3 +387,63 @@ def explain_policy(path, budget) -> str:
              f"resident ({len(units) - len(streamed)}): " + (", ".join(u.name for u in units
                                                                       if u.name in policy.resident) or "none")]
     return "\n".join(lines)
+
+
+def estimate_units(module, weight_dtype: DType) -> tuple[list[tuple[str, int]], frozenset, int]:
+    """Before an artifact exists (``ffc compile --dry-run --memory-budget``): the units of the
+    forward graph of ``module`` with their bytes, linear and expert weights stored as
+    ``weight_dtype`` (an artifact's are its kernels' layout: within a panel's padding of these);
+    the units that stay resident (a tied embedding's); and the parameters' count."""
+    readers: dict[str, set] = {}
+    stored: set[str] = set()
+    for n in module.graphs["forward"].nodes:
+        for k, v in enumerate(n.inputs):
+            if isinstance(v, ParamRef):
+                readers.setdefault(v.name, set()).add((n.origin.layer, n.op))
+                if k in WEIGHT_INPUTS.get(n.op, ()) and n.op is not Op.EMBEDDING:
+                    stored.add(v.name)
+    groups: dict[str, float] = {}
+    pinned, params = set(), 0
+    for name, rs in readers.items():
+        ops = {op for _, op in rs}
+        if ops <= {Op.EMBEDDING, Op.TAKE}:
+            continue                 # a gather table: mapped from the weights file, not placed
+        t = module.params[name].type
+        numel = math.prod(int(d) for d in t.shape)
+        params += numel
+        layers = {layer for layer, _ in rs}
+        key = f"layer {next(iter(layers))}" if len(layers) == 1 and None not in layers else name
+        groups[key] = groups.get(key, 0.0) + numel * (weight_dtype.element_bytes if name in stored
+                                                      else t.dtype.itemsize)
+        if Op.EMBEDDING in ops or Op.TAKE in ops:
+            pinned.add(key)
+    return [(k, -(-int(b) // ALIGN) * ALIGN) for k, b in groups.items()], frozenset(pinned), params
+
+
+def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_position: int, *, max_batch: int,
+                   prefill_tokens: int, kv_block: int) -> str:
+    """What ``ffc compile --dry-run --memory-budget`` prints: the policy a one-rank CPU artifact of
+    ``module`` would run under ``budget`` bytes for ``workload`` (prompt and output per
+    sequence), its predicted throughput and the alternatives, priced on the parameters' bytes."""
+    units, pinned, params = estimate_units(module, workload.weight_dtype)
+    costs = Costs(memory_bandwidth=profile.memory_bandwidth, flops=profile.flops("fp32"),
+                  disk_bandwidth=disk_bandwidth(knobs.cache_dir() / "offload"),
+                  kernel_overhead=profile.kernel_overhead,
+                  # kernels per step: every op but the views, before fusion (at most that many)
+                  steps=sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
+                  # the engine's prefill steps under a budget, as a load sets them (load_policy)
+                  prefill_tokens=min(max(256, min(512, prefill_tokens)), prefill_tokens))
+    msl = workload.max_seq_len
+    seq = min(workload.prompt_tokens + workload.output_tokens, msl)
+    best, alts = search(units, budget, kv_bytes=_kv_pool(kv_per_position, kv_block, seq, msl), max_batch=max_batch,
+                        pinned=pinned, prompt=min(workload.prompt_tokens, seq), output=workload.output_tokens,
+                        flops_per_token=2.0 * params, costs=costs)
+    mib = 1 << 20
+    streamed = [n for n, _ in units if n not in best.resident]
+    return "\n".join([
+        f"offload policy under --memory-budget {budget / mib:.1f} MiB (one rank, CPU; weights, streaming slots and "
+        f"KV cache; priced on the parameters' bytes as {workload.weight_dtype}, disk "
+        f"{costs.disk_bandwidth / 1e9:.2f} GB/s; `ffc inspect ART --policy SIZE` prices the artifact's own units):",
+        format_policy(to_policy(best, budget, alts).summary),
+        f"streamed: {len(streamed)} of {len(units)} units, {sum(b for n, b in units if n in streamed) / mib:.1f} "
+        f"MiB read per step"])

@@ -18,6 +18,7 @@ from ffc.passes import PassContext, pipeline_until_search, run_pipeline
 from . import frontend, gguf_blocks, sources
 from .cluster import DeviceProfile
 from .errors import FfcError, InvalidRequestError
+from .offload_policy import FLEXGEN, dry_run_policy
 from .search import search
 
 
@@ -32,6 +33,7 @@ def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle:
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf = hf.to_empty(device="cpu")
+    hf.tie_weights()        # to_empty gives each module its own storage: tied weights (a shared lm_head) as loaded
     module = frontend.trace(hf, msl)
     return run_pipeline(module, pipeline_until_search(), PassContext(max_seq_len=msl, model=model)).module, msl, source
 
@@ -67,10 +69,12 @@ def best(results) -> Optional[tuple]:
 def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profile: DeviceProfile,
             memory_limit: Optional[float] = None, workload: Optional[Workload] = None,
             max_seq_len: Optional[int] = None, dtype: str = "fp32", allow_pickle: bool = False,
-            quant: QuantPolicy = QuantPolicy(), kv_dtype: str = "fp32",
+            quant: QuantPolicy = QuantPolicy(), kv_dtype: str = "fp32", memory_budget: Optional[int] = None,
+            max_batch: int = 128, prefill_tokens: int = 2048, kv_block_size: int = 16,
             log: Callable[[str], None] = lambda s: None) -> str:
     """The report ``ffc compile ... --dry-run`` prints (weights priced in the format ``quant``
-    gives the linears, the KV cache in ``kv_dtype``)."""
+    gives the linears, the KV cache in ``kv_dtype``); with ``memory_budget``, the offload policy
+    a one-rank artifact would load with (for ``workload``, else FlexGen's: prompt 512, output 32)."""
     module, msl, source = planning_module(model, max_seq_len, allow_pickle)
     log(f"planning {model} on {profile.name}")
     w = workload or Workload()
@@ -89,6 +93,13 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
         lines.append(f"best: tp={chosen[0]} pp={chosen[1]}")
         lines.append("")
         lines.append(chosen[2].describe())
+    if memory_budget is not None:
+        pw = workload or FLEXGEN
+        pw = Workload(pw.prompt_tokens, pw.output_tokens, 1, msl, weight, kv_dtype)
+        one = search(module, 1, 1, profile.per_rank(1), pw, None)
+        lines += ["", dry_run_policy(module, memory_budget, pw, profile, round(one.predicted.kv_bytes / msl),
+                                     max_batch=max_batch, prefill_tokens=min(prefill_tokens, msl),
+                                     kv_block=kv_block_size)]
     return "\n".join(lines)
 
 

@@ -15,7 +15,9 @@ from ffc.artifact import Artifact
 from ffc.build import library_for
 from ffc.cli import main as cli_main
 from ffc.errors import ArtifactError, InvalidRequestError
-from ffc.offload_policy import Costs, search
+from ffc.ir.types import DType
+from ffc.offload_policy import Costs, estimate_units, search
+from ffc.parallel import planning_module
 from ffc.runtime.llm import LLM, read_verified_module
 from ffc.runtime.offload import OffloadPolicy, open_store
 
@@ -78,10 +80,12 @@ def test_a_tied_embedding_stays_resident(tmp_path, smol_source):
     """A tied embedding's panels are read by the first step's gather and the last step's lm_head:
     a policy streaming them is refused at load; with them resident the layers stream and the
     tokens are the all-in-RAM ones."""
-    art = ffc.compile(str(tiny_model_folder(tmp_path / "hf", "qwen2", smol_source)), str(tmp_path / "tied.ffc"),
-                      max_seq_len=64)
+    folder = tiny_model_folder(tmp_path / "hf", "qwen2", smol_source)
+    art = ffc.compile(str(folder), str(tmp_path / "tied.ffc"), max_seq_len=64)
     _, units = _units(art)
     head = next(u.name for u in units if u.layer is None and u.bytes > 1 << 20)
+    # what a dry run keeps resident before the artifact exists: the same unit
+    assert estimate_units(planning_module(str(folder), 64)[0], DType.F32)[1] == {head}
     with pytest.raises(InvalidRequestError, match="keep it resident"):
         LLM.load(art, kernel_library=library_for, offload=OffloadPolicy(frozenset()))
     want = ffc.load(art).generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids
@@ -147,9 +151,22 @@ def test_a_budget_compiled_in_is_what_loads_run(tmp_path, smol_source, capsys):
     assert json.loads((art / "manifest.json").read_text())["options"]["memory_budget"] == 32 * MIB
     assert ffc.load(art).compiled.offload.policy.summary["budget"] == 32 * MIB
     assert ffc.load(art, memory_budget="40MiB").compiled.offload.policy.summary["budget"] == 40 * MIB
-    with pytest.raises(SystemExit):
-        cli_main(["compile", str(folder), "--dry-run", "--memory-budget", "32MiB"])
-    assert "--memory-budget is priced on the artifact" in capsys.readouterr().err
+    # the dry run prints the policy before anything is written: priced on the parameters' bytes,
+    # the same choice as the artifact's own units
+    cli_main(["compile", str(folder), "--dry-run", "--memory-budget", "32MiB", "--max-seq-len", "64"])
+    chosen = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("offload policy:"))
+    policy = ffc.load(art).compiled.offload.policy
+    assert chosen.split("batch")[0] == f"offload policy: {policy.summary['chosen']}".split("batch")[0]
+    assert f"batch {policy.batch:>3}" in chosen
+    module = planning_module(str(folder), 64)[0]
+    estimate, pinned, _ = estimate_units(module, DType.F32)
+    real = _units(art)[1]
+    assert [n for n, _ in estimate] == [u.name for u in real] and not pinned
+    packed = Artifact.open(art, check_hashes=False).plan.packed
+    for (_, b), u in zip(estimate, real):     # the store's bytes: these, plus a panel's padding of rows per range
+        pad = sum(64 + (len(packed[t].rows) * shape[1] * shape[2] * 4 if t in packed else 0)
+                  for t, (_, _, shape) in u.layout.items())
+        assert b <= u.bytes <= b + pad + 4096, u.name
 
 
 COSTS = Costs(memory_bandwidth=20e9, flops=100e9, disk_bandwidth=1e9)
