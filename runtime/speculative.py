@@ -294,6 +294,8 @@ class Speculation:
     PROBE_EVERY = 16      # a request not speculating still tries a small tree after this many steps,
     PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
     MODEL_MARGIN = 1.1    # a draft model's predicted speed-up must reach this (its costs are estimates)
+    BATCH_MARGIN = 1.1    # ... and prompt lookup's in a batch (one sequence's trees, nearly free at batch 1, make
+                          # every sequence's step a verify step; estimates of B sequences' gains are coarser)
     PROBE_COST = 1.1      # a probe alone may make a step's verify cost this much of its decode step's
     LENGTHS = 256         # answers' lengths remembered (their tail says how long a running one may go on)
 
@@ -362,7 +364,7 @@ class Speculation:
                 if found is None:
                     continue
                 acceptance, key = found
-            margin = self.MODEL_MARGIN if model else 1.02
+            margin = self.MODEL_MARGIN if model else self._margin(batch)
             widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
             if widths and model:        # the draft's catch-up on this request, where it lags
                 widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin,
@@ -408,6 +410,10 @@ class Speculation:
                     self.sunk += draft.sunk
         return self._worth_a_verify_step(out, probes, batch)
 
+    def _margin(self, batch: int) -> float:
+        """The predicted speed-up a draft without a model's costs must promise at ``batch``."""
+        return 1.02 if batch < 2 else self.BATCH_MARGIN
+
     def _worth_a_verify_step(self, trees: dict, probes: set, batch: int) -> dict:
         """The trees, if verifying them (every decoding sequence joins the verify step) is
         expected to give more tokens per second than a plain decode step; else only the probes.
@@ -417,7 +423,7 @@ class Speculation:
         tokens = batch + sum(len(t.tokens) - 1 for t in trees.values())
         gain = sum(sum(min(self.expected[req], 0.99) ** d for d in range(1, max(t.depths()) + 1))
                    for req, t in trees.items())
-        if (batch + gain) / batch >= 1.02 * self.control.relative(tokens, batch):
+        if (batch + gain) / batch >= self._margin(batch) * self.control.relative(tokens, batch):
             return trees
         return {req: t for req, t in trees.items() if req in probes}
 
