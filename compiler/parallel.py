@@ -61,9 +61,14 @@ def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, 
 
 
 def best(results) -> Optional[tuple]:
-    """Among the candidates that fit, the highest predicted decode throughput (ties: fewer devices)."""
+    """Among the candidates that fit, the highest predicted decode throughput; within 1% of it (a
+    tie, as the cost model goes), the fewest devices."""
     fits = [r for r in results if r[2] is not None and r[2].predicted.fits]
-    return max(fits, key=lambda r: (round(r[2].predicted.decode_tok_s, 6), -r[0] * r[1]), default=None)
+    if not fits:
+        return None
+    top = max(r[2].predicted.decode_tok_s for r in fits)
+    close = [r for r in fits if r[2].predicted.decode_tok_s >= 0.99 * top]
+    return min(close, key=lambda r: (r[0] * r[1], -r[2].predicted.decode_tok_s))
 
 
 def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profile: DeviceProfile,

@@ -39,8 +39,10 @@ __all__ = ["Workload", "Strategy", "search"]
 class _Problem:
     """The graph's nodes, their strategies and costs, and the edges between them."""
 
-    def __init__(self, module: Module, graph: Graph, tp: int, profile: DeviceProfile, workload: Workload):
+    def __init__(self, module: Module, graph: Graph, tp: int, profile: DeviceProfile, workload: Workload,
+                 pp: int = 1):
         self.module, self.g, self.tp, self.profile, self.w = module, graph, tp, profile, workload
+        self.one_rank = tp == 1 and pp == 1
         self.nodes = [n for n in graph.nodes]
         self.index = {n: k for k, n in enumerate(self.nodes)}
         self.strats = [strategies(n, tp, module.params) for n in self.nodes]
@@ -49,6 +51,14 @@ class _Problem:
         # seconds per step of each phase, and over the workload (weighted by steps)
         self.step_cost = [[self._node_times(n, s) for s in ss] for n, ss in zip(self.nodes, self.strats)]
         self.cost = [[sum(w * t for (_, _, w), t in zip(self.phases, ts)) for ts in row] for row in self.step_cost]
+        # a weight read by several nodes (a tied embedding and lm_head) is held once by one rank: its
+        # first reader counts it (ranks may hold different slices of it, stages a copy each: each
+        # reader counts)
+        self._first_reader: dict[str, Node] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                if isinstance(v, ParamRef):
+                    self._first_reader.setdefault(v.name, n)
         self.memory = [[self._node_memory(n, s) for s in ss] for n, ss in zip(self.nodes, self.strats)]
         # edges (producer k, consumer j, input position i); inputs from graph inputs are replicated
         self.edges = [(self.index[i], j, pos) for j, n in enumerate(self.nodes)
@@ -106,7 +116,7 @@ class _Problem:
     def _node_memory(self, n: Node, s: OpStrategy) -> float:
         mem = 0.0
         for v, p in zip(n.inputs, s.inputs):
-            if isinstance(v, ParamRef):
+            if isinstance(v, ParamRef) and (not self.one_rank or self._first_reader[v.name] is n):
                 t = self.module.params[v.name].type
                 mem += numel(local_shape(t.shape, p, self.tp)) * self._param_dtype(n, t.dtype).element_bytes
         if n.op in ATTENTION_OPS:   # this layer's KV cache for batch x max_seq_len
@@ -295,7 +305,7 @@ def search(module: Module, tp: int = 1, pp: int = 1, profile: DeviceProfile = No
     if g is None:
         raise InvalidRequestError(f"the module has no graph {graph!r} to plan (graphs: {sorted(module.graphs)})")
     limit = float(memory_limit if memory_limit is not None else profile.memory_bytes)
-    pb = _Problem(module, g, tp, profile, workload)
+    pb = _Problem(module, g, tp, profile, workload, pp)
     act = _activation_bytes(pb)
     # with pp stages each rank holds about 1/pp of the layers: the split checks each stage exactly
     pick = _solve(pb, (limit - act) * pp)

@@ -191,13 +191,29 @@ def _cli(*args):
                           timeout=600)
 
 
-def test_dry_run_prints_every_candidate():
+def test_dry_run_prints_every_candidate(smol_hf):
     r = _cli("compile", "smollm2-135m", "--tp", "auto", "--pp", "auto", "--devices", "2", "--profile", "a100-nvlink",
              "--workload", "prompt=128,output=64,batch=4", "--dry-run")
     assert r.returncode == 0, r.stderr
-    rows = [line.split()[:2] for line in r.stdout.splitlines() if line[:3].strip().isdigit()]
-    assert rows == [["1", "1"], ["1", "2"], ["2", "1"]]
+    rows = [line.split() for line in r.stdout.splitlines() if line[:3].strip().isdigit()]
+    assert [row[:2] for row in rows] == [["1", "1"], ["1", "2"], ["2", "1"]]
     assert "best: tp=" in r.stdout and "weights/rank" in r.stdout and "yes" in r.stdout
+    # one rank holds the tied embedding / lm_head once (parameters() lists it once)
+    assert " ".join(rows[0][2:4]) == f"{sum(p.numel() for p in smol_hf.parameters()) * 4 / 2**20:.1f} MiB"
+
+
+def test_best_prefers_fewer_devices_within_the_cost_models_reach():
+    """pp=2 with two batches in flight predicts the throughput of one rank (to rounding): one
+    rank is chosen; a clearly faster candidate still wins."""
+    from types import SimpleNamespace as NS
+    from ffc.parallel import best
+
+    def cand(tp, pp, tok_s, fits=True):
+        return (tp, pp, NS(predicted=NS(decode_tok_s=tok_s, fits=fits)), "")
+    assert best([cand(1, 1, 484.0), cand(1, 2, 484.0000001), cand(2, 1, 309.0)])[:2] == (1, 1)
+    assert best([cand(1, 1, 484.0), cand(1, 2, 560.0)])[:2] == (1, 2)
+    assert best([cand(1, 1, 900.0, fits=False), cand(2, 1, 309.0)])[:2] == (2, 1)
+    assert best([cand(1, 1, 900.0, fits=False)]) is None
 
 
 @pytest.mark.parametrize("args,msg", [
