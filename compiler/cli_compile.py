@@ -8,6 +8,7 @@ import torch
 
 from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Workload
+from ffc.runtime.offload import format_policy
 
 from . import build, knobs
 from .api import compile_model
@@ -19,7 +20,6 @@ from .offload_policy import disk_bandwidth, plan_offload
 from .parallel import dry_run
 from .progress import Reporter
 from .util import parse_memory
-from ffc.runtime.offload import format_policy
 
 
 def _degree(text: str):

@@ -1,5 +1,6 @@
 """`ffc run` and `ffc serve`: an artifact loaded and decoded (imported by ffc.cli only for these
-commands; nothing of the compiler is imported, so they start in the time torch and the runtime take)."""
+commands; none of tracing, lowering, the search or codegen is imported, so they start in about the
+time torch and the runtime take)."""
 from __future__ import annotations
 
 import sys

@@ -426,8 +426,10 @@ def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_posi
     ``module`` would run under ``budget`` bytes for ``workload`` (prompt and output per
     sequence), its predicted throughput and the alternatives, priced on the parameters' bytes."""
     units, pinned, params = estimate_units(module, workload.weight_dtype)
+    store = knobs.cache_dir() / "offload"       # where a load's streamed weights will be read from
+    store.mkdir(parents=True, exist_ok=True)
     costs = Costs(memory_bandwidth=profile.memory_bandwidth, flops=profile.flops("fp32"),
-                  disk_bandwidth=disk_bandwidth(knobs.cache_dir() / "offload"),
+                  disk_bandwidth=disk_bandwidth(store),
                   kernel_overhead=profile.kernel_overhead,
                   # kernels per step: every op but the views, before fusion (at most that many)
                   steps=sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
