@@ -210,7 +210,7 @@ def test_best_prefers_fewer_devices_within_the_cost_models_reach():
 
     def cand(tp, pp, tok_s, fits=True):
         return (tp, pp, NS(predicted=NS(decode_tok_s=tok_s, fits=fits)), "")
-    assert best([cand(1, 1, 484.0), cand(1, 2, 484.0000001), cand(2, 1, 309.0)])[:2] == (1, 1)
+    assert best([cand(1, 1, 484.0), cand(1, 2, 484.3), cand(2, 1, 309.0)])[:2] == (1, 1)
     assert best([cand(1, 1, 484.0), cand(1, 2, 560.0)])[:2] == (1, 2)
     assert best([cand(1, 1, 900.0, fits=False), cand(2, 1, 309.0)])[:2] == (2, 1)
     assert best([cand(1, 1, 900.0, fits=False)]) is None
