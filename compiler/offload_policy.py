@@ -310,6 +310,17 @@ def _kv_pool(per_position: int, block: int, seq: int, max_seq_len: int):
     return kv_bytes
 
 
+def streaming_prefill_tokens(limit: int) -> int:
+    """Tokens per prefill step of an engine streaming weights (each step reads them again: fewer,
+    longer steps), within the plan's ``limit``: the engine's default under a budget."""
+    return max(256, min(512, limit))
+
+
+def _costs(profile, disk_bw: float, steps: int, prefill_tokens: int) -> Costs:
+    return Costs(memory_bandwidth=profile.memory_bandwidth, flops=profile.flops("fp32"), disk_bandwidth=disk_bw,
+                 kernel_overhead=profile.kernel_overhead, steps=steps, prefill_tokens=prefill_tokens)
+
+
 class OffloadPlan(NamedTuple):
     policy: OffloadPolicy
     best: Option                # the option the policy came from
@@ -332,10 +343,8 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
         for t in u.tensors:
             info = plan.params[plan.packed[t].param if t in plan.packed else t]
             params += math.prod(info.shape)
-    costs = Costs(memory_bandwidth=prof.memory_bandwidth, flops=prof.flops("fp32"),
-                  disk_bandwidth=disk_bw or disk_bandwidth(path.parent), kernel_overhead=prof.kernel_overhead,
-                  steps=len(plan.graphs["decode"].steps),
-                  prefill_tokens=min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
+    costs = _costs(prof, disk_bw or disk_bandwidth(path.parent), len(plan.graphs["decode"].steps),
+                   min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
     seq = min(prompt + output, art.max_seq_len or prompt + output)
     kv_bytes = _kv_pool(kv_bytes_per_position(cache_type), int(cache_type.shape[4]), seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
@@ -356,7 +365,7 @@ def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload
         raise InvalidRequestError(f"workload must be a Workload or 'prompt=N,output=M'; got {workload!r}")
     art = Artifact.open(path, check_hashes=load_options.get("check_hashes", True))
     if load_options.get("max_tokens_per_batch") is None:   # each prefill step reads the streamed weights: fewer, longer
-        load_options["max_tokens_per_batch"] = max(256, min(512, limits(art.plan.graphs)["prefill"][0]))
+        load_options["max_tokens_per_batch"] = streaming_prefill_tokens(limits(art.plan.graphs)["prefill"][0])
     policy = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap,
                           prefill_tokens=load_options["max_tokens_per_batch"]).policy
     if load_options.get("kv_cache_memory") is None:
@@ -428,13 +437,10 @@ def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_posi
     units, pinned, params = estimate_units(module, workload.weight_dtype)
     store = knobs.cache_dir() / "offload"       # where a load's streamed weights will be read from
     store.mkdir(parents=True, exist_ok=True)
-    costs = Costs(memory_bandwidth=profile.memory_bandwidth, flops=profile.flops("fp32"),
-                  disk_bandwidth=disk_bandwidth(store),
-                  kernel_overhead=profile.kernel_overhead,
-                  # kernels per step: every op but the views, before fusion (at most that many)
-                  steps=sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
-                  # the engine's prefill steps under a budget, as a load sets them (load_policy)
-                  prefill_tokens=min(max(256, min(512, prefill_tokens)), prefill_tokens))
+    # kernels per step: every op but the views, before fusion (at most that many); prefill steps
+    # as a load under a budget sets them (load_policy)
+    costs = _costs(profile, disk_bandwidth(store), sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
+                   min(streaming_prefill_tokens(prefill_tokens), prefill_tokens))
     msl = workload.max_seq_len
     seq = min(workload.prompt_tokens + workload.output_tokens, msl)
     best, alts = search(units, budget, kv_bytes=_kv_pool(kv_per_position, kv_block, seq, msl), max_batch=max_batch,

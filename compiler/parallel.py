@@ -101,8 +101,12 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
     if memory_budget is not None:
         pw = workload or FLEXGEN
         pw = Workload(pw.prompt_tokens, pw.output_tokens, 1, msl, weight, kv_dtype)
-        one = search(module, 1, 1, profile.per_rank(1), pw, None)
-        lines += ["", dry_run_policy(module, memory_budget, pw, profile, round(one.predicted.kv_bytes / msl),
+        # KV bytes per position: the one-rank candidate's KV (its batch at max_seq_len), searched
+        # here only when the table has none
+        one = next((r[2] for r in results if r[:2] == (1, 1) and r[2] is not None), None)
+        kv = (one.predicted.kv_bytes / w.batch if one is not None else
+              search(module, 1, 1, profile.per_rank(1), pw, None).predicted.kv_bytes)
+        lines += ["", dry_run_policy(module, memory_budget, pw, profile, round(kv / msl),
                                      max_batch=max_batch, prefill_tokens=min(prefill_tokens, msl),
                                      kv_block=kv_block_size)]
     return "\n".join(lines)
