@@ -17,7 +17,7 @@ from typing import Optional
 import gguf as gguf_package
 import torch
 
-from . import frontend, knobs
+from . import frontend, gguf_blocks, knobs
 from .errors import InvalidRequestError, ModelNotFoundError, UnsupportedModelError
 from .options import MAX_SEQ_LEN_CAP
 
@@ -115,16 +115,12 @@ def _file_key(path: Path) -> str:
 def _one_gguf_reader():
     """transformers parses a GGUF file's metadata again for the config, the tokenizer and the
     weights (18 s each for Gemma 3's 262k-token vocabulary): within one conversion they share
-    one reader (read-only, memory-mapped)."""
+    the process's one reader of the file (gguf_blocks.reader), which compile reads again."""
     original = gguf_package.GGUFReader
-    readers: dict = {}
 
-    def reader(*args, **kwargs):
-        key = (tuple(str(a) for a in args), tuple(sorted(kwargs.items())))
-        if key not in readers:
-            readers[key] = original(*args, **kwargs)
-        return readers[key]
-    gguf_package.GGUFReader = reader
+    def shared(path, mode="r"):
+        return gguf_blocks.reader(path) if mode == "r" else original(path, mode)
+    gguf_package.GGUFReader = shared
     try:
         yield
     finally:

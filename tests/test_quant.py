@@ -43,6 +43,31 @@ def random_blocks(fmt: DType, n: int, k: int, g: torch.Generator) -> torch.Tenso
     return raw.reshape(n, -1)
 
 
+def test_a_gguf_file_is_parsed_once_per_process(tmp_path):
+    """transformers' conversion (the reader swapped in by sources._one_gguf_reader) and ffc's block
+    reader share one parse of a file; a rewritten file is parsed again."""
+    from ffc import gguf_blocks, sources
+    path = tmp_path / "t.gguf"
+
+    def write(n):
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_array("tokenizer.ggml.tokens", [f"t{k}" for k in range(n)])
+        w.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    write(50)
+    gguf_blocks._parsed.cache_clear()
+    with sources._one_gguf_reader():
+        first = gguf.GGUFReader(str(path))           # what transformers calls (it imports the name then)
+        assert gguf.GGUFReader(path) is first
+    assert gguf.GGUFReader is gguf.gguf_reader.GGUFReader
+    assert gguf_blocks.reader(path) is first and gguf_blocks._parsed.cache_info().misses == 1
+    write(60)                                       # rewritten: another size and mtime
+    assert len(gguf_blocks.reader(path).fields["tokenizer.ggml.tokens"].data) == 60
+
+
 @pytest.mark.parametrize("fmt", GGUF_FMTS, ids=str)
 def test_gguf_blocks_decode_bit_for_bit(fmt):
     g = torch.Generator().manual_seed(1)
