@@ -42,22 +42,26 @@ def plan_candidates(module, profile: DeviceProfile, workload: Workload, tp, pp, 
                     memory_limit: Optional[float]) -> list[tuple[int, int, Optional[Strategy], str]]:
     """A strategy (or why none fits) per candidate (tp, pp): the given degrees, or with "auto"
     every split of ``devices``."""
-    if tp == "auto" or pp == "auto":
-        if not devices:
-            raise InvalidRequestError("--tp auto / --pp auto need --devices K")
-        cands = [(t, p) for t, p in candidates(devices)
-                 if (tp == "auto" or t == tp) and (pp == "auto" or p == pp)]
-        if not cands:
-            raise InvalidRequestError(f"no split of {devices} devices has tp={tp} pp={pp}")
-    else:
-        cands = [(int(tp), int(pp))]
     out = []
-    for t, p in cands:
+    for t, p in candidate_degrees(tp, pp, devices):
         try:
             out.append((t, p, search(module, t, p, profile.per_rank(t * p), workload, memory_limit), ""))
         except FfcError as e:
             out.append((t, p, None, str(e).split(";")[0]))
     return out
+
+
+def candidate_degrees(tp, pp, devices: Optional[int]) -> list[tuple[int, int]]:
+    """The (tp, pp) pairs to plan: the given degrees, or with "auto" every split of ``devices``
+    (checked before anything is traced: a wrong option is refused at once)."""
+    if tp != "auto" and pp != "auto":
+        return [(int(tp), int(pp))]
+    if not devices:
+        raise InvalidRequestError("--tp auto / --pp auto need --devices K")
+    cands = [(t, p) for t, p in candidates(devices) if (tp == "auto" or t == tp) and (pp == "auto" or p == pp)]
+    if not cands:
+        raise InvalidRequestError(f"no split of {devices} devices has tp={tp} pp={pp}")
+    return cands
 
 
 def best(results) -> Optional[tuple]:
@@ -80,6 +84,7 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
     """The report ``ffc compile ... --dry-run`` prints (weights priced in the format ``quant``
     gives the linears, the KV cache in ``kv_dtype``); with ``memory_budget``, the offload policy
     a one-rank artifact would load with (for ``workload``, else FlexGen's: prompt 512, output 32)."""
+    candidate_degrees(tp, pp, devices)
     module, msl, source = planning_module(model, max_seq_len, allow_pickle)
     log(f"planning {model} on {profile.name}")
     w = workload or Workload()

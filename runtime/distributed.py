@@ -232,7 +232,10 @@ class RankGroup:
     each talking to this process over its own socket pair: no re-import of the caller's script)."""
 
     def __init__(self, art: Artifact, world: int, threads: Optional[int] = None,
-                 backend: Optional[str] = None, stages: int = 1, library: Optional[Path] = None):
+                 backend: Optional[str] = None, stages: int = 1, library: Optional[Path] = None,
+                 wait: bool = True):
+        """Starts the ranks; with ``wait`` False the caller does other work while they start
+        (import torch, join the group, bind the plan) and then calls ``ready``."""
         self.world, self.stages = world, stages
         self.limits = _plan_limits(art, backend)
         self.step_timeout = step_timeout(art.manifest)
@@ -258,6 +261,11 @@ class RankGroup:
             self.procs.append(p)
             self.conns.append(parent)
         self._send_all(("artifact", art.manifest))
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Wait until every rank has joined the group and bound its plan."""
         self._gather(START_TIMEOUT_S, "starting")
 
     def _gather(self, timeout: Optional[float], what: str) -> list:
@@ -478,6 +486,11 @@ def main(argv=None) -> None:
         return
     _worker(a.root, a.rank, a.world, a.port, a.threads, Connection(a.fd),
             None if a.backend == "auto" else a.backend, a.shm, a.library)
+    # the group is left and nothing is buffered: skip the interpreter's teardown of torch (a few
+    # tenths of a second the driver's close would wait for, every load)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
