@@ -24,7 +24,7 @@ from ffc.passes.manager import dump_name
 from ffc.plan.schema import Target
 from ffc.runtime.kernel_library import load_library, vouch
 
-from . import __version__, build, frontend, gguf_blocks, provenance, sources
+from . import __version__, build, frontend, gguf_blocks, provenance, sources, trace_cache
 from . import self_draft as drafting
 from .artifact import ArtifactWriter
 from .calibrate import profile_for
@@ -192,7 +192,7 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             log(f"read IR from {from_ir}")
         else:
             with report.phase("trace with torch.export"):
-                module = frontend.trace(hf, options.max_seq_len)
+                module = trace_cache.trace(hf, options.max_seq_len)
 
         def dump(name, payload):
             art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))

@@ -15,7 +15,7 @@ from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy, Workload
 from ffc.passes import PassContext, pipeline_until_search, run_pipeline
 
-from . import frontend, gguf_blocks, sources
+from . import gguf_blocks, sources, trace_cache
 from .cluster import DeviceProfile
 from .errors import FfcError, InvalidRequestError
 from .offload_policy import FLEXGEN, dry_run_policy
@@ -34,7 +34,7 @@ def planning_module(model: str, max_seq_len: Optional[int] = None, allow_pickle:
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf = hf.to_empty(device="cpu")
     hf.tie_weights()        # to_empty gives each module its own storage: tied weights (a shared lm_head) as loaded
-    module = frontend.trace(hf, msl)
+    module = trace_cache.trace(hf, msl)
     return run_pipeline(module, pipeline_until_search(), PassContext(max_seq_len=msl, model=model)).module, msl, source
 
 

@@ -132,14 +132,16 @@ def test_auto_map_is_said():
 
 
 def test_unmapped_aten_op_names_op_module_and_architecture(tmp_path, smol_source, monkeypatch):
-    from ffc import frontend
+    from ffc import frontend, trace_cache
     import torch
     folder = tiny_model_folder(tmp_path / "m", "llama", smol_source)
     monkeypatch.delitem(frontend.ATEN, torch.ops.aten.rsqrt.default)
+    monkeypatch.setattr(trace_cache, "folder", lambda: tmp_path / "m" / "traces")     # trace it, not a cached graph
     with pytest.raises(ffc.UnsupportedOpError,
                        match=r"aten.rsqrt.default has no ffc mapping.*model.layers.0.input_layernorm.*LlamaForCausalLM"):
         ffc.compile(str(folder), str(tmp_path / "x.ffc"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no partial artifact"
+    assert not (tmp_path / "m" / "traces").exists() or not list((tmp_path / "m" / "traces").iterdir())
 
 
 @pytest.fixture()
