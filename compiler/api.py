@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from ffc.ir import Module, materialize_params, parse, print_module
+from ffc.ir import Module, materialize_params, parse
 from ffc.ir.quant import QuantPolicy
 from ffc.ir.strategy import Strategy, Workload
 from ffc.ir.types import DType
@@ -194,8 +194,8 @@ def compile_model(model: str, output: str, max_seq_len: Optional[int] = None, fr
             with report.phase("trace with torch.export"):
                 module = trace_cache.trace(hf, options.max_seq_len)
 
-        def dump(name, payload):
-            art.path(f"ir/{name}").write_text(payload if isinstance(payload, str) else print_module(payload))
+        def dump(name, module, text):
+            art.path(f"ir/{name}").write_text(text)
             report.advance()
         spec_costs: dict = {}
 

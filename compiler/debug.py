@@ -150,7 +150,7 @@ def compare(model_or_artifact: str, prompt: str, tolerance: float = 1e-4, pipeli
     stages: list[tuple[str, Module]] = []
     run_pipeline(frontend.trace(model, msl), pipeline if pipeline is not None else PIPELINE,
                  PassContext(max_seq_len=msl, model=model_or_artifact),
-                 dump=lambda name, mod: stages.append((name[:-3], mod)) if isinstance(mod, Module) else None)
+                 dump=lambda name, mod, text: stages.append((name[:-3], mod)) if mod is not None else None)
     hf_outputs, ref = hf_module_outputs(model, ids)
     report = CompareReport(tolerance)
     weights_of = {}

@@ -85,16 +85,20 @@ def dump_name(index: int, name: str, suffix: str = ".ir") -> str:
 
 
 def run_pipeline(module: Module, pipeline: list[Step], ctx: PassContext,
-                 dump: Optional[Callable[[str, Union[Module, str]], None]] = None, first: int = 1) -> PipelineResult:
-    """Apply ``pipeline`` in order. ``dump(file_name, module)`` sees the input (as
-    ``00-input.ir``) and the module after each pass; after a decision, ``dump(NN-name.txt,
-    text)``. ``first``: the number of the first step (to continue a pipeline run in parts)."""
+                 dump: Optional[Callable[[str, Optional[Module], str], None]] = None, first: int = 1) -> PipelineResult:
+    """Apply ``pipeline`` in order. ``dump(file_name, module, text)`` sees the input (as
+    ``00-input.ir``) and the module after each pass, with its printed text; after a decision,
+    ``dump(NN-name.txt, None, description)``. ``first``: the number of the first step (to
+    continue a pipeline run in parts)."""
     try:
         verify_module(module)
     except VerifyError as e:
         raise PassError(f"the input IR does not verify: {e}") from None
+    # with dumps, the module is printed once per pass: that text is the dump and the next pass's
+    # "before" (a printed 30-layer model is ~30 ms; three prints a pass added ~1.5 s per compile)
+    text = print_module(module) if dump else None
     if dump and first == 1:
-        dump(dump_name(0, "input"), module)
+        dump(dump_name(0, "input"), module, text)
     result = PipelineResult(module, ctx=ctx)
     done: list[str] = []
     last_ir = dump_name(0, "input")     # the dump a repro starts from
@@ -107,9 +111,10 @@ def run_pipeline(module: Module, pipeline: list[Step], ctx: PassContext,
             result.records.append(PassRecord(k, name, time.perf_counter() - t0, result.module.node_count(), False))
             done.append(name)
             if dump:
-                dump(dump_name(k, name, ".txt"), p.describe(ctx) + "\n")
+                dump(dump_name(k, name, ".txt"), None, p.describe(ctx) + "\n")
+                text = print_module(result.module)      # a decision reads the module; printed again to be sure
             continue
-        before = print_module(result.module) if dump else None
+        before = text
         t0 = time.perf_counter()
         try:
             out = p(result.module, ctx)
@@ -123,11 +128,12 @@ def run_pipeline(module: Module, pipeline: list[Step], ctx: PassContext,
                 f"Repro: ffc compile {ctx.model or 'MODEL'} --from-ir <dump of {prev}> -o /tmp/repro.ffc"
             ) from None
         seconds = time.perf_counter() - t0
-        changed = before is None or print_module(out) != before
+        text = print_module(out) if dump else None
+        changed = before is None or text != before
         result.module = out
         result.records.append(PassRecord(k, name, seconds, out.node_count(), changed))
         last_ir = dump_name(k, name)
         done.append(name)
         if dump:
-            dump(dump_name(k, name), out)
+            dump(dump_name(k, name), out, text)
     return result
