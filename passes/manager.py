@@ -112,7 +112,6 @@ def run_pipeline(module: Module, pipeline: list[Step], ctx: PassContext,
             done.append(name)
             if dump:
                 dump(dump_name(k, name, ".txt"), None, p.describe(ctx) + "\n")
-                text = print_module(result.module)      # a decision reads the module; printed again to be sure
             continue
         before = text
         t0 = time.perf_counter()

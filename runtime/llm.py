@@ -118,17 +118,17 @@ def _check_weights(art: Artifact, module, offload: Optional[OffloadPolicy], back
     return load_file(str(art.path("weights/rank0.safetensors"))) if tp * pp == 1 and offload is None else {}
 
 
-def _start_ranks(art: Artifact, backend: Optional[str], library: Optional[Path], tokenizer):
-    """The ranks of a multi-rank artifact: under torchrun, this process's group (a rank > 0
-    serves rank 0's steps, then exits); else local worker processes, started first so that they
-    start (a second or two) while this process reads the tokenizer. (ranks, tokenizer)."""
+def _start_ranks(art: Artifact, backend: Optional[str], library: Optional[Path]):
+    """The ranks of a multi-rank artifact and the tokenizer: under torchrun, this process's group
+    (a rank > 0 serves rank 0's steps, then exits); else local worker processes, started first so
+    that they start (a second or two) while this process reads the tokenizer."""
     world = art.tp * art.pp
     if distributed.torchrun_env() is not None:       # started by torchrun, on one or more machines
         rank, _ = distributed.join_torchrun_group(art, backend)
         if rank != 0:
             distributed.follow_torchrun(art, backend, library)
             raise SystemExit(0)
-        return distributed.TorchrunRanks(art, world, backend, library), tokenizer
+        return distributed.TorchrunRanks(art, world, backend, library), load_tokenizer(art)
     ranks = distributed.RankGroup(art, world, backend=backend, stages=art.pp, library=library, wait=False)
     try:
         tokenizer = load_tokenizer(art)
@@ -218,8 +218,7 @@ class LLM:
         module = read_verified_module(art)
         tp, pp = art.tp, art.pp
         weights = _check_weights(art, module, offload, backend)
-        local_ranks = tp * pp > 1 and distributed.torchrun_env() is None
-        tokenizer = None if local_ranks else load_tokenizer(art)      # local ranks: read while they start (below)
+        tokenizer = load_tokenizer(art) if tp * pp == 1 else None     # with ranks: read while they start
         threads = knobs.num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -231,7 +230,7 @@ class LLM:
         library = (kernel_library or shipped_library)(art) if backend != "interpreter" and art.kernels else None
         compiled = ranks = None
         if tp * pp > 1:
-            ranks, tokenizer = _start_ranks(art, backend, library, tokenizer)
+            ranks, tokenizer = _start_ranks(art, backend, library)
         elif library is not None:
             compiled = open_compiled(art, weights, library, threads, offload=offload)
             weights = compiled.weights   # what the kernels read; packed originals are freed

@@ -294,6 +294,7 @@ class Speculation:
     PROBE_EVERY = 16      # a request not speculating still tries a small tree after this many steps,
     PROBE_MAX = 256       # doubling the wait after each probe that did not turn speculation back on
     MODEL_MARGIN = 1.1    # a draft model's predicted speed-up must reach this (its costs are estimates)
+    LOOKUP_MARGIN = 1.02  # prompt lookup's at batch 1 (no draft cost: its trees are nearly free there)
     BATCH_MARGIN = 1.1    # ... and prompt lookup's in a batch (one sequence's trees, nearly free at batch 1, make
                           # every sequence's step a verify step; estimates of B sequences' gains are coarser)
     PROBE_COST = 1.1      # a probe alone may make a step's verify cost this much of its decode step's
@@ -412,7 +413,7 @@ class Speculation:
 
     def _margin(self, batch: int) -> float:
         """The predicted speed-up a draft without a model's costs must promise at ``batch``."""
-        return 1.02 if batch < 2 else self.BATCH_MARGIN
+        return self.LOOKUP_MARGIN if batch < 2 else self.BATCH_MARGIN
 
     def _worth_a_verify_step(self, trees: dict, probes: set, batch: int) -> dict:
         """The trees, if verifying them (every decoding sequence joins the verify step) is
