@@ -1,11 +1,13 @@
 """Offloaded weights (FlexGen's workload) on this machine: throughput under memory budgets.
 
-    python benchmarks/offload_bench.py ART.ffc [--budgets 1.0 0.5 0.25] [--prompt 512] [--output 32]
+    python benchmarks/offload_bench.py ART.ffc [--budgets 1.0 0.5 0.25] [--prompt 512] [--output 32] [--waves 1]
 
 For each budget (a fraction of the artifact's weights, in the kernels' layout) the policy search
 chooses what stays in RAM and the batch; a fresh process per run loads the artifact under it,
-generates ``--output`` tokens for a batch of ``--prompt``-token prompts (the policy's batch,
-EOS ignored) and reports tokens generated per second over the whole batch (prefill included,
+generates ``--output`` tokens for ``--waves`` batches of ``--prompt``-token prompts (the
+policy's batch each, all submitted at once: with more than one, the engine's in-flight batching
+starts a prompt's prefill as soon as a sequence ends, so prefill steps, which are compute-bound,
+and decode steps, which wait for the disk, mix; EOS ignored) and reports tokens generated per second over the whole batch (prefill included,
 as FlexGen counts), the policy's prediction beside it, the bytes read from disk and the peak
 RSS (VmHWM) next to the RSS the process had before loading (interpreter, torch, tokenizer
 libraries: the runtime's own memory, which no budget covers). With and without overlap
@@ -31,7 +33,7 @@ def _status(field: str) -> int:
     return 0
 
 
-def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch: int) -> dict:
+def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch: int, waves: int) -> dict:
     import torch
     import transformers  # noqa: F401 - loaded before the baseline RSS, as a load would
     import ffc
@@ -44,7 +46,7 @@ def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch:
     stream = getattr(llm.compiled, "offload", None)
     b = batch or (stream.policy.batch if stream else 1)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (prompt,), generator=g).tolist() for _ in range(b)]
+    prompts = [torch.randint(100, 40000, (prompt,), generator=g).tolist() for _ in range(b * waves)]
     llm.generate([prompts[0][:8]], max_new_tokens=2, ignore_eos=True)     # first-step set-up out of the timing
     before = stream.stats() if stream else {"bytes": 0}
     t0 = time.perf_counter()
@@ -59,9 +61,9 @@ def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch:
             "kv_mb": summary.get("kv", 0) / 2**20, "chosen": summary.get("chosen", "")}
 
 
-def run(art: str, budget: str, overlap: bool, prompt: int, output: int, batch: int = 0) -> dict:
+def run(art: str, budget: str, overlap: bool, prompt: int, output: int, waves: int, batch: int = 0) -> dict:
     cmd = [sys.executable, __file__, art, "--child", budget, "--prompt", str(prompt), "--output", str(output),
-           "--batch", str(batch)] + ([] if overlap else ["--no-overlap"])
+           "--batch", str(batch), "--waves", str(waves)] + ([] if overlap else ["--no-overlap"])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
@@ -84,26 +86,28 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--output", type=int, default=32)
+    ap.add_argument("--waves", type=int, default=1, help="batches of prompts per run, submitted at once")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child is not None:
-        print(json.dumps(child(a.artifact, a.child, not a.no_overlap, a.prompt, a.output, a.batch)))
+        print(json.dumps(child(a.artifact, a.child, not a.no_overlap, a.prompt, a.output, a.batch, a.waves)))
         return
     w = weights_bytes(a.artifact)
     mib = 2**20
     print(f"{a.artifact}: weights {w / mib:.1f} MiB in the kernels' layout; prompt {a.prompt}, output {a.output}, "
+          f"{a.waves} batch(es) per run, "
           f"threads {os.environ.get('FFC_NUM_THREADS', 'torch default')}")
     rows = []
     for frac in a.budgets:
         for overlap in (True, False):
             if frac >= 1.0 and not overlap:
                 continue
-            r = run(a.artifact, str(int(frac * w)), overlap, a.prompt, a.output)
+            r = run(a.artifact, str(int(frac * w)), overlap, a.prompt, a.output, a.waves)
             rows.append((f"{frac:.0%} {'overlap' if overlap else 'no overlap'}", r))
             if frac >= 1.0:
-                ref = run(a.artifact, "none", True, a.prompt, a.output, r["batch"])
+                ref = run(a.artifact, "none", True, a.prompt, a.output, a.waves, r["batch"])
                 rows.insert(0, ("no budget (all in RAM)", ref))
     print(f"{'run':<24} {'batch':>5} {'tok/s':>8} {'predicted':>9} {'pred/meas':>9} {'read MB':>9} "
           f"{'RAM MiB: resident+slots+KV':>27} {'peak RSS':>9} {'base RSS':>9}")

@@ -48,6 +48,8 @@ from ffc.runtime.llm import read_verified_module
 from ffc.runtime.offload import ALIGN, OffloadPolicy, format_policy, open_store, pinned_units
 
 from .calibrate import profile_for
+from .lower.split import chunk_rows, largest_layer, param_bytes
+from .lower.targets import PANEL_ROWS, QPANEL_ROWS
 
 
 SMALL = 64 << 10      # units below this stay in RAM (a norm's weight: not worth a slot and a read)
@@ -340,9 +342,10 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
     cache_type = module.graphs["prefill"].input("kv_cache").type
     params = 0
     for u in units:
-        for t in u.tensors:
-            info = plan.params[plan.packed[t].param if t in plan.packed else t]
-            params += math.prod(info.shape)
+        for t in u.tensors:     # a packed one: its rows (an lm_head chunk is a range of the param's)
+            p = plan.packed.get(t)
+            info = plan.params[p.param if p else t]
+            params += (sum(n for _, n in p.rows) * math.prod(info.shape[1:]) if p else math.prod(info.shape))
     costs = _costs(prof, disk_bw or disk_bandwidth(path.parent), len(plan.graphs["decode"].steps),
                    min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
     seq = min(prompt + output, art.max_seq_len or prompt + output)
@@ -413,6 +416,8 @@ def estimate_units(module, weight_dtype: DType) -> tuple[list[tuple[str, int]], 
                     stored.add(v.name)
     groups: dict[str, float] = {}
     pinned, params = set(), 0
+    limit = largest_layer(module)
+    nr = QPANEL_ROWS if weight_dtype.quantized else PANEL_ROWS
     for name, rs in readers.items():
         ops = {op for _, op in rs}
         if ops <= {Op.EMBEDDING, Op.TAKE}:
@@ -421,9 +426,16 @@ def estimate_units(module, weight_dtype: DType) -> tuple[list[tuple[str, int]], 
         numel = math.prod(int(d) for d in t.shape)
         params += numel
         layers = {layer for layer, _ in rs}
+        per = weight_dtype.element_bytes if name in stored else t.dtype.itemsize
+        rows = int(t.shape[0]) if t.shape else 1
+        chunks = (chunk_rows(rows, param_bytes(t) / rows, nr, limit) if layers == {None} and Op.LINEAR in ops
+                  and name in stored else [(0, rows)])
+        if len(chunks) > 1:          # an lm_head in row chunks (compiler/lower/split.py); a gather reads a mapping
+            for a, n in chunks:
+                groups[f"{name}#{a}:{n}"] = n * numel // rows * per
+            continue
         key = f"layer {next(iter(layers))}" if len(layers) == 1 and None not in layers else name
-        groups[key] = groups.get(key, 0.0) + numel * (weight_dtype.element_bytes if name in stored
-                                                      else t.dtype.itemsize)
+        groups[key] = groups.get(key, 0.0) + numel * per
         if Op.EMBEDDING in ops or Op.TAKE in ops:
             pinned.add(key)
     return [(k, -(-int(b) // ALIGN) * ALIGN) for k, b in groups.items()], frozenset(pinned), params

@@ -30,11 +30,27 @@ from ffc import knobs
 from .device_memory import HOST, OwnMemory, as_torch, read, write
 from .kernel_library import load_library
 from .offload import WeightStream
-from .qpanels import pack_panels, pack_qpanels
+from .qpanels import pack_panels, pack_qpanels, panel_view
 
 
 def _env_of(env: dict, exprs) -> list[int]:
     return [int(e.evaluate(env)) for e in exprs]
+
+
+def _pack(plan: Plan, names: set, weights: Mapping[str, torch.Tensor], packed: dict, memory) -> None:
+    """Pack the arguments ``names`` that ``packed`` lacks, into it: whole weights first, so that a
+    chunk of one (an lm_head lowered in row ranges) is a view of its panels, not a second copy
+    (in host memory; executor-owned memory has no views, a chunk is packed on its own there)."""
+    for name in sorted(names - set(packed), key=lambda n: n != plan.packed[n].param):
+        p = plan.packed[name]
+        span = panel_view(plan.packed.get(p.param), p)
+        if span is not None and isinstance(packed.get(p.param), torch.Tensor):
+            packed[name] = packed[p.param][span[0]:span[1]]
+            continue
+        info = plan.params[p.param]
+        t = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
+             if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
+        packed[name] = memory.to_device(t, copy=False)
 
 
 class CompiledPlan:
@@ -77,13 +93,7 @@ class CompiledPlan:
         self.weights = {a.name: owned[a.name] if a.name in owned else self.memory.to_device(weights[a.name])
                         for a in args if a.kind is ArgKind.PARAM}
         self.packed = {a.name: owned[a.name] for a in args if a.kind is ArgKind.PACKED and a.name in owned}
-        for a in args:
-            if a.kind is ArgKind.PACKED and a.name not in self.packed:
-                p = plan.packed[a.name]
-                info = plan.params[p.param]
-                packed = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
-                          if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
-                self.packed[a.name] = self.memory.to_device(packed, copy=False)
+        _pack(plan, {a.name for a in args if a.kind is ArgKind.PACKED}, weights, self.packed, self.memory)
         self._arena = self.memory.empty((max(gp.arena_bytes for gp in self.graphs.values()) + 64,), torch.uint8)
         self.base = (self._arena.data_ptr() + 63) // 64 * 64
         self._bound_cache: Optional[tuple] = None

@@ -2,9 +2,11 @@
 
 The unit of placement is a *unit*: one transformer layer's weights (every weight only the steps
 of that layer read), or one weight read outside the layers (the lm_head's panels, the final
-norm). A policy (compiler/offload_policy.py: FlexGen's LP) keeps some units resident and
+norm; an lm_head larger than a layer is lowered in row chunks, a unit each: compiler/lower/
+split.py). A policy (compiler/offload_policy.py: FlexGen's LP) keeps some units resident and
 streams the rest; embedding tables, read a few rows per token by gather steps, are a read-only
-mapping of the artifact's weights file (the page cache holds the rows touched, not the table).
+mapping of the artifact's weights file (the page cache holds the rows touched, not the table),
+or of the store when the gather reads packed panels (a tied lm_head's, whose chunks stream).
 
 Streamed units are read from a *store*: the kernels' layout of every unit (linear weights
 already in their panels, so a read is one pread and no Python touches a tensor per step), each
@@ -44,10 +46,11 @@ from ffc.plan.schema import ArgKind, Plan
 
 from .qpanels import pack_panels, pack_qpanels
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 ALIGN = 4096            # O_DIRECT: offsets, sizes and buffers aligned to the logical block
 TENSOR_ALIGN = 64
 CHUNK_ROWS = 4096       # rows of a weight packed at a time while building the store
+TABLE = "table "        # a packed gather table in the store: mapped, not placed
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I64": torch.int64}
 
 
@@ -83,8 +86,9 @@ def format_policy(summary: dict) -> str:
 
 def plan_units(plan: Plan, module) -> tuple[list[Unit], list[str]]:
     """The plan's units, in the order the decode graph first reads them, and its gather tables
-    (params only gather steps read: mapped, never streamed). A step's layer is its IR nodes'
-    (``module``: the final IR the plan was made from)."""
+    (weights only gather steps read: mapped, never streamed; a packed one, the panels of a tied
+    lm_head split in chunks, from the store). A step's layer is its IR nodes' (``module``: the
+    final IR the plan was made from)."""
     layers: dict[str, set] = {}
     families: dict[str, set] = {}
     first: dict[str, tuple] = {}
@@ -99,7 +103,7 @@ def plan_units(plan: Plan, module) -> tuple[list[Unit], list[str]]:
                     families.setdefault(a.name, set()).add(st.family)
                     first.setdefault(a.name, (g != "decode", k))
                     first[a.name] = min(first[a.name], (g != "decode", k))
-    gather = sorted(n for n, fams in families.items() if fams == {Family.GATHER} and n in plan.params)
+    gather = sorted(n for n, fams in families.items() if fams == {Family.GATHER})
     groups: dict[object, list[str]] = {}
     for name in sorted(layers, key=lambda n: first[n]):
         if name in gather:
@@ -252,7 +256,14 @@ def _read_store(root: Path, units: list[Unit]) -> Optional[list[Unit]]:
 
 def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
     """The artifact's store (built on first use under a lock, published by a rename) and its units."""
-    units, _ = plan_units(plan, module)
+    path, placed = _open_store(art, plan, module)
+    return path, [u for u in placed if not u.name.startswith(TABLE)]
+
+
+def _open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
+    """The store and everything in it: the units, then the packed gather tables (named TABLE + name)."""
+    units, gather = plan_units(plan, module)
+    units += [Unit(TABLE + name, (name,)) for name in gather if name in plan.packed]
     root = knobs.cache_dir() / "offload" / _store_key(art)
     placed = _read_store(root, units)
     if placed is not None:
@@ -282,6 +293,26 @@ def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
     return root / "weights.bin", placed
 
 
+def _read_only(mm: mmap.mmap, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    with warnings.catch_warnings():     # read-only memory: the kernels only read it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(shape)
+
+
+def map_store_tables(path: Path, tables: list[Unit]) -> tuple[dict[str, torch.Tensor], Optional[mmap.mmap]]:
+    """Read-only views of the packed gather tables in the store at ``path``."""
+    if not tables:
+        return {}, None
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    out = {}
+    for u in tables:
+        for name, (off, dtype, shape) in u.layout.items():
+            t = getattr(torch, dtype)
+            out[name] = _read_only(mm, u.offset + off, math.prod(shape) * t.itemsize, t, shape)
+    return out, mm
+
+
 def map_tables(art: Artifact, names: list[str]) -> tuple[dict[str, torch.Tensor], Optional[mmap.mmap]]:
     """Read-only views of the weights file's tensors ``names`` (gather tables)."""
     if not names:
@@ -296,9 +327,7 @@ def map_tables(art: Artifact, names: list[str]) -> tuple[dict[str, torch.Tensor]
             if e > size:
                 raise ArtifactError(f"weight {name} lies past the end of weights/rank0.safetensors (truncated?); "
                                     "recompile the artifact")
-            with warnings.catch_warnings():     # read-only memory: the kernels only read it
-                warnings.simplefilter("ignore", UserWarning)
-                out[name] = torch.frombuffer(mm, dtype=torch.uint8, count=e - b, offset=b).view(dtype).view(shape)
+            out[name] = _read_only(mm, b, e - b, dtype, shape)
     finally:
         f.close()
     return out, mm
@@ -317,9 +346,12 @@ class WeightStream:
         if art.tp * art.pp != 1 or plan.target.value != "cpu":
             raise InvalidRequestError("offloading weights (a memory budget) runs one-rank CPU artifacts; this one "
                                       f"is {plan.target.value} with tp={art.tp} pp={art.pp}")
-        self.path, self.units = open_store(art, plan, module)
+        self.path, placed = _open_store(art, plan, module)
+        self.units = [u for u in placed if not u.name.startswith(TABLE)]
         _, gather = plan_units(plan, module)
-        self.tensors, self._map = map_tables(art, gather)
+        self.tensors, self._map = map_tables(art, [n for n in gather if n not in plan.packed])
+        tables, self._table_map = map_store_tables(self.path, [u for u in placed if u.name.startswith(TABLE)])
+        self.tensors.update(tables)
         unknown = set(policy.resident) - {u.name for u in self.units}
         if unknown:
             raise InvalidRequestError(f"the offload policy names units the plan has not: {sorted(unknown)[:3]}")
@@ -404,8 +436,9 @@ class WeightStream:
     def trim(self) -> None:
         """Drop the mapped tables' pages from this process (the page cache keeps them): a step's
         gathers touch a few rows each, but over many tokens they would map the whole table."""
-        if self._map is not None:
-            self._map.madvise(mmap.MADV_DONTNEED)
+        for m in (self._map, self._table_map):
+            if m is not None:
+                m.madvise(mmap.MADV_DONTNEED)
 
     def stats(self) -> dict:
         """Bytes read from disk, seconds reading and seconds kernels waited, reads, O_DIRECT."""

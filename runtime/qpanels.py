@@ -9,10 +9,13 @@ are exact in f32). Nothing is rounded: the kernel reads exactly the weights of t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ffc.ir.quant import KERNEL_CHUNK, QK_K, unpack
 from ffc.ir.types import DType
+from ffc.plan.schema import Packed
 
 CHUNK = KERNEL_CHUNK
 
@@ -28,6 +31,20 @@ def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
             seg = torch.cat([seg, seg.new_zeros(pad, w.shape[1])])
         parts.append(seg.reshape(-1, nr, w.shape[1]).transpose(1, 2))
     return torch.cat(parts).contiguous()
+
+
+def panel_view(whole: Optional[Packed], part: Packed) -> Optional[tuple[int, int]]:
+    """The panels of ``whole`` (a weight's rows packed as one range) that hold ``part`` (one
+    range of them starting at a panel; a range's last panel is padded, so only the weight's last
+    range may end inside one), or None."""
+    if (whole is None or whole == part or whole.nr != part.nr or len(whole.rows) != 1 or whole.rows[0][0] != 0
+            or len(part.rows) != 1):
+        return None
+    first, n = part.rows[0]
+    total = whole.rows[0][1]
+    if first % part.nr or first + n > total or (n % part.nr and first + n != total):
+        return None
+    return first // part.nr, first // part.nr + -(-n // part.nr)
 
 
 def _f16_lanes(t: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ffc.build import library_for
 from ffc.cli import main as cli_main
 from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.ir.types import DType
+from ffc.lower import split
 from ffc.offload_policy import Costs, estimate_units, search
 from ffc.parallel import planning_module
 from ffc.runtime.llm import LLM, read_verified_module
@@ -45,8 +46,10 @@ def test_streamed_weights_give_the_tokens_of_resident_ones(tiny_art):
     want = ffc.load(tiny_art).generate(PROMPTS[:3], max_new_tokens=24, temperature=0).token_ids
     path, units = _units(tiny_art)
     names = [u.name for u in units]
-    assert "layer 0" in names and "layer 1" in names and "lm_head.weight" in names
-    for resident, overlap in ((set(), True), (set(), False), ({"lm_head.weight"}, True), ({"layer 1"}, False)):
+    # the lm_head (larger than a layer) in chunks of its rows, a unit each (compiler/lower/split.py)
+    head = [n for n in names if n.startswith("lm_head.weight#")]
+    assert "layer 0" in names and "layer 1" in names and len(head) > 1
+    for resident, overlap in ((set(), True), (set(), False), (set(head), True), ({"layer 1", head[0]}, False)):
         llm = LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(resident), overlap))
         got = llm.generate(PROMPTS[:3], max_new_tokens=24, temperature=0).token_ids
         assert got == want, (resident, overlap)
@@ -76,10 +79,34 @@ def test_a_damaged_store_is_built_again_and_a_damaged_weights_file_is_refused_at
         ffc.load(art, memory_budget="64MiB")
 
 
-def test_a_tied_embedding_stays_resident(tmp_path, smol_source):
-    """A tied embedding's panels are read by the first step's gather and the last step's lm_head:
-    a policy streaming them is refused at load; with them resident the layers stream and the
-    tokens are the all-in-RAM ones."""
+def test_a_tied_embedding_streams_in_chunks(tmp_path, smol_source, monkeypatch):
+    """A tied lm_head larger than a layer is lowered in row chunks (compiler/lower/split.py): in RAM
+    they are views of the one packing the first step's gather reads (no second copy); under a
+    budget they stream like layers while the gather reads those panels mapped from the store, and
+    the tokens are the all-in-RAM ones. The dry run's estimate names the same units and pins none."""
+    folder = tiny_model_folder(tmp_path / "hf", "qwen2", smol_source)
+    art = ffc.compile(str(folder), str(tmp_path / "tied.ffc"), max_seq_len=64)
+    _, units = _units(art)
+    chunks = [u.name for u in units if u.layer is None and "#" in u.name]
+    assert len(chunks) > 1
+    estimate, pinned, _ = estimate_units(planning_module(str(folder), 64)[0], DType.F32)
+    assert sorted(n for n, _ in estimate) == sorted(u.name for u in units) and not pinned
+    ram = ffc.load(art)
+    whole = ram.compiled.plan.packed[chunks[0]].param
+    assert {ram.compiled.packed[c].untyped_storage().data_ptr() for c in chunks + [whole]} == \
+        {ram.compiled.packed[whole].data_ptr()}
+    want = ram.generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids
+    llm = LLM.load(art, kernel_library=library_for, offload=OffloadPolicy(frozenset()))
+    stream = llm.compiled.offload
+    assert set(chunks) <= {u.name for u in stream.streamed} and whole in stream.tensors
+    assert llm.generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids == want
+
+
+def test_an_unsplit_tied_embedding_stays_resident(tmp_path, smol_source, monkeypatch):
+    """A tied embedding's panels read whole by the first step's gather and the last step's lm_head
+    (a head within a layer's size is not split): a policy streaming them is refused at load; with
+    them resident the layers stream and the tokens are the all-in-RAM ones."""
+    monkeypatch.setattr(split, "MIN_CHUNK", 1 << 40)
     folder = tiny_model_folder(tmp_path / "hf", "qwen2", smol_source)
     art = ffc.compile(str(folder), str(tmp_path / "tied.ffc"), max_seq_len=64)
     _, units = _units(art)

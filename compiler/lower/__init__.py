@@ -3,7 +3,8 @@
     canonical   decode's token dim B is named T, so prefill and decode share kernels
     fusion      which ops share a kernel: a rule table, legality apart from profit (fusion.py)
     partition   every node in one kernel; kernels in topological order (partition.py)
-    specs       each kernel's family spec and arguments, through strided views (specs.py)
+    specs       each kernel's family spec and arguments, through strided views (specs.py); an
+                lm_head larger than a layer as chunk steps over its rows (split.py)
     memory      buffers by liveness in one arena (memory.py)
 then the kernels of all graphs are deduplicated by spec. Each phase's result can be dumped
 (``dump(name, text)``; ``ffc inspect --plan PHASE`` prints it from the artifact).
@@ -26,6 +27,7 @@ from .groups import LoweringError
 from .memory import plan_memory
 from .partition import partition
 from .specs import BUILDERS, SpecContext
+from .split import largest_layer, split_large_linears
 from .targets import POLICIES
 from .views import VIEW_OPS
 
@@ -57,6 +59,8 @@ def lower_graph(graph: Graph, module: Module, max_tokens: int, max_rows: int, ta
     part, pointwise = partition(grouping)
     ctx = SpecContext(part, module, POLICIES[Target(target)])
     steps = [(grp, *BUILDERS[grp.family](ctx, grp)) for grp in part.groups]
+    if ctx.policy.panel_rows:       # an lm_head larger than a layer in chunks of at most a layer (split.py)
+        steps = split_large_linears(ctx, steps, largest_layer(module))
     mem = plan_memory(g, steps, max_tokens, max_rows)
     if dump is not None:
         dump("fusion", describe.fusion_dump(g.name, decisions + pointwise))

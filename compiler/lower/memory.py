@@ -50,8 +50,9 @@ def plan_memory(g: Graph, steps: list, max_tokens: int, max_rows: int) -> Memory
         if n.name not in caches:
             types[n.name], live[n.name] = n.type, [0, 0]
     for k, (grp, _, _) in enumerate(steps):
-        for o in grp.outputs.values():
-            types[o.name], live[o.name] = o.type, [k, k]
+        for o in grp.outputs.values():       # a group split in steps (split.py) writes from its first
+            types[o.name] = o.type
+            live.setdefault(o.name, [k, k])[1] = k
     for k, (_, _, args) in enumerate(steps):
         for a in args:
             if a.kind is ArgKind.BUF:
