@@ -1,15 +1,16 @@
 """Offloaded weights (FlexGen's workload) on this machine: throughput under memory budgets.
 
-    python benchmarks/offload_bench.py ART.ffc [--budgets 1.0 0.5 0.25] [--prompt 512] [--output 32] [--waves 1]
+    python benchmarks/offload_bench.py ART.ffc [--budgets 1.0 0.5 0.25] [--prompt 512] [--output 32] [--waves 4]
 
 For each budget (a fraction of the artifact's weights, in the kernels' layout) the policy search
-chooses what stays in RAM and the batch; a fresh process per run loads the artifact under it,
-generates ``--output`` tokens for ``--waves`` batches of ``--prompt``-token prompts (the
-policy's batch each, all submitted at once: with more than one, the engine's in-flight batching
-starts a prompt's prefill as soon as a sequence ends, so prefill steps, which are compute-bound,
-and decode steps, which wait for the disk, mix; EOS ignored) and reports tokens generated per second over the whole batch (prefill included,
-as FlexGen counts), the policy's prediction beside it, the bytes read from disk and the peak
-RSS (VmHWM) next to the RSS the process had before loading (interpreter, torch, tokenizer
+chooses what stays in RAM, the batch and the tokens per engine step; a fresh process per run
+loads the artifact under it and generates ``--output`` tokens for each of ``--waves`` batches of
+``--prompt``-token prompts, all submitted at once (FlexGen's block of batches: the engine's
+in-flight batching runs a prompt's prefill in the steps that decode the others, so the
+compute-bound prefill hides the reads that decode steps wait for; EOS ignored). It reports
+tokens generated per second over the whole run (prefill included, as FlexGen counts), the
+policy's prediction for that many prompts beside it, the bytes read from disk and the peak RSS
+(VmHWM) next to the RSS the process had before loading (interpreter, torch, tokenizer
 libraries: the runtime's own memory, which no budget covers). With and without overlap
 (``--no-overlap``: each streamed unit read when needed). The first row is the artifact loaded
 with no budget at the batch the 100% policy chose. Every run reads the disk for real: the store
@@ -39,10 +40,13 @@ def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch:
     import ffc
     from ffc.runtime.llm import LLM  # noqa: F401
     base = _status("VmRSS")
-    kwargs = {} if budget == "none" else {"memory_budget": int(budget), "overlap": overlap}
+    from ffc.offload_policy import schedule
+    # under a budget the policy sets the batch and the tokens per step; all in RAM: the largest step
+    kwargs = ({"max_tokens_per_batch": max(prompt, 256)} if budget == "none" else
+              {"memory_budget": int(budget), "overlap": overlap, "workload": f"prompt={prompt},output={output}"})
     if batch:
         kwargs["max_requests_per_batch"] = batch
-    llm = ffc.load(art, max_tokens_per_batch=max(prompt, 256), **kwargs)
+    llm = ffc.load(art, **kwargs)
     stream = getattr(llm.compiled, "offload", None)
     b = batch or (stream.policy.batch if stream else 1)
     g = torch.Generator().manual_seed(0)
@@ -54,8 +58,12 @@ def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch:
     dt = time.perf_counter() - t0
     after = stream.stats() if stream else {"bytes": 0, "direct": False}
     summary = stream.policy.summary if stream else {}
+    predicted = None
+    if summary:     # the policy's step times over this many prompts (it is priced for a block of batches)
+        heavy, light = schedule(b, prompt, output, summary["step_tokens"], len(prompts))
+        predicted = len(prompts) * output / (heavy * summary["heavy_s"] + light * summary["light_s"])
     return {"batch": b, "tokens_per_s": sum(len(t) for t in out.token_ids) / dt, "seconds": dt,
-            "predicted": summary.get("predicted_tokens_per_s"), "read_mb": (after["bytes"] - before["bytes"]) / 1e6,
+            "predicted": predicted, "step_tokens": summary.get("step_tokens"), "read_mb": (after["bytes"] - before["bytes"]) / 1e6,
             "direct": after.get("direct"), "peak_rss": _status("VmHWM"), "base_rss": base,
             "resident_mb": summary.get("weights_ram", 0) / 2**20, "slots_mb": summary.get("slots", 0) / 2**20,
             "kv_mb": summary.get("kv", 0) / 2**20, "chosen": summary.get("chosen", "")}
@@ -86,7 +94,7 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--output", type=int, default=32)
-    ap.add_argument("--waves", type=int, default=1, help="batches of prompts per run, submitted at once")
+    ap.add_argument("--waves", type=int, default=4, help="batches of prompts per run, submitted at once")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
@@ -109,11 +117,11 @@ def main() -> None:
             if frac >= 1.0:
                 ref = run(a.artifact, "none", True, a.prompt, a.output, a.waves, r["batch"])
                 rows.insert(0, ("no budget (all in RAM)", ref))
-    print(f"{'run':<24} {'batch':>5} {'tok/s':>8} {'predicted':>9} {'pred/meas':>9} {'read MB':>9} "
+    print(f"{'run':<24} {'batch':>5} {'step':>5} {'tok/s':>8} {'predicted':>9} {'pred/meas':>9} {'read MB':>9} "
           f"{'RAM MiB: resident+slots+KV':>27} {'peak RSS':>9} {'base RSS':>9}")
     for name, r in rows:
         pred = r["predicted"]
-        print(f"{name:<24} {r['batch']:>5} {r['tokens_per_s']:>8.2f} {pred or 0:>9.2f} "
+        print(f"{name:<24} {r['batch']:>5} {r.get('step_tokens') or 512:>5} {r['tokens_per_s']:>8.2f} {pred or 0:>9.2f} "
               f"{(pred / r['tokens_per_s']) if pred else 0:>9.2f} {r['read_mb']:>9.0f} "
               f"{r['resident_mb']:>11.1f}+{r['slots_mb']:.1f}+{r['kv_mb']:.1f}{'':>4} {r['peak_rss'] / mib:>9.0f} "
               f"{r['base_rss'] / mib:>9.0f}")

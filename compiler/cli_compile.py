@@ -16,7 +16,8 @@ from .artifact import REBUILT, Artifact, read_manifest, refresh_manifest
 from .calibrate import calibrate, profile_for, save
 from .codegen import render_sources
 from .errors import FfcError
-from .offload_policy import disk_bandwidth, plan_offload
+from .disk import disk_bandwidth
+from .offload_policy import plan_offload
 from .parallel import dry_run
 from .progress import Reporter
 from .util import parse_memory

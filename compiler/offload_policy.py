@@ -2,15 +2,18 @@
 
 Two tiers on a machine without a GPU: RAM and disk. A *unit* (runtime/offload.py: a layer's
 weights, or one weight outside the layers) is resident or streamed; the KV cache of the batch
-and the slot buffers streamed units are read into take RAM too. For each batch size b and slot
-configuration (two slots of the largest streamed unit's size, read ahead; or one, when memory
-is that tight, nothing overlapped) the LP (scipy's HiGHS) chooses the resident fraction w of the
-weights minimising the predicted time of the workload (the prompts' prefill in n steps of the
-engine's max_tokens_per_batch, each reading the streamed weights, then ``output`` decode steps):
+and the slot buffers streamed units are read into take RAM too. An option is priced for a block
+of BLOCK batches of prompts run by the engine's in-flight batching (``schedule``): with at most
+b sequences running and s tokens a step, the prompts' prefill rides in H *heavy* steps (prompt
+chunks beside the running decodes: compute-bound) and the rest are L *light* steps (decodes
+only: bound by reading the streamed weights), every step reading them once. For each batch b,
+step size s and slot configuration (two slots of the largest streamed unit's size, read ahead;
+or one, when memory is that tight, nothing overlapped) the LP (scipy's HiGHS) chooses the
+resident fraction w of the weights minimising the predicted time:
 
-    minimise  Tp + output Td
-    s.t.      Tp >= Cp(b),  Td >= Cd(b)                     compute, all weights in RAM
-              Tp >= n (1 - w) W / D,  Td >= (1 - w) W / D   the disk reads (overlapped: max)
+    minimise  H Th + L Tl
+    s.t.      Th >= Ch(s),  Tl >= Cl(b)                     compute, all weights in RAM
+              Th >= (1 - w) W / D,  Tl >= (1 - w) W / D     the disk reads (overlapped: max)
               w W + slots + KV(b) <= budget,  0 <= w <= 1
 
 (without overlap the reads add to the compute instead). Units too large for the slot size,
@@ -24,13 +27,8 @@ whichever is longer); D is this disk's read bandwidth with the page cache bypass
 """
 from __future__ import annotations
 
-import json
 import math
-import mmap
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 from scipy.optimize import linprog
@@ -48,12 +46,14 @@ from ffc.runtime.llm import read_verified_module
 from ffc.runtime.offload import ALIGN, OffloadPolicy, format_policy, open_store, pinned_units
 
 from .calibrate import profile_for
+from .disk import disk_bandwidth
 from .lower.split import chunk_rows, largest_layer, param_bytes
 from .lower.targets import PANEL_ROWS, QPANEL_ROWS
 
 
 SMALL = 64 << 10      # units below this stay in RAM (a norm's weight: not worth a slot and a read)
 FLEXGEN = Workload(prompt_tokens=512, output_tokens=32)   # the workload a policy is priced for by default
+BLOCK = 4             # batches of prompts an option is priced over (FlexGen's block; the throughput mode's many)
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class Costs:
     disk_bandwidth: float       # bytes/s, page cache bypassed
     kernel_overhead: float = 0.0
     steps: int = 0              # kernels per step (their overhead)
-    prefill_tokens: int = 0     # tokens per prefill step (the engine's max_tokens_per_batch; 0: one step)
+    prefill_tokens: int = 0     # most tokens per step (the engine's max_tokens_per_batch; 0: a prompt a step)
+    fixed_step: bool = False    # the step size is the user's: price that one only (else fewer are tried too)
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,21 @@ class Option:
     weights_ram: int            # bytes of resident units
     ring: int                   # bytes of the slots
     kv: int
-    prefill_s: float
-    decode_s: float
+    step_tokens: int            # tokens per engine step (prompt chunks beside the batch's decodes)
+    heavy: int                  # steps carrying prompt chunks, and their seconds each
+    heavy_s: float
+    light: int                  # steps of decodes only, and their seconds each
+    light_s: float
+    sequences: int              # prompts priced (a block of batches)
     tokens_per_s: float
     slots: int = 2
 
     def describe(self, budget: int) -> str:
         mib = 1 << 20
-        return (f"{self.name:<28} batch {self.batch:>3}  weights in RAM {self.weights_ram / mib:7.1f} MiB + slots "
-                f"{self.ring / mib:6.1f} + KV {self.kv / mib:6.1f} of {budget / mib:.1f} MiB  prefill "
-                f"{self.prefill_s * 1e3:8.1f} ms  decode step {self.decode_s * 1e3:7.2f} ms  "
-                f"{self.tokens_per_s:8.1f} tok/s")
+        return (f"{self.name:<28} batch {self.batch:>3} x {self.step_tokens:>3} tokens/step  weights in RAM "
+                f"{self.weights_ram / mib:7.1f} MiB + slots {self.ring / mib:6.1f} + KV {self.kv / mib:6.1f} of "
+                f"{budget / mib:.1f} MiB  {self.heavy} steps of {self.heavy_s * 1e3:.1f} ms + {self.light} of "
+                f"{self.light_s * 1e3:.1f} ms per {self.sequences} prompts  {self.tokens_per_s:8.1f} tok/s")
 
 
 def _phase(units, resident, compute_per_byte: float, disk_bw: float, overlap: bool, fixed: float) -> float:
@@ -108,40 +113,58 @@ def _compute(w_bytes: int, flops_per_token: float, tokens: int, costs: Costs) ->
         costs.kernel_overhead
 
 
-def price(units, resident, batch: int, prompt: int, output: int, flops_per_token: float, costs: Costs,
+def price(units, resident, batch: int, step_tokens: int, flops_per_token: float, costs: Costs,
           overlap: bool) -> tuple[float, float]:
-    """Predicted (prefill seconds of the batch, seconds of one decode step). The prefill runs in
-    steps of ``costs.prefill_tokens``, each reading every streamed unit again."""
+    """Predicted seconds of a heavy step (``step_tokens`` tokens: prompt chunks beside the batch's
+    decodes) and of a light one (the batch's decodes), each reading every streamed unit."""
     w = sum(b for _, b in units) or 1
-    n, per = _prefill_steps(batch * prompt, costs)
-    pre = _compute(w, flops_per_token, per, costs)
-    dec = _compute(w, flops_per_token, batch, costs)
-    return (n * _phase(units, resident, pre / w, costs.disk_bandwidth, overlap, 0.0),
-            _phase(units, resident, dec / w, costs.disk_bandwidth, overlap, 0.0))
+    heavy = _compute(w, flops_per_token, step_tokens, costs)
+    light = _compute(w, flops_per_token, batch, costs)
+    return (_phase(units, resident, heavy / w, costs.disk_bandwidth, overlap, 0.0),
+            _phase(units, resident, light / w, costs.disk_bandwidth, overlap, 0.0))
 
 
-def _prefill_steps(tokens: int, costs: Costs) -> tuple[int, int]:
-    """How many prefill steps a batch's prompts take, and the tokens of each."""
-    step = costs.prefill_tokens or tokens
-    n = -(-tokens // step)
-    return n, -(-tokens // n)
+def schedule(batch: int, prompt: int, output: int, step_tokens: int, sequences: int) -> tuple[int, int]:
+    """(heavy, light) steps the engine's in-flight batching takes for ``sequences`` prompts, at
+    most ``batch`` running, ``step_tokens`` tokens a step. The running sequences' decodes go
+    first; the rest of a step's tokens go to the next prompt, so a prompt's prefill shares its
+    steps with the others' decodes (a heavy step: compute-bound, which hides the reads a step
+    of decodes alone waits for). A sequence holds its place for its prompt's p steps and its
+    output's; the places start p steps apart (one prompt's prefill at a time), and the last
+    sequences decode alone after the prompts are done."""
+    per = max(step_tokens - batch, 1)
+    heavy = -(-sequences * prompt // per)
+    p = prompt / per
+    total = max(heavy + output, math.ceil((min(batch, sequences) - 1) * p + -(-sequences // batch) * (output + p)))
+    return heavy, total - heavy
 
 
-def _lp(w: int, cap: int, cp: float, cd: float, output: int, disk_bw: float, overlap: bool,
-        n_pre: int = 1) -> Optional[float]:
-    """The resident fraction of the weights the LP chooses (None: infeasible); ``n_pre`` prefill
-    steps, each reading the streamed weights."""
+def step_choices(costs: Costs, batch: int) -> list[int]:
+    """Tokens per engine step to try at ``batch``: the most the engine takes, and fewer (a heavy
+    step whose compute matches the reads of the streamed weights wastes neither), at least twice
+    the batch (a step is mostly prompt)."""
+    most = costs.prefill_tokens or 512
+    if costs.fixed_step:
+        return [most]
+    return [t for t in sorted({128, 192, 256, 384, most}) if 2 * batch <= t <= most] or [most]
+
+
+def _lp(w: int, cap: int, ch: float, cl: float, heavy: int, light: int, disk_bw: float,
+        overlap: bool) -> Optional[float]:
+    """The resident fraction x of the streamable weights (``w`` bytes) the LP chooses (None:
+    infeasible): minimise heavy Th + light Tl, each step at least its compute (``ch``, ``cl``)
+    and the read of the streamed bytes (1 - x) w, or their sum without overlap; x w <= cap."""
     if cap < 0:
         return None
     io = w / disk_bw
-    # x = [w_ram, Tp, Td]
-    c = [0.0, 1.0, float(output)]
+    # x = [x, Th, Tl]
+    c = [0.0, float(heavy), float(light)]
     if overlap:
-        a = [[0, -1, 0], [0, 0, -1], [-n_pre * io, -1, 0], [-io, 0, -1]]
-        b = [-cp, -cd, -n_pre * io, -io]
+        a = [[0, -1, 0], [0, 0, -1], [-io, -1, 0], [-io, 0, -1]]
+        b = [-ch, -cl, -io, -io]
     else:
-        a = [[-n_pre * io, -1, 0], [-io, 0, -1]]
-        b = [-(cp + n_pre * io), -(cd + io)]
+        a = [[-io, -1, 0], [-io, 0, -1]]
+        b = [-(ch + io), -(cl + io)]
     a.append([w, 0, 0])
     b.append(cap)
     res = linprog(c, A_ub=a, b_ub=b, bounds=[(0, 1), (0, None), (0, None)], method="highs")
@@ -170,7 +193,8 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
            pinned: frozenset = frozenset()) -> tuple[Option, list[Option]]:
     """The best option under ``budget`` bytes (weights, slots, KV) and the alternatives shown
     beside it: all in RAM (when it fits) and the same batch without overlap. ``kv_bytes(b)``: the
-    KV pool a batch of b sequences needs; ``pinned``: units that must stay resident."""
+    KV pool a batch of b sequences needs; ``pinned``: units that must stay resident. Each option
+    is priced for a block of BLOCK batches of prompts (``schedule``)."""
     w = sum(b for _, b in units)
     names = frozenset(n for n, _ in units)
     # the slots hold the largest streamed units: try streaming only units up to each size
@@ -178,6 +202,7 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
     options = []
     least = kv_bytes(1) + min(limit + sum(s for n, s in units if s > limit or s < SMALL or n in pinned)
                               for limit in sizes)
+    shape = (prompt, output, flops_per_token, costs)
     b = 1
     while b <= max_batch:
         kv = kv_bytes(b)
@@ -187,23 +212,21 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
             # too large to stream at this slot size, or too small to be worth a read
             forced = frozenset(n for n, s in units if s > limit or s < SMALL or n in pinned)
             fixed_bytes = sum(s for n, s in units if n in forced)
-            ring = slots * limit
-            cap = budget - ring - kv - fixed_bytes
+            cap = budget - slots * limit - kv - fixed_bytes
             rest = [(n, s) for n, s in units if n not in forced]
             wr = sum(s for _, s in rest)
-            n_pre, per = _prefill_steps(b * prompt, costs)
-            cp = n_pre * _compute(w, flops_per_token, per, costs) * wr / max(w, 1)
-            cd = _compute(w, flops_per_token, b, costs) * wr / max(w, 1)
             ahead = overlap and slots == 2
-            frac = _lp(wr, cap, cp, cd, output, costs.disk_bandwidth, ahead, n_pre) if wr else 1.0
-            if frac is None:
-                continue
-            resident = forced | _round(rest, frac, wr)
-            options.append(_option("policy", units, resident, b, ahead, kv, prompt, output, flops_per_token,
-                                   costs, slots))
+            for step in step_choices(costs, b):
+                heavy, light = schedule(b, prompt, output, step, BLOCK * b)
+                share = wr / max(w, 1)
+                frac = (_lp(wr, cap, _compute(w, flops_per_token, step, costs) * share,
+                            _compute(w, flops_per_token, b, costs) * share, heavy, light, costs.disk_bandwidth, ahead)
+                        if wr else 1.0)
+                if frac is not None:
+                    options.append(_option("policy", units, forced | _round(rest, frac, wr), b, ahead, kv, step,
+                                           slots, shape))
         if kv + w <= budget:
-            options.append(_option("all in RAM", units, names, b, overlap, kv, prompt, output, flops_per_token,
-                                   costs, 2))
+            options.append(_option("all in RAM", units, names, b, overlap, kv, step_choices(costs, b)[-1], 2, shape))
         b *= 2
     fits = [o for o in options if o.weights_ram + o.ring + o.kv <= budget]
     if not fits:
@@ -214,85 +237,29 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
     best = max(fits, key=lambda o: o.tokens_per_s)
     alts = [max((o for o in fits if o.name == "all in RAM"), key=lambda o: o.tokens_per_s, default=None)]
     if best.resident != names and best.overlap:
-        alts.append(_option("streamed, no overlap", units, best.resident, best.batch, False, best.kv, prompt, output,
-                            flops_per_token, costs, best.slots))
+        alts.append(_option("streamed, no overlap", units, best.resident, best.batch, False, best.kv,
+                            best.step_tokens, best.slots, shape))
     return best, [a for a in alts if a is not None and a != best]
 
 
-def _option(name, units, resident, batch, overlap, kv, prompt, output, flops_per_token, costs, slots) -> Option:
-    pre, dec = price(units, resident, batch, prompt, output, flops_per_token, costs, overlap)
+def _option(name, units, resident, batch, overlap, kv, step, slots, shape) -> Option:
+    prompt, output, flops_per_token, costs = shape
+    heavy_s, light_s = price(units, resident, batch, step, flops_per_token, costs, overlap)
+    heavy, light = schedule(batch, prompt, output, step, BLOCK * batch)
     if resident == frozenset(n for n, _ in units) and name == "policy":
         name = "all in RAM"
     elif name == "policy" and slots == 1:
         name = "policy (one slot)"
     return Option(name, resident, batch, overlap, sum(b for n, b in units if n in resident),
-                  _ring(units, resident, slots), kv, pre, dec, batch * output / (pre + output * dec), slots)
+                  _ring(units, resident, slots), kv, step, heavy, heavy_s, light, light_s, BLOCK * batch,
+                  BLOCK * batch * output / (heavy * heavy_s + light * light_s), slots)
 
 
 def to_policy(o: Option, budget: int, alternatives: list[Option]) -> OffloadPolicy:
     return OffloadPolicy(o.resident, o.overlap, o.batch, o.slots, {
         "budget": budget, "chosen": o.describe(budget), "alternatives": [a.describe(budget) for a in alternatives],
-        "predicted_tokens_per_s": o.tokens_per_s, "prefill_s": o.prefill_s, "decode_s": o.decode_s,
-        "weights_ram": o.weights_ram, "slots": o.ring, "kv": o.kv})
-
-
-# ------------------------------------------------------------------------------ the disk
-
-def _disk_profile() -> Path:
-    return knobs.cache_dir() / "profiles" / "disk.json"
-
-
-def disk_bandwidth(near: Path, size: int = 256 << 20, remeasure: bool = False) -> float:
-    """Bytes/s of reading a file on the file system of ``near`` with the page cache bypassed
-    (O_DIRECT, 4 MiB reads; where that is refused, the pages are dropped before reading), the
-    median of three passes over ``size`` bytes; measured once per file system and kept."""
-    near = Path(near)
-    dev = str(os.stat(near if near.exists() else near.parent).st_dev)
-    prof = _disk_profile()
-    try:
-        known = json.loads(prof.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not remeasure and isinstance(known.get(dev), (int, float)) and known[dev] > 0:
-        return float(known[dev])
-    folder = near if near.is_dir() else near.parent
-    probe = folder / f".ffc-disk-probe-{os.getpid()}"
-    block = 4 << 20
-    buf = mmap.mmap(-1, block)       # page-aligned, as O_DIRECT needs
-    try:
-        with open(probe, "wb") as f:
-            for _ in range(size // block):
-                f.write(os.urandom(1 << 16) * (block >> 16))
-            f.flush()
-            os.fsync(f.fileno())
-        rates = []
-        for _ in range(3):
-            try:
-                fd = os.open(probe, os.O_RDONLY | os.O_DIRECT)
-            except OSError:
-                fd = os.open(probe, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                t0 = time.perf_counter()
-                got = 0
-                while got < size:
-                    n = os.preadv(fd, [buf], got)
-                    if n <= 0:
-                        break
-                    got += n
-                rates.append(got / (time.perf_counter() - t0))
-            finally:
-                os.close(fd)
-    finally:
-        buf.close()
-        probe.unlink(missing_ok=True)
-    rate = sorted(rates)[1]
-    known[dev] = rate
-    prof.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prof.with_name(f".disk.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(known))
-    tmp.replace(prof)
-    return rate
+        "predicted_tokens_per_s": o.tokens_per_s, "step_tokens": o.step_tokens, "heavy_s": o.heavy_s,
+        "light_s": o.light_s, "weights_ram": o.weights_ram, "slots": o.ring, "kv": o.kv})
 
 
 def kv_bytes_per_position(cache_type) -> int:
@@ -313,14 +280,15 @@ def _kv_pool(per_position: int, block: int, seq: int, max_seq_len: int):
 
 
 def streaming_prefill_tokens(limit: int) -> int:
-    """Tokens per prefill step of an engine streaming weights (each step reads them again: fewer,
-    longer steps), within the plan's ``limit``: the engine's default under a budget."""
+    """The most tokens per step of an engine streaming weights (each step reads them again),
+    within the plan's ``limit``; the policy may choose fewer (``step_choices``)."""
     return max(256, min(512, limit))
 
 
-def _costs(profile, disk_bw: float, steps: int, prefill_tokens: int) -> Costs:
+def _costs(profile, disk_bw: float, steps: int, prefill_tokens: int, fixed_step: bool = False) -> Costs:
     return Costs(memory_bandwidth=profile.memory_bandwidth, flops=profile.flops("fp32"), disk_bandwidth=disk_bw,
-                 kernel_overhead=profile.kernel_overhead, steps=steps, prefill_tokens=prefill_tokens)
+                 kernel_overhead=profile.kernel_overhead, steps=steps, prefill_tokens=prefill_tokens,
+                 fixed_step=fixed_step)
 
 
 class OffloadPlan(NamedTuple):
@@ -332,9 +300,11 @@ class OffloadPlan(NamedTuple):
 
 
 def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int = 32, overlap: bool = True,
-                 disk_bw: Optional[float] = None, prefill_tokens: int = 256, log=lambda s: None) -> OffloadPlan:
+                 disk_bw: Optional[float] = None, prefill_tokens: int = 512, fixed_step: bool = False,
+                 log=lambda s: None) -> OffloadPlan:
     """The policy for a one-rank CPU artifact under ``budget`` bytes (weights, slots and the KV
-    cache of the batch; the runtime's own memory is not in it), and what it was chosen from."""
+    cache of the batch; the runtime's own memory is not in it), and what it was chosen from;
+    ``prefill_tokens``: the most tokens per engine step (exactly that many if ``fixed_step``)."""
     plan = art.plan
     module = read_verified_module(art)
     path, units = open_store(art, plan, module)
@@ -347,7 +317,7 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
             info = plan.params[p.param if p else t]
             params += (sum(n for _, n in p.rows) * math.prod(info.shape[1:]) if p else math.prod(info.shape))
     costs = _costs(prof, disk_bw or disk_bandwidth(path.parent), len(plan.graphs["decode"].steps),
-                   min(prefill_tokens, limits(plan.graphs)["prefill"][0]))
+                   min(prefill_tokens, limits(plan.graphs)["prefill"][0]), fixed_step)
     seq = min(prompt + output, art.max_seq_len or prompt + output)
     kv_bytes = _kv_pool(kv_bytes_per_position(cache_type), int(cache_type.shape[4]), seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
@@ -359,18 +329,20 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
 
 
 def load_policy(path, memory_budget, overlap: bool, load_options: dict, workload=None) -> OffloadPolicy:
-    """The policy ``ffc.load(path, memory_budget=...)`` runs with; the engine's KV pool and
-    batch in ``load_options`` default to the policy's."""
+    """The policy ``ffc.load(path, memory_budget=...)`` runs with; the engine's KV pool, batch
+    and tokens per step in ``load_options`` default to the policy's."""
     budget = parse_memory(memory_budget, what="memory_budget")
     w = (Workload.parse(workload, prompt_tokens=512, output_tokens=32) if isinstance(workload, str)
          else workload or FLEXGEN)
     if not isinstance(w, Workload):
         raise InvalidRequestError(f"workload must be a Workload or 'prompt=N,output=M'; got {workload!r}")
     art = Artifact.open(path, check_hashes=load_options.get("check_hashes", True))
-    if load_options.get("max_tokens_per_batch") is None:   # each prefill step reads the streamed weights: fewer, longer
-        load_options["max_tokens_per_batch"] = streaming_prefill_tokens(limits(art.plan.graphs)["prefill"][0])
+    given = load_options.get("max_tokens_per_batch")
     policy = plan_offload(art, budget, prompt=w.prompt_tokens, output=w.output_tokens, overlap=overlap,
-                          prefill_tokens=load_options["max_tokens_per_batch"]).policy
+                          prefill_tokens=given or streaming_prefill_tokens(limits(art.plan.graphs)["prefill"][0]),
+                          fixed_step=given is not None).policy
+    if given is None:        # the step size the policy was priced at (each step reads the streamed weights)
+        load_options["max_tokens_per_batch"] = policy.summary["step_tokens"]
     if load_options.get("kv_cache_memory") is None:
         load_options["kv_cache_memory"] = max(policy.summary["kv"], 1 << 20)
     if load_options.get("max_requests_per_batch") is None:
@@ -451,9 +423,9 @@ def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_posi
     store.mkdir(parents=True, exist_ok=True)
     # kernels per step: every op but the views, before fusion (at most that many); prefill steps
     # as a load under a budget sets them (load_policy)
+    msl = workload.max_seq_len
     costs = _costs(profile, disk_bandwidth(store), sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
                    min(streaming_prefill_tokens(prefill_tokens), prefill_tokens))
-    msl = workload.max_seq_len
     seq = min(workload.prompt_tokens + workload.output_tokens, msl)
     best, alts = search(units, budget, kv_bytes=_kv_pool(kv_per_position, kv_block, seq, msl), max_batch=max_batch,
                         pinned=pinned, prompt=min(workload.prompt_tokens, seq), output=workload.output_tokens,

@@ -112,7 +112,7 @@ def dry_run(model: str, *, tp="1", pp="1", devices: Optional[int] = None, profil
         kv = (one.predicted.kv_bytes / w.batch if one is not None else
               search(module, 1, 1, profile.per_rank(1), pw, None).predicted.kv_bytes)
         lines += ["", dry_run_policy(module, memory_budget, pw, profile, round(kv / msl),
-                                     max_batch=max_batch, prefill_tokens=min(prefill_tokens, msl),
+                                     max_batch=max_batch, prefill_tokens=prefill_tokens,
                                      kv_block=kv_block_size)]
     return "\n".join(lines)
 
