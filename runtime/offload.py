@@ -52,6 +52,7 @@ TENSOR_ALIGN = 64
 CHUNK_ROWS = 4096       # rows of a weight packed at a time while building the store
 TABLE = "table "        # a packed gather table in the store: mapped, not placed
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "I64": torch.int64}
+_STORED = {str(t).removeprefix("torch."): t for t in [*_TORCH.values(), torch.int8, torch.int32]}   # a store's dtypes
 
 
 def _up(n: int, a: int) -> int:
@@ -250,8 +251,26 @@ def _read_store(root: Path, units: list[Unit]) -> Optional[list[Unit]]:
         size = (root / "weights.bin").stat().st_size
     except (OSError, ValueError, KeyError, TypeError):
         return None    # absent, or not whole (a truncated file, an edited index): built again
-    ok = [u.name for u in placed] == [u.name for u in units] and size == sum(u.bytes for u in placed)
+    ok = ([u.name for u in placed] == [u.name for u in units] and size == sum(u.bytes for u in placed)
+          and all(_laid_out(u, size) for u in placed))
     return placed if ok else None
+
+
+def _laid_out(u: Unit, size: int) -> bool:
+    """Whether a unit's index entry describes tensors inside it (the index is read back from disk:
+    an edited one must not make a view past the file or name something other than a dtype)."""
+    try:
+        if not (isinstance(u.offset, int) and isinstance(u.bytes, int) and 0 <= u.offset <= u.offset + u.bytes <= size
+                and isinstance(u.layout, dict)):
+            return False
+        for off, dtype, shape in u.layout.values():
+            n = math.prod(shape) * _STORED[dtype].itemsize
+            if not (isinstance(off, int) and all(isinstance(d, int) and d >= 0 for d in shape)
+                    and 0 <= off <= off + n <= u.bytes):
+                return False
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
@@ -308,7 +327,7 @@ def map_store_tables(path: Path, tables: list[Unit]) -> tuple[dict[str, torch.Te
     out = {}
     for u in tables:
         for name, (off, dtype, shape) in u.layout.items():
-            t = getattr(torch, dtype)
+            t = _STORED[dtype]
             out[name] = _read_only(mm, u.offset + off, math.prod(shape) * t.itemsize, t, shape)
     return out, mm
 
@@ -394,7 +413,7 @@ class WeightStream:
 
     def _views(self, u: Unit, buf: torch.Tensor, lead: int) -> None:
         for name, (off, dtype, shape) in u.layout.items():
-            t = getattr(torch, dtype)
+            t = _STORED[dtype]
             n = int(torch.Size(shape).numel()) * t.itemsize
             self.tensors[name] = buf[lead + off:lead + off + n].view(t).view(shape)
 

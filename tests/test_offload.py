@@ -66,6 +66,14 @@ def test_a_damaged_store_is_built_again_and_a_damaged_weights_file_is_refused_at
         f.truncate(units[-1].offset)
     path2, units2 = _units(tiny_art)
     assert path2.stat().st_size == sum(u.bytes for u in units2) == sum(u.bytes for u in units)
+    index = path2.parent / "index.json"
+    for damage in ("dtype", "offset"):      # an edited index: a view of something else, or past the unit
+        meta = json.loads(index.read_text())
+        entry = next(iter(meta["units"][1]["layout"].values()))
+        entry[1 if damage == "dtype" else 0] = "load" if damage == "dtype" else meta["units"][1]["bytes"]
+        index.write_text(json.dumps(meta))
+        _, units3 = _units(tiny_art)
+        assert [u.layout for u in units3] == [u.layout for u in units2], damage      # built again
     art = Path(shutil.copytree(tiny_art, tmp_path / "copy.ffc"))
     weights = art / "weights" / "rank0.safetensors"
     data = weights.read_bytes()
