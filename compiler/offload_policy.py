@@ -364,7 +364,7 @@ def explain_policy(path, budget) -> str:
              f"(largest {max(u.bytes for u in units) / mib:.1f} MiB); gather tables mapped from the weights file",
              f"priced with: memory {costs.memory_bandwidth / 1e9:.1f} GB/s, {costs.flops / 1e9:.0f} GFLOP/s, "
              f"disk {costs.disk_bandwidth / 1e9:.2f} GB/s (page cache bypassed); workload: prompt 512, output 32 "
-             "per sequence",
+             f"per sequence, {BLOCK} batches of prompts in flight",
              format_policy(policy.summary),
              f"streamed ({len(streamed)}, {sum(u.bytes for u in streamed) / mib:.1f} MiB read per step): "
              + (", ".join(u.name for u in streamed) or "none"),
