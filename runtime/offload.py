@@ -275,14 +275,20 @@ def _laid_out(u: Unit, size: int) -> bool:
 
 def open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
     """The artifact's store (built on first use under a lock, published by a rename) and its units."""
-    path, placed = _open_store(art, plan, module)
-    return path, [u for u in placed if not u.name.startswith(TABLE)]
+    path, units, _, _ = _open_store(art, plan, module)
+    return path, units
 
 
-def _open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit]]:
-    """The store and everything in it: the units, then the packed gather tables (named TABLE + name)."""
+def _open_store(art: Artifact, plan: Plan, module) -> tuple[Path, list[Unit], list[Unit], list[str]]:
+    """The store, its units, its packed gather tables (stored after the units as TABLE + name),
+    and the gather tables mapped from the weights file instead."""
     units, gather = plan_units(plan, module)
-    units += [Unit(TABLE + name, (name,)) for name in gather if name in plan.packed]
+    path, placed = _store(art, plan, units + [Unit(TABLE + name, (name,)) for name in gather if name in plan.packed])
+    tables = [u for u in placed if u.name.startswith(TABLE)]
+    return path, [u for u in placed if u not in tables], tables, [n for n in gather if n not in plan.packed]
+
+
+def _store(art: Artifact, plan: Plan, units: list[Unit]) -> tuple[Path, list[Unit]]:
     root = knobs.cache_dir() / "offload" / _store_key(art)
     placed = _read_store(root, units)
     if placed is not None:
@@ -365,12 +371,10 @@ class WeightStream:
         if art.tp * art.pp != 1 or plan.target.value != "cpu":
             raise InvalidRequestError("offloading weights (a memory budget) runs one-rank CPU artifacts; this one "
                                       f"is {plan.target.value} with tp={art.tp} pp={art.pp}")
-        self.path, placed = _open_store(art, plan, module)
-        self.units = [u for u in placed if not u.name.startswith(TABLE)]
-        _, gather = plan_units(plan, module)
-        self.tensors, self._map = map_tables(art, [n for n in gather if n not in plan.packed])
-        tables, self._table_map = map_store_tables(self.path, [u for u in placed if u.name.startswith(TABLE)])
-        self.tensors.update(tables)
+        self.path, self.units, tables, mapped = _open_store(art, plan, module)
+        self.tensors, self._map = map_tables(art, mapped)
+        views, self._table_map = map_store_tables(self.path, tables)
+        self.tensors.update(views)
         unknown = set(policy.resident) - {u.name for u in self.units}
         if unknown:
             raise InvalidRequestError(f"the offload policy names units the plan has not: {sorted(unknown)[:3]}")
