@@ -12,7 +12,9 @@ tokens generated per second over the whole run (prefill included, as FlexGen cou
 policy's prediction for that many prompts beside it, the bytes read from disk and the peak RSS
 (VmHWM) next to the RSS the process had before loading (interpreter, torch, tokenizer
 libraries: the runtime's own memory, which no budget covers). With and without overlap
-(``--no-overlap``: each streamed unit read when needed). The first row is the artifact loaded
+(``--no-overlap``: each streamed unit read when needed). Where the policy puts the KV cache of
+its last layers on disk, the layers and the KV bytes read and written (within "read MB", which
+counts every read). The first row is the artifact loaded
 with no budget at the batch the 100% policy chose. Every run reads the disk for real: the store
 is opened O_DIRECT (page cache bypassed).
 """
@@ -66,7 +68,10 @@ def child(art: str, budget: str, overlap: bool, prompt: int, output: int, batch:
             "predicted": predicted, "step_tokens": summary.get("step_tokens"), "read_mb": (after["bytes"] - before["bytes"]) / 1e6,
             "direct": after.get("direct"), "peak_rss": _status("VmHWM"), "base_rss": base,
             "resident_mb": summary.get("weights_ram", 0) / 2**20, "slots_mb": summary.get("slots", 0) / 2**20,
-            "kv_mb": summary.get("kv", 0) / 2**20, "chosen": summary.get("chosen", "")}
+            "kv_mb": summary.get("kv", 0) / 2**20, "chosen": summary.get("chosen", ""),
+            "kv_disk": stream.policy.kv_disk if stream else 0,
+            "kv_read_mb": (after.get("kv_read", 0) - before.get("kv_read", 0)) / 1e6,
+            "kv_written_mb": (after.get("kv_written", 0) - before.get("kv_written", 0)) / 1e6}
 
 
 def run(art: str, budget: str, overlap: bool, prompt: int, output: int, waves: int, batch: int = 0) -> dict:
@@ -118,13 +123,14 @@ def main() -> None:
                 ref = run(a.artifact, "none", True, a.prompt, a.output, a.waves, r["batch"])
                 rows.insert(0, ("no budget (all in RAM)", ref))
     print(f"{'run':<24} {'batch':>5} {'step':>5} {'tok/s':>8} {'predicted':>9} {'pred/meas':>9} {'read MB':>9} "
-          f"{'RAM MiB: resident+slots+KV':>27} {'peak RSS':>9} {'base RSS':>9}")
+          f"{'RAM MiB: resident+slots+KV':>27} {'peak RSS':>9} {'base RSS':>9}  KV on disk: layers, MB read/written")
     for name, r in rows:
         pred = r["predicted"]
         print(f"{name:<24} {r['batch']:>5} {r.get('step_tokens') or 512:>5} {r['tokens_per_s']:>8.2f} {pred or 0:>9.2f} "
               f"{(pred / r['tokens_per_s']) if pred else 0:>9.2f} {r['read_mb']:>9.0f} "
               f"{r['resident_mb']:>11.1f}+{r['slots_mb']:.1f}+{r['kv_mb']:.1f}{'':>4} {r['peak_rss'] / mib:>9.0f} "
-              f"{r['base_rss'] / mib:>9.0f}")
+              f"{r['base_rss'] / mib:>9.0f}  " + (f"{r['kv_disk']}, {r['kv_read_mb']:.0f}/{r['kv_written_mb']:.0f}"
+                                                 if r.get("kv_disk") else "-"))
     ram = rows[0][1]["tokens_per_s"]
     by = dict(rows)
     for frac in a.budgets:

@@ -1,29 +1,38 @@
-"""Where an artifact's weights live under a memory budget: FlexGen's policy search on a CPU.
+"""Where an artifact's weights and KV cache live under a memory budget: FlexGen's policy search
+on a CPU.
 
 Two tiers on a machine without a GPU: RAM and disk. A *unit* (runtime/offload.py: a layer's
 weights, or one weight outside the layers) is resident or streamed; the KV cache of the batch
-and the slot buffers streamed units are read into take RAM too. An option is priced for a block
-of BLOCK batches of prompts run by the engine's in-flight batching (``schedule``): with at most
-b sequences running and s tokens a step, the prompts' prefill rides in H *heavy* steps (prompt
-chunks beside the running decodes: compute-bound) and the rest are L *light* steps (decodes
-only: bound by reading the streamed weights), every step reading them once. For each batch b,
-step size s and slot configuration (two slots of the largest streamed unit's size, read ahead;
-or one, when memory is that tight, nothing overlapped) the LP (scipy's HiGHS) chooses the
-resident fraction w of the weights minimising the predicted time:
+and the slot buffers streamed units are read into take RAM too, and the KV cache of the last
+layers may live on disk (runtime/kv_stream.py: read into two layer-sized slots and written
+back every step). An option is priced for a block of BLOCK batches of prompts run by the
+engine's in-flight batching (``schedule``): with at most b sequences running and s tokens a
+step, the prompts' prefill rides in H *heavy* steps (prompt chunks beside the running decodes:
+compute-bound) and the rest are L *light* steps (decodes only: bound by reading the streamed
+weights), every step reading them once. For each batch b, step size s and slot configuration
+(two slots of the largest streamed unit's size, read ahead; or one, when memory is that tight,
+nothing overlapped) the LP (scipy's HiGHS) chooses the resident fraction x of the weights and
+the fraction k of the KV cache on disk minimising the predicted time:
 
     minimise  H Th + L Tl
-    s.t.      Th >= Ch(s),  Tl >= Cl(b)                     compute, all weights in RAM
-              Th >= (1 - w) W / D,  Tl >= (1 - w) W / D     the disk reads (overlapped: max)
-              w W + slots + KV(b) <= budget,  0 <= w <= 1
+    s.t.      Th >= Ch(s),  Tl >= Cl(b)                                compute, all in RAM
+              Th >= ((1 - x) W + k Rh) / D,  Tl >= ((1 - x) W + k Rl) / D     the disk I/O (overlapped: max)
+              x W + slots + (1 - k) KV(b) + kv slots <= budget,  0 <= x, k <= 1
 
-(without overlap the reads add to the compute instead). Units too large for the slot size,
-too small to be worth a read, or read again after other units (a tied embedding) stay
-resident. The option with the highest predicted tokens/s wins; its w is rounded to whole units
-(the largest that fit first) and priced again per unit: a streamed unit costs the longer of its
-compute and its read (their sum without overlap), a resident one its compute. Compute is the
-roofline of the calibrated profile (weight bytes at the memory bandwidth, or FLOPs at the peak,
-whichever is longer); D is this disk's read bandwidth with the page cache bypassed
-(``disk_bandwidth``: measured once per file system, by ``ffc calibrate`` or on first use).
+(without overlap the I/O adds to the compute instead). Rh, Rl: the KV bytes a heavy and a light
+step read and write were all of it on disk (``_kv_io``); kv slots: two layers' share of KV(b),
+paid only when k > 0 (the LP is solved with k = 0 and with k free, the better kept). KV on
+disk pays where it lets a batch large enough to amortise the weights' reads fit: FlexGen's
+trade, which a long context (a sequence's KV as large as the weights it would amortise) loses.
+Units too large for the slot size, too small to be worth a read, or read again after other
+units (a tied embedding) stay resident. The option with the highest predicted tokens/s wins;
+k is rounded up to whole layers and x down to whole units (the largest that fit first), and the
+option priced again per unit: a streamed unit costs the longer of its compute and its read
+(their sum without overlap), a resident one its compute, a disk layer's KV I/O adds to its
+unit's. Compute is the roofline of the calibrated profile (weight bytes at the memory
+bandwidth, or FLOPs at the peak, whichever is longer); D is this disk's read bandwidth with the
+page cache bypassed (``disk_bandwidth``: measured once per file system, by ``ffc calibrate`` or
+on first use).
 """
 from __future__ import annotations
 
@@ -85,26 +94,26 @@ class Option:
     sequences: int              # prompts priced (a block of batches)
     tokens_per_s: float
     slots: int = 2
+    kv_disk: int = 0            # layers whose KV cache is on disk (the last ones), read and written each step
 
     def describe(self, budget: int) -> str:
         mib = 1 << 20
+        disk = f" ({self.kv_disk} layers' on disk)" if self.kv_disk else ""
         return (f"{self.name:<28} batch {self.batch:>3} x {self.step_tokens:>3} tokens/step  weights in RAM "
-                f"{self.weights_ram / mib:7.1f} MiB + slots {self.ring / mib:6.1f} + KV {self.kv / mib:6.1f} of "
+                f"{self.weights_ram / mib:7.1f} MiB + slots {self.ring / mib:6.1f} + KV {self.kv / mib:6.1f}{disk} of "
                 f"{budget / mib:.1f} MiB  {self.heavy} steps of {self.heavy_s * 1e3:.1f} ms + {self.light} of "
                 f"{self.light_s * 1e3:.1f} ms per {self.sequences} prompts  {self.tokens_per_s:8.1f} tok/s")
 
 
-def _phase(units, resident, compute_per_byte: float, disk_bw: float, overlap: bool, fixed: float) -> float:
-    """Seconds of one step: per unit its compute (a share of the step's by its bytes), streamed
-    ones overlapped with (or after) their read."""
-    t = fixed
+def _phase(units, resident, compute_per_byte: float, disk_bw: float, overlap: bool, extra: dict) -> float:
+    """Seconds of one step: per unit its compute (a share of the step's by its bytes), its disk
+    I/O (a streamed unit's read, and ``extra[name]`` bytes: its layer's KV cache read and
+    written where that is on disk) overlapped with (or after) the compute."""
+    t = 0.0
     for name, nbytes in units:
         c = nbytes * compute_per_byte
-        if name in resident:
-            t += c
-        else:
-            io = nbytes / disk_bw
-            t += max(c, io) if overlap else c + io
+        io = ((0 if name in resident else nbytes) + extra.get(name, 0)) / disk_bw
+        t += (max(c, io) if overlap else c + io) if io else c
     return t
 
 
@@ -114,14 +123,17 @@ def _compute(w_bytes: int, flops_per_token: float, tokens: int, costs: Costs) ->
 
 
 def price(units, resident, batch: int, step_tokens: int, flops_per_token: float, costs: Costs,
-          overlap: bool) -> tuple[float, float]:
+          overlap: bool, kv_io: tuple = (0, 0), kv_disk: int = 0, kv_layers: int = 0) -> tuple[float, float]:
     """Predicted seconds of a heavy step (``step_tokens`` tokens: prompt chunks beside the batch's
-    decodes) and of a light one (the batch's decodes), each reading every streamed unit."""
+    decodes) and of a light one (the batch's decodes), each reading every streamed unit and, for
+    the last ``kv_disk`` of ``kv_layers`` layers, its share of ``kv_io`` (a heavy and a light
+    step's KV bytes read and written, every layer's)."""
     w = sum(b for _, b in units) or 1
     heavy = _compute(w, flops_per_token, step_tokens, costs)
     light = _compute(w, flops_per_token, batch, costs)
-    return (_phase(units, resident, heavy / w, costs.disk_bandwidth, overlap, 0.0),
-            _phase(units, resident, light / w, costs.disk_bandwidth, overlap, 0.0))
+    disk = [f"layer {i}" for i in range(kv_layers - kv_disk, kv_layers)]
+    return tuple(_phase(units, resident, c / w, costs.disk_bandwidth, overlap, {n: io / kv_layers for n in disk})
+                 for c, io in ((heavy, kv_io[0]), (light, kv_io[1])))
 
 
 def schedule(batch: int, prompt: int, output: int, step_tokens: int, sequences: int) -> tuple[int, int]:
@@ -149,26 +161,40 @@ def step_choices(costs: Costs, batch: int) -> list[int]:
     return [t for t in sorted({128, 192, 256, 384, most}) if 2 * batch <= t <= most] or [most]
 
 
-def _lp(w: int, cap: int, ch: float, cl: float, heavy: int, light: int, disk_bw: float,
-        overlap: bool) -> Optional[float]:
-    """The resident fraction x of the streamable weights (``w`` bytes) the LP chooses (None:
-    infeasible): minimise heavy Th + light Tl, each step at least its compute (``ch``, ``cl``)
-    and the read of the streamed bytes (1 - x) w, or their sum without overlap; x w <= cap."""
-    if cap < 0:
+def _lp(w: int, cap: int, ch: float, cl: float, heavy: int, light: int, disk_bw: float, overlap: bool,
+        kv: int = 0, kv_io: tuple = (0, 0)) -> Optional[tuple[float, float, float]]:
+    """(x, k, predicted seconds) the LP chooses (None: infeasible): x the resident fraction of the
+    streamable weights (``w`` bytes), k the fraction of the KV cache (``kv`` bytes; 0: it stays
+    in RAM) on disk. Minimise heavy Th + light Tl, each step at least its compute (``ch``,
+    ``cl``) and its disk I/O, (1 - x) w of weights read plus k of ``kv_io`` (a heavy and a light
+    step's KV bytes read and written), or their sum without overlap; x w + (1 - k) kv <= cap + kv."""
+    if cap + kv < 0:
         return None
-    io = w / disk_bw
-    # x = [x, Th, Tl]
-    c = [0.0, float(heavy), float(light)]
+    io, rh, rl = w / disk_bw, kv_io[0] / disk_bw, kv_io[1] / disk_bw
+    # variables [x, k, Th, Tl]
+    c = [0.0, 0.0, float(heavy), float(light)]
     if overlap:
-        a = [[0, -1, 0], [0, 0, -1], [-io, -1, 0], [-io, 0, -1]]
+        a = [[0, 0, -1, 0], [0, 0, 0, -1], [-io, rh, -1, 0], [-io, rl, 0, -1]]
         b = [-ch, -cl, -io, -io]
     else:
-        a = [[-io, -1, 0], [-io, 0, -1]]
+        a = [[-io, rh, -1, 0], [-io, rl, 0, -1]]
         b = [-(ch + io), -(cl + io)]
-    a.append([w, 0, 0])
+    a.append([w, -kv, 0, 0])
     b.append(cap)
-    res = linprog(c, A_ub=a, b_ub=b, bounds=[(0, 1), (0, None), (0, None)], method="highs")
-    return float(res.x[0]) if res.status == 0 else None
+    res = linprog(c, A_ub=a, b_ub=b, bounds=[(0, 1), (0, 1 if kv else 0), (0, None), (0, None)], method="highs")
+    return (float(res.x[0]), float(res.x[1]), float(res.fun)) if res.status == 0 else None
+
+
+def _kv_io(per_position: int, block: int, prompt: int, output: int):
+    """Bytes of KV cache (every layer's) a heavy and a light step read and write, as a function
+    of the batch and the step's tokens: each running sequence's positions read (on average over
+    its time in the batch, its prompt and half its output), its newest block written, and a heavy
+    step's prompt chunk written."""
+    def io(b: int, step: int) -> tuple[int, int]:
+        read = b * (prompt + output / 2) * per_position
+        light = read + b * block * per_position
+        return int(light + step * per_position), int(light)
+    return io
 
 
 def _round(units, frac: float, w: int) -> frozenset:
@@ -189,12 +215,14 @@ def _ring(units, resident, slots: int) -> int:
 
 
 def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: int, prompt: int, output: int,
-           flops_per_token: float, costs: Costs, overlap: bool = True,
-           pinned: frozenset = frozenset()) -> tuple[Option, list[Option]]:
+           flops_per_token: float, costs: Costs, overlap: bool = True, pinned: frozenset = frozenset(),
+           kv_layers: int = 0, kv_io=None) -> tuple[Option, list[Option]]:
     """The best option under ``budget`` bytes (weights, slots, KV) and the alternatives shown
     beside it: all in RAM (when it fits) and the same batch without overlap. ``kv_bytes(b)``: the
     KV pool a batch of b sequences needs; ``pinned``: units that must stay resident. Each option
-    is priced for a block of BLOCK batches of prompts (``schedule``)."""
+    is priced for a block of BLOCK batches of prompts (``schedule``). With ``kv_layers`` and
+    ``kv_io(b, step)`` (_kv_io) the KV cache of the last layers may go to disk: read and written
+    every step through two layer-sized slots in RAM, so that a larger batch fits."""
     w = sum(b for _, b in units)
     names = frozenset(n for n, _ in units)
     # the slots hold the largest streamed units: try streaming only units up to each size
@@ -202,7 +230,7 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
     options = []
     least = kv_bytes(1) + min(limit + sum(s for n, s in units if s > limit or s < SMALL or n in pinned)
                               for limit in sizes)
-    shape = (prompt, output, flops_per_token, costs)
+    shape = (prompt, output, flops_per_token, costs, kv_io, kv_layers)
     b = 1
     while b <= max_batch:
         kv = kv_bytes(b)
@@ -212,19 +240,29 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
             # too large to stream at this slot size, or too small to be worth a read
             forced = frozenset(n for n, s in units if s > limit or s < SMALL or n in pinned)
             fixed_bytes = sum(s for n, s in units if n in forced)
-            cap = budget - slots * limit - kv - fixed_bytes
+            room = budget - slots * limit - fixed_bytes       # for the streamable weights and the KV cache
             rest = [(n, s) for n, s in units if n not in forced]
             wr = sum(s for _, s in rest)
             ahead = overlap and slots == 2
             for step in step_choices(costs, b):
                 heavy, light = schedule(b, prompt, output, step, BLOCK * b)
                 share = wr / max(w, 1)
-                frac = (_lp(wr, cap, _compute(w, flops_per_token, step, costs) * share,
-                            _compute(w, flops_per_token, b, costs) * share, heavy, light, costs.disk_bandwidth, ahead)
-                        if wr else 1.0)
-                if frac is not None:
-                    options.append(_option("policy", units, forced | _round(rest, frac, wr), b, ahead, kv, step,
-                                           slots, shape))
+                ch, cl = _compute(w, flops_per_token, step, costs) * share, _compute(w, flops_per_token, b, costs) * share
+                found = _lp(wr, room - kv, ch, cl, heavy, light, costs.disk_bandwidth, ahead)
+                if kv_layers and kv_io is not None:      # the KV of some layers on disk, two layer slots in RAM
+                    on_disk = _lp(wr, room - kv - 2 * kv // kv_layers, ch, cl, heavy, light, costs.disk_bandwidth,
+                                  ahead, kv, kv_io(b, step))
+                    if on_disk is not None and on_disk[1] > 0 and (found is None or on_disk[2] < found[2]):
+                        found = on_disk
+                if found is None:
+                    continue
+                disk = min(math.ceil(found[1] * kv_layers - 1e-6), kv_layers) if found[1] > 0 else 0
+                # the RAM layers' pool and the slots the disk layers' are read into (runtime/kv_cache.py)
+                ram_kv = kv * (kv_layers - disk + min(disk, 2)) // kv_layers if disk else kv
+                frac = min(max(min(found[0], (room - ram_kv) / wr), 0.0), 1.0) if wr else 1.0
+                if room - ram_kv >= 0:
+                    options.append(_option("policy", units, forced | _round(rest, frac, wr), b, ahead, ram_kv, step,
+                                           slots, shape, disk))
         if kv + w <= budget:
             options.append(_option("all in RAM", units, names, b, overlap, kv, step_choices(costs, b)[-1], 2, shape))
         b *= 2
@@ -236,30 +274,36 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
                                   "larger --memory-budget, or compile with a smaller --max-seq-len")
     best = max(fits, key=lambda o: o.tokens_per_s)
     alts = [max((o for o in fits if o.name == "all in RAM"), key=lambda o: o.tokens_per_s, default=None)]
-    if best.resident != names and best.overlap:
+    if best.overlap and (best.resident != names or best.kv_disk):
         alts.append(_option("streamed, no overlap", units, best.resident, best.batch, False, best.kv,
-                            best.step_tokens, best.slots, shape))
+                            best.step_tokens, best.slots, shape, best.kv_disk))
+    kept = [o for o in fits if not o.kv_disk]          # what the budget gives with the whole KV cache in RAM
+    if best.kv_disk and kept:
+        alts.append(max(kept, key=lambda o: o.tokens_per_s))
     return best, [a for a in alts if a is not None and a != best]
 
 
-def _option(name, units, resident, batch, overlap, kv, step, slots, shape) -> Option:
-    prompt, output, flops_per_token, costs = shape
-    heavy_s, light_s = price(units, resident, batch, step, flops_per_token, costs, overlap)
+def _option(name, units, resident, batch, overlap, kv, step, slots, shape, kv_disk: int = 0) -> Option:
+    prompt, output, flops_per_token, costs, kv_io, kv_layers = shape
+    io = kv_io(batch, step) if kv_disk else (0, 0)
+    heavy_s, light_s = price(units, resident, batch, step, flops_per_token, costs, overlap, io, kv_disk, kv_layers)
     heavy, light = schedule(batch, prompt, output, step, BLOCK * batch)
-    if resident == frozenset(n for n, _ in units) and name == "policy":
+    if resident == frozenset(n for n, _ in units) and name == "policy" and not kv_disk:
         name = "all in RAM"
     elif name == "policy" and slots == 1:
         name = "policy (one slot)"
+    elif name == "policy" and kv_disk:
+        name = "policy (KV on disk)"
     return Option(name, resident, batch, overlap, sum(b for n, b in units if n in resident),
                   _ring(units, resident, slots), kv, step, heavy, heavy_s, light, light_s, BLOCK * batch,
-                  BLOCK * batch * output / (heavy * heavy_s + light * light_s), slots)
+                  BLOCK * batch * output / (heavy * heavy_s + light * light_s), slots, kv_disk)
 
 
 def to_policy(o: Option, budget: int, alternatives: list[Option]) -> OffloadPolicy:
     return OffloadPolicy(o.resident, o.overlap, o.batch, o.slots, {
         "budget": budget, "chosen": o.describe(budget), "alternatives": [a.describe(budget) for a in alternatives],
         "predicted_tokens_per_s": o.tokens_per_s, "step_tokens": o.step_tokens, "heavy_s": o.heavy_s,
-        "light_s": o.light_s, "weights_ram": o.weights_ram, "slots": o.ring, "kv": o.kv})
+        "light_s": o.light_s, "weights_ram": o.weights_ram, "slots": o.ring, "kv": o.kv}, kv_disk=o.kv_disk)
 
 
 def kv_bytes_per_position(cache_type) -> int:
@@ -319,9 +363,11 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
     costs = _costs(prof, disk_bw or disk_bandwidth(path.parent), len(plan.graphs["decode"].steps),
                    min(prefill_tokens, limits(plan.graphs)["prefill"][0]), fixed_step)
     seq = min(prompt + output, art.max_seq_len or prompt + output)
-    kv_bytes = _kv_pool(kv_bytes_per_position(cache_type), int(cache_type.shape[4]), seq, art.max_seq_len or seq)
+    per_position, block = kv_bytes_per_position(cache_type), int(cache_type.shape[4])
+    kv_bytes = _kv_pool(per_position, block, seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
                         kv_bytes=kv_bytes, max_batch=limits(plan.graphs)["decode"][1],
+                        kv_layers=int(cache_type.shape[0]), kv_io=_kv_io(per_position, block, min(prompt, seq), output),
                         pinned=frozenset(pinned_units(plan, units)),
                         prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
                         overlap=overlap)
@@ -366,6 +412,9 @@ def explain_policy(path, budget) -> str:
              f"disk {costs.disk_bandwidth / 1e9:.2f} GB/s (page cache bypassed); workload: prompt 512, output 32 "
              f"per sequence, {BLOCK} batches of prompts in flight",
              format_policy(policy.summary),
+             "KV cache: " + (f"the last {policy.kv_disk} of {sum(u.layer is not None for u in units)} layers' on "
+                             "disk (read into layer slots and written back every step), the others' in RAM"
+                             if policy.kv_disk else "in RAM"),
              f"streamed ({len(streamed)}, {sum(u.bytes for u in streamed) / mib:.1f} MiB read per step): "
              + (", ".join(u.name for u in streamed) or "none"),
              f"resident ({len(units) - len(streamed)}): " + (", ".join(u.name for u in units
@@ -427,8 +476,11 @@ def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_posi
     costs = _costs(profile, disk_bandwidth(store), sum(1 for n in module.graphs["forward"].nodes if n.op not in LAYOUT),
                    min(streaming_prefill_tokens(prefill_tokens), prefill_tokens))
     seq = min(workload.prompt_tokens + workload.output_tokens, msl)
+    layers = sum(1 for n, _ in units if n.startswith("layer "))
+    prompt = min(workload.prompt_tokens, seq)
     best, alts = search(units, budget, kv_bytes=_kv_pool(kv_per_position, kv_block, seq, msl), max_batch=max_batch,
-                        pinned=pinned, prompt=min(workload.prompt_tokens, seq), output=workload.output_tokens,
+                        kv_layers=layers, kv_io=_kv_io(kv_per_position, kv_block, prompt, workload.output_tokens),
+                        pinned=pinned, prompt=prompt, output=workload.output_tokens,
                         flops_per_token=2.0 * params, costs=costs)
     mib = 1 << 20
     streamed = [n for n, _ in units if n not in best.resident]

@@ -205,6 +205,9 @@ PYBIND11_MODULE(ffc_kernels, m) {
                     const std::vector<uintptr_t>&, bool>(),
            py::arg("path"), py::arg("units"), py::arg("slots"), py::arg("overlap") = true)
       .def("add_sequence", &FfcStreamer::add_sequence)
+      .def("attach_kv", &FfcStreamer::attach_kv, py::arg("path"), py::arg("units"), py::arg("slots"))
+      .def("set_kv", &FfcStreamer::set_kv, py::arg("reads"), py::arg("writes"))
+      .def("kv_stats", &FfcStreamer::kv_stats)
       .def("stats", &FfcStreamer::stats)
       .def_property_readonly("address", [](FfcStreamer& s) { return reinterpret_cast<uintptr_t>(&s); });
 }

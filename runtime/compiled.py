@@ -124,8 +124,9 @@ class CompiledPlan:
         size = a.dtype.itemsize
         if a.kind is ArgKind.BUF:
             return self.base + gp.buffers[a.name].offset + a.offset * size
-        if a.kind is ArgKind.CACHE:
-            return cache.data_ptr() + a.offset * cache.stride(0) * cache.element_size()
+        if a.kind is ArgKind.CACHE:     # a layer's pool (on disk: the slot the offload streams it into)
+            on_disk = self.offload.kv.address(a.offset) if self.offload and self.offload.kv else None
+            return on_disk or cache.data_ptr() + a.offset * cache.stride(0) * cache.element_size()
         return self.arg_tensor(a).data_ptr() + a.offset * size
 
     def segments(self, graph: str) -> list[tuple[str, object]]:
@@ -154,6 +155,8 @@ class CompiledPlan:
                               isinstance(cache, torch.Tensor) == self.memory.own):
             raise InvalidRequestError(f"the KV cache is {type(cache).__name__} on {cache.device}; the plan runs on "
                                       f"{type(self.memory).__name__} of {self.device}: allocate it with .memory.empty")
+        if self.offload is not None and cache.dim() > 1:     # a KV cache (all of its layers may be on disk)
+            self.offload.attach_kv(cache)
         for name, gp in self.graphs.items():
             for kind, seg in self.segments(name):
                 if kind == "kernels":
@@ -210,6 +213,8 @@ class CompiledPlan:
         send/recv on thread 0, which runs them; ``pid``: this process's track."""
         gp = self.graphs[graph]
         env = self._stage(graph, inputs)
+        if self.offload is not None:
+            self.offload.stage(inputs)
 
         def event(st, tid, t0, t1, name, cat):
             events.append({"name": name, "cat": cat, "ph": "X", "pid": pid, "tid": tid, "ts": t0 / 1e3,

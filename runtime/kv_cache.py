@@ -31,14 +31,18 @@ class BlockPool:
     """S blocks of one cache tensor: a free list, reference counts, and the prefix index."""
 
     def __init__(self, cache_type: TensorType, blocks_per_seq: int, num_blocks: int, memory=HOST,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, disk_layers: int = 0):
         """``memory``: where the pool lives (a plan's ``.memory``; ``device_memory``); None:
-        bookkeeping only (the ranks of a tensor-parallel artifact hold the tensors)."""
+        bookkeeping only (the ranks of a tensor-parallel artifact hold the tensors).
+        ``disk_layers``: the last layers' K/V are on disk (runtime/kv_stream.py), the tensor holds
+        the others'."""
         self.layers, _, _, self.kv_heads, self.block_size, self.head_dim = cache_type.shape
         self.blocks_per_seq = blocks_per_seq         # block-table columns: ceil(max_seq_len / BS)
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
-        self.tensor = None if memory is None else memory.empty(cache_type.concrete({"S": num_blocks}),
+        self.disk_layers = disk_layers
+        shape = cache_type.concrete({"S": num_blocks})
+        self.tensor = None if memory is None else memory.empty((shape[0] - disk_layers, *shape[1:]),
                                                                cache_type.torch_dtype)
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
@@ -48,15 +52,19 @@ class BlockPool:
         self.hit_tokens = 0                          # prompt tokens served from the prefix cache
 
     @staticmethod
-    def bytes_per_block(cache_type: TensorType) -> int:
-        return math.prod(cache_type.concrete({"S": 1})) * torch.empty((), dtype=cache_type.torch_dtype).element_size()
+    def bytes_per_block(cache_type: TensorType, disk_layers: int = 0) -> int:
+        """RAM per block: every layer's K/V, or with the last ``disk_layers`` on disk the others'
+        and the two layer slots those are read into."""
+        per = math.prod(cache_type.concrete({"S": 1})) * torch.empty((), dtype=cache_type.torch_dtype).element_size()
+        layers = int(cache_type.shape[0])
+        return per if not disk_layers else per * (layers - disk_layers + min(disk_layers, 2)) // layers
 
     @classmethod
     def for_budget(cls, cache_type: TensorType, blocks_per_seq: int, budget: Optional[int],
-                   want_blocks: int, memory=HOST, prefix_caching: bool = True) -> "BlockPool":
+                   want_blocks: int, memory=HOST, prefix_caching: bool = True, disk_layers: int = 0) -> "BlockPool":
         """A pool within ``budget`` bytes (default: a fraction of available memory), no larger
         than ``want_blocks``, and at least one full-length sequence."""
-        per = cls.bytes_per_block(cache_type)
+        per = cls.bytes_per_block(cache_type, disk_layers)
         if budget is None:
             n = min(want_blocks, int(DEFAULT_MEMORY_FRACTION * (memory or HOST).available()) // per)
             n = max(n, blocks_per_seq)
@@ -67,7 +75,7 @@ class BlockPool:
                     f"kv_cache_memory of {budget / 2**20:.1f} MiB holds {n} blocks of {per / 2**20:.2f} MiB, but one "
                     f"sequence of max_seq_len needs {blocks_per_seq}; give at least "
                     f"{blocks_per_seq * per / 2**20:.0f} MiB")
-        return cls(cache_type, blocks_per_seq, int(n), memory, prefix_caching)
+        return cls(cache_type, blocks_per_seq, int(n), memory, prefix_caching, disk_layers)
 
     @property
     def free_blocks(self) -> int:

@@ -148,6 +148,12 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)   # e.g. a request cut short by max_seq_len
 
 
+def kv_disk_layers(compiled) -> int:
+    """The last layers whose KV cache is on disk (a memory budget's offload policy), 0: none."""
+    offload = getattr(compiled, "offload", None)
+    return offload.policy.kv_disk if offload is not None else 0
+
+
 class LLM:
     def __init__(self, art: Artifact, module, weights: dict, tokenizer, compiled=None, ranks=None, *,
                  kv_cache_memory=None, max_tokens_per_batch: int = 256, max_requests_per_batch: Optional[int] = None,
@@ -185,7 +191,8 @@ class LLM:
         if self._engine is None:
             pool = BlockPool.for_budget(self.cache_type, self.runner.blocks_per_seq, self._kv_budget,
                                         self.config.max_requests_per_batch * self.runner.blocks_per_seq,
-                                        memory=None if self.ranks else self.memory, prefix_caching=self._prefix_caching)
+                                        memory=None if self.ranks else self.memory, prefix_caching=self._prefix_caching,
+                                        disk_layers=kv_disk_layers(self.compiled))
             if self.ranks is not None:
                 self.ranks.allocate_pool(pool.num_blocks)
             self._engine = Engine(self.runner, self.tokenizer, self.eos_ids, pool, self.config)
@@ -248,6 +255,9 @@ class LLM:
         spec = self.engine.speculation
         if speculative in spec.drafts:
             return speculative
+        if kv_disk_layers(self.compiled):
+            raise InvalidRequestError("speculative decoding moves accepted tokens' K/V within the KV cache; with part "
+                                      "of it on disk (this memory budget's policy) it cannot: load with more or none")
         spec.drafts[speculative] = load_draft(self, speculative)
         return speculative
 

@@ -44,10 +44,10 @@ from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.plan.kernels import Family
 from ffc.plan.schema import ArgKind, Plan
 
+from .kv_stream import ALIGN, KVDisk, aligned as _aligned
 from .qpanels import pack_panels, pack_qpanels
 
 STORE_FORMAT = 2
-ALIGN = 4096            # O_DIRECT: offsets, sizes and buffers aligned to the logical block
 TENSOR_ALIGN = 64
 CHUNK_ROWS = 4096       # rows of a weight packed at a time while building the store
 TABLE = "table "        # a packed gather table in the store: mapped, not placed
@@ -77,6 +77,7 @@ class OffloadPolicy:
     batch: Optional[int] = None     # rows per decode step the policy was priced at
     slots: int = 2                  # streamed units alternate between this many (1: nothing overlaps)
     summary: dict = field(default_factory=dict, compare=False)
+    kv_disk: int = 0                # layers whose KV cache is on disk (the last ones; runtime/kv_stream.py)
 
 
 def format_policy(summary: dict) -> str:
@@ -358,11 +359,6 @@ def map_tables(art: Artifact, names: list[str]) -> tuple[dict[str, torch.Tensor]
     return out, mm
 
 
-def _aligned(nbytes: int) -> tuple[torch.Tensor, int]:
-    buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    return buf, (-buf.data_ptr()) % ALIGN
-
-
 class WeightStream:
     """The weights of a one-rank CPU plan under a policy: resident units read once into RAM,
     streamed ones bound to the slots a kernel library's Streamer fills, gather tables mapped."""
@@ -407,9 +403,16 @@ class WeightStream:
             self._views(u, buf, lead)
         self.slot_bytes = sum(sizes)
         self.streamer = None
-        if self.streamed:
-            index = {u.name: k for k, u in enumerate(self.streamed)}
-            self.index = index
+        self.kv_layers = int(module.graphs["prefill"].input("kv_cache").type.shape[0])
+        if not 0 <= policy.kv_disk <= self.kv_layers:
+            raise InvalidRequestError(f"the offload policy puts {policy.kv_disk} layers' KV cache on disk; the model "
+                                      f"has {self.kv_layers}")
+        self.kv: Optional[KVDisk] = None       # the disk layers of the KV cache, once one is bound
+        self.index = {u.name: k for k, u in enumerate(self.streamed)}
+        if policy.kv_disk and not hasattr(lib.Streamer, "attach_kv"):
+            raise InvalidRequestError("this artifact's kernel library cannot keep KV cache on disk (built by an older "
+                                      "ffc): rebuild it with `ffc build ARTIFACT`, or load with a larger memory budget")
+        if self.streamed or policy.kv_disk:
             self.streamer = lib.Streamer(str(self.path), [(u.offset, u.bytes, self.slot_of[u.name])
                                                           for u in self.streamed],
                                          [b.data_ptr() + lead for b, lead in self.slots], policy.overlap)
@@ -432,9 +435,13 @@ class WeightStream:
         last: dict[str, int] = {}
         for k, st in enumerate(steps):
             for a in st.args:
-                if a.name in owner and a.kind in (ArgKind.PARAM, ArgKind.PACKED):
-                    first.setdefault(owner[a.name], k)
-                    last[owner[a.name]] = k
+                name = owner.get(a.name) if a.kind in (ArgKind.PARAM, ArgKind.PACKED) else None
+                if a.kind is ArgKind.CACHE and self.kv is not None and self.kv.unit(a.offset) is not None:
+                    name = f"kv {a.offset}"          # a disk layer's KV cache: a unit of its own slots
+                    self.index[name], self.slot_of[name] = self.kv.unit(a.offset), ("kv", self.kv.slot(a.offset))
+                if name is not None:
+                    first.setdefault(name, k)
+                    last[name] = k
         seq = sorted(first, key=first.get)
         for k, u in enumerate(seq):     # a unit's slot is free again before the next one in it is waited for
             later = [v for v in seq[k + 1:] if self.slot_of[v] == self.slot_of[u]]
@@ -456,6 +463,21 @@ class WeightStream:
             where += [None] * len(before) + [k] + [None] * len(after)
         return out, where
 
+    def attach_kv(self, cache: torch.Tensor) -> None:
+        """The KV cache the plan is bound to: its disk layers (the policy's kv_disk) get their file
+        and slots (once: a plan streaming KV binds one cache)."""
+        if not self.policy.kv_disk:
+            return
+        if self.kv is None:
+            self.kv = KVDisk(self.streamer, cache, self.kv_layers, self.policy.kv_disk)
+        elif self.kv.key != (cache.data_ptr(), tuple(cache.shape)):
+            raise InvalidRequestError("a plan with its KV cache partly on disk runs one KV cache (the engine's)")
+
+    def stage(self, inputs) -> None:
+        """Before a run: the KV pages it reads and writes (runtime/kv_stream.py)."""
+        if self.kv is not None:
+            self.kv.stage(inputs)
+
     def trim(self) -> None:
         """Drop the mapped tables' pages from this process (the page cache keeps them): a step's
         gathers touch a few rows each, but over many tokens they would map the whole table."""
@@ -468,4 +490,6 @@ class WeightStream:
         if self.streamer is None:
             return {"bytes": 0, "read_s": 0.0, "wait_s": 0.0, "reads": 0, "direct": False}
         b, r, w, n, d = self.streamer.stats()
-        return {"bytes": b, "read_s": r, "wait_s": w, "reads": n, "direct": d}
+        kr, kw, ks = self.streamer.kv_stats()
+        return {"bytes": b, "read_s": r, "wait_s": w, "reads": n, "direct": d, "kv_read": kr, "kv_written": kw,
+                "kv_s": ks}

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 import ffc
+from ffc import knobs
 from ffc.artifact import Artifact
 from ffc.build import library_for
 from ffc.cli import main as cli_main
 from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.ir.types import DType
 from ffc.lower import split
-from ffc.offload_policy import Costs, estimate_units, schedule, search
+from ffc.offload_policy import Costs, _kv_io, estimate_units, schedule, search
 from ffc.parallel import planning_module
 from ffc.runtime.llm import LLM, read_verified_module
 from ffc.runtime.offload import OffloadPolicy, open_store
@@ -127,6 +128,30 @@ def test_an_unsplit_tied_embedding_stays_resident(tmp_path, smol_source, monkeyp
     llm = LLM.load(art, kernel_library=library_for, offload=OffloadPolicy(frozenset({head})))
     assert {"layer 0", "layer 1"} <= {u.name for u in llm.compiled.offload.streamed}
     assert llm.generate(PROMPTS[:2], max_new_tokens=16, temperature=0).token_ids == want
+
+
+def test_the_kv_cache_of_the_last_layers_on_disk_gives_the_same_tokens(tiny_art):
+    """The last layers' KV cache on disk (read into their slots in the pages a step's sequences
+    read, their newest blocks written back), with the weights streamed or resident, read ahead
+    or when needed, sequences joining and leaving the batch: the tokens of the artifact with
+    everything in RAM. The RAM pool holds the other layers; the KV file is unlinked once open;
+    speculative decoding (which moves K/V within the cache) is refused."""
+    want = ffc.load(tiny_art).generate(PROMPTS, max_new_tokens=24, temperature=0).token_ids
+    _, units = _units(tiny_art)
+    folder = knobs.cache_dir() / "offload" / "kv"
+    for resident, overlap, disk in ((set(), True, 1), (set(), False, 2), ({u.name for u in units}, True, 2)):
+        llm = LLM.load(tiny_art, kernel_library=library_for, max_requests_per_batch=3,
+                       offload=OffloadPolicy(frozenset(resident), overlap, kv_disk=disk))
+        got = llm.generate(PROMPTS, max_new_tokens=24, temperature=0).token_ids
+        assert got == want, (resident, overlap, disk)
+        stats = llm.compiled.offload.stats()
+        assert stats["kv_read"] > 0 and stats["kv_written"] > 0
+        assert llm.engine.pool.tensor.shape[0] == 2 - disk
+        assert not list(folder.glob("kv-*.bin"))
+        with pytest.raises(InvalidRequestError, match="on disk"):
+            llm.generate(PROMPTS[:1], max_new_tokens=4, speculative="ngram")
+    with pytest.raises(InvalidRequestError, match="the model has 2"):
+        LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(), kv_disk=3))
 
 
 KILLED = textwrap.dedent("""
@@ -262,6 +287,29 @@ def test_prompts_ride_in_the_decode_steps_of_a_block():
                       flops_per_token=2 * 110e6 / 4, costs=Costs(20e9, 100e9, 1e9, prefill_tokens=512,
                                                                  fixed_step=True))
     assert fixed.step_tokens == 512 and fixed.tokens_per_s <= best.tokens_per_s
+
+
+def _kv_search(budget, per_sequence):
+    """UNITS (8 layers) with a KV cache of ``per_sequence`` bytes per sequence of 544 positions,
+    which the search may put on disk a layer at a time."""
+    per_position = per_sequence // 544
+    return search(UNITS, budget, kv_bytes=lambda b: b * per_sequence, max_batch=64, prompt=512, output=32,
+                  flops_per_token=2 * 110e6 / 4, costs=COSTS, kv_layers=8, kv_io=_kv_io(per_position, 16, 512, 32))
+
+
+def test_the_kv_cache_goes_to_disk_where_a_larger_batch_pays_for_reading_it():
+    """FlexGen's KV fraction: where the budget holds the KV cache of only a small batch beside
+    the streaming slots, the last layers' KV goes to disk (read and written every step) so that
+    a batch that amortises the weights' reads fits, and beats the best option keeping it in RAM
+    (shown beside it); within the budget. Where a sequence's KV is as large as the weights it
+    would amortise (long contexts), reading it every step does not pay: it stays in RAM."""
+    best, alts = _kv_search(60 * MIB, 4 * MIB)
+    kept = [a for a in alts if a.name.startswith("policy") and not a.kv_disk]
+    assert best.kv_disk > 0 and kept and best.batch > kept[0].batch
+    assert best.tokens_per_s > kept[0].tokens_per_s
+    assert best.weights_ram + best.ring + best.kv <= 60 * MIB
+    heavy, _ = _kv_search(250 * MIB, 100 * MIB)
+    assert heavy.kv_disk == 0
 
 
 CHILD = textwrap.dedent("""
