@@ -37,7 +37,7 @@ on first use).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 from scipy.optimize import linprog
@@ -279,7 +279,7 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
                             best.step_tokens, best.slots, shape, best.kv_disk))
     kept = [o for o in fits if not o.kv_disk]          # what the budget gives with the whole KV cache in RAM
     if best.kv_disk and kept:
-        alts.append(max(kept, key=lambda o: o.tokens_per_s))
+        alts.append(replace(max(kept, key=lambda o: o.tokens_per_s), name="KV cache in RAM"))
     return best, [a for a in alts if a is not None and a != best]
 
 
