@@ -133,9 +133,10 @@ def test_an_unsplit_tied_embedding_stays_resident(tmp_path, smol_source, monkeyp
 def test_the_kv_cache_of_the_last_layers_on_disk_gives_the_same_tokens(tiny_art):
     """The last layers' KV cache on disk (read into their slots in the pages a step's sequences
     read, their newest blocks written back), with the weights streamed or resident, read ahead
-    or when needed, sequences joining and leaving the batch: the tokens of the artifact with
-    everything in RAM. The RAM pool holds the other layers; the KV file is unlinked once open;
-    speculative decoding (which moves K/V within the cache) is refused."""
+    or when needed, sequences joining and leaving the batch, a prompt prefix served from the
+    prefix cache: the tokens of the artifact with everything in RAM. The RAM pool holds the other
+    layers; the KV file is unlinked once open; speculative decoding (which moves K/V within the
+    cache) is refused."""
     want = ffc.load(tiny_art).generate(PROMPTS, max_new_tokens=24, temperature=0).token_ids
     _, units = _units(tiny_art)
     folder = knobs.cache_dir() / "offload" / "kv"
@@ -150,6 +151,14 @@ def test_the_kv_cache_of_the_last_layers_on_disk_gives_the_same_tokens(tiny_art)
         assert not list(folder.glob("kv-*.bin"))
         with pytest.raises(InvalidRequestError, match="on disk"):
             llm.generate(PROMPTS[:1], max_new_tokens=4, speculative="ngram")
+    # a prompt whose prefix another request left in the cache: its disk layers' blocks are read back
+    shared = "The quick brown fox jumps over the lazy dog. " * 6
+    prompts = [shared + "Once upon a time", shared + "In a galaxy far away"]
+    plain = ffc.load(tiny_art)
+    want = [plain.generate([p], max_new_tokens=16, temperature=0).token_ids[0] for p in prompts]
+    llm = LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(), kv_disk=1))
+    assert [llm.generate([p], max_new_tokens=16, temperature=0).token_ids[0] for p in prompts] == want
+    assert llm.engine.pool.hit_tokens > 0
     with pytest.raises(InvalidRequestError, match="the model has 2"):
         LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(), kv_disk=3))
 
