@@ -14,9 +14,9 @@ policy's prediction for that many prompts beside it, the bytes read from disk an
 libraries: the runtime's own memory, which no budget covers). With and without overlap
 (``--no-overlap``: each streamed unit read when needed). Where the policy puts the KV cache of
 its last layers on disk, the layers and the KV bytes read and written (within "read MB", which
-counts every read). The first row is the artifact loaded
-with no budget at the batch the 100% policy chose. Every run reads the disk for real: the store
-is opened O_DIRECT (page cache bypassed).
+counts every read). The first row is the artifact loaded with no budget at the batch the 100%
+policy chose. Every run reads the disk for real: the store and the KV file are opened O_DIRECT
+(page cache bypassed).
 """
 from __future__ import annotations
 

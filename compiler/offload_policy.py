@@ -20,7 +20,7 @@ the fraction k of the KV cache on disk minimising the predicted time:
               x W + slots + (1 - k) KV(b) + kv slots <= budget,  0 <= x, k <= 1
 
 (without overlap the I/O adds to the compute instead). Rh, Rl: the KV bytes a heavy and a light
-step read and write were all of it on disk (``_kv_io``); kv slots: two layers' share of KV(b),
+step read and write were all of it on disk (``kv_traffic``); kv slots: two layers' share of KV(b),
 paid only when k > 0 (the LP is solved with k = 0 and with k free, the better kept). KV on
 disk pays where it lets a batch large enough to amortise the weights' reads fit: FlexGen's
 trade, which a long context (a sequence's KV as large as the weights it would amortise) loses.
@@ -185,7 +185,7 @@ def _lp(w: int, cap: int, ch: float, cl: float, heavy: int, light: int, disk_bw:
     return (float(res.x[0]), float(res.x[1]), float(res.fun)) if res.status == 0 else None
 
 
-def _kv_io(per_position: int, block: int, prompt: int, output: int):
+def kv_traffic(per_position: int, block: int, prompt: int, output: int):
     """Bytes of KV cache (every layer's) a heavy and a light step read and write, as a function
     of the batch and the step's tokens: each running sequence's positions read (on average over
     its time in the batch, its prompt and half its output), its newest block written, and a heavy
@@ -221,7 +221,7 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
     beside it: all in RAM (when it fits) and the same batch without overlap. ``kv_bytes(b)``: the
     KV pool a batch of b sequences needs; ``pinned``: units that must stay resident. Each option
     is priced for a block of BLOCK batches of prompts (``schedule``). With ``kv_layers`` and
-    ``kv_io(b, step)`` (_kv_io) the KV cache of the last layers may go to disk: read and written
+    ``kv_io(b, step)`` (kv_traffic) the KV cache of the last layers may go to disk: read and written
     every step through two layer-sized slots in RAM, so that a larger batch fits."""
     w = sum(b for _, b in units)
     names = frozenset(n for n, _ in units)
@@ -367,7 +367,7 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
     kv_bytes = _kv_pool(per_position, block, seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
                         kv_bytes=kv_bytes, max_batch=limits(plan.graphs)["decode"][1],
-                        kv_layers=int(cache_type.shape[0]), kv_io=_kv_io(per_position, block, min(prompt, seq), output),
+                        kv_layers=int(cache_type.shape[0]), kv_io=kv_traffic(per_position, block, min(prompt, seq), output),
                         pinned=frozenset(pinned_units(plan, units)),
                         prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
                         overlap=overlap)
@@ -479,7 +479,7 @@ def dry_run_policy(module, budget: int, workload: Workload, profile, kv_per_posi
     layers = sum(1 for n, _ in units if n.startswith("layer "))
     prompt = min(workload.prompt_tokens, seq)
     best, alts = search(units, budget, kv_bytes=_kv_pool(kv_per_position, kv_block, seq, msl), max_batch=max_batch,
-                        kv_layers=layers, kv_io=_kv_io(kv_per_position, kv_block, prompt, workload.output_tokens),
+                        kv_layers=layers, kv_io=kv_traffic(kv_per_position, kv_block, prompt, workload.output_tokens),
                         pinned=pinned, prompt=prompt, output=workload.output_tokens,
                         flops_per_token=2.0 * params, costs=costs)
     mib = 1 << 20

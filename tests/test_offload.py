@@ -18,7 +18,7 @@ from ffc.cli import main as cli_main
 from ffc.errors import ArtifactError, InvalidRequestError
 from ffc.ir.types import DType
 from ffc.lower import split
-from ffc.offload_policy import Costs, _kv_io, estimate_units, schedule, search
+from ffc.offload_policy import Costs, kv_traffic, estimate_units, schedule, search
 from ffc.parallel import planning_module
 from ffc.runtime.llm import LLM, read_verified_module
 from ffc.runtime.offload import OffloadPolicy, open_store
@@ -303,7 +303,7 @@ def _kv_search(budget, per_sequence):
     which the search may put on disk a layer at a time."""
     per_position = per_sequence // 544
     return search(UNITS, budget, kv_bytes=lambda b: b * per_sequence, max_batch=64, prompt=512, output=32,
-                  flops_per_token=2 * 110e6 / 4, costs=COSTS, kv_layers=8, kv_io=_kv_io(per_position, 16, 512, 32))
+                  flops_per_token=2 * 110e6 / 4, costs=COSTS, kv_layers=8, kv_io=kv_traffic(per_position, 16, 512, 32))
 
 
 def test_the_kv_cache_goes_to_disk_where_a_larger_batch_pays_for_reading_it():
