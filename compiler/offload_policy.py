@@ -247,7 +247,8 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
             for step in step_choices(costs, b):
                 heavy, light = schedule(b, prompt, output, step, BLOCK * b)
                 share = wr / max(w, 1)
-                ch, cl = _compute(w, flops_per_token, step, costs) * share, _compute(w, flops_per_token, b, costs) * share
+                ch = _compute(w, flops_per_token, step, costs) * share
+                cl = _compute(w, flops_per_token, b, costs) * share
                 found = _lp(wr, room - kv, ch, cl, heavy, light, costs.disk_bandwidth, ahead)
                 if kv_layers and kv_io is not None:      # the KV of some layers on disk, two layer slots in RAM
                     on_disk = _lp(wr, room - kv - 2 * kv // kv_layers, ch, cl, heavy, light, costs.disk_bandwidth,
@@ -367,7 +368,8 @@ def plan_offload(art: Artifact, budget: int, *, prompt: int = 512, output: int =
     kv_bytes = _kv_pool(per_position, block, seq, art.max_seq_len or seq)
     best, alts = search([(u.name, u.bytes) for u in units], budget,
                         kv_bytes=kv_bytes, max_batch=limits(plan.graphs)["decode"][1],
-                        kv_layers=int(cache_type.shape[0]), kv_io=kv_traffic(per_position, block, min(prompt, seq), output),
+                        kv_layers=int(cache_type.shape[0]),
+                        kv_io=kv_traffic(per_position, block, min(prompt, seq), output),
                         pinned=frozenset(pinned_units(plan, units)),
                         prompt=min(prompt, seq), output=output, flops_per_token=2.0 * params, costs=costs,
                         overlap=overlap)
