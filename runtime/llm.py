@@ -243,6 +243,8 @@ class LLM:
             weights = compiled.weights   # what the kernels read; packed originals are freed
         llm = cls(art, module, weights, tokenizer, compiled, ranks, **engine)
         llm._load_options = {"check_hashes": check_hashes, "backend": backend, "kernel_library": kernel_library}
+        if kv_disk_layers(compiled):     # its file made now: no room on disk is an error at load
+            compiled.bind(llm.engine.pool.tensor)
         return llm
 
     # ------------------------------------------------------------ speculative decoding

@@ -1,6 +1,8 @@
 """Offloaded weights: streamed from disk under a memory budget (runtime/offload.py, csrc/ffc_stream.h)
 and the policy search that places them (compiler/offload_policy.py)."""
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,6 +163,17 @@ def test_the_kv_cache_of_the_last_layers_on_disk_gives_the_same_tokens(tiny_art)
     assert llm.engine.pool.hit_tokens > 0
     with pytest.raises(InvalidRequestError, match="the model has 2"):
         LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(), kv_disk=3))
+
+
+def test_no_room_for_the_kv_cache_on_disk_is_an_error_at_load(tiny_art, monkeypatch):
+    """A disk that cannot hold the KV file: a clear error from the load (its file is made there,
+    its whole size allocated), not a failed write mid-generation; no file left behind."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(InvalidRequestError, match="free disk space"):
+        LLM.load(tiny_art, kernel_library=library_for, offload=OffloadPolicy(frozenset(), kv_disk=1))
+    assert not list((knobs.cache_dir() / "offload" / "kv").glob("kv-*.bin"))
 
 
 KILLED = textwrap.dedent("""
