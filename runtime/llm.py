@@ -254,12 +254,12 @@ class LLM:
         ``--self-draft``), or the path of a draft artifact whose tokenizer is this one's."""
         if speculative is None:
             return None
-        spec = self.engine.speculation
-        if speculative in spec.drafts:
-            return speculative
         if kv_disk_layers(self.compiled):
             raise InvalidRequestError("speculative decoding moves accepted tokens' K/V within the KV cache; with part "
                                       "of it on disk (this memory budget's policy) it cannot: load with more or none")
+        spec = self.engine.speculation
+        if speculative in spec.drafts:
+            return speculative
         spec.drafts[speculative] = load_draft(self, speculative)
         return speculative
 
