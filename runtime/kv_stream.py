@@ -1,5 +1,6 @@
 """The KV cache of the last layers on disk: an offload policy's ``kv_disk`` (FlexGen's KV
-fraction on the slower tier), so that a batch larger than RAM holds the KV cache of runs.
+fraction on the slower tier), so that a batch whose KV cache does not fit in RAM beside the
+weights can run (every step reads the streamed weights once for the whole batch).
 
 The RAM pool (runtime/kv_cache.py) then holds the first layers only; each of the last
 ``kv_disk`` layers' pools, [2, S, Hkv, BS, R] as the kernels address it, lives in a file of its

@@ -19,6 +19,8 @@ executor's program gets begin / wait / release steps around each unit's kernels
 computes. The reader opens the store O_DIRECT where the
 file system allows (the page cache would otherwise keep every weight it read in RAM, outside
 the process's RSS but not outside the machine's memory, and make disk reads look free).
+A policy may also put the KV cache of the last layers on disk (runtime/kv_stream.py): the same
+reader thread reads it into slots of its own and writes back what each step wrote.
 """
 from __future__ import annotations
 
