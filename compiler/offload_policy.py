@@ -52,6 +52,7 @@ from ffc.ir.types import DType
 from ffc.plan.schema import limits
 from ffc.util import parse_memory
 from ffc.runtime.llm import read_verified_module
+from ffc.runtime.kv_stream import SLOTS, ram_layers
 from ffc.runtime.offload import ALIGN, OffloadPolicy, format_policy, open_store, pinned_units
 
 from .calibrate import profile_for
@@ -251,15 +252,14 @@ def search(units: list[tuple[str, int]], budget: int, *, kv_bytes, max_batch: in
                 cl = _compute(w, flops_per_token, b, costs) * share
                 found = _lp(wr, room - kv, ch, cl, heavy, light, costs.disk_bandwidth, ahead)
                 if kv_layers and kv_io is not None:      # the KV of some layers on disk, two layer slots in RAM
-                    on_disk = _lp(wr, room - kv - 2 * kv // kv_layers, ch, cl, heavy, light, costs.disk_bandwidth,
+                    on_disk = _lp(wr, room - kv - SLOTS * kv // kv_layers, ch, cl, heavy, light, costs.disk_bandwidth,
                                   ahead, kv, kv_io(b, step))
                     if on_disk is not None and on_disk[1] > 0 and (found is None or on_disk[2] < found[2]):
                         found = on_disk
                 if found is None:
                     continue
                 disk = min(math.ceil(found[1] * kv_layers - 1e-6), kv_layers) if found[1] > 0 else 0
-                # the RAM layers' pool and the slots the disk layers' are read into (runtime/kv_cache.py)
-                ram_kv = kv * (kv_layers - disk + min(disk, 2)) // kv_layers if disk else kv
+                ram_kv = kv * ram_layers(kv_layers, disk) // kv_layers if disk else kv
                 frac = min(max(min(found[0], (room - ram_kv) / wr), 0.0), 1.0) if wr else 1.0
                 if room - ram_kv >= 0:
                     options.append(_option("policy", units, forced | _round(rest, frac, wr), b, ahead, ram_kv, step,

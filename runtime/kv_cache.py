@@ -23,6 +23,7 @@ from ffc.errors import InvalidRequestError
 from ffc.ir.types import TensorType
 
 from .device_memory import HOST
+from .kv_stream import ram_layers
 
 DEFAULT_MEMORY_FRACTION = 0.2  # of the memory available when no budget is given
 
@@ -57,7 +58,7 @@ class BlockPool:
         and the two layer slots those are read into."""
         per = math.prod(cache_type.concrete({"S": 1})) * torch.empty((), dtype=cache_type.torch_dtype).element_size()
         layers = int(cache_type.shape[0])
-        return per if not disk_layers else per * (layers - disk_layers + min(disk_layers, 2)) // layers
+        return per * ram_layers(layers, disk_layers) // layers
 
     @classmethod
     def for_budget(cls, cache_type: TensorType, blocks_per_seq: int, budget: Optional[int],

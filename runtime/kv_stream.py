@@ -33,6 +33,14 @@ from ffc import knobs
 from ffc.errors import InvalidRequestError
 
 ALIGN = 4096            # O_DIRECT: offsets, sizes and buffers aligned to the logical block
+SLOTS = 2               # disk layers' pools alternate between this many slots in RAM
+
+
+def ram_layers(layers: int, disk: int) -> int:
+    """Layers' worth of a KV pool RAM holds with the last ``disk`` of ``layers`` on disk: the
+    others', and the slots the disk layers' are read into (the policy prices it, the pool
+    allocates it)."""
+    return layers - disk + min(disk, SLOTS)
 
 
 def aligned(nbytes: int) -> tuple[torch.Tensor, int]:
@@ -80,7 +88,7 @@ class KVDisk:
         self.half = self.layer_bytes // 2                   # K, then V: S blocks each
         self.block_bytes = self.half // self.blocks
         self.region = -(-self.layer_bytes // ALIGN) * ALIGN
-        self.slots = [aligned(self.region) for _ in range(min(disk, 2))]
+        self.slots = [aligned(self.region) for _ in range(min(disk, SLOTS))]
         self.key = (cache.data_ptr(), tuple(cache.shape))
         folder = knobs.cache_dir() / "offload" / "kv"
         folder.mkdir(parents=True, exist_ok=True)

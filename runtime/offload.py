@@ -433,14 +433,13 @@ class WeightStream:
         if self.streamer is None:
             return bound, list(range(len(bound)))
         owner = {t: u.name for u in self.streamed for t in u.tensors}
+        owner.update({n: n for n in self.index if n.startswith("kv ")})     # a disk layer's KV cache
         first: dict[str, int] = {}
         last: dict[str, int] = {}
         for k, st in enumerate(steps):
             for a in st.args:
-                name = owner.get(a.name) if a.kind in (ArgKind.PARAM, ArgKind.PACKED) else None
-                if a.kind is ArgKind.CACHE and self.kv is not None and self.kv.unit(a.offset) is not None:
-                    name = f"kv {a.offset}"          # a disk layer's KV cache: a unit of its own slots
-                    self.index[name], self.slot_of[name] = self.kv.unit(a.offset), ("kv", self.kv.slot(a.offset))
+                name = (owner.get(a.name) if a.kind in (ArgKind.PARAM, ArgKind.PACKED) else
+                        owner.get(f"kv {a.offset}") if a.kind is ArgKind.CACHE else None)
                 if name is not None:
                     first.setdefault(name, k)
                     last[name] = k
@@ -472,6 +471,9 @@ class WeightStream:
             return
         if self.kv is None:
             self.kv = KVDisk(self.streamer, cache, self.kv_layers, self.policy.kv_disk)
+            for layer in range(self.kv.ram, self.kv_layers):     # units of their own slots
+                self.index[f"kv {layer}"] = self.kv.unit(layer)
+                self.slot_of[f"kv {layer}"] = ("kv", self.kv.slot(layer))
         elif self.kv.key != (cache.data_ptr(), tuple(cache.shape)):
             raise InvalidRequestError("a plan with its KV cache partly on disk runs one KV cache (the engine's)")
 
