@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -68,6 +69,22 @@ static inline ffc_vf ffc_vzero_below(ffc_vf v, ffc_vf x, ffc_vf lo) {           
 }
 static inline float ffc_vsum(ffc_vf v) { return _mm512_reduce_add_ps(v); }
 static inline float ffc_vhmax(ffc_vf v) { return _mm512_reduce_max_ps(v); }
+// out[j] = the sum of v[j]'s lanes for 16 vectors, by one transposing tree of adds (each sum in
+// the same order: every lane pair, then the pairs' sums, whichever slot its vector is in)
+static inline void ffc_vsums(const ffc_vf* v, float* out) {
+  __m512 a[8], b[4];
+  for (int k = 0; k < 8; ++k)   // per 128-bit lane: v[2k] x0+x2, v[2k+1] x0+x2, v[2k] x1+x3, v[2k+1] x1+x3
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)   // per 128-bit lane: v[4k..4k+3]'s sums of that lane's four floats
+    b[k] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1))));
+}
 #elif FFC_VW == 8
 typedef __m256 ffc_vf;
 static inline ffc_vf ffc_vzero() { return _mm256_setzero_ps(); }
@@ -102,6 +119,12 @@ static inline float ffc_vhmax(ffc_vf v) {
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+// out[j] = the sum of v[j]'s lanes for 8 vectors (each in the same order, as above)
+static inline void ffc_vsums(const ffc_vf* v, float* out) {
+  const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31)));
+}
 #else
 typedef float ffc_vf;
 static inline ffc_vf ffc_vzero() { return 0.0f; }
@@ -118,6 +141,7 @@ static inline ffc_vf ffc_vldexp(ffc_vf p, ffc_vf k) { return std::ldexp(p, (int)
 static inline ffc_vf ffc_vzero_below(ffc_vf v, ffc_vf x, ffc_vf lo) { return x < lo ? 0.0f : v; }
 static inline float ffc_vsum(ffc_vf v) { return v; }
 static inline float ffc_vhmax(ffc_vf v) { return v; }
+static inline void ffc_vsums(const ffc_vf* v, float* out) { out[0] = v[0]; }
 #endif
 
 // Dot product of n floats of x with n weights of any storage type, fp32 accumulation.
@@ -133,15 +157,6 @@ static inline float ffc_dot(const float* x, const W* w, int64_t n) {
   float s = ffc_vsum(ffc_vadd(a0, a1));
   for (; k < n; ++k) s += x[k] * ffc_to_f32(w[k]);
   return s;
-}
-
-// y[0:n] += a * v[0:n], v of any storage type
-template <typename V>
-static inline void ffc_axpy(float* y, float a, const V* v, int64_t n) {
-  int64_t k = 0;
-  ffc_vf va = ffc_vset(a);
-  for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(y + k, ffc_vfma(va, ffc_vload(v + k), ffc_vload(y + k)));
-  for (; k < n; ++k) y[k] += a * ffc_to_f32(v[k]);
 }
 
 // ------------------------------------------------------------------ KV-cache rows
@@ -161,13 +176,6 @@ static inline void ffc_kv_store(int8_t* dst, const float* src, int64_t D) {
 template <typename C>
 static inline float ffc_kv_scale(const C*, int64_t) { return 1.0f; }
 static inline float ffc_kv_scale(const int8_t* row, int64_t D) { float s; std::memcpy(&s, row + D, sizeof(float)); return s; }
-
-static inline void ffc_scale(float* y, float a, int64_t n) {
-  int64_t k = 0;
-  ffc_vf va = ffc_vset(a);
-  for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(y + k, ffc_vmul(va, ffc_vload(y + k)));
-  for (; k < n; ++k) y[k] *= a;
-}
 
 // exp for softmax weights, on the SIMD layer: x = k ln2 + r with |r| <= ln2/2, exp(x) = 2^k p(r),
 // p a degree-6 polynomial (Cephes' expf coefficients, ~1 ulp); below -87.3 the result is 0.
@@ -192,6 +200,114 @@ static inline void ffc_exp_inplace(float* x, int64_t n) {
   int64_t k = 0;
   for (; k + FFC_VW <= n; k += FFC_VW) ffc_vstore(x + k, ffc_vexp(ffc_vload(x + k)));
   for (; k < n; ++k) x[k] = std::exp(x[k]);
+}
+
+// ------------------------------------------------------------------ attention
+// Ask for the cache lines of [p, p + bytes) (a KV row read soon: the cache's paged blocks are
+// too short for the hardware prefetchers, which stop at page boundaries).
+static inline void ffc_prefetch(const void* p, int64_t bytes) {
+#if FFC_VW > 1
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// max and sum of x[0:n], FFC_VW lanes at a time (the sum in a fixed order for each n)
+static inline float ffc_max(const float* x, int64_t n) {
+  ffc_vf m = ffc_vset(-INFINITY);
+  int64_t k = 0;
+  for (; k + FFC_VW <= n; k += FFC_VW) m = ffc_vmax(m, ffc_vload(x + k));
+  float r = ffc_vhmax(m);
+  for (; k < n; ++k) r = x[k] > r ? x[k] : r;
+  return r;
+}
+static inline float ffc_sum(const float* x, int64_t n) {
+  ffc_vf a = ffc_vzero();
+  int64_t k = 0;
+  for (; k + FFC_VW <= n; k += FFC_VW) a = ffc_vadd(a, ffc_vload(x + k));
+  float r = ffc_vsum(a);
+  for (; k < n; ++k) r += x[k];
+  return r;
+}
+
+// Online softmax attention of query rows over one block of n keys (K and V rows kp[j], vp[j]).
+// Per row r (q + r * D, its output acc + r * D, running max mx[r] and sum l[r]): scores
+// s_r[j] = dot(q_r, K_j) (FFC_VW keys at a time, their lanes summed by ffc_vsums), finished in
+// place by score(s_r, n, r) (scale, softcap, ALiBi); then the block's max m, the old sums
+// rescaled by exp(mx - m), l += sum_j exp(s_j - m), acc += exp(s_j - m) vs[j] V_j, the V rows
+// read once for RW rows at a time. s_r = s + r * ss, room for n rounded up to FFC_VW. A row's
+// arithmetic depends on its own keys only, so decode, prefill and verify rows agree exactly.
+template <int64_t D, int RW, typename C, typename Score>
+static inline void ffc_attend_rows(const float* __restrict q, float* __restrict acc, float* mx, float* l,
+                                   const C* const* kp, const C* const* vp, const float* vs, int64_t n,
+                                   float* __restrict s, int64_t ss, Score score) {
+  constexpr int64_t NV = D / FFC_VW, REM = D % FFC_VW;
+  float corr[RW];
+  for (int r = 0; r < RW; ++r) {
+    const float* qr = q + r * D;
+    float* sr = s + r * ss;
+    ffc_vf qv[NV > 0 ? NV : 1];
+    for (int64_t c = 0; c < NV; ++c) qv[c] = ffc_vload(qr + c * FFC_VW);
+    for (int64_t j0 = 0; j0 < n; j0 += FFC_VW) {
+      const int64_t m = n - j0 < FFC_VW ? n - j0 : FFC_VW;
+      ffc_vf part[FFC_VW];
+      for (int64_t j = 0; j < FFC_VW; ++j) {
+        ffc_vf a = ffc_vzero();
+        if (j < m)
+          for (int64_t c = 0; c < NV; ++c) a = ffc_vfma(qv[c], ffc_vload(kp[j0 + j] + c * FFC_VW), a);
+        part[j] = a;
+      }
+      ffc_vsums(part, sr + j0);
+      for (int64_t c = NV * FFC_VW; c < D; ++c)
+        for (int64_t j = j0; j < j0 + m; ++j) sr[j] += qr[c] * ffc_to_f32(kp[j][c]);
+    }
+    score(sr, n, r);
+    const float bm = ffc_max(sr, n), nm = bm > mx[r] ? bm : mx[r];
+    corr[r] = std::exp(mx[r] - nm);
+    mx[r] = nm;
+    for (int64_t j = 0; j < n; ++j) sr[j] -= nm;
+    ffc_exp_inplace(sr, n);
+    l[r] = l[r] * corr[r] + ffc_sum(sr, n);
+  }
+  ffc_vf av[RW][NV > 0 ? NV : 1];
+  for (int r = 0; r < RW; ++r)
+    for (int64_t c = 0; c < NV; ++c) av[r][c] = ffc_vmul(ffc_vset(corr[r]), ffc_vload(acc + r * D + c * FFC_VW));
+  for (int64_t j = 0; j < n; ++j) {
+    ffc_vf v[NV > 0 ? NV : 1];
+    for (int64_t c = 0; c < NV; ++c) v[c] = ffc_vload(vp[j] + c * FFC_VW);
+    for (int r = 0; r < RW; ++r) {
+      const ffc_vf w = ffc_vset(s[r * ss + j] * vs[j]);
+      for (int64_t c = 0; c < NV; ++c) av[r][c] = ffc_vfma(w, v[c], av[r][c]);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int64_t c = 0; c < NV; ++c) ffc_vstore(acc + r * D + c * FFC_VW, av[r][c]);
+  if constexpr (REM > 0)
+    for (int r = 0; r < RW; ++r) {
+      float* ar = acc + r * D + NV * FFC_VW;
+      for (int64_t c = 0; c < REM; ++c) ar[c] *= corr[r];
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < REM; ++c) ar[c] += s[r * ss + j] * vs[j] * ffc_to_f32(vp[j][NV * FFC_VW + c]);
+    }
+}
+
+// All QH query rows of a KV head over one block: RW rows at a time (as many as keep their
+// outputs in registers), the rest one at a time; score(s_r, n, r) with r the row in 0..QH.
+template <int64_t D, int64_t QH, typename C, typename Score>
+static inline void ffc_attend_block(const float* q, float* acc, float* mx, float* l, const C* const* kp,
+                                    const C* const* vp, const float* vs, int64_t n, float* s, int64_t ss,
+                                    Score score) {
+  constexpr int64_t NV = D / FFC_VW > 0 ? D / FFC_VW : 1;
+  constexpr int RW = (int)(12 / NV < 1 ? 1 : (12 / NV > QH ? QH : 12 / NV));
+  int64_t r0 = 0;
+  for (; r0 + RW <= QH; r0 += RW)
+    ffc_attend_rows<D, RW>(q + r0 * D, acc + r0 * D, mx + r0, l + r0, kp, vp, vs, n, s, ss,
+                           [&](float* sr, int64_t m, int r) { score(sr, m, r0 + r); });
+  for (; r0 < QH; ++r0)
+    ffc_attend_rows<D, 1>(q + r0 * D, acc + r0 * D, mx + r0, l + r0, kp, vp, vs, n, s, ss,
+                          [&](float* sr, int64_t m, int) { score(sr, m, r0); });
 }
 
 // Per-thread scratch that grows once and is then reused: no allocation in steady state.
