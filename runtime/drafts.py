@@ -71,9 +71,12 @@ class NgramDraft:
 
     How far a continuation holds depends mostly on how long the match is: an ending of one
     common token recurs everywhere, eight tokens matched verbatim mean the text is being copied.
-    So acceptance is counted per match length (buckets of ``BUCKETS``, smoothed, with priors),
-    over every verified proposal of any request, and a proposal's tree is shaped by its own
-    bucket's rate (``expect``)."""
+    And each proposed token the target accepts makes the match one token longer: a proposal
+    from a one-token match is a coin toss at its first token and a copy after a few. So
+    acceptance is counted per match length (buckets of ``BUCKETS``, smoothed, with priors),
+    over every verified proposal of any request, a token at depth i of a proposal from a match
+    of m tokens counting for m + i - 1; a proposal's tree is shaped by those rates along its
+    depths (``expect``)."""
 
     kind = "ngram"
     MAX_MATCH = 32                           # match lengths counted up to
@@ -108,22 +111,28 @@ class NgramDraft:
     def bucket(self, match: int) -> int:
         return max(i for i, lo in enumerate(self.BUCKETS) if match >= lo)
 
-    def expect(self, tokens: Sequence[int]) -> Optional[tuple[float, int]]:
-        """(per-token acceptance, bucket) of the proposal ``propose`` would make now; None when
-        the ending occurs nowhere before (nothing to propose)."""
+    def expect(self, tokens: Sequence[int], depth: int) -> Optional[tuple[list[float], int]]:
+        """(the acceptance of each of the first ``depth`` tokens given the ones before it, match
+        length) of the proposal ``propose`` would make now; None when the ending occurs nowhere
+        before (nothing to propose)."""
         found = self.lookup(tokens)
         if not found:
             return None
-        b = self.bucket(found[0][0])
-        return self.hits[b] / self.trials[b], b
+        m = found[0][0]
+        return [self.rate(m + i) for i in range(depth)], m
 
-    def observe(self, bucket: int, depth: int, accepted: int) -> None:
-        """A verified proposal of this bucket: ``accepted`` of ``depth`` tokens (see ``trials``)."""
-        if depth <= 0:
-            return
+    def rate(self, match: int) -> float:
+        b = self.bucket(match)
+        return self.hits[b] / self.trials[b]
+
+    def observe(self, match: int, depth: int, accepted: int) -> None:
+        """A verified proposal from a match of ``match`` tokens: ``accepted`` of ``depth`` tokens,
+        each a trial of the match length it extended (see ``trials``)."""
         decay = 1 - 1 / (4 * self.WEIGHT)     # old counts fade: the text being written changes
-        self.hits[bucket] = self.hits[bucket] * decay + accepted
-        self.trials[bucket] = self.trials[bucket] * decay + trials(depth, accepted)
+        for i in range(min(trials(depth, accepted), depth)):
+            b = self.bucket(match + i)
+            self.hits[b] = self.hits[b] * decay + (i < accepted)
+            self.trials[b] = self.trials[b] * decay + 1
 
     def propose(self, tokens: Sequence[int], depth: int, max_nodes: int) -> Optional[Tree]:
         conts: list[list[int]] = []

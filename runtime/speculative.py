@@ -110,11 +110,13 @@ class SpecControl:
       cost           t(B n) / t(B) + d k + c x    d: a draft step per sequence over t(B) / B;
                                                   c: a draft's catch-up per token the request is
                                                   likely to have left, x: the step's tokens
-      tokens/step    1 + sum over depths i of a^(i-1) * (a + (1 - a) * b(w_i))
-                     a: the draft's per-token acceptance along its chain, b(w): how often the
-                     target's token is among the draft's next w - 1 candidates when its first
-                     is rejected (counted at every rejection); w_i: the width at depth i (the
-                     chain node and w_i - 1 leaves beside it)
+      tokens/step    1 + sum over depths i of A(i-1) * (a_i + (1 - a_i) * b(w_i))
+                     a_i: the acceptance of the chain's token at depth i given the ones above
+                     it (one rate at every depth for a draft model; prompt lookup's grow with
+                     the match), A(i) = a_1 ... a_i; b(w): how often the target's token is among
+                     the draft's next w - 1 candidates when its first is rejected (counted at
+                     every rejection); w_i: the width at depth i (the chain node and w_i - 1
+                     leaves beside it)
 
     The shape with the most tokens per unit of cost is used (a chain as deep as pays, widened
     where a leaf's expected tokens beat its cost); none when no shape beats plain decoding by
@@ -186,19 +188,21 @@ class SpecControl:
             return self.predicted(tokens) / self.predicted(batch)
         return a / b
 
-    def shape(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1,
+    def shape(self, acceptance, draft_cost: float = 0.0, alt: Sequence[float] = (), batch: int = 1,
               extra: float = 0.0, min_gain: float = 1.02) -> list[int]:
-        """Widths per depth (its length the depth); [] to decode plainly. ``alt[w - 2]``: b(w);
+        """Widths per depth (its length the depth); [] to decode plainly. ``acceptance``: a_i per
+        depth (see the class doc), or one rate for every depth; ``alt[w - 2]``: b(w);
         ``draft_cost``: a draft step per sequence relative to a plain step's share, t(B) / B;
         ``extra``: a further cost of speculating per token it yields, in the same unit (a draft's
         catch-up spread over the tokens left); ``min_gain``: the predicted speed-up a shape must
         reach."""
         return self.plan(acceptance, draft_cost, alt, batch, extra, min_gain)[0]
 
-    def plan(self, acceptance: float, draft_cost: float = 0.0, alt: Sequence[float] = (),
+    def plan(self, acceptance, draft_cost: float = 0.0, alt: Sequence[float] = (),
              batch: int = 1, extra: float = 0.0, min_gain: float = 1.02) -> tuple[list[int], float]:
         """The best shape and its predicted speed-up over plain decoding (1.0 for plain)."""
-        a = round(min(max(acceptance, 0.0), 0.99), 2)      # inputs rounded: plans are reused
+        a = tuple(round(min(max(x, 0.0), 0.99), 2)         # inputs rounded: plans are reused
+                  for x in per_depth(acceptance, self.max_depth))
         b = [0.0, 0.0, *(round(x, 2) for x in alt)][:self.MAX_WIDTH + 1]      # by width: b(1) = 0, no leaves
         B = max(batch, 1)
         draft_cost, extra = round(draft_cost, 2), round(extra, 2)
@@ -214,8 +218,9 @@ class SpecControl:
         widths, gain = self._plans[memo]
         return list(widths), gain
 
-    def _best(self, a: float, b: list, draft_cost: float, extra: float, min_gain: float) -> tuple[list[int], float]:
+    def _best(self, a: tuple, b: list, draft_cost: float, extra: float, min_gain: float) -> tuple[list[int], float]:
         rel = self._rel
+        reach = expected_reach(a)       # reach[i]: the chain's first i tokens all accepted
 
         def cost(nodes: int, k: int, tokens: float) -> float:
             return rel[nodes] + draft_cost * k + extra * tokens
@@ -225,10 +230,10 @@ class SpecControl:
             if k + 1 > self.max_nodes:
                 break
             widths = [1] * k
-            gain = sum(a ** i for i in range(1, k + 1))
+            gain = sum(reach[1:k + 1])
             rate = (1 + gain) / cost(k + 1, k, 1 + gain)
             while sum(widths) + 1 <= self.max_nodes:   # widen where one more leaf adds the most tokens
-                options = [(a ** i * (1 - a) * (b[widths[i] + 1] - b[widths[i]]), i) for i in range(k)
+                options = [(reach[i] * (1 - a[i]) * (b[widths[i] + 1] - b[widths[i]]), i) for i in range(k)
                            if widths[i] + 1 < len(b)]
                 if not options:
                     break
@@ -279,6 +284,23 @@ class SpecControl:
         return None if t is None else t / max(batch, 1)
 
 
+def per_depth(acceptance, depth: int) -> list[float]:
+    """Acceptance given as one rate for every depth or a rate per depth, as ``depth`` rates
+    (a list shorter than ``depth`` goes on at its last rate)."""
+    if isinstance(acceptance, (int, float)):
+        return [float(acceptance)] * depth
+    rates = [float(x) for x in acceptance][:depth]
+    return rates + [rates[-1]] * (depth - len(rates))
+
+
+def expected_reach(rates: Sequence[float]) -> list[float]:
+    """[1, a_1, a_1 a_2, ...]: the chance that a chain's first i tokens are all accepted."""
+    out = [1.0]
+    for x in rates:
+        out.append(out[-1] * x)
+    return out
+
+
 def update_acceptance(acc: float, depth: int, accepted: int) -> float:
     """A request's per-token acceptance rate, smoothed over its verify steps (each counted as
     drafts.trials does)."""
@@ -306,7 +328,7 @@ class Speculation:
         self.gate = True      # verify only steps expected to pay (off: every tree proposed is verified)
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
         self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
-        self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length's bucket)
+        self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length)
         self.lengths: deque = deque(maxlen=self.LENGTHS)   # tokens of answers that ended by themselves
 
     def answered(self, tokens: int) -> None:
@@ -361,7 +383,7 @@ class Speculation:
                     req.acceptance = min(draft.prior_acceptance, 0.9)
             acceptance, key = req.acceptance, None
             if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
-                found = draft.expect(toks)
+                found = draft.expect(toks, self.control.max_depth)
                 if found is None:
                     continue
                 acceptance, key = found
@@ -397,7 +419,7 @@ class Speculation:
                         widths.pop()
                 batches.setdefault(req.draft, []).append((req, toks, widths))
                 continue
-            tree = draft.propose(toks, depth, nodes)
+            tree = draft.propose(toks, depth, min(nodes, 1 + sum(widths[:depth])))   # the nodes priced
             if tree is not None:
                 out[req] = tree
         alive = {r.id for r in running if not r.finished}
@@ -422,7 +444,7 @@ class Speculation:
         if not trees or not self.gate:
             return trees
         tokens = batch + sum(len(t.tokens) - 1 for t in trees.values())
-        gain = sum(sum(min(self.expected[req], 0.99) ** d for d in range(1, max(t.depths()) + 1))
+        gain = sum(sum(expected_reach([min(x, 0.99) for x in per_depth(self.expected[req], max(t.depths()))])[1:])
                    for req, t in trees.items())
         if (batch + gain) / batch >= self._margin(batch) * self.control.relative(tokens, batch):
             return trees

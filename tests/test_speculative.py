@@ -181,8 +181,10 @@ def test_greedy_ngram_equals_plain(smol_llm, batch, monkeypatch):
 def test_prompt_lookup_rates_its_proposals_by_match_length():
     """The occurrence matching most of the text's ending is proposed first; its match length's
     bucket rates the proposal (a verbatim copy of 8 tokens is trusted far more than a repeated
-    common token), the rate learns from what verification accepts, and a long match gets a
-    deeper tree than a short one under the same step costs."""
+    common token), each token deeper in it by the bucket of the match it would make (every
+    accepted token lengthens the match), the rates learn from what verification accepts, and
+    a long match gets a deeper tree than a short one under the same step costs, a short match
+    whose later tokens hold a deeper one than a rate for every depth would give."""
     from ffc.runtime.speculative import NgramDraft, SpecControl
     ng = NgramDraft()
     text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40, 9, 50, 51, 52, 1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -190,18 +192,24 @@ def test_prompt_lookup_rates_its_proposals_by_match_length():
     assert found[0] == (9, 8) and (1, 13) in found           # 9 tokens match ending at 8, "40 9" only the 9
     tree = ng.propose(text, 3, 16)
     assert tree.tokens[:4] == [9, 10, 11, 12] and 50 in tree.tokens   # the long match first, a branch
-    long_rate, long_bucket = ng.expect(text)
-    short_rate, short_bucket = ng.expect([7, 3, 8, 3])
-    assert long_bucket > short_bucket and long_rate > short_rate
-    assert ng.expect([1, 2, 3]) is None                      # the ending occurs nowhere before
-    for _ in range(40):                                       # this bucket's proposals keep failing
-        ng.observe(long_bucket, 4, 0)
-    assert ng.expect(text)[0] < 0.1 and ng.expect([7, 3, 8, 3])[0] == short_rate
+    assert ng.propose(text, 3, 4).tokens == [9, 10, 11, 12]   # within the nodes priced: the first branch only
+    long_rates, long_match = ng.expect(text, 4)
+    short_rates, short_match = ng.expect([7, 3, 8, 3], 4)
+    assert (long_match, short_match) == (9, 1) and long_rates[0] > short_rates[0]
+    assert short_rates == [ng.rate(m) for m in (1, 2, 3, 4)] and short_rates == sorted(short_rates)
+    assert ng.expect([1, 2, 3], 4) is None                   # the ending occurs nowhere before
+    for _ in range(40):                                       # proposals from 9-token matches fail at once
+        ng.observe(long_match, 4, 0)
+    assert ng.expect(text, 4)[0][0] < 0.1 and ng.expect([7, 3, 8, 3], 4)[0] == short_rates
+    assert ng.rate(16) == NgramDraft.PRIOR[-1]                # only the first token was tried each time
+    ng.observe(1, 4, 2)                                       # two accepted: matches of 1 and 2 held, 3 failed
+    assert ng.rate(1) > short_rates[0] and ng.rate(2) > short_rates[1] and ng.rate(3) < short_rates[2]
     c = SpecControl()
     for t in (1, 8, 16, 33):
         c.observe(t, 0.010 + 2e-4 * t)
         c.observe(t, 0.010 + 2e-4 * t, verify=False)
     assert len(c.shape(0.95)) > len(c.shape(0.3)) >= 1
+    assert len(c.shape([0.3, 0.9, 0.9, 0.9, 0.9])) > len(c.shape(0.3))
 
 
 def mixed_batch(llm, prompts, drafts, max_new_tokens=64):
