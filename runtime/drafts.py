@@ -129,7 +129,7 @@ class NgramDraft:
         """A verified proposal from a match of ``match`` tokens: ``accepted`` of ``depth`` tokens,
         each a trial of the match length it extended (see ``trials``)."""
         decay = 1 - 1 / (4 * self.WEIGHT)     # old counts fade: the text being written changes
-        for i in range(min(trials(depth, accepted), depth)):
+        for i in range(trials(depth, accepted)):
             b = self.bucket(match + i)
             self.hits[b] = self.hits[b] * decay + (i < accepted)
             self.trials[b] = self.trials[b] * decay + 1
