@@ -27,6 +27,12 @@ def cpu_arch() -> str:
     return os.environ.get("FFC_CPU_ARCH") or "native"
 
 
+def huge_pages() -> bool:
+    """FFC_HUGE_PAGES=0: a CPU plan's large buffers (packed weights, KV cache, arena) in the
+    allocator's ordinary 4 KiB pages instead of transparent huge pages; default 1."""
+    return os.environ.get("FFC_HUGE_PAGES", "1") not in ("", "0")
+
+
 def own_memory() -> bool:
     """FFC_OWN_MEMORY=1: a CPU plan's weights, arena and KV cache live in its kernel library's own
     allocations, the path every CUDA plan takes (so that path runs without a GPU); default 0."""
