@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 import ffc
 from ffc.runtime import shm_collectives
+from ffc.runtime.device_memory import host_buffer
 
 from .cluster import DeviceProfile, Link, load_profile, local_profile_path
 from .errors import InvalidRequestError
@@ -58,7 +59,8 @@ def measure_gemm(runs: int = 7) -> dict:
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, runs: int = 7) -> float:
-    x = torch.rand(nbytes // 4)
+    """Streaming reads of host memory as the runtime allocates it (huge pages: ``host_buffer``)."""
+    x = host_buffer(nbytes).view(torch.float32).uniform_()
     return nbytes / _median_time(lambda: x.sum(), runs)
 
 

@@ -30,7 +30,7 @@ from ffc import knobs
 from .device_memory import HOST, OwnMemory, as_torch, read, write
 from .kernel_library import load_library
 from .offload import WeightStream
-from .qpanels import pack_panels, pack_qpanels, panel_view
+from .qpanels import pack_panels, pack_qpanels, panel_count, panel_view
 
 
 def _env_of(env: dict, exprs) -> list[int]:
@@ -47,10 +47,13 @@ def _pack(plan: Plan, names: set, weights: Mapping[str, torch.Tensor], packed: d
         if span is not None and isinstance(packed.get(p.param), torch.Tensor):
             packed[name] = packed[p.param][span[0]:span[1]]
             continue
-        info = plan.params[p.param]
-        t = (pack_qpanels(weights[p.param], info.dtype, info.shape[1], p.rows, p.nr)
-             if info.dtype.quantized else pack_panels(weights[p.param], p.rows, p.nr))
-        packed[name] = memory.to_device(t, copy=False)
+        info, w = plan.params[p.param], weights[p.param]
+        if info.dtype.quantized:
+            packed[name] = memory.to_device(pack_qpanels(w, info.dtype, info.shape[1], p.rows, p.nr), copy=False)
+            continue
+        out = memory.weight((panel_count(p.rows, p.nr), w.shape[1], p.nr), w.dtype)   # host: packed in place
+        t = pack_panels(w, p.rows, p.nr, out=out)
+        packed[name] = t if out is not None else memory.to_device(t, copy=False)
 
 
 class CompiledPlan:

@@ -8,11 +8,10 @@ is present, ``as_torch`` views the same memory as torch tensors for NCCL's colle
 ``FFC_OWN_MEMORY=1`` puts a CPU plan on the executor's path too (host memory the executor
 allocates), so the path a GPU takes runs in every test run.
 
-Host buffers of 2 MiB and more are mappings of their own with transparent huge pages asked for
+Host weights of 256 KiB and more live in mappings with transparent huge pages asked for
 (``host_buffer``): a decode step streams every weight once, and in 4 KiB pages that is a TLB
-miss (under virtualization, a two-level page walk) every 4 KiB, which the hardware prefetchers
-do not cross either; a KV block of one head is one such page. Default model, one process,
-both load orders: a decode step 11-12% faster in huge pages. ``FFC_HUGE_PAGES=0`` turns it off.
+miss (under virtualization, a two-level page walk) every 4 KiB, where the hardware prefetchers
+stop too. ``FFC_HUGE_PAGES=0`` turns it off.
 
 An array is only bound, copied in and copied out: ``write``/``read`` move host tensors to and
 from it at a byte offset, ``copy_kv_slots`` moves K/V rows inside a cache.
@@ -22,7 +21,8 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
-from typing import Sequence, Union
+import weakref
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -30,6 +30,7 @@ from ffc import knobs
 from ffc.util import available_memory_bytes
 
 HUGE_PAGE = 2 << 20
+SLAB_MIN = 256 << 10     # weights from this size on are carved from huge-page slabs
 
 
 class DeviceArray:
@@ -127,43 +128,72 @@ def as_torch(x: Union[torch.Tensor, DeviceArray]) -> torch.Tensor:
 
 
 def host_buffer(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of zeroed host memory as a uint8 tensor: from 2 MiB on, a private anonymous
-    mapping starting at a 2 MiB boundary with huge pages asked for (the kernel backs each whole
-    2 MiB of it with one where it has them; the rest, and any machine without them, gets
-    ordinary pages); below that, or with FFC_HUGE_PAGES=0, torch's allocator."""
+    """``nbytes`` of host memory as a uint8 tensor, uninitialized as torch.empty's: from 2 MiB on,
+    a private anonymous mapping (zeros, no page touched) starting at a 2 MiB boundary with huge
+    pages asked for (the kernel backs each whole 2 MiB of it with one where it has them; the
+    rest, and any machine without them, gets ordinary pages); below that, or with
+    FFC_HUGE_PAGES=0, torch's allocator."""
     if nbytes < HUGE_PAGE or not knobs.huge_pages() or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(nbytes, dtype=torch.uint8)
-    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + HUGE_PAGE
-    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return torch.empty(nbytes, dtype=torch.uint8)
+    m, start = _huge_mapping(nbytes)
+    return torch.frombuffer(m, dtype=torch.uint8)[start:start + nbytes]   # (its views hold the mapping)
+
+
+def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
+    """A private anonymous mapping with huge pages asked for, and the offset in it of its first
+    2 MiB boundary, from which ``nbytes`` fit."""
+    m = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
     except OSError:                                   # a kernel built without them: ordinary pages
         pass
-    raw = torch.frombuffer(m, dtype=torch.uint8)      # holds the mapping for as long as it lives
-    start = -raw.data_ptr() % HUGE_PAGE
-    return raw[start:start + nbytes]
+    return m, -ctypes.addressof(ctypes.c_char.from_buffer(m)) % HUGE_PAGE
 
 
 class HostMemory:
-    """Torch tensors in host memory (the large ones in huge pages: ``host_buffer``)."""
+    """Torch tensors in host memory; weights of 256 KiB and more in huge pages, carved one after
+    another from 64 MiB mappings (``_huge_mapping``; a mapping of their own each would waste up
+    to a huge page at its end). The arena and the KV pool stay torch's: they are touched sparsely (a
+    decode step writes the first rows of buffers sized for the longest prefill; a pool's blocks
+    are taken one at a time), and a huge page would make each such touch 2 MiB resident."""
     own = False
     device = torch.device("cpu")
+    SLAB = 64 << 20
+
+    def __init__(self):
+        self._slab: Optional[weakref.ref] = None    # the mapping being filled (its weights' views hold it)
+        self._used = self._end = 0                  # bytes of it used, and where its slab ends
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape) * dtype.itemsize
-        if n < HUGE_PAGE:
-            return torch.empty(tuple(shape), dtype=dtype)
-        return host_buffer(n).view(dtype).view(tuple(shape))
+        return torch.empty(tuple(shape), dtype=dtype)
 
     def to_device(self, t: torch.Tensor, copy: bool = True) -> torch.Tensor:
         """``t`` in host memory: a copy unless ``copy=False`` (a view of a mapped weights file would
         keep the whole file alive; a tensor made for the plan, such as packed panels, needs none)
-        or it is 2 MiB or more (copied into huge pages, which the kernels stream faster)."""
-        if t.numel() * t.element_size() < HUGE_PAGE or not knobs.huge_pages():
+        or it is 256 KiB or more (copied into huge pages, which the kernels stream faster)."""
+        if t.numel() * t.element_size() < SLAB_MIN or not knobs.huge_pages():
             return t.to("cpu", copy=copy)
-        out = self.empty(t.shape, t.dtype)
+        out = self.weight(t.shape, t.dtype)
         out.copy_(t)
         return out
+
+    def weight(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized tensor for a weight the plan keeps (in huge pages from 256 KiB on), for
+        packing in place."""
+        n = math.prod(shape) * dtype.itemsize
+        if n < SLAB_MIN or not knobs.huge_pages():
+            return torch.empty(tuple(shape), dtype=dtype)
+        return self._carve(n).view(dtype).view(tuple(shape))
+
+    def _carve(self, n: int) -> torch.Tensor:
+        m = self._slab() if self._slab is not None else None
+        start = -(-self._used // mmap.PAGESIZE) * mmap.PAGESIZE
+        if m is None or start + n > self._end:
+            size = max(self.SLAB, -(-n // HUGE_PAGE) * HUGE_PAGE)
+            m, start = _huge_mapping(size)
+            self._slab, self._end = weakref.ref(m), start + size
+        self._used = start + n
+        return torch.frombuffer(m, dtype=torch.uint8)[start:start + n]
 
     def available(self) -> int:
         return available_memory_bytes()
@@ -179,6 +209,10 @@ class OwnMemory:
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> DeviceArray:
         return DeviceArray(self.exe, shape, dtype, self.device)
+
+    def weight(self, shape: Sequence[int], dtype: torch.dtype) -> None:
+        """None: a weight is made in host memory and uploaded (``to_device``)."""
+        return None
 
     def to_device(self, t: torch.Tensor, copy: bool = True) -> DeviceArray:
         """``t`` uploaded (always a copy: it crosses to the executor's memory)."""

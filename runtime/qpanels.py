@@ -20,17 +20,29 @@ from ffc.plan.schema import Packed
 CHUNK = KERNEL_CHUNK
 
 
-def pack_panels(w: torch.Tensor, rows, nr: int) -> torch.Tensor:
+def pack_panels(w: torch.Tensor, rows, nr: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Row ranges of a [R, K] weight as panels [P, K, nr]: panel p holds rows p*nr.. of a range,
-    transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded."""
-    parts = []
+    transposed so one k step reads nr contiguous weights; a range's last panel is zero-padded.
+    Written into ``out`` when given (the memory the plan keeps: no temporary of the whole)."""
+    K = w.shape[1]
+    if out is None:
+        out = torch.empty(panel_count(rows, nr), K, nr, dtype=w.dtype)
+    p = 0
     for first, count in rows:
-        seg = w[first:first + count]
-        pad = -count % nr
-        if pad:
-            seg = torch.cat([seg, seg.new_zeros(pad, w.shape[1])])
-        parts.append(seg.reshape(-1, nr, w.shape[1]).transpose(1, 2))
-    return torch.cat(parts).contiguous()
+        full, rem = divmod(count, nr)
+        if full:
+            out[p:p + full].copy_(w[first:first + full * nr].reshape(full, nr, K).transpose(1, 2))
+            p += full
+        if rem:
+            out[p].zero_()
+            out[p, :, :rem].copy_(w[first + full * nr:first + count].t())
+            p += 1
+    return out
+
+
+def panel_count(rows, nr: int) -> int:
+    """Panels of ``nr`` rows the row ranges ``rows`` take (each range's last one padded)."""
+    return sum(-(-count // nr) for _, count in rows)
 
 
 def panel_view(whole: Optional[Packed], part: Packed) -> Optional[tuple[int, int]]:

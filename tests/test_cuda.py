@@ -24,7 +24,7 @@ from ffc.ir import run_graph
 from ffc.lower import lower_module
 from ffc.plan.schema import Target
 from ffc.runtime.compiled import CompiledPlan
-from ffc.runtime.device_memory import HUGE_PAGE, DeviceArray, OwnMemory, copy_kv_slots, host_buffer
+from ffc.runtime.device_memory import HUGE_PAGE, SLAB_MIN, DeviceArray, OwnMemory, copy_kv_slots, host_buffer
 
 from conftest import PROMPTS
 from test_codegen import _inputs, kernel_lib  # noqa: F401 - the CPU kernels of the same IR
@@ -206,20 +206,20 @@ def test_own_memory_generates_what_the_default_does(smol_artifact, smol_llm, mon
     assert llm.generate(PROMPTS, max_new_tokens=24, speculative="ngram").token_ids == want
 
 
-def test_huge_pages_hold_the_large_host_buffers_and_change_no_token(smol_artifact, smol_llm, monkeypatch):
-    """Host buffers of 2 MiB and more (packed weights, arena, KV pool) start at a 2 MiB boundary
-    of a mapping with huge pages asked for, zeroed; FFC_HUGE_PAGES=0 leaves every buffer to
-    torch's allocator, and the default model writes the same tokens either way."""
+def test_huge_pages_hold_the_weights_and_change_no_token(smol_artifact, smol_llm, monkeypatch):
+    """Weights of 256 KiB and more (packed panels, tables) are carved one after another from
+    mappings with huge pages asked for, the first at a 2 MiB boundary; FFC_HUGE_PAGES=0 leaves
+    them to torch's allocator, and the default model writes the same tokens either way."""
     import ffc
     buf = host_buffer(3 * HUGE_PAGE + 5)
     assert buf.numel() == 3 * HUGE_PAGE + 5 and buf.data_ptr() % HUGE_PAGE == 0 and not buf.any()
-    cp = smol_llm.compiled
-    big = [t for t in cp.packed.values() if t.numel() * t.element_size() >= HUGE_PAGE]
-    assert big and any(t.data_ptr() % HUGE_PAGE == 0 for t in big)
-    assert cp._arena.data_ptr() % HUGE_PAGE == 0 and smol_llm.engine.pool.tensor.data_ptr() % HUGE_PAGE == 0
+    big = [t for t in smol_llm.compiled.packed.values() if t.numel() * t.element_size() >= SLAB_MIN]
+    assert big and not any(t.untyped_storage().resizable() for t in big)      # mapped, not torch's
+    assert any(t.data_ptr() % HUGE_PAGE == 0 for t in big) and all(t.data_ptr() % 4096 == 0 for t in big)
     monkeypatch.setenv("FFC_HUGE_PAGES", "0")
-    assert host_buffer(3 * HUGE_PAGE).untyped_storage().resizable()     # torch's own
+    assert host_buffer(3 * HUGE_PAGE).untyped_storage().resizable()
     llm = ffc.load(smol_artifact)
+    assert all(t.untyped_storage().resizable() for t in llm.compiled.packed.values())
     assert llm.generate(PROMPTS, max_new_tokens=24).token_ids == smol_llm.generate(PROMPTS, max_new_tokens=24).token_ids
 
 
