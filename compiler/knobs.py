@@ -28,8 +28,8 @@ def cpu_arch() -> str:
 
 
 def huge_pages() -> bool:
-    """FFC_HUGE_PAGES=0: a CPU plan's large buffers (packed weights, KV cache, arena) in the
-    allocator's ordinary 4 KiB pages instead of transparent huge pages; default 1."""
+    """FFC_HUGE_PAGES=0: a CPU plan's weights in torch's allocator (ordinary 4 KiB pages) instead
+    of mappings with transparent huge pages asked for; default 1."""
     return os.environ.get("FFC_HUGE_PAGES", "1") not in ("", "0")
 
 

@@ -132,7 +132,7 @@ def host_buffer(nbytes: int) -> torch.Tensor:
     a private anonymous mapping (zeros, no page touched) starting at a 2 MiB boundary with huge
     pages asked for (the kernel backs each whole 2 MiB of it with one where it has them; the
     rest, and any machine without them, gets ordinary pages); below that, or with
-    FFC_HUGE_PAGES=0, torch's allocator."""
+    FFC_HUGE_PAGES=0, torch's allocator. Weights streamed whole (an offloaded unit, its slots)."""
     if nbytes < HUGE_PAGE or not knobs.huge_pages() or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)
     m, start = _huge_mapping(nbytes)
@@ -140,14 +140,16 @@ def host_buffer(nbytes: int) -> torch.Tensor:
 
 
 def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
-    """A private anonymous mapping with huge pages asked for, and the offset in it of its first
-    2 MiB boundary, from which ``nbytes`` fit."""
+    """A private anonymous mapping, and the offset in it of its first 2 MiB boundary, from which
+    ``nbytes`` fit; huge pages are asked for the whole 2 MiB there (a partly used one at the end
+    would be resident in full)."""
     m = mmap.mmap(-1, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(m)) % HUGE_PAGE
     try:
-        m.madvise(mmap.MADV_HUGEPAGE)
+        m.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
     except OSError:                                   # a kernel built without them: ordinary pages
         pass
-    return m, -ctypes.addressof(ctypes.c_char.from_buffer(m)) % HUGE_PAGE
+    return m, start
 
 
 class HostMemory:

@@ -32,6 +32,8 @@ import torch
 from ffc import knobs
 from ffc.errors import InvalidRequestError
 
+from .device_memory import host_buffer
+
 ALIGN = 4096            # O_DIRECT: offsets, sizes and buffers aligned to the logical block
 SLOTS = 2               # disk layers' pools alternate between this many slots in RAM
 
@@ -44,8 +46,9 @@ def ram_layers(layers: int, disk: int) -> int:
 
 
 def aligned(nbytes: int) -> tuple[torch.Tensor, int]:
-    """A buffer of at least ``nbytes`` and the offset in it of an ALIGN-aligned start."""
-    buf = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    """A buffer of at least ``nbytes`` and the offset in it of an ALIGN-aligned start (from
+    2 MiB on, in huge pages: ``host_buffer``)."""
+    buf = host_buffer(nbytes + ALIGN)
     return buf, (-buf.data_ptr()) % ALIGN
 
 
