@@ -9,9 +9,10 @@ is present, ``as_torch`` views the same memory as torch tensors for NCCL's colle
 allocates), so the path a GPU takes runs in every test run.
 
 Host weights of 256 KiB and more live in mappings with transparent huge pages asked for
-(``host_buffer``): a decode step streams every weight once, and in 4 KiB pages that is a TLB
-miss (under virtualization, a two-level page walk) every 4 KiB, where the hardware prefetchers
-stop too. ``FFC_HUGE_PAGES=0`` turns it off.
+(``HostMemory.weight``; ``host_buffer`` for a buffer of its own, such as an offload's units):
+a decode step streams every weight once, and in 4 KiB pages that is a TLB miss (under
+virtualization, a two-level page walk) every 4 KiB, where the hardware prefetchers stop too.
+``FFC_HUGE_PAGES=0`` turns it off.
 
 An array is only bound, copied in and copied out: ``write``/``read`` move host tensors to and
 from it at a byte offset, ``copy_kv_slots`` moves K/V rows inside a cache.
@@ -132,7 +133,7 @@ def host_buffer(nbytes: int) -> torch.Tensor:
     a private anonymous mapping (zeros, no page touched) starting at a 2 MiB boundary with huge
     pages asked for (the kernel backs each whole 2 MiB of it with one where it has them; the
     rest, and any machine without them, gets ordinary pages); below that, or with
-    FFC_HUGE_PAGES=0, torch's allocator. Weights streamed whole (an offloaded unit, its slots)."""
+    FFC_HUGE_PAGES=0, torch's allocator. For buffers read whole (an offload's units and slots)."""
     if nbytes < HUGE_PAGE or not knobs.huge_pages() or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(nbytes, dtype=torch.uint8)
     m, start = _huge_mapping(nbytes)
@@ -155,9 +156,9 @@ def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
 class HostMemory:
     """Torch tensors in host memory; weights of 256 KiB and more in huge pages, carved one after
     another from 64 MiB mappings (``_huge_mapping``; a mapping of their own each would waste up
-    to a huge page at its end). The arena and the KV pool stay torch's: they are touched sparsely (a
-    decode step writes the first rows of buffers sized for the longest prefill; a pool's blocks
-    are taken one at a time), and a huge page would make each such touch 2 MiB resident."""
+    to a huge page at its end). The arena and the KV pool stay torch's: they are touched
+    sparsely (a decode step writes the first rows of buffers sized for the longest prefill; a
+    pool's blocks are taken one at a time), and a huge page makes each such touch 2 MiB resident."""
     own = False
     device = torch.device("cpu")
     SLAB = 64 << 20
