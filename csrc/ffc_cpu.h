@@ -144,6 +144,17 @@ static inline float ffc_vhmax(ffc_vf v) { return v; }
 static inline void ffc_vsums(const ffc_vf* v, float* out) { out[0] = v[0]; }
 #endif
 
+// Ask for the cache lines of [p, p + bytes), read soon (a panel's next k-steps; a KV row: the
+// cache's paged blocks are too short for the hardware prefetchers, which stop at page boundaries).
+static inline void ffc_prefetch(const void* p, int64_t bytes) {
+#if FFC_VW > 1
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Dot product of n floats of x with n weights of any storage type, fp32 accumulation.
 template <typename W>
 static inline float ffc_dot(const float* x, const W* w, int64_t n) {
@@ -203,17 +214,6 @@ static inline void ffc_exp_inplace(float* x, int64_t n) {
 }
 
 // ------------------------------------------------------------------ attention
-// Ask for the cache lines of [p, p + bytes) (a KV row read soon: the cache's paged blocks are
-// too short for the hardware prefetchers, which stop at page boundaries).
-static inline void ffc_prefetch(const void* p, int64_t bytes) {
-#if FFC_VW > 1
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
 // max and sum of x[0:n], FFC_VW lanes at a time (the sum in a fixed order for each n)
 static inline float ffc_max(const float* x, int64_t n) {
   ffc_vf m = ffc_vset(-INFINITY);
@@ -354,11 +354,7 @@ static inline void ffc_panel_tile(const float* __restrict x, int64_t ldx, const 
       for (int j = 0; j < NV; ++j) acc[i][j] = ffc_vzero();
     const W* wp = panel + s;
     for (int64_t k = 0; k < K; ++k, wp += FFC_NR) {
-#if FFC_VW > 1
-      if (s == 0)  // the panel streams front to back: ask for the lines 16 k-steps ahead
-        for (int64_t b = 0; b < (int64_t)(FFC_NR * sizeof(W)); b += 64)
-          _mm_prefetch((const char*)(wp + 16 * FFC_NR) + b, _MM_HINT_T0);
-#endif
+      if (s == 0) ffc_prefetch(wp + 16 * FFC_NR, FFC_NR * sizeof(W));   // front to back: 16 k-steps ahead
       ffc_vf w[NV];
       for (int j = 0; j < NV; ++j) w[j] = ffc_vload(wp + j * FFC_VW);
       for (int i = 0; i < MR; ++i) {
