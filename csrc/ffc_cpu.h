@@ -155,6 +155,18 @@ static inline void ffc_prefetch(const void* p, int64_t bytes) {
 #endif
 }
 
+// The same into L2 only: for a burst of lines wanted a while later (the next block of K/V rows:
+// hundreds of lines at once), which into L1 would fill its few miss buffers and stall the loads
+// of the rows in use; L2 has a deeper queue, and a row then comes from it at L2's latency.
+static inline void ffc_prefetch_l2(const void* p, int64_t bytes) {
+#if FFC_VW > 1
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T1);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // Dot product of n floats of x with n weights of any storage type, fp32 accumulation.
 template <typename W>
 static inline float ffc_dot(const float* x, const W* w, int64_t n) {
