@@ -146,21 +146,14 @@ static inline void ffc_vsums(const ffc_vf* v, float* out) { out[0] = v[0]; }
 
 // Ask for the cache lines of [p, p + bytes), read soon (a panel's next k-steps; a KV row: the
 // cache's paged blocks are too short for the hardware prefetchers, which stop at page boundaries).
+// Into L1 by default; into L2 (FFC_TO_L2) for a burst of lines wanted a while later (the next
+// block of K/V rows: hundreds of lines at once), which into L1 would fill its few miss buffers and
+// stall the loads of the rows in use, where L2 has a deeper queue and serves a row at its latency.
+enum FfcPrefetchTo { FFC_TO_L1, FFC_TO_L2 };
+template <FfcPrefetchTo TO = FFC_TO_L1>
 static inline void ffc_prefetch(const void* p, int64_t bytes) {
 #if FFC_VW > 1
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
-
-// The same into L2 only: for a burst of lines wanted a while later (the next block of K/V rows:
-// hundreds of lines at once), which into L1 would fill its few miss buffers and stall the loads
-// of the rows in use; L2 has a deeper queue, and a row then comes from it at L2's latency.
-static inline void ffc_prefetch_l2(const void* p, int64_t bytes) {
-#if FFC_VW > 1
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T1);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, TO == FFC_TO_L2 ? _MM_HINT_T1 : _MM_HINT_T0);
 #else
   (void)p;
   (void)bytes;
