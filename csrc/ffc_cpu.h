@@ -315,6 +315,33 @@ static inline void ffc_attend_block(const float* q, float* acc, float* mx, float
                           [&](float* sr, int64_t m, int) { score(sr, m, r0); });
 }
 
+// A chunk of keys' softmax (per row r: its output before normalising a[r * D ..], its max m[r]
+// and sum l[r]) merged into the running one (A, M, L), the chunks in order, the first copied.
+// Explicit operations (no contraction left to the compiler), so a row's result is the same
+// whichever threads computed its chunks.
+template <int64_t D, int64_t QH>
+static inline void ffc_attend_merge(float* A, float* M, float* L, const float* a, const float* m, const float* l,
+                                    bool first) {
+  constexpr int64_t NV = D / FFC_VW;
+  for (int64_t r = 0; r < QH; ++r) {
+    float* Ar = A + r * D;
+    const float* ar = a + r * D;
+    if (first) {
+      std::memcpy(Ar, ar, D * sizeof(float));
+      M[r] = m[r];
+      L[r] = l[r];
+      continue;
+    }
+    const float nm = m[r] > M[r] ? m[r] : M[r], ca = std::exp(M[r] - nm), cb = std::exp(m[r] - nm);
+    const ffc_vf va = ffc_vset(ca), vb = ffc_vset(cb);
+    for (int64_t c = 0; c < NV; ++c)
+      ffc_vstore(Ar + c * FFC_VW, ffc_vfma(ffc_vload(Ar + c * FFC_VW), va, ffc_vmul(ffc_vload(ar + c * FFC_VW), vb)));
+    for (int64_t c = NV * FFC_VW; c < D; ++c) Ar[c] = std::fma(Ar[c], ca, ar[c] * cb);
+    L[r] = std::fma(L[r], ca, l[r] * cb);
+    M[r] = nm;
+  }
+}
+
 // Per-thread scratch that grows once and is then reused: no allocation in steady state.
 static inline float* ffc_scratch(int slot, int64_t n) {
   static thread_local float* bufs[4] = {nullptr, nullptr, nullptr, nullptr};

@@ -156,6 +156,27 @@ def test_accepted_kv_equals_plain_decoding(smol_llm):
     assert (got - want).abs().max() <= 1e-5
 
 
+def test_long_context_rows_agree_exactly_across_prefill_decode_and_verify(smol_llm):
+    """At a context past one attention chunk (256 keys), where decoding one sequence shares each
+    KV head's chunks out among the threads (their partials merged in a third phase) while
+    prefill and verify rows run their chunks in turn: the last position's logits are the same,
+    bit for bit, from a prefill of the whole text, a decode step and a verify step's root."""
+    from ffc.runtime.model_runner import Chunk
+    from ffc.runtime.speculative import Tree
+    llm, runner = smol_llm, smol_llm.runner
+    ids = llm.encode("The history of the printing press. " * 45)[:300]
+    n = len(ids)
+    blocks = list(range(-(-(n + 8) // runner.block_size)))
+    caches = [torch.zeros(llm.cache_type.concrete({"S": len(blocks)}), dtype=llm.cache_type.torch_dtype)
+              for _ in range(3)]
+    prefill = runner.forward([Chunk(ids, 0, blocks)], caches[0])[-1]
+    runner.forward([Chunk(ids[:-1], 0, blocks)], caches[1])
+    decode = runner.forward([Chunk(ids[-1:], n - 1, blocks)], caches[1])[-1]
+    runner.forward([Chunk(ids[:-1], 0, blocks)], caches[2])
+    verify = runner.verify([(Tree.chain(ids[-1], [11, 12]), n - 1, blocks)], caches[2])[0][0]
+    assert torch.equal(decode, prefill) and torch.equal(verify, decode)
+
+
 @pytest.mark.parametrize("batch", [1, 8])
 def test_greedy_ngram_equals_plain(smol_llm, batch, monkeypatch):
     """Prompt lookup on texts it can copy from and texts it cannot, alone and in a mixed batch
