@@ -315,23 +315,18 @@ static inline void ffc_attend_block(const float* q, float* acc, float* mx, float
                           [&](float* sr, int64_t m, int) { score(sr, m, r0); });
 }
 
-// A chunk of keys' softmax (per row r: its output before normalising a[r * D ..], its max m[r]
-// and sum l[r]) merged into the running one (A, M, L), the chunks in order, the first copied.
-// Explicit operations (no contraction left to the compiler), so a row's result is the same
-// whichever threads computed its chunks.
+// A chunk of keys' softmax merged into the result so far, the chunks in order: each a partial of
+// QH rows of output before normalising, then QH maxima and QH sums. Explicit operations (no
+// contraction left to the compiler), so a row's result is the same whichever threads computed
+// its chunks.
 template <int64_t D, int64_t QH>
-static inline void ffc_attend_merge(float* A, float* M, float* L, const float* a, const float* m, const float* l,
-                                    bool first) {
+static inline void ffc_attend_merge(float* __restrict run, const float* __restrict chunk) {
   constexpr int64_t NV = D / FFC_VW;
+  float *M = run + QH * D, *L = M + QH;
+  const float *m = chunk + QH * D, *l = m + QH;
   for (int64_t r = 0; r < QH; ++r) {
-    float* Ar = A + r * D;
-    const float* ar = a + r * D;
-    if (first) {
-      std::memcpy(Ar, ar, D * sizeof(float));
-      M[r] = m[r];
-      L[r] = l[r];
-      continue;
-    }
+    float* Ar = run + r * D;
+    const float* ar = chunk + r * D;
     const float nm = m[r] > M[r] ? m[r] : M[r], ca = std::exp(M[r] - nm), cb = std::exp(m[r] - nm);
     const ffc_vf va = ffc_vset(ca), vb = ffc_vset(cb);
     for (int64_t c = 0; c < NV; ++c)

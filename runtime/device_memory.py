@@ -153,6 +153,11 @@ def _huge_mapping(nbytes: int) -> tuple[mmap.mmap, int]:
     return m, start
 
 
+def _slabbed(nbytes: int) -> bool:
+    """Whether a host weight of ``nbytes`` goes into a huge-page slab (HostMemory.weight)."""
+    return nbytes >= SLAB_MIN and knobs.huge_pages()
+
+
 class HostMemory:
     """Torch tensors in host memory; weights of 256 KiB and more in huge pages, carved one after
     another from 64 MiB mappings (``_huge_mapping``; a mapping of their own each would waste up
@@ -174,7 +179,7 @@ class HostMemory:
         """``t`` in host memory: a copy unless ``copy=False`` (a view of a mapped weights file would
         keep the whole file alive; a tensor made for the plan, such as packed panels, needs none)
         or it is 256 KiB or more (copied into huge pages, which the kernels stream faster)."""
-        if t.numel() * t.element_size() < SLAB_MIN or not knobs.huge_pages():
+        if not _slabbed(t.numel() * t.element_size()):
             return t.to("cpu", copy=copy)
         out = self.weight(t.shape, t.dtype)
         out.copy_(t)
@@ -184,7 +189,7 @@ class HostMemory:
         """An uninitialized tensor for a weight the plan keeps (in huge pages from 256 KiB on), for
         packing in place."""
         n = math.prod(shape) * dtype.itemsize
-        if n < SLAB_MIN or not knobs.huge_pages():
+        if not _slabbed(n):
             return torch.empty(tuple(shape), dtype=dtype)
         return self._carve(n).view(dtype).view(tuple(shape))
 
