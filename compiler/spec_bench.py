@@ -54,7 +54,7 @@ def workloads(batch: int) -> dict[str, list]:
     rewrite = [f"{REWRITES[k % len(REWRITES)]}\n\n{PASSAGES[k % len(PASSAGES)]}" for k in range(batch)]
     names = [("total", "amount"), ("items", "entries"), ("lines", "rows"), ("a", "prev")]
     edit = [f"Here is my code:\n\n{CODE[k % len(CODE)]}\n" +
-            EDITS[(k // len(CODE)) % len(EDITS)].format(v=names[k % 4][0], w=names[k % 4][1]) for k in range(batch)]
+            EDITS[k % len(EDITS)].format(v=names[k % 4][0], w=names[k % 4][1]) for k in range(batch)]
     chat = [CHAT[k % len(CHAT)] for k in range(batch)]
     return {name: [[{"role": "user", "content": m}] for m in msgs]
             for name, msgs in (("chat", chat), ("rewrite", rewrite), ("edit", edit))}
