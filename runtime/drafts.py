@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -13,6 +13,9 @@ from ffc.ir.attention import TREE_NODES
 
 from .kv_cache import BlockPool
 from .model_runner import Chunk
+
+if TYPE_CHECKING:
+    from .spec_control import SpecControl
 
 
 @dataclass

@@ -87,9 +87,10 @@ class Engine:
     # ------------------------------------------------------------ requests
     def submit(self, prompt: list[int], params: SamplingParams, *, request_id: Optional[str] = None,
                seed: Optional[int] = None, listener: Optional[Callable[[Request], None]] = None,
-               draft: Optional[str] = None) -> Request:
+               draft: Optional[str] = None, group: Optional[str] = None) -> Request:
         """Queue a request (token ids). ``seed`` overrides ``params.seed`` for its generator;
-        ``draft``: decode it speculatively with that registered draft (``self.speculation.drafts``)."""
+        ``draft``: decode it speculatively with that registered draft (``self.speculation.drafts``);
+        ``group``: requests one caller waits for together (see Speculation.pace_setters)."""
         if draft is not None:
             self.speculation.check(draft, self.runner)
         check_seed(seed)
@@ -104,7 +105,7 @@ class Engine:
             gen = torch.Generator()
             s = seed if seed is not None else params.seed
             gen.manual_seed(s if s is not None else torch.seed())
-        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gen, listener, draft=draft)
+        req = Request(request_id or uuid.uuid4().hex, list(prompt), params, gen, listener, draft=draft, group=group)
         with self._wake:
             if self._stopping:
                 raise InvalidRequestError("the engine is shutting down; retry on another server")
@@ -124,8 +125,8 @@ class Engine:
         if reason == "abort":                    # it may not have started yet
             self.scheduler.queue_changed = True
         self.stats.finished[reason] += 1
-        if reason == "stop":                 # how long answers run: what a request is likely to have left
-            self.speculation.answered(len(req.out))
+        if reason in ("stop", "length"):     # how long answers run: what a request is likely to have left
+            self.speculation.answered(len(req.out), cut=reason == "length")
 
     # ------------------------------------------------------------ stepping
     def has_work(self) -> bool:
@@ -139,7 +140,8 @@ class Engine:
             with self._lock:
                 ended = self.scheduler.retire()
                 td = time.perf_counter()
-                plan = self.scheduler.schedule(self.speculation.trees(self.scheduler.running, self.config))
+                plan = self.scheduler.schedule(self.speculation.trees(self.scheduler.running, self.config,
+                                                                      waiting=bool(self.scheduler.waiting)))
                 td = time.perf_counter() - td          # drafting (and scheduling) this step
             self._notify(ended)
             if not plan:

@@ -7,6 +7,7 @@ are batched step by step (in-flight batching), whether they come from ``generate
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -356,10 +357,11 @@ class LLM:
         engine = self.engine
         speculative = self.draft(speculative)
         reqs = []
+        group = uuid.uuid4().hex if len(prompt_ids) > 1 else None
         try:
             for k, (ids, p) in enumerate(zip(prompt_ids, params)):
                 seed = None if p.seed is None else (p.seed + k) % (MAX_SEED + 1)
-                reqs.append(engine.submit(ids, p, seed=seed, draft=speculative))
+                reqs.append(engine.submit(ids, p, seed=seed, draft=speculative, group=group))
             engine.wait(reqs)
         except BaseException:
             for r in reqs:

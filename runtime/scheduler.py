@@ -51,6 +51,7 @@ class Request:
     released: int = 0                  # leading blocks freed behind every layer's sliding window
     preemptions: int = 0
     draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
+    group: Optional[str] = None        # requests one caller waits for together (llm.generate's batch)
     acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
     unspeculated: int = 0              # steps since it last speculated
     probe_gap: int = 16                # steps a turned-down request waits before probing its draft

@@ -316,6 +316,52 @@ def test_tree_shapes_follow_step_costs():
     assert len(c.shape(0.7)) >= 3
 
 
+def test_a_batch_running_to_its_cap_speculates_for_its_slowest_members():
+    """The requests of one llm.generate call end when the last does. Where answers end by
+    themselves at lengths spread out, every member's accepted tokens count (no pace setters);
+    where they run to max_new_tokens, the members with the most steps left set the pace, the
+    others are not drafted for, and a verify step is taken only when each pace setter has a
+    tree worth it (one without: the group's end comes no closer this step)."""
+    from types import SimpleNamespace
+    from ffc.runtime.sampling import SamplingParams
+    from ffc.runtime.scheduler import Request
+    from ffc.runtime.speculative import Speculation, Tree
+
+    def req(n, accepted=0, group="g", tokens=(7, 8)):
+        r = Request(f"r{len(tokens)}-{n}-{accepted}", [1, 2, 3], SamplingParams(max_new_tokens=128),
+                    group=group, draft="ngram")
+        r.out = list(tokens) * (n // len(tokens))
+        r.computed, r.accepted = len(r.prompt) + len(r.out) - 1, accepted
+        return r
+
+    sp = Speculation()
+    a, b, c = req(40), req(40, accepted=20), req(40)     # b's steps yielded twice a's tokens: it ends first
+    solo = req(40, group=None)
+    paced = ({a: ("g", 3), c: ("g", 3)}, {b})
+    assert sp.pace_setters([a, b, c, solo]) == paced     # nothing seen yet: taken to run to the cap
+    for x in (30, 55, 70, 90, 100, 45):
+        sp.answered(x)                                   # answers end by themselves, lengths spread
+    assert sp.pace_setters([a, b, c, solo]) == ({}, set())
+    for _ in range(8):
+        sp.answered(128, cut=True)                       # most answers run to their cap
+    assert sp.pace_setters([a, b, c, solo]) == paced
+    prefilling = req(0)
+    prefilling.computed = 0                              # a member whose prompt still runs ends last
+    assert sp.pace_setters([a, b, c, prefilling]) == ({}, {a, b, c})
+
+    config = SimpleNamespace(max_seq_len=1024)
+    trees = sp.trees([a, b, c], config)                 # every member repeats itself: a and c are drafted for
+    assert set(trees) == {a, c}
+    assert sp.trees([a, b, c], config, waiting=True).keys() == {a, b, c}   # requests waiting: tokens count
+    c2 = req(40, tokens=tuple(range(100, 140)))          # a pace setter whose text never repeats itself
+    assert sp.trees([a, b, c2], config) == {}
+    chain = Tree.chain(8, [7, 8, 7])
+    sp.expected = {a: 0.9, c: 0.9}
+    setters = {a: ("g", 3), c: ("g", 3)}
+    assert sp._worth_a_verify_step({a: chain, c: chain}, set(), 3, setters).keys() == {a, c}
+    assert sp._worth_a_verify_step({a: chain}, set(), 3, setters) == {}
+
+
 def test_bad_drafts_are_refused(smol_llm, smol_artifact, tiny_vocab, tmp_path):
     import hashlib
     import json
