@@ -208,13 +208,16 @@ class Speculation:
         terms: dict = {}            # per draft, this step: its step cost and b(w), whether it lost here
         # a probe's tree verified alone makes the whole step a verify step: in a large batch, dear
         cheap_probe = self.control.relative(batch + 2, batch) <= self.PROBE_COST
-        dead, last = set(), None      # groups a pace setter of which has nothing to verify: no gain this step
+        # groups a pace setter of which has nothing to verify gain nothing this step, unless speculation
+        # raises all of them alike (see _worth_a_verify_step): their other setters are not drafted for
+        uneven = {key for key in {k for k, _ in setters.values()}
+                  if min(r.outlook for r, (k, _) in setters.items() if k == key) < self._margin(batch) - 1}
+        dead, last = set(), None
         for req in sorted(running, key=lambda r: r not in setters):     # pace setters first
-            if last is not None and last not in self.expected:
+            if last is not None and last not in self.expected and setters[last][0] in uneven:
                 dead.add(setters[last][0])
             last = req if req in setters else None
-            if req.draft is None or req.finished or req.num_tokens - req.computed != 1 or req in others \
-                    or (req in setters and setters[req][0] in dead):
+            if req.draft is None or req.finished or req.num_tokens - req.computed != 1 or req in others:
                 continue
             draft = self.drafts[req.draft]
             model = isinstance(draft, ModelDraft)
@@ -233,10 +236,14 @@ class Speculation:
                     req.acceptance = min(draft.prior_acceptance, 0.9)
             acceptance, key = req.acceptance, None
             if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
-                found = draft.expect(toks, self.control.max_depth)
-                if found is None:
+                acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
+            if req in setters:                   # what a deep chain would add to it now, smoothed
+                rates = [] if acceptance is None else per_depth(acceptance, self.control.max_depth)
+                req.outlook = 0.8 * req.outlook + 0.2 * sum(expected_reach([min(x, 0.99) for x in rates])[1:])
+                if setters[req][0] in dead:
                     continue
-                acceptance, key = found
+            if acceptance is None:
+                continue
             margin = self.MODEL_MARGIN if model else self._margin(batch)
             widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
             if widths and model:        # the draft's catch-up on this request, where it lags
@@ -291,20 +298,26 @@ class Speculation:
         """The trees, if verifying them (every decoding sequence joins the verify step) is
         expected to give more tokens per second than a plain decode step; else only the probes.
         A few trees in a large batch make the whole step a verify step, which costs more. A group
-        of requests (``setters``: its pace setters) gains what its slowest pace setter does, for
-        each of its members: a group of k whose end comes s steps closer is worth k s tokens."""
+        of requests (``setters``: its pace setters) whose end comes s steps closer gains k s tokens
+        (k: its members). Where speculation raises all its pace setters alike (each one's outlook,
+        what it would gain from a tree at every step, pays for such steps) its end comes as close
+        as they gain on average, a setter without a tree now catching up later; else only as
+        close as its slowest pace setter gains now."""
         if not trees or not self.gate:
             return trees
         tokens = batch + sum(len(t.tokens) - 1 for t in trees.values())
         gains = {req: sum(expected_reach([min(x, 0.99) for x in per_depth(self.expected[req], max(t.depths()))])[1:])
                  for req, t in trees.items()}
         gain = sum(g for req, g in gains.items() if req not in setters)
-        slowest: dict = {}          # per group: its slowest pace setter's gain, its decoding members
+        cost = self._margin(batch) * self.control.relative(tokens, batch)
+        groups: dict = {}           # per group: its members, its pace setters' gains now and outlooks
         for req, (key, size) in setters.items():
-            g = gains.get(req, 0.0)
-            slowest[key] = (min(g, slowest.get(key, (g, size))[0]), size)
-        gain += sum(g * size for g, size in slowest.values())
-        if (batch + gain) / batch >= self._margin(batch) * self.control.relative(tokens, batch):
+            groups.setdefault(key, (size, [], []))
+            groups[key][1].append(gains.get(req, 0.0))
+            groups[key][2].append(req.outlook)
+        for size, now, outlook in groups.values():
+            gain += size * (sum(now) / len(now) if 1 + min(outlook) >= cost else min(now))
+        if (batch + gain) / batch >= cost:
             return trees
         return {req: t for req, t in trees.items() if req in probes}
 

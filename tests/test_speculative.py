@@ -321,7 +321,8 @@ def test_a_batch_running_to_its_cap_speculates_for_its_slowest_members():
     themselves at lengths spread out, every member's accepted tokens count (no pace setters);
     where they run to max_new_tokens, the members with the most steps left set the pace, the
     others are not drafted for, and a verify step is taken only when each pace setter has a
-    tree worth it (one without: the group's end comes no closer this step)."""
+    tree worth it (one without: the group's end comes no closer this step), unless each of
+    them gains enough at most steps (its outlook) that one without a tree now catches up."""
     from types import SimpleNamespace
     from ffc.runtime.sampling import SamplingParams
     from ffc.runtime.scheduler import Request
@@ -359,7 +360,10 @@ def test_a_batch_running_to_its_cap_speculates_for_its_slowest_members():
     sp.expected = {a: 0.9, c: 0.9}
     setters = {a: ("g", 3), c: ("g", 3)}
     assert sp._worth_a_verify_step({a: chain, c: chain}, set(), 3, setters).keys() == {a, c}
+    a.outlook = c.outlook = 0.0
     assert sp._worth_a_verify_step({a: chain}, set(), 3, setters) == {}
+    a.outlook = c.outlook = 3.0       # both would gain ~3 tokens a step: c, without a tree now, catches up later
+    assert sp._worth_a_verify_step({a: chain}, set(), 3, setters).keys() == {a}
 
 
 def test_bad_drafts_are_refused(smol_llm, smol_artifact, tiny_vocab, tmp_path):
