@@ -381,7 +381,10 @@ static inline void ffc_panel_tile(const float* __restrict x, int64_t ldx, const 
       for (int j = 0; j < NV; ++j) acc[i][j] = ffc_vzero();
     const W* wp = panel + s;
     for (int64_t k = 0; k < K; ++k, wp += FFC_NR) {
-      if (s == 0) ffc_prefetch(wp + 16 * FFC_NR, FFC_NR * sizeof(W));   // front to back: 16 k-steps ahead
+      if (s == 0) {      // front to back: into L2 48 k-steps ahead, from there into L1 8 ahead
+        ffc_prefetch<FFC_TO_L2>(wp + 48 * FFC_NR, FFC_NR * sizeof(W));
+        ffc_prefetch(wp + 8 * FFC_NR, FFC_NR * sizeof(W));
+      }
       ffc_vf w[NV];
       for (int j = 0; j < NV; ++j) w[j] = ffc_vload(wp + j * FFC_VW);
       for (int i = 0; i < MR; ++i) {
