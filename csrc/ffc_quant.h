@@ -233,7 +233,10 @@ static inline void ffc_qtile(const uint8_t* __restrict act, int64_t ald, const u
     const uint8_t* hdr = pp;
     pp += F::HB;
     for (int64_t c = c0; c < c0 + SB; ++c, pp += F::CB) {
-      for (int b = 0; b < F::CB; b += 64) __builtin_prefetch(pp + 8 * F::CB + b);   // 8 chunks ahead
+      for (int b = 0; b < F::CB; b += 64) {   // 8 chunks ahead; with several rows (a chunk takes longer)
+        if constexpr (MR > 1) __builtin_prefetch(pp + 32 * F::CB + b, 0, 2);   // into L2 32 ahead first
+        __builtin_prefetch(pp + 8 * F::CB + b);
+      }
       ffc_qf sc[2], mn[2];
       F::scales(hdr, pp, (int)(c - c0), sc, mn);
       const uint8_t* vals = pp + F::SCB;
