@@ -126,7 +126,7 @@ class Engine:
             self.scheduler.queue_changed = True
         self.stats.finished[reason] += 1
         if reason in ("stop", "length"):     # how long answers run: what a request is likely to have left
-            self.speculation.answered(len(req.out), cut=reason == "length")
+            self.speculation.lengths.answered(len(req.out), cut=reason == "length")
 
     # ------------------------------------------------------------ stepping
     def has_work(self) -> bool:

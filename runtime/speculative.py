@@ -99,6 +99,60 @@ def commit_moves(tree: Tree, path: Sequence[int], base: int) -> list[tuple[int, 
     return [(base + j, base + depth[j]) for j in path if j != depth[j]]
 
 
+class AnswerLengths:
+    """How long answers run, from the answers seen: what a running request is likely still to
+    write (a draft's catch-up is priced by it), and whether it will run to its max_new_tokens
+    (a batch whose answers do ends together: Speculation.pace_setters)."""
+
+    LENGTHS = 256         # answers remembered (their tail says how long a running one may go on)
+
+    def __init__(self):
+        self.ends: deque = deque(maxlen=self.LENGTHS)   # answers' (tokens, whether cut at max_new_tokens)
+        self._longer: dict = {}    # longer_than's results by length, until the next answer ends
+
+    def answered(self, tokens: int, cut: bool = False) -> None:
+        """An answer ended: by itself, or ``cut`` at its max_new_tokens."""
+        self.ends.append((tokens, cut))
+        self._longer = {}
+
+    def longer_than(self, n: int) -> tuple[int, int, Optional[float]]:
+        """Of the answers seen that ran longer than ``n`` tokens: how many, how many of them were
+        cut at max_new_tokens, and the mean excess over ``n`` of the others (None: no other). Per
+        step every decoding request of a batch asks, mostly with lengths asked before."""
+        if n not in self._longer:
+            longer = [(x, cut) for x, cut in self.ends if x > n]
+            stopped = [x - n for x, cut in longer if not cut]
+            self._longer[n] = (len(longer), sum(cut for _, cut in longer),
+                               sum(stopped) / len(stopped) if stopped else None)
+        return self._longer[n]
+
+    def tokens_left(self, req) -> int:
+        """How many tokens ``req`` is likely still to write: the mean excess over what it wrote of
+        the answers seen that ran longer and ended by themselves (as many as it wrote, at least
+        ModelDraft.MIN_LEFT, until 8 such answers were seen), within its max_new_tokens."""
+        n = len(req.out)
+        cap = max(1, req.params.max_new_tokens - n)
+        seen, cut, _ = self.longer_than(-1)
+        if seen - cut < 8:
+            return min(cap, max(n, ModelDraft.MIN_LEFT))
+        excess = self.longer_than(n)[2]
+        return min(cap, max(1, round(excess)) if excess is not None else ModelDraft.MIN_LEFT)
+
+    def runs_to_cap(self, req) -> bool:
+        """Whether ``req`` is likely to write until its max_new_tokens: most of the answers seen
+        that ran longer than it so far were cut there; with fewer than 4 seen, taken to (the
+        cautious side: see Speculation.pace_setters)."""
+        longer, cut, _ = self.longer_than(len(req.out))
+        return longer < 4 or 2 * cut > longer
+
+    def steps_left(self, req, to_cap: bool) -> float:
+        """How many steps ``req`` likely still needs: its tokens left (to its max_new_tokens if it
+        is likely to run there) over the tokens a step of it has yielded so far."""
+        n = len(req.out)
+        left = req.params.max_new_tokens - n if to_cap else self.tokens_left(req)
+        return left * max(1, n - req.accepted) / max(n, 1)
+
+
 class Speculation:
     """An engine's speculative decoding: the drafts requests may name, the shape of their trees,
     and the acceptance of a verified tree (with the request's and the engine's counters)."""
@@ -110,7 +164,6 @@ class Speculation:
     BATCH_MARGIN = 1.1    # ... and prompt lookup's in a batch (one sequence's trees, nearly free at batch 1, make
                           # every sequence's step a verify step; estimates of B sequences' gains are coarser)
     PROBE_COST = 1.1      # a probe alone may make a step's verify cost this much of its decode step's
-    LENGTHS = 256         # answers' lengths remembered (their tail says how long a running one may go on)
     PACE = 0.9            # a group's members that may end last: steps left within this share of its most
 
     def __init__(self):
@@ -120,23 +173,7 @@ class Speculation:
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
         self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
         self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length)
-        self.ends: deque = deque(maxlen=self.LENGTHS)   # answers' (tokens, whether cut at max_new_tokens)
-
-    def answered(self, tokens: int, cut: bool = False) -> None:
-        """An answer ended: by itself, or ``cut`` at its max_new_tokens."""
-        self.ends.append((tokens, cut))
-
-    def tokens_left(self, req) -> int:
-        """How many tokens ``req`` is likely still to write: the mean excess over what it wrote of
-        the answers seen that ran longer (as many as it wrote, at least ModelDraft.MIN_LEFT, until
-        8 answers were seen), within its max_new_tokens."""
-        n = len(req.out)
-        cap = max(1, req.params.max_new_tokens - n)
-        lengths = [x for x, cut in self.ends if not cut]
-        if len(lengths) < 8:
-            return min(cap, max(n, ModelDraft.MIN_LEFT))
-        longer = [x - n for x in lengths if x > n]
-        return min(cap, max(1, round(sum(longer) / len(longer))) if longer else ModelDraft.MIN_LEFT)
+        self.lengths = AnswerLengths()
 
     def check(self, draft: str, runner) -> None:
         if draft not in self.drafts:
@@ -147,20 +184,6 @@ class Speculation:
             raise InvalidRequestError("this artifact has no verify graph (a model with sliding-window attention, or "
                                       "compiled by an older ffc); speculative decoding needs one")
 
-    def runs_to_cap(self, req) -> bool:
-        """Whether ``req`` is likely to write until its max_new_tokens: most of the answers seen
-        that ran longer than it so far were cut there; with fewer than 4 seen, taken to (the
-        cautious side: see pace_setters)."""
-        longer = [cut for x, cut in self.ends if x > len(req.out)]
-        return len(longer) < 4 or 2 * sum(longer) > len(longer)
-
-    def steps_left(self, req, to_cap: bool) -> float:
-        """How many steps ``req`` likely still needs: its tokens left (to its max_new_tokens if it
-        is likely to run there) over the tokens a step of it has yielded so far."""
-        n = len(req.out)
-        left = req.params.max_new_tokens - n if to_cap else self.tokens_left(req)
-        return left * max(1, n - req.accepted) / max(n, 1)
-
     def pace_setters(self, running) -> tuple[dict, set]:
         """A group of requests (one llm.generate call) is done when its last one is. Where its
         answers end by themselves, at lengths spread out, any member may be the last and every
@@ -170,23 +193,23 @@ class Speculation:
         the members that may end last (estimated steps left within ``PACE`` of the group's
         most), by request, their group and its decoding members' count; and the other members,
         whose trees would not bring the group's end closer (a member whose prompt still runs
-        ends last: none of them speculates)."""
+        ends last: none of them speculates). Groups none of whose members speculates: none."""
         groups: dict = {}
         for r in running:
             if r.group is not None and not r.finished:
                 groups.setdefault(r.group, []).append(r)
         setters, others = {}, set()
         for key, members in groups.items():
-            if len(members) < 2:
+            if len(members) < 2 or all(r.draft is None for r in members):
                 continue
             decoding = [r for r in members if r.num_tokens - r.computed == 1]
-            to_cap = {r: self.runs_to_cap(r) for r in decoding}
+            to_cap = {r: self.lengths.runs_to_cap(r) for r in decoding}
             if 2 * sum(to_cap.values()) <= len(decoding):
                 continue
             if len(decoding) < len(members):
                 others.update(decoding)
                 continue
-            left = {r: self.steps_left(r, to_cap[r]) for r in decoding}
+            left = {r: self.lengths.steps_left(r, to_cap[r]) for r in decoding}
             top = max(left.values())
             for r, n in left.items():
                 if n >= self.PACE * top:
@@ -210,8 +233,10 @@ class Speculation:
         cheap_probe = self.control.relative(batch + 2, batch) <= self.PROBE_COST
         # groups a pace setter of which has nothing to verify gain nothing this step, unless speculation
         # raises all of them alike (see _worth_a_verify_step): their other setters are not drafted for
-        uneven = {key for key in {k for k, _ in setters.values()}
-                  if min(r.outlook for r, (k, _) in setters.items() if k == key) < self._margin(batch) - 1}
+        lowest: dict = {}           # per group: its pace setters' lowest outlook
+        for r, (key, _) in setters.items():
+            lowest[key] = min(lowest.get(key, r.outlook), r.outlook)
+        uneven = {key for key, o in lowest.items() if o < self._margin(batch) - 1}
         dead, last = set(), None
         for req in sorted(running, key=lambda r: r not in setters):     # pace setters first
             if last is not None and last not in self.expected and setters[last][0] in uneven:
@@ -247,8 +272,8 @@ class Speculation:
             margin = self.MODEL_MARGIN if model else self._margin(batch)
             widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
             if widths and model:        # the draft's catch-up on this request, where it lags
-                widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin,
-                                            extra=draft.catchup_cost(req, self.control, batch, self.tokens_left(req)))
+                extra = draft.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
+                widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin, extra=extra)
             if not widths:              # turned down: probe now and then, so the request's acceptance can
                 req.unspeculated += 1   # recover (a draft rating its own proposals learns from all requests')
                 if key is not None or req.unspeculated < req.probe_gap or not cheap_probe:

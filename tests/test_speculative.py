@@ -341,10 +341,10 @@ def test_a_batch_running_to_its_cap_speculates_for_its_slowest_members():
     paced = ({a: ("g", 3), c: ("g", 3)}, {b})
     assert sp.pace_setters([a, b, c, solo]) == paced     # nothing seen yet: taken to run to the cap
     for x in (30, 55, 70, 90, 100, 45):
-        sp.answered(x)                                   # answers end by themselves, lengths spread
+        sp.lengths.answered(x)                                   # answers end by themselves, lengths spread
     assert sp.pace_setters([a, b, c, solo]) == ({}, set())
     for _ in range(8):
-        sp.answered(128, cut=True)                       # most answers run to their cap
+        sp.lengths.answered(128, cut=True)                       # most answers run to their cap
     assert sp.pace_setters([a, b, c, solo]) == paced
     prefilling = req(0)
     prefilling.computed = 0                              # a member whose prompt still runs ends last
