@@ -53,7 +53,7 @@ class Request:
     draft: Optional[str] = None        # speculative decoding: the draft that proposes its trees
     group: Optional[str] = None        # requests one caller waits for together (llm.generate's batch)
     acceptance: float = 0.5            # its draft's per-token acceptance, smoothed
-    outlook: float = 0.0               # tokens a deep tree would add beyond the first, smoothed over its steps
+    outlook: float = 0.0               # tokens its tree worth verifying adds beyond the first, smoothed over steps
     unspeculated: int = 0              # steps since it last speculated
     probe_gap: int = 16                # steps a turned-down request waits before probing its draft
     proposed: int = 0                  # draft tokens verified, and accepted (for /metrics)

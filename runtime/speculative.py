@@ -262,18 +262,20 @@ class Speculation:
             acceptance, key = req.acceptance, None
             if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
                 acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
-            if req in setters:                   # what a deep chain would add to it now, smoothed
-                rates = [] if acceptance is None else per_depth(acceptance, self.control.max_depth)
+            widths = []
+            if acceptance is not None:
+                margin = self.MODEL_MARGIN if model else self._margin(batch)
+                widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
+            if widths and model:        # the draft's catch-up on this request, where it lags
+                extra = draft.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
+                widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin, extra=extra)
+            if req in setters:          # what the tree worth verifying for it now adds (none: 0), smoothed
+                rates = per_depth(acceptance, len(widths)) if widths else []
                 req.outlook = 0.8 * req.outlook + 0.2 * sum(expected_reach([min(x, 0.99) for x in rates])[1:])
                 if setters[req][0] in dead:
                     continue
             if acceptance is None:
                 continue
-            margin = self.MODEL_MARGIN if model else self._margin(batch)
-            widths = [] if losing else self.control.shape(acceptance, cost, alt, batch, min_gain=margin)
-            if widths and model:        # the draft's catch-up on this request, where it lags
-                extra = draft.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
-                widths = self.control.shape(acceptance, cost, alt, batch, min_gain=margin, extra=extra)
             if not widths:              # turned down: probe now and then, so the request's acceptance can
                 req.unspeculated += 1   # recover (a draft rating its own proposals learns from all requests')
                 if key is not None or req.unspeculated < req.probe_gap or not cheap_probe:
