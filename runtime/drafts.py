@@ -99,20 +99,23 @@ class NgramDraft:
         if self._found[0] is tokens:          # expect() then propose() on the same list
             return self._found[1]
         n_tok, last = len(tokens), tokens[-1]
-        found = []
-        for p in range(n_tok - 2, -1, -1):
-            if tokens[p] != last:
-                continue
+        found, p = [], -1
+        while True:                           # the ending's last token's occurrences (searched in C)
+            try:
+                p = tokens.index(last, p + 1, n_tok - 1)
+            except ValueError:
+                break
             n = 1
             while n < self.MAX_MATCH and p - n >= 0 and tokens[p - n] == tokens[n_tok - 1 - n]:
                 n += 1
             found.append((n, p))
+        found.reverse()
         found.sort(key=lambda f: -f[0])       # stable: the latest first among equal lengths
         self._found = (tokens, found)
         return found
 
     def bucket(self, match: int) -> int:
-        return max(i for i, lo in enumerate(self.BUCKETS) if match >= lo)
+        return _BUCKET_OF[min(match, len(_BUCKET_OF) - 1)]
 
     def expect(self, tokens: Sequence[int], depth: int) -> Optional[tuple[list[float], int]]:
         """(the acceptance of each of the first ``depth`` tokens given the ones before it, match
@@ -122,7 +125,8 @@ class NgramDraft:
         if not found:
             return None
         m = found[0][0]
-        return [self.rate(m + i) for i in range(depth)], m
+        rates = [h / t for h, t in zip(self.hits, self.trials)]
+        return [rates[self.bucket(m + i)] for i in range(depth)], m
 
     def rate(self, match: int) -> float:
         b = self.bucket(match)
@@ -146,6 +150,11 @@ class NgramDraft:
                 if len(conts) == self.branches:
                     break
         return _trie(tokens[-1], conts, max_nodes) if conts else None
+
+
+# NgramDraft.bucket by match length (a match is at least one token; a longer one, the last bucket's)
+_BUCKET_OF = [max((i for i, lo in enumerate(NgramDraft.BUCKETS) if m >= lo), default=0)
+              for m in range(NgramDraft.BUCKETS[-1] + 1)]
 
 
 def _trie(root: int, chains: list[list[int]], max_nodes: int) -> Optional[Tree]:
@@ -347,3 +356,4 @@ class _DraftSeq:
     blocks: list = field(default_factory=list)
     tokens: list = field(default_factory=list)    # those whose K/V the draft's cache holds
     alts: list = field(default_factory=list)      # the last proposal's ranked candidates per depth
+

@@ -180,13 +180,12 @@ def test_long_context_rows_agree_exactly_across_prefill_decode_and_verify(smol_l
 @pytest.mark.parametrize("batch", [1, 8])
 def test_greedy_ngram_equals_plain(smol_llm, batch, monkeypatch):
     """Prompt lookup on texts it can copy from and texts it cannot, alone and in a mixed batch
-    (some requests speculate, some do not): the same tokens as plain greedy decoding. At 8 the
-    trees are forced (whether they pay there is the cost model's call on this machine's times)."""
-    if batch > 1:
-        spec = smol_llm.engine.speculation
-        monkeypatch.setattr(spec, "gate", False)
-        monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
-        monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
+    (some requests speculate, some do not): the same tokens as plain greedy decoding. The trees
+    are forced (whether they pay is the cost model's call on this machine's times)."""
+    spec = smol_llm.engine.speculation      # trees forced: whether one pays depends on this machine's timing
+    monkeypatch.setattr(spec, "gate", False)
+    monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
+    monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
     from conftest import PROMPTS
     text = ("Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over "
             "the lazy dog, and the quick brown fox")
@@ -245,13 +244,12 @@ def mixed_batch(llm, prompts, drafts, max_new_tokens=64):
 def test_greedy_model_drafts_equal_plain(smol_llm, smol_artifact, batch, monkeypatch):
     """The self-draft and a draft artifact (here the self-draft's own directory, loaded as any
     artifact is): the same tokens as plain greedy decoding, alone and in a batch of 8 whose
-    requests use different drafts or none (at 8 the cost model rightly turns model drafts down
-    on this CPU: trees are forced there, to check what they give)."""
-    if batch > 1:
-        spec = smol_llm.engine.speculation
-        monkeypatch.setattr(spec, "gate", False)
-        monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
-        monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
+    requests use different drafts or none (trees forced, to check what they give: at 8 the cost
+    model rightly turns model drafts down on this CPU, and at 1 whether they pay is timing)."""
+    spec = smol_llm.engine.speculation      # trees forced: whether one pays depends on this machine's timing
+    monkeypatch.setattr(spec, "gate", False)
+    monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
+    monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
     from conftest import PROMPTS
     code = "def add(a, b):\n    return a + b\n\ndef add("
     prompts = (PROMPTS + [code, "Tell me about the moon.", "1, 2, 3, 4,"])[:batch]
