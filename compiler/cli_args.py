@@ -123,8 +123,9 @@ def _engine_args(x) -> None:
                         "(the baseline the overlapped schedule is measured against)")
     x.add_argument("--speculative", default=None, metavar="DRAFT",
                    help="speculative decoding: a draft proposes token trees that one step verifies (output "
-                        "as without it): ngram (prompt lookup), self (the artifact's --self-draft) or a draft "
-                        "artifact's path")
+                        "as without it): ngram (prompt lookup), self (the artifact's --self-draft), a draft "
+                        "artifact's path, or ngram+self / ngram+PATH (prompt lookup where the text is copied, "
+                        "else the model)")
 
 
 def _tool_args(sub) -> None:
@@ -155,7 +156,7 @@ def _tool_args(sub) -> None:
                     help="prompt lengths whose prefill is timed (capped by the artifact's max_seq_len)")
     be.add_argument("--threads", type=_count(), default=None, help="threads for both engines (default: torch's)")
     be.add_argument("--speculative", nargs="+", default=None, metavar="DRAFT",
-                    help="instead: plain decoding against each draft (ngram, self, DRAFT.ffc) on chat, rewrite and "
+                    help="instead: plain decoding against each draft (ngram, self, DRAFT.ffc, ngram+self) on chat, rewrite and "
                          "edit workloads at each --batch (--runs rounds, --new-tokens per request)")
     be.add_argument("--trace", metavar="FILE.json", default=None,
                     help="instead: a Chrome/Perfetto trace (ui.perfetto.dev) of one prefill of the first --prefill "

@@ -357,3 +357,16 @@ class _DraftSeq:
     tokens: list = field(default_factory=list)    # those whose K/V the draft's cache holds
     alts: list = field(default_factory=list)      # the last proposal's ranked candidates per depth
 
+
+class LookupFirst:
+    """Prompt lookup and a draft model for one request ("ngram+self", "ngram+PATH"): at each
+    step, prompt lookup's tree where the control predicts it at least the speed-up of the
+    model's (it costs no draft steps: where the text is being copied), else the model's (where
+    there is nothing to look up, or only a short match). Over the stretches lookup drafts, the
+    model's cache falls behind the text; it catches up (one prefill chunk) when next asked, a
+    cost its plan is charged with meanwhile (``ModelDraft.catchup_cost``)."""
+
+    kind = "lookup+model"
+
+    def __init__(self, lookup: NgramDraft, model: ModelDraft):
+        self.lookup, self.model = lookup, model

@@ -33,8 +33,9 @@ from .model_runner import ModelRunner
 from .offload import OffloadPolicy
 from .sampling import MAX_SEED, SamplingParams
 from .scheduler import Request, SchedulerConfig
-from .speculative import ModelDraft
+from .speculative import LookupFirst, ModelDraft
 
+LOOKUP_FIRST = "ngram+"      # "ngram+self", "ngram+PATH": prompt lookup, else the draft model (LLM.draft)
 # the safetensors header's dtype names, as the IR spells them
 _SAFETENSORS_DTYPES = {"F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64", "U8": "u8"}
 LibraryHook = Callable[[Artifact], Path]
@@ -252,7 +253,7 @@ class LLM:
     def draft(self, speculative: Optional[str]) -> Optional[str]:
         """The engine's name for a speculative draft, loading a draft model on first use:
         "ngram" (prompt lookup), "self" (the self-draft this artifact was compiled with, by
-        ``--self-draft``), or the path of a draft artifact whose tokenizer is this one's."""
+        ``--self-draft``), a draft artifact's path, or "ngram+" and either (``load_draft``)."""
         if speculative is None:
             return None
         if kv_disk_layers(self.compiled):
@@ -407,8 +408,16 @@ class LLM:
         return self.generate([messages], max_new_tokens, chat=True, **sampling).texts[0]
 
 
-def load_draft(llm: "LLM", speculative: str) -> ModelDraft:
-    """The draft model ``speculative`` names for ``llm`` ("self" or an artifact's path), checked."""
+def load_draft(llm: "LLM", speculative: str) -> Union[ModelDraft, LookupFirst]:
+    """The draft model ``speculative`` names for ``llm`` ("self" or an artifact's path), checked;
+    or for "ngram+" and such a name, prompt lookup where its tree promises more, else the model."""
+    if speculative.startswith(LOOKUP_FIRST):
+        spec = llm.engine.speculation
+        model = spec.drafts.get(llm.draft(speculative[len(LOOKUP_FIRST):]))
+        if not isinstance(model, ModelDraft):
+            raise InvalidRequestError(f"speculative draft {speculative!r}: after {LOOKUP_FIRST!r} comes a draft "
+                                      "model, 'self' or a draft artifact's path")
+        return LookupFirst(spec.drafts["ngram"], model)
     prior = {}
     if speculative == "self":
         info = (llm.manifest.get("speculative") or {}).get("self_draft")
@@ -420,8 +429,8 @@ def load_draft(llm: "LLM", speculative: str) -> ModelDraft:
     else:
         path = Path(speculative)
         if not (path / "manifest.json").is_file():
-            raise InvalidRequestError(f"speculative draft {speculative!r} is not 'ngram', 'self' or the path of "
-                                      "an ffc artifact")
+            raise InvalidRequestError(f"speculative draft {speculative!r} is not 'ngram', 'self', the path of "
+                                      "an ffc artifact or 'ngram+' and one of the last two")
     opts = getattr(llm, "_load_options", {})
     draft = LLM.load(path, check_hashes=opts.get("check_hashes", True), backend=opts.get("backend"),
                      kernel_library=opts.get("kernel_library"), kv_cache_memory=None)

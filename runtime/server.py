@@ -182,8 +182,7 @@ class _JsonBodies:
 
 def create_app(llm, model_name: Optional[str] = None, speculative: Optional[str] = None) -> FastAPI:
     """The HTTP app for a loaded ``LLM``; its engine loop runs while the app is up.
-    ``speculative``: every request is decoded with this draft ("ngram", "self" or a
-    draft artifact's path)."""
+    ``speculative``: every request is decoded with this draft (``LLM.draft``'s names)."""
     if speculative is not None:
         speculative = llm.draft(speculative)
         llm.engine.speculation.check(speculative, llm.runner)

@@ -30,12 +30,12 @@ import torch
 
 from ffc.errors import InvalidRequestError
 
-from .drafts import ModelDraft, NgramDraft, Tree
+from .drafts import LookupFirst, ModelDraft, NgramDraft, Tree
 from .sampling import SamplingParams, draw, target_probs
 from .spec_control import SpecControl, expected_reach, per_depth, update_acceptance
 
 __all__ = ["Tree", "Accepted", "accept_greedy", "accept_sampled", "commit_moves", "SpecControl", "Speculation",
-           "ModelDraft", "NgramDraft"]
+           "LookupFirst", "ModelDraft", "NgramDraft"]
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Speculation:
         self.gate = True      # verify only steps expected to pay (off: every tree proposed is verified)
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
         self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
-        self.keys: dict = {}       # and the draft's own key for it (prompt lookup: its match length)
+        self.keys: dict = {}       # and the draft that made it with its key (prompt lookup: its match length)
         self.lengths = AnswerLengths()
 
     def check(self, draft: str, runner) -> None:
@@ -245,11 +245,14 @@ class Speculation:
             if req.draft is None or req.finished or req.num_tokens - req.computed != 1 or req in others:
                 continue
             draft = self.drafts[req.draft]
+            both = draft if isinstance(draft, LookupFirst) else None
+            if both is not None:
+                draft = both.model
             model = isinstance(draft, ModelDraft)
             if req.draft not in terms:
                 cost, alt = (draft.cost_at(batch, self.control), draft.alt()) if model else (0.0, ())
-                terms[req.draft] = (cost, alt, self.control.losing(batch, req.draft),
-                                    bool(self.control.shape(0.99, cost, alt, batch)))   # would a perfect draft pay?
+                terms[req.draft] = (cost, alt, self.control.losing(batch, req.draft),     # would a perfect draft
+                                    bool(self.control.shape(0.99, 0.0 if both else cost, alt, batch)))   # pay?
             cost, alt, losing, could = terms[req.draft]
             if not could:               # not at this batch size, whatever the acceptance: nothing to try
                 continue
@@ -260,6 +263,8 @@ class Speculation:
                 elif draft.prior_acceptance is not None:
                     req.acceptance = min(draft.prior_acceptance, 0.9)
             acceptance, key = req.acceptance, None
+            if both is not None and not losing and self._lookup_first(req, toks, both, cost, alt, batch):
+                draft, model = both.lookup, False
             if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
                 acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
             widths = []
@@ -293,7 +298,7 @@ class Speculation:
             depth = min(len(widths), req.params.max_new_tokens - len(req.out) - 1, room - 2)
             if depth <= 0:
                 continue
-            self.expected[req], self.keys[req] = acceptance, key
+            self.expected[req], self.keys[req] = acceptance, (draft, key)
             nodes = min(self.control.max_nodes, room)
             if model:
                 widths = widths[:depth]
@@ -301,7 +306,7 @@ class Speculation:
                     widths[-1] -= 1
                     if not widths[-1]:
                         widths.pop()
-                batches.setdefault(req.draft, []).append((req, toks, widths))
+                batches.setdefault(draft.name, []).append((req, toks, widths))
                 continue
             tree = draft.propose(toks, depth, min(nodes, 1 + sum(widths[:depth])))   # the nodes priced
             if tree is not None:
@@ -316,6 +321,18 @@ class Speculation:
                     out.update(draft.propose_batch(batches[name], self.control))
                     self.sunk += draft.sunk
         return self._worth_a_verify_step(out, probes, batch, setters)
+
+    def _lookup_first(self, req, toks: list, both: LookupFirst, cost: float, alt: Sequence[float], batch: int) -> bool:
+        """A combined draft's choice now: prompt lookup if its tree is predicted to speed up as
+        much as the model's (the model's catch-up on what lookup drafted included)."""
+        found = both.lookup.expect(toks, self.control.max_depth)
+        if found is None:
+            return False
+        widths, gain = self.control.plan(found[0], 0.0, (), batch, min_gain=self._margin(batch))
+        if not widths or req.acceptance is None:
+            return bool(widths)
+        extra = both.model.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
+        return gain >= self.control.plan(req.acceptance, cost, alt, batch, extra, self.MODEL_MARGIN)[1]
 
     def _margin(self, batch: int) -> float:
         """The predicted speed-up a draft without a model's costs must promise at ``batch``."""
@@ -355,20 +372,19 @@ class Speculation:
         else:
             acc = accept_sampled(tree, logits, p, req.prompt + req.out, req.generator)
         if len(tree.tokens) > 1:
-            draft = self.drafts.get(req.draft)
+            draft, key = self.keys.get(req, (self.drafts.get(req.draft), None))
             if isinstance(draft, ModelDraft):     # the chain: each depth's first node
                 chain = _chain(tree)
                 depth = len(chain)
                 got = sum(1 for j in acc.path if j in chain)
                 draft.observe(req, got, acc.tokens)
-            else:
+                req.acceptance = update_acceptance(req.acceptance, depth, got)   # its trees' shape
+            else:                                 # prompt lookup rates its proposals by their match
                 depth, got = max(tree.depths()), len(acc.path)
-                key = self.keys.get(req)
                 if key is not None:
                     draft.observe(key, depth, got)
             req.proposed += depth
             req.accepted += len(acc.path)
-            req.acceptance = update_acceptance(req.acceptance, depth, got)
             stats.spec_proposed += depth
             stats.spec_accepted += len(acc.path)
             stats.verify_steps += 1

@@ -1,6 +1,7 @@
 """Speculative decoding: the verify graph (token trees over the paged KV cache), acceptance,
 drafts, and the engine running them."""
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from ffc import build
+from ffc.errors import InvalidRequestError
 from ffc.codegen import render_sources
 from ffc.ir import parse, run_graph, verify_module
 from ffc.ir.attention import tree_slots
@@ -265,6 +267,30 @@ def test_greedy_model_drafts_equal_plain(smol_llm, smol_artifact, batch, monkeyp
         assert mixed_batch(smol_llm, prompts, [kinds[k % 4] for k in range(batch)]) == want
 
 
+def test_lookup_first_draft(smol_llm, monkeypatch):
+    """"ngram+self": prompt lookup's tree where it is predicted to pay at least as much as the
+    self-draft's (here, forced: wherever the text's ending occurs before), the self-draft's
+    elsewhere, its cache catching up over what lookup drafted: the same tokens as plain greedy
+    decoding, alone and beside other drafts in one batch; both kinds made trees."""
+    spec = smol_llm.engine.speculation
+    monkeypatch.setattr(spec, "gate", False)
+    monkeypatch.setattr(spec.control, "shape", lambda *a, **k: [2, 1, 1, 1])
+    monkeypatch.setattr(spec.control, "plan", lambda a, cost=0.0, *r, **k: ([2, 1, 1, 1], 1.5 if cost else 2.0))
+    monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
+    from conftest import PROMPTS
+    text = ("Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox jumps over "
+            "the lazy dog, and the quick brown fox")
+    prompts = [text, *PROMPTS[:2], "def add(a, b):\n    return a + b\n\ndef add("]
+    want = smol_llm.generate(prompts, max_new_tokens=48).token_ids
+    smol_llm.draft("ngram+self")
+    lookup, model = spec.drafts["ngram"], spec.drafts["self"]
+    before = sum(lookup.trials), model.calls
+    for k, p in enumerate(prompts):
+        assert smol_llm.generate([p], max_new_tokens=48, speculative="ngram+self").token_ids[0] == want[k]
+    assert sum(lookup.trials) > before[0] and model.calls > before[1]
+    assert mixed_batch(smol_llm, prompts, ["ngram+self", "self", None, "ngram+self"], 48) == want
+
+
 def test_self_draft_is_recorded(smol_artifact):
     """The manifest says which layers the self-draft skips and why (acceptance, costs, the
     candidates measured); the draft is an artifact of its own with those layers gone."""
@@ -367,9 +393,11 @@ def test_a_batch_running_to_its_cap_speculates_for_its_slowest_members():
 def test_bad_drafts_are_refused(smol_llm, smol_artifact, tiny_vocab, tmp_path):
     import hashlib
     import json
-    from ffc.errors import InvalidRequestError
-    with pytest.raises(InvalidRequestError, match="draft 'nope' is not 'ngram', 'self' or the path"):
-        smol_llm.generate(["Hi"], max_new_tokens=2, speculative="nope")
+    for bad, says in (("nope", "draft 'nope' is not 'ngram', 'self', the path of an ffc artifact or 'ngram+'"),
+                      ("ngram+ngram", "'ngram+ngram': after 'ngram+' comes a draft model"),
+                      ("ngram+/no/such", "draft '/no/such' is not 'ngram', 'self', the path")):
+        with pytest.raises(InvalidRequestError, match=re.escape(says)):
+            smol_llm.generate(["Hi"], max_new_tokens=2, speculative=bad)
     with pytest.raises(InvalidRequestError, match="has no self-draft; recompile it with --self-draft"):
         tiny_vocab.generate([[1, 3]], max_new_tokens=2, speculative="self")
     # a draft whose tokenizer is not the target's
