@@ -5,7 +5,9 @@ Three workloads, as people use a chat model: free chat (nothing to copy), rewrit
 passage, and editing a given piece of code (much of the answer is in the prompt). Each draft
 and plain decoding run the same prompts in turn, round after round (the machine's noise falls
 on all alike); tokens/s are medians over rounds, greedy, the model's own stopping. The first
-round of each is a warm-up (a draft model's loading, the control's first measurements).
+round of each is a warm-up (a draft model's loading, the control's first measurements). At
+batch 1 it also gives prompt lookup's ceiling on each workload (``lookup_ceiling``): what the
+answers themselves allow, whatever the draft does.
 """
 from __future__ import annotations
 
@@ -110,9 +112,42 @@ def run_spec_bench(llm, drafts: Sequence[str], *, batches: Sequence[int] = (1, 8
                        "accepted_per_step": round(accepted / steps, 2) if steps else None,
                        "acceptance": round(accepted / proposed, 3) if proposed else None,
                        "equal_to_plain": True if m is None else same[m]}
+                if m is None and batch == 1:
+                    rel = llm.engine.speculation.control.relative
+                    row["lookup_ceiling"] = round(lookup_ceiling(
+                        [llm.prompt_ids(x, chat=True) for x in msgs], want, lambda n: rel(n, 1)), 2)
                 rows.append(row)
                 log(format_row(row))
     return rows
+
+
+def lookup_ceiling(prompts: Sequence[list], answers: Sequence[list], relative: Callable[[int], float],
+                   max_depth: int = 16) -> float:
+    """Prompt lookup's ceiling at batch 1: the speed-up of an oracle that, at every step,
+    proposes exactly the longest run of the answer still to come that follows some earlier
+    occurrence of the text's last token (in the prompt or the answer so far), up to
+    ``max_depth`` tokens, and verifies it only where that pays at ``relative(n)``, a verify
+    step over n tokens against a decode step. Prompt lookup cannot do better on these
+    answers (whichever occurrence it picks, and however it shapes its tree)."""
+    plain = spec = 0.0
+    for prompt, out in zip(prompts, answers):
+        plain += len(out) - 1                  # the first token comes from the prefill, either way
+        i = 1
+        while i < len(out):
+            text = prompt + out[:i]
+            best = 0
+            for p, t in enumerate(text[:-1]):
+                if t == text[-1]:
+                    k = 0
+                    while k < max_depth and i + k < len(out) and p + 1 + k < len(text) and \
+                            text[p + 1 + k] == out[i + k]:
+                        k += 1
+                    best = max(best, k)
+            if best and (1 + best) / relative(1 + best) > 1:
+                spec, i = spec + relative(1 + best), i + 1 + best
+            else:
+                spec, i = spec + 1, i + 1
+    return plain / spec if spec else 1.0
 
 
 HEADER = f"{'workload':9s} {'batch':>5s} {'draft':16s} {'tokens':>6s} {'tok/s':>8s} {'speedup':>8s} " \
@@ -131,4 +166,6 @@ def format_spec_bench(rows: list[dict], threads: int) -> str:
     """The rows as a table."""
     return "\n".join([f"threads={threads}; tok/s: medians over rounds; speedup: median of each round's ratio to plain; acc/step: draft tokens accepted per verify step; accept: "
                       "accepted / proposed (deepest path); same: greedy tokens equal plain decoding's",
-                      HEADER, *(format_row(r) for r in rows)])
+                      HEADER, *(format_row(r) for r in rows),
+                      *(f"prompt lookup's ceiling on {r['workload']} at batch 1 (an oracle's, at this run's verify costs): "
+                        f"{r['lookup_ceiling']:.2f}x" for r in rows if "lookup_ceiling" in r)])

@@ -514,3 +514,19 @@ def test_verify_cuda_kernel_compiles(tmp_path, monkeypatch):
         (tmp_path / "src" / name).write_text(src)
     assert "__popcll" in sources["attention.cu"] and "+alibi" in sources["attention.cu"]
     assert build.build(tmp_path, "cuda", spans).exists()
+
+
+def test_spec_bench_runs_and_bounds_prompt_lookup(smol_llm):
+    """`ffc bench --speculative` (ffc.spec_bench) on a short setting: a row per mode with the
+    tokens equal to plain's; at batch 1, prompt lookup's ceiling on the workload. The ceiling
+    itself: an oracle proposing what follows an earlier occurrence of the last token."""
+    from ffc.spec_bench import format_spec_bench, lookup_ceiling, run_spec_bench
+    # answer 9 1 2 3 4 5: "9" occurs nowhere before (a plain step), then "2 3 4 5" follows "1"
+    assert lookup_ceiling([[1, 2, 3, 4, 5]], [[7, 9, 1, 2, 3, 4, 5]], lambda n: 1.0) == 6 / 3
+    assert lookup_ceiling([[1, 2, 3, 4, 5]], [[7, 9, 1, 2, 3, 4, 5]], lambda n: 5.0) == 1.0   # never pays
+    assert lookup_ceiling([[1, 2]], [[5, 6, 7]], lambda n: 1.0) == 1.0
+    rows = run_spec_bench(smol_llm, ["ngram", "ngram+self"], batches=[1], rounds=1, new_tokens=12, names=["edit"])
+    assert [r["draft"] for r in rows] == ["plain", "ngram", "ngram+self"]
+    assert all(r["equal_to_plain"] and r["tokens"] > 0 for r in rows)
+    assert rows[0]["lookup_ceiling"] >= 1.0
+    assert "prompt lookup's ceiling on edit at batch 1" in format_spec_bench(rows, 2)
