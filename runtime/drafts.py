@@ -79,18 +79,25 @@ class NgramDraft:
     acceptance is counted per match length (buckets of ``BUCKETS``, smoothed, with priors),
     over every verified proposal of any request, a token at depth i of a proposal from a match
     of m tokens counting for m + i - 1; a proposal's tree is shaped by those rates along its
-    depths (``expect``)."""
+    depths (``expect``). A proposal's first token is rated by its match and by how many of the
+    ending's earlier occurrences it followed (``agreement``: a token that followed every one
+    of them is taken several times as often as one that followed a few), each pair with its
+    own counts."""
 
     kind = "ngram"
     MAX_MATCH = 32                           # match lengths counted up to
     BUCKETS = (1, 2, 3, 4, 8, 16)            # bucket i: matches of at least BUCKETS[i] tokens
     PRIOR = (0.3, 0.45, 0.6, 0.7, 0.8, 0.9)  # per-token acceptance before any is measured
     WEIGHT = 8.0                             # the prior counts as this many trials
+    AGREE = (1.0, 0.5)                       # agreement class i: at least this share of the occurrences
+    AGREE_PRIOR = (1.2, 0.9, 0.6)            # a first token's prior: the match's, times this per class
 
     def __init__(self, branches: int = 2):
         self.branches = branches
         self.hits = [p * self.WEIGHT for p in self.PRIOR]
         self.trials = [self.WEIGHT] * len(self.PRIOR)
+        self.first_hits = [[min(p * f, 0.95) * self.WEIGHT for f in self.AGREE_PRIOR] for p in self.PRIOR]
+        self.first_trials = [[self.WEIGHT] * len(self.AGREE_PRIOR) for _ in self.PRIOR]
         self._found: tuple = (None, [])      # the last lookup: (the token list looked in, its matches)
 
     def lookup(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
@@ -117,25 +124,40 @@ class NgramDraft:
     def bucket(self, match: int) -> int:
         return _BUCKET_OF[min(match, len(_BUCKET_OF) - 1)]
 
-    def expect(self, tokens: Sequence[int], depth: int) -> Optional[tuple[list[float], int]]:
-        """(the acceptance of each of the first ``depth`` tokens given the ones before it, match
-        length) of the proposal ``propose`` would make now; None when the ending occurs nowhere
-        before (nothing to propose)."""
+    def agreement(self, tokens: Sequence[int], found: list) -> int:
+        """The class (``AGREE``) of the share of the ending's earlier occurrences (``lookup``)
+        that the proposal's first token followed."""
+        share = [tokens[p + 1] for _, p in found].count(tokens[found[0][1] + 1]) / len(found)
+        return next((i for i, lo in enumerate(self.AGREE) if share >= lo), len(self.AGREE))
+
+    def expect(self, tokens: Sequence[int], depth: int) -> Optional[tuple[list[float], tuple[int, int]]]:
+        """(the acceptance of each of the first ``depth`` tokens given the ones before it, the
+        proposal's key: its match length and agreement class) of the proposal ``propose`` would
+        make now; None when the ending occurs nowhere before (nothing to propose)."""
         found = self.lookup(tokens)
         if not found:
             return None
-        m = found[0][0]
+        m, c = found[0][0], self.agreement(tokens, found)
         rates = [h / t for h, t in zip(self.hits, self.trials)]
-        return [rates[self.bucket(m + i)] for i in range(depth)], m
+        return [self.rate(m, c)] + [rates[self.bucket(m + i)] for i in range(1, depth)], (m, c)
 
-    def rate(self, match: int) -> float:
+    def rate(self, match: int, agreement: Optional[int] = None) -> float:
+        """A token's acceptance after a match of ``match`` tokens (a first token's, given its
+        agreement class)."""
         b = self.bucket(match)
+        if agreement is not None:
+            return self.first_hits[b][agreement] / self.first_trials[b][agreement]
         return self.hits[b] / self.trials[b]
 
-    def observe(self, match: int, depth: int, accepted: int) -> None:
-        """A verified proposal from a match of ``match`` tokens: ``accepted`` of ``depth`` tokens,
-        each a trial of the match length it extended (see ``trials``)."""
+    def observe(self, key: tuple[int, int], depth: int, accepted: int) -> None:
+        """A verified proposal (``key``: from a match of m tokens, agreement class c): ``accepted``
+        of ``depth`` tokens, each a trial of the match length it extended (see ``trials``), the
+        first one also of (m, c)."""
         decay = 1 - 1 / (4 * self.WEIGHT)     # old counts fade: the text being written changes
+        match, c = key
+        b = self.bucket(match)
+        self.first_hits[b][c] = self.first_hits[b][c] * decay + (accepted > 0)
+        self.first_trials[b][c] = self.first_trials[b][c] * decay + 1
         for i in range(trials(depth, accepted)):
             b = self.bucket(match + i)
             self.hits[b] = self.hits[b] * decay + (i < accepted)

@@ -172,7 +172,7 @@ class Speculation:
         self.gate = True      # verify only steps expected to pay (off: every tree proposed is verified)
         self.sunk = 0.0       # seconds the last trees() spent catching drafts up on long stretches (one-off)
         self.expected: dict = {}   # this step's trees: the per-token acceptance each was shaped for,
-        self.keys: dict = {}       # and the draft that made it with its key (prompt lookup: its match length)
+        self.keys: dict = {}       # and the draft that made it with its key (prompt lookup: match, agreement)
         self.lengths = AnswerLengths()
 
     def check(self, draft: str, runner) -> None:

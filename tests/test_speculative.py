@@ -206,7 +206,9 @@ def test_prompt_lookup_rates_its_proposals_by_match_length():
     common token), each token deeper in it by the bucket of the match it would make (every
     accepted token lengthens the match), the rates learn from what verification accepts, and
     a long match gets a deeper tree than a short one under the same step costs, a short match
-    whose later tokens hold a deeper one than a rate for every depth would give."""
+    whose later tokens hold a deeper one than a rate for every depth would give. A first token
+    that followed every earlier occurrence of the ending is trusted more than one that
+    followed a few."""
     from ffc.runtime.speculative import NgramDraft, SpecControl
     ng = NgramDraft()
     text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40, 9, 50, 51, 52, 1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -215,17 +217,20 @@ def test_prompt_lookup_rates_its_proposals_by_match_length():
     tree = ng.propose(text, 3, 16)
     assert tree.tokens[:4] == [9, 10, 11, 12] and 50 in tree.tokens   # the long match first, a branch
     assert ng.propose(text, 3, 4).tokens == [9, 10, 11, 12]   # within the nodes priced: the first branch only
-    long_rates, long_match = ng.expect(text, 4)
-    short_rates, short_match = ng.expect([7, 3, 8, 3], 4)
-    assert (long_match, short_match) == (9, 1) and long_rates[0] > short_rates[0]
-    assert short_rates == [ng.rate(m) for m in (1, 2, 3, 4)] and short_rates == sorted(short_rates)
+    long_rates, long_key = ng.expect(text, 4)
+    short_rates, short_key = ng.expect([7, 3, 8, 3], 4)      # "3" once before, followed by 8: all agree
+    assert (long_key[0], short_key) == (9, (1, 0)) and long_rates[0] > short_rates[0]
+    assert short_rates == [ng.rate(1, 0)] + [ng.rate(m) for m in (2, 3, 4)] and short_rates == sorted(short_rates)
     assert ng.expect([1, 2, 3], 4) is None                   # the ending occurs nowhere before
+    # the first token's agreement: "5" followed by 7, 6, 7 (the latest, 7, proposed: 2 of 3), by 6, 7, 8
+    assert ng.expect([5, 7, 5, 6, 5, 7, 9, 5], 4)[1] == (1, 1) and ng.expect([5, 6, 5, 7, 9, 5, 8, 1, 5], 4)[1] == (1, 2)
+    assert ng.rate(1, 0) > ng.rate(1, 1) > ng.rate(1, 2)
     for _ in range(40):                                       # proposals from 9-token matches fail at once
-        ng.observe(long_match, 4, 0)
+        ng.observe(long_key, 4, 0)
     assert ng.expect(text, 4)[0][0] < 0.1 and ng.expect([7, 3, 8, 3], 4)[0] == short_rates
     assert ng.rate(16) == NgramDraft.PRIOR[-1]                # only the first token was tried each time
-    ng.observe(1, 4, 2)                                       # two accepted: matches of 1 and 2 held, 3 failed
-    assert ng.rate(1) > short_rates[0] and ng.rate(2) > short_rates[1] and ng.rate(3) < short_rates[2]
+    ng.observe((1, 0), 4, 2)                                  # two accepted: matches of 1 and 2 held, 3 failed
+    assert ng.rate(1, 0) > short_rates[0] and ng.rate(2) > short_rates[1] and ng.rate(3) < short_rates[2]
     c = SpecControl()
     for t in (1, 8, 16, 33):
         c.observe(t, 0.010 + 2e-4 * t)
