@@ -526,7 +526,7 @@ def test_spec_bench_runs_and_bounds_prompt_lookup(smol_llm):
     tokens equal to plain's; at batch 1, prompt lookup's ceiling on the workload. The ceiling
     itself: an oracle proposing what follows an earlier occurrence of the last token."""
     from ffc.spec_bench import format_spec_bench, lookup_ceiling, run_spec_bench
-    # answer 9 1 2 3 4 5: "9" occurs nowhere before (a plain step), then "2 3 4 5" follows "1"
+    # answer 7 (from the prefill) 9 1 2 3 4 5: "7", "9" occur nowhere before (plain steps), then "2 3 4 5" follows "1"
     assert lookup_ceiling([[1, 2, 3, 4, 5]], [[7, 9, 1, 2, 3, 4, 5]], lambda n: 1.0) == 6 / 3
     assert lookup_ceiling([[1, 2, 3, 4, 5]], [[7, 9, 1, 2, 3, 4, 5]], lambda n: 5.0) == 1.0   # never pays
     assert lookup_ceiling([[1, 2]], [[5, 6, 7]], lambda n: 1.0) == 1.0
