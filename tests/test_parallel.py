@@ -462,7 +462,7 @@ def test_quantized_weights_shard_at_block_boundaries(tiny, fast_link, tmp_path):
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp, monkeypatch):
     """Speculation on tensor-parallel and pipeline ranks, with every kind of draft (prompt
-    lookup, the self-draft, a draft artifact): the verify graph runs sharded / staged like
+    lookup, the self-draft, a draft artifact, lookup then the self-draft): the verify graph runs sharded / staged like
     prefill, accepted K/V move on every rank; greedy tokens equal plain, 64 of them. Trees
     are forced: whether a draft pays off at batch 3 on a shared 2-core machine is the cost
     model's call on measured times (tested in test_speculative), not this test's subject."""
@@ -478,7 +478,7 @@ def test_speculative_decoding_on_ranks(tiny, free_link, tmp_path, tp, pp, monkey
     monkeypatch.setattr(spec.control, "losing", lambda *a, **k: False)
     try:
         want = llm.generate(prompts, max_new_tokens=64, ignore_eos=True).token_ids
-        for draft in ("ngram", "self", str(art / "draft")):
+        for draft in ("ngram", "self", str(art / "draft"), "ngram+self"):
             before = llm.engine.stats.verify_steps
             got = llm.generate(prompts, max_new_tokens=64, ignore_eos=True, speculative=draft).token_ids
             assert got == want, draft
