@@ -263,9 +263,11 @@ class Speculation:
                 elif draft.prior_acceptance is not None:
                     req.acceptance = min(draft.prior_acceptance, 0.9)
             acceptance, key = req.acceptance, None
-            if both is not None and not losing and self._lookup_first(req, toks, both, cost, alt, batch):
-                draft, model = both.lookup, False
-            if hasattr(draft, "expect"):         # the draft rates this proposal itself (prompt lookup)
+            if both is not None and not losing:
+                found = self._lookup_first(req, toks, both, cost, alt, batch)
+                if found is not None:
+                    draft, model, (acceptance, key) = both.lookup, False, found
+            elif hasattr(draft, "expect"):       # the draft rates this proposal itself (prompt lookup)
                 acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
             widths = []
             if acceptance is not None:
@@ -322,17 +324,22 @@ class Speculation:
                     self.sunk += draft.sunk
         return self._worth_a_verify_step(out, probes, batch, setters)
 
-    def _lookup_first(self, req, toks: list, both: LookupFirst, cost: float, alt: Sequence[float], batch: int) -> bool:
-        """A combined draft's choice now: prompt lookup if its tree is predicted to speed up as
-        much as the model's (the model's catch-up on what lookup drafted included)."""
+    def _lookup_first(self, req, toks: list, both: LookupFirst, cost: float, alt: Sequence[float],
+                      batch: int) -> Optional[tuple]:
+        """A combined draft's choice now: prompt lookup's proposal (its ``expect``) if its tree is
+        predicted to speed up as much as the model's (the model's catch-up on what lookup drafted
+        included), else None."""
         found = both.lookup.expect(toks, self.control.max_depth)
         if found is None:
-            return False
+            return None
         widths, gain = self.control.plan(found[0], 0.0, (), batch, min_gain=self._margin(batch))
-        if not widths or req.acceptance is None:
-            return bool(widths)
-        extra = both.model.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
-        return gain >= self.control.plan(req.acceptance, cost, alt, batch, extra, self.MODEL_MARGIN)[1]
+        if not widths:
+            return None
+        if req.acceptance is not None:
+            extra = both.model.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
+            if gain < self.control.plan(req.acceptance, cost, alt, batch, extra, self.MODEL_MARGIN)[1]:
+                return None
+        return found
 
     def _margin(self, batch: int) -> float:
         """The predicted speed-up a draft without a model's costs must promise at ``batch``."""
