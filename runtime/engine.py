@@ -20,6 +20,7 @@ import torch
 
 from ffc.errors import InvalidRequestError
 
+from .detokenize import Detokenizer
 from .kv_cache import BlockPool
 from .model_runner import Chunk, ModelRunner
 from .sampling import SamplingParams, check_seed, sample_rows
@@ -69,7 +70,7 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: set, pool: BlockPool, config: SchedulerConfig):
         self.runner = runner
-        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer)          # requests' text as their tokens arrive
         self.eos_ids = eos_ids
         self.pool = pool
         self.config = config
@@ -239,16 +240,16 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         req.out.append(token)
-        text = self.tokenizer.decode(req.out, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+        end = "stop" if token in self.eos_ids and not p.ignore_eos else \
+            "length" if len(req.out) >= p.max_new_tokens or req.num_tokens >= self.config.max_seq_len else None
+        text, new = self.detok.text(req, whole=end is not None)
+        start = max(0, new + 1 - max((len(s) for s in p.stop), default=1))   # where a stop string could end in new text
+        cut = min((i for i in (text.find(s, start) for s in p.stop) if i >= 0), default=-1)
         req.text = text if cut < 0 else text[:cut]   # one assignment: readers on other threads
         if cut >= 0:                                 # never see a stop string
             self._end(req, "stop")
-            return
-        if token in self.eos_ids and not p.ignore_eos:
-            self._end(req, "stop")
-        elif len(req.out) >= p.max_new_tokens or req.num_tokens >= self.config.max_seq_len:
-            self._end(req, "length")
+        elif end is not None:
+            self._end(req, end)
 
     def _notify(self, *groups: Sequence[Request]) -> None:
         seen = set()

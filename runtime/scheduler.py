@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -42,6 +42,7 @@ class Request:
     order: int = field(default_factory=lambda: next(_ORDER))  # admission priority: lower is older
     out: list[int] = field(default_factory=list)
     text: str = ""
+    decoded: Any = None                # its text's incremental decoder (detokenize.py; False: decoded whole)
     finish: Optional[str] = None       # "stop", "length", "abort" or "error"
     error: Optional[str] = None
     blocks: list[int] = field(default_factory=list)

@@ -290,3 +290,66 @@ def test_shared_prefix_is_computed_once(smol_artifact, smol_llm):
     assert eng.pool.hit_tokens - before >= 2 * shared
     assert first.token_ids + rest.token_ids == plain.token_ids
     assert eng.pool.used_blocks == 0
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, byte fallback, the first space stripped)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, **{f"<0x{i:02X}>": 2 + i for i in range(256)}}
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("o", "x")]
+    for tok in [*"▁abcdefghijklmnopqrstuvwxyzé.,:()\n", *(a + b for a, b in merges)]:
+        vocab.setdefault(tok, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "byte-fallback"])
+def test_text_as_tokens_arrive_is_the_whole_decode(smol_llm, kind):
+    """The engine's text as tokens arrive (a DecodeStream per request: a few tokens decoded a
+    step, not the whole output) is a prefix of the whole output's decode at every token and
+    equal to it at the last, with characters split across tokens, special tokens among them,
+    and (the last text) bytes that never make a character (where the stream cannot go on, the
+    request is decoded whole from then); a tokenizer without a tokenizers backend is decoded
+    whole."""
+    import random
+    from ffc.runtime.detokenize import Detokenizer
+    tok = smol_llm.tokenizer if kind == "byte-level" else _byte_fallback_tokenizer()
+    det = Detokenizer(tok)
+    assert det.backend is not None
+    text = "the fox: héllo wörld 你好 🙂👍🏽 (ok)\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    cases = [ids, ids[:3] + [tok.eos_token_id] + ids[3:], ids[:-1] + [ids[-1]] * 2]
+    cases += [[rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))] for _ in range(200)]
+    for out in cases:
+        req, seen, prev = Request("r", [0], SamplingParams()), [], 0
+        for k, t in enumerate(out):
+            req.out.append(t)
+            got, before = det.text(req, whole=k == len(out) - 1)
+            assert before == (0 if req.decoded is False else prev)   # False: the stream gave up, decoded whole
+            seen.append(got)
+            prev = len(got)
+        whole = tok.decode(out, skip_special_tokens=True)
+        assert seen[-1] == whole
+        if "\ufffd" not in whole:      # (byte fallback turns a whole run of bytes into U+FFFD when it is invalid)
+            assert all(whole.startswith(s) for s in seen) and req.decoded is not False
+    assert seen_text(det, ids) == text
+
+    class Plain:                       # no tokenizers backend: decoded whole at every token
+        def decode(self, out, skip_special_tokens=True):
+            return " ".join(map(str, out))
+    req = Request("r", [0], SamplingParams(), out=[5, 6])
+    assert Detokenizer(Plain()).text(req) == ("5 6", 0)
+
+
+def seen_text(det, out) -> str:
+    req = Request("r", [0], SamplingParams())
+    for t in out:
+        req.out.append(t)
+        text, _ = det.text(req)
+    return text
