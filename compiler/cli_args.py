@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ffc.errors import FfcError
-from ffc.ir.quant import QUANT_MODES
-from ffc.lower import PHASES
+from ffc.choices import PHASES, QUANT_MODES
 
 from .util import parse_memory
 

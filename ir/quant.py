@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from gguf import quants
 
+from ffc.choices import QUANT_MODES
 from ffc.errors import InvalidRequestError
 
 from .types import QUANT, DType, QuantInfo
@@ -201,7 +202,6 @@ def quantize(w: torch.Tensor, fmt: DType) -> torch.Tensor:
 # --quant choices (CLI spelling -> format of the linears); "gguf": each weight as its file stores it
 QUANT_CHOICES = {"q4_0": DType.Q4_0, "q4_1": DType.Q4_1, "q8_0": DType.Q8_0, "int4-g32": DType.Q4_1,
                  "int4-g64": DType.I4G64, "int8": DType.I8R}
-QUANT_MODES = ("none", "gguf", *QUANT_CHOICES)
 # tensor classes a policy places: the linears of the layers, the output projection, the embedding
 TENSOR_CLASSES = ("linear", "lm_head", "embed")
 

@@ -277,3 +277,17 @@ def test_every_option_has_help_and_is_in_the_readme():
 def test_bad_option_values_name_the_option(args, msg):
     r = subprocess.run([sys.executable, "-m", "ffc.cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_help_and_argument_errors_import_no_torch():
+    """`ffc --help` and a mistyped argument answer without importing torch (the names they offer
+    come from ffc.choices); the weight formats named there are the IR's."""
+    code = ("import sys\nfrom ffc.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    for args in (["--help"], ["compile", "m", "-o", "x", "--quant", "q3"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip().endswith("False"), (args, r.stdout[-200:], r.stderr[-500:])
+    assert "invalid choice: 'q3'" in r.stderr
+    from ffc.choices import QUANT_MODES
+    from ffc.ir.quant import QUANT_CHOICES
+    assert QUANT_MODES == ("none", "gguf", *QUANT_CHOICES)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Optional
 
+from ffc.choices import PHASES
 from ffc.ir import Graph, Module
 from ffc.ir.ops import SHAPE_ATTRS
 from ffc.ir.text import node_names
@@ -33,7 +34,6 @@ from .views import VIEW_OPS
 
 __all__ = ["lower_module", "lower_graph", "LoweringError", "PHASES"]
 
-PHASES = ("fusion", "partition", "specs", "memory")
 Dump = Optional[Callable[[str, str], None]]
 
 
