@@ -249,11 +249,12 @@ class Speculation:
             if both is not None:
                 draft = both.model
             model = isinstance(draft, ModelDraft)
-            if req.draft not in terms:
+            if req.draft not in terms:  # would a perfect draft pay? (a combined one: its model, or its lookup)
                 cost, alt = (draft.cost_at(batch, self.control), draft.alt()) if model else (0.0, ())
-                terms[req.draft] = (cost, alt, self.control.losing(batch, req.draft),     # would a perfect draft
-                                    bool(self.control.shape(0.99, 0.0 if both else cost, alt, batch)))   # pay?
-            cost, alt, losing, could = terms[req.draft]
+                pays = bool(self.control.shape(0.99, cost, alt, batch))
+                terms[req.draft] = (cost, alt, self.control.losing(batch, req.draft),
+                                    pays or (both is not None and bool(self.control.shape(0.99, 0.0, alt, batch))), pays)
+            cost, alt, losing, could, model_pays = terms[req.draft]
             if not could:               # not at this batch size, whatever the acceptance: nothing to try
                 continue
             toks = req.prompt + req.out
@@ -264,9 +265,11 @@ class Speculation:
                     req.acceptance = min(draft.prior_acceptance, 0.9)
             acceptance, key = req.acceptance, None
             if both is not None and not losing:
-                found = self._lookup_first(req, toks, both, cost, alt, batch)
+                found = self._lookup_first(req, toks, both, cost if model_pays else None, alt, batch)
                 if found is not None:
                     draft, model, (acceptance, key) = both.lookup, False, found
+                elif not model_pays:    # and its model cannot pay at this batch size: no tree, no probe
+                    acceptance = None
             elif hasattr(draft, "expect"):       # the draft rates this proposal itself (prompt lookup)
                 acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
             widths = []
@@ -324,18 +327,18 @@ class Speculation:
                     self.sunk += draft.sunk
         return self._worth_a_verify_step(out, probes, batch, setters)
 
-    def _lookup_first(self, req, toks: list, both: LookupFirst, cost: float, alt: Sequence[float],
+    def _lookup_first(self, req, toks: list, both: LookupFirst, cost: Optional[float], alt: Sequence[float],
                       batch: int) -> Optional[tuple]:
         """A combined draft's choice now: prompt lookup's proposal (its ``expect``) if its tree is
         predicted to speed up as much as the model's (the model's catch-up on what lookup drafted
-        included), else None."""
+        included; ``cost`` None: the model cannot pay at this batch size), else None."""
         found = both.lookup.expect(toks, self.control.max_depth)
         if found is None:
             return None
         widths, gain = self.control.plan(found[0], 0.0, (), batch, min_gain=self._margin(batch))
         if not widths:
             return None
-        if req.acceptance is not None:
+        if cost is not None and req.acceptance is not None:
             extra = both.model.catchup_cost(req, self.control, batch, self.lengths.tokens_left(req))
             if gain < self.control.plan(req.acceptance, cost, alt, batch, extra, self.MODEL_MARGIN)[1]:
                 return None

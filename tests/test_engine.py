@@ -314,8 +314,8 @@ def test_text_as_tokens_arrive_is_the_whole_decode(smol_llm, kind):
     step, not the whole output) is a prefix of the whole output's decode at every token and
     equal to it at the last, with characters split across tokens, special tokens among them,
     and (the last text) bytes that never make a character (where the stream cannot go on, the
-    request is decoded whole from then); a tokenizer without a tokenizers backend is decoded
-    whole."""
+    request is decoded whole from then); a tokenizer without a tokenizers backend, or with a
+    clean-up pass after it, is decoded whole."""
     import random
     from ffc.runtime.detokenize import Detokenizer
     tok = smol_llm.tokenizer if kind == "byte-level" else _byte_fallback_tokenizer()
@@ -345,6 +345,9 @@ def test_text_as_tokens_arrive_is_the_whole_decode(smol_llm, kind):
             return " ".join(map(str, out))
     req = Request("r", [0], SamplingParams(), out=[5, 6])
     assert Detokenizer(Plain()).text(req) == ("5 6", 0)
+    cleaned = _byte_fallback_tokenizer()     # a clean-up pass after the backend's decode: decoded whole
+    cleaned.clean_up_tokenization_spaces = True
+    assert Detokenizer(cleaned).backend is None
 
 
 def seen_text(det, out) -> str:
