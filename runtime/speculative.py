@@ -268,10 +268,10 @@ class Speculation:
                 found = self._lookup_first(req, toks, both, cost if model_pays else None, alt, batch)
                 if found is not None:
                     draft, model, (acceptance, key) = both.lookup, False, found
-                elif not model_pays:    # and its model cannot pay at this batch size: no tree, no probe
-                    acceptance = None
             elif hasattr(draft, "expect"):       # the draft rates this proposal itself (prompt lookup)
                 acceptance, key = draft.expect(toks, self.control.max_depth) or (None, None)
+            if model and not model_pays:         # a combined draft's model that cannot pay at this batch
+                acceptance = None                # size: no tree, no probe
             widths = []
             if acceptance is not None:
                 margin = self.MODEL_MARGIN if model else self._margin(batch)
