@@ -3,8 +3,10 @@
 
 Three workloads, as people use a chat model: free chat (nothing to copy), rewriting a given
 passage, and editing a given piece of code (much of the answer is in the prompt). Each draft
-and plain decoding run the same prompts in turn, round after round (the machine's noise falls
-on all alike); tokens/s are medians over rounds, greedy, the model's own stopping. The first
+and plain decoding run the same prompts in turn, round after round, each draft's run between
+two plain runs and its speed-up taken against their mean (this machine's speed drifts by several
+per cent over seconds: against the one plain run of its round, a draft that never verified read
+0.91-1.02x); tokens/s are medians over rounds, greedy, the model's own stopping. The first
 round of each is a warm-up (a draft model's loading, the control's first measurements). At
 batch 1 it also gives prompt lookup's ceiling on each workload (``lookup_ceiling``): what the
 answers themselves allow, whatever the draft does, at the run's verify costs and were verify
@@ -69,7 +71,8 @@ def run_spec_bench(llm, drafts: Sequence[str], *, batches: Sequence[int] = (1, 8
                    new_tokens: int = 128, names: Optional[Sequence[str]] = None,
                    log: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Per workload, batch and mode (plain, then each draft): median tokens/s, the speed-up over
-    plain (the median of the rounds' ratios), draft tokens accepted per verify step, acceptance
+    plain (the median over rounds of each run's ratio to the plain runs around it), draft tokens
+    accepted per verify step, acceptance
     rate, and whether the tokens equal plain decoding's."""
     stats = llm.engine.stats
     rows = []
@@ -81,45 +84,53 @@ def run_spec_bench(llm, drafts: Sequence[str], *, batches: Sequence[int] = (1, 8
                 continue
             modes = [None, *drafts]
             times = {m: [] for m in modes}
+            ratios = {m: [] for m in drafts}
             spec = {m: [0, 0, 0] for m in modes}       # verify steps, proposed, accepted (timed rounds)
-            tokens, same = {}, {}
-            for r in range(rounds + 1):
-                # each round in another order (no mode always runs right after the same one), plain
-                # first in the warm-up (its tokens are what the drafts' must equal)
-                for m in modes[r % len(modes):] + modes[:r % len(modes)]:
-                    before = (stats.verify_steps, stats.spec_proposed, stats.spec_accepted)
-                    t = time.perf_counter()
-                    groups = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
-                    ids = [x for g in groups for x in llm.generate(g, new_tokens, chat=True, speculative=m).token_ids]
-                    dt = time.perf_counter() - t
-                    n = sum(len(x) for x in ids)
-                    if m is None and r == 0:
-                        want = ids
-                    else:
-                        same[m] = same.get(m, True) and ids == want
-                    if r == 0:
-                        continue                  # warm-up
+            tokens, same, ref = {}, {m: True for m in modes}, []
+
+            def run(m, timed: bool) -> float:
+                before = (stats.verify_steps, stats.spec_proposed, stats.spec_accepted)
+                t = time.perf_counter()
+                groups = [msgs[k:k + batch] for k in range(0, len(msgs), batch)]
+                ids = [x for g in groups for x in llm.generate(g, new_tokens, chat=True, speculative=m).token_ids]
+                dt = time.perf_counter() - t
+                if not ref:
+                    ref.append(ids)                  # the first (plain) run's: what every run's must equal
+                same[m] = same[m] and ids == ref[0]
+                n = sum(len(x) for x in ids)
+                if timed:
                     times[m].append(n / dt)
                     tokens[m] = n
                     for k, (a, b) in enumerate(zip((stats.verify_steps, stats.spec_proposed, stats.spec_accepted),
                                                    before)):
                         spec[m][k] += a - b
+                return n / dt
+
+            for r in range(rounds + 1):
+                # each draft runs between two plain runs and is measured against their mean (a drift
+                # of the machine's speed over the three cancels); the drafts in another order each
+                # round; the first round is a warm-up (its first plain run gives the tokens to equal)
+                last = run(None, r > 0)
+                for m in drafts[r % len(drafts):] + drafts[:r % len(drafts)] if drafts else ():
+                    tps = run(m, r > 0)
+                    after = run(None, r > 0)
+                    if r > 0:
+                        ratios[m].append(tps / ((last + after) / 2))
+                    last = after
             for m in modes:
                 tps = statistics.median(times[m])
-                # the speed-up: the median over rounds of each round's ratio (a round's runs are
-                # close in time, so the machine's slow drifts cancel in it)
-                ratio = statistics.median(a / b for a, b in zip(times[m], times[None]))
+                ratio = statistics.median(ratios[m]) if m is not None else 1.0
                 steps, proposed, accepted = spec[m]
                 row = {"workload": work, "batch": batch, "draft": m or "plain", "tokens": tokens[m],
                        "tok_s": round(tps, 1), "speedup": round(ratio, 3),
                        "accepted_per_step": round(accepted / steps, 2) if steps else None,
                        "acceptance": round(accepted / proposed, 3) if proposed else None,
-                       "equal_to_plain": True if m is None else same[m]}
+                       "equal_to_plain": same[m]}
                 if m is None and batch == 1:        # at this run's verify costs, and were they free
                     rel = llm.engine.speculation.control.relative
                     prompts = [llm.prompt_ids(x, chat=True) for x in msgs]
-                    row["lookup_ceiling"] = round(lookup_ceiling(prompts, want, lambda n: rel(n, 1)), 2)
-                    row["lookup_ceiling_free"] = round(lookup_ceiling(prompts, want, lambda n: 1.0), 2)
+                    row["lookup_ceiling"] = round(lookup_ceiling(prompts, ref[0], lambda n: rel(n, 1)), 2)
+                    row["lookup_ceiling_free"] = round(lookup_ceiling(prompts, ref[0], lambda n: 1.0), 2)
                 rows.append(row)
                 log(format_row(row))
     return rows
@@ -166,7 +177,7 @@ def format_row(r: dict) -> str:
 
 def format_spec_bench(rows: list[dict], threads: int) -> str:
     """The rows as a table."""
-    return "\n".join([f"threads={threads}; tok/s: medians over rounds; speedup: median of each round's ratio to plain; acc/step: draft tokens accepted per verify step; accept: "
+    return "\n".join([f"threads={threads}; tok/s: medians over rounds; speedup: median of each run's ratio to the plain runs before and after it; acc/step: draft tokens accepted per verify step; accept: "
                       "accepted / proposed (deepest path); same: greedy tokens equal plain decoding's",
                       HEADER, *(format_row(r) for r in rows),
                       *(f"prompt lookup's ceiling on {r['workload']} at batch 1 (an oracle's, at this run's verify costs): "
