@@ -4,9 +4,11 @@ Decoding the whole output again at every token costs time that grows with the ou
 (quadratic over a generation, and paid per request of a batch at every step). Where
 the tokenizer's decode is its tokenizers backend's own (no clean-up pass after it), each
 request gets a ``tokenizers`` DecodeStream, which decodes a few tokens per step and holds back
-a character whose bytes are not all there yet; its pieces join into exactly the whole output's
-decode. Other tokenizers decode the whole output, as before. Stop strings are looked for only
-where one could end in the new text.
+a character whose bytes are not all there yet; its pieces join into the whole output's decode
+(where they cannot, as in a byte-fallback tokenizer's invalid run of bytes, the stream says so
+and the request is decoded whole from then on), and a request's last text is the whole decode.
+Other tokenizers decode the whole output at every token, as before. The engine looks for stop
+strings only where one could end in the new text.
 """
 from __future__ import annotations
 
