@@ -41,19 +41,18 @@ class Detokenizer:
         (0 where decoded whole). ``whole``: its last text, decoded whole (bytes that never made a
         character are then replacement characters, as they are in the whole output's decode)."""
         state = req.decoded
-        if self.backend is None or state is False or whole:
-            before = len(state.text) if isinstance(state, _Stream) else 0
-            return self.tokenizer.decode(req.out, skip_special_tokens=True), before
-        if state is None or state.fed > len(req.out):     # new, or its output changed under it
-            state = req.decoded = _Stream()
-        before = len(state.text)
-        try:
-            for tok in req.out[state.fed:]:
-                piece = state.decoder.step(self.backend, tok)
-                state.fed += 1
-                if piece:
-                    state.text += piece
-        except Exception:  # noqa: BLE001 - a token the backend cannot decode: the whole decode from now
-            req.decoded = False
-            return self.tokenizer.decode(req.out, skip_special_tokens=True), 0
-        return state.text, before
+        before = len(state.text) if isinstance(state, _Stream) else 0
+        if self.backend is not None and state is not False and not whole:
+            if state is None or state.fed > len(req.out):     # new, or its output changed under it
+                state = req.decoded = _Stream()
+                before = 0
+            try:
+                for tok in req.out[state.fed:]:
+                    piece = state.decoder.step(self.backend, tok)
+                    state.fed += 1
+                    if piece:
+                        state.text += piece
+                return state.text, before
+            except Exception:  # noqa: BLE001 - a token the backend cannot decode: the whole decode from now
+                req.decoded, before = False, 0
+        return self.tokenizer.decode(req.out, skip_special_tokens=True), before
